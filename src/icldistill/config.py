@@ -1,0 +1,253 @@
+"""Every option of every command, with its default and its help, in one place.
+
+The command line, YAML configuration files and the Python API are all built from these dataclasses,
+so a default or a help text is stated exactly once. Each field's ``help`` metadata is what
+``icld COMMAND --help`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, keep_spaces: bool = False) -> Any:
+    """A dataclass field with its help text (and allowed values) attached, for the CLI and validation.
+
+    ``keep_spaces`` keeps the spaces around comma-separated items (label words such as ' Yes' need them).
+    """
+    meta = {"help": help, "choices": choices, "keep_spaces": keep_spaces}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CommonOptions:
+    """Options shared by every method: what to run on, how to prompt, where to write."""
+
+    task: str = option("mnli", "Training task: demonstrations and training queries come from its train split.")
+    eval: list[str] = option(["mnli-m", "hans-lo"], "Evaluation sets, comma-separated (see `icld tasks`).")
+    shots: int = option(16, "Number k of demonstrations (balanced: k / number of classes per class).")
+    seeds: list[int] = option([0], "Data seeds, comma-separated; each draws its own demonstrations.")
+    pattern: str | None = option(
+        None,
+        "Prompt pattern (default: the task's, gpt3 for NLI): a name (gpt3, minimal, eval-harness, or a "
+        "task's own) or a template with the task's fields, e.g. '{premise} Q: {hypothesis}?'.",
+    )
+    label_words: list[str] | None = option(
+        None,
+        "Override the pattern's label words, one per class in the task's class order, comma-separated with "
+        "their spaces, e.g. ' Yes, No'.",
+        keep_spaces=True,
+    )
+    limit: int | None = option(None, "Evaluate on at most this many queries per evaluation set (seeded sample).")
+    batch_size: int = option(16, "Queries scored per forward pass.")
+    dtype: str = option("auto", "Model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.",
+                        choices=("auto", "bf16", "fp16", "fp32"))
+    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.")
+    data_dir: str | None = option(None, "Directory of JSON Lines data (default: $ICLDISTILL_DATA).")
+    data_source: str = option(
+        "auto", "Where data comes from: local (data_dir), hub (Hugging Face datasets), auto (local if set).",
+        choices=("auto", "local", "hub"),
+    )
+    cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
+    output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
+    prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache scores every full prompt).")
+
+
+@dataclass
+class IclOptions(CommonOptions):
+    """In-context learning evaluation of one model."""
+
+    model: str = option("smollm2-135m", "Model: packaged name, Hugging Face id, local directory or .gguf file.")
+
+
+@dataclass
+class TrainOptions:
+    """Optimisation and parameter-efficiency options shared by PBFT and distillation."""
+
+    epochs: int = option(40, "Training epochs (paper: 40).")
+    lr: float = option(1e-5, "AdamW learning rate (paper: 1e-5).")
+    train_batch_size: int = option(8, "Examples per optimiser step (before gradient accumulation is split off).")
+    grad_accum: int = option(1, "Micro-batches per optimiser step; the micro-batch is train_batch_size / grad_accum.")
+    warmup_ratio: float = option(0.5, "Fraction of steps with linear warm-up (llmft: 0.5).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
+    eval_every: int = option(0, "Evaluate every N optimiser steps (0: once per epoch).")
+    eval_limit: int | None = option(None, "Queries per evaluation set during training (default: limit).")
+    peft: str = option("lora", "What trains: lora, bitfit, or none (full fine-tuning).", choices=("lora", "bitfit", "none"))
+    lora_r: int = option(8, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA scaling alpha.")
+    lora_dropout: float = option(0.05, "LoRA dropout.")
+    lora_targets: list[str] | None = option(None, "LoRA target modules (default: q_proj,v_proj).")
+    bitfit_fallback: str = option(
+        "error",
+        "When the model has no bias terms: error, or add-bias (zero-initialised biases on the LoRA target layers).",
+        choices=("error", "add-bias"),
+    )
+    train_embeddings: bool = option(False, "Also train the input embeddings and LM head (they are frozen by default).")
+    merge: bool = option(False, "Also save a merged plain model (LoRA only).")
+    resume: bool = option(False, "Continue from the last checkpoint in output_dir.")
+    save_every_epoch: bool = option(True, "Write a resumable checkpoint at the end of every epoch.")
+
+
+@dataclass
+class PbftOptions(CommonOptions, TrainOptions):
+    """Pattern-based fine-tuning on the k support examples."""
+
+    model: str = option("smollm2-135m", "Model to fine-tune: packaged name, Hugging Face id, local directory or .gguf.")
+
+
+@dataclass
+class DistillOptions(CommonOptions, TrainOptions):
+    """Context distillation: a student without demonstrations learns the teacher's answers with them."""
+
+    teacher: str = option("gemma3-270m", "Teacher model (sees the k demonstrations).")
+    student: str = option("smollm2-135m", "Student model (sees the query alone; this is what trains).")
+    train_queries: int = option(64, "Training queries drawn from the train split, disjoint from the demonstrations.")
+    alpha: float = option(0.5, "Loss mix: alpha * KL(teacher || student) + (1 - alpha) * CE (paper: 0.5).")
+    temperature: float = option(1.0, "Softmax temperature of the KL term (scaled by T^2).")
+    kl_space: str = option("label", "KL over the label-word distribution (label) or the next-token vocabulary (vocab; same tokenizer only).",
+                           choices=("label", "vocab"))
+    teacher_signal: str = option("cached", "cached: score the teacher once before training; online: keep it loaded.",
+                                 choices=("cached", "online"))
+    teacher_contexts: int = option(1, "Average the teacher over N independently drawn demonstration sets.")
+    teacher_topk: int = option(64, "With kl_space=vocab and a cached signal: keep the teacher's top-k log-probs.")
+    teacher_dtype: str = option("auto", "Teacher dtype (auto, bf16, fp16, fp32).", choices=("auto", "bf16", "fp16", "fp32"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning strings, YAML and dicts into these dataclasses
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of an annotation such as ``list[int] | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a config dataclass."""
+    return get_type_hints(cls)
+
+
+def parse_value(cls: type, name: str, value: Any) -> Any:
+    """Convert ``value`` (a CLI string or a YAML scalar/list) to the type of field ``name`` of ``cls``."""
+    tp, optional = _base_type(field_types(cls)[name])
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"Option '{name}' cannot be empty.")
+    try:
+        if typing.get_origin(tp) is list:
+            (item_tp,) = typing.get_args(tp)
+            items = value.split(",") if isinstance(value, str) else list(value)
+            keep = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("keep_spaces")
+            return [item_tp(v if keep and item_tp is str else str(v).strip()) for v in items]
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            low = str(value).lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Option '{name}': cannot read {value!r} as {_type_name(field_types(cls)[name])}.") from None
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def build_config(cls: type, values: dict[str, Any] | None = None, *, source: str = "options") -> Any:
+    """Instantiate config class ``cls`` from a mapping, with type conversion and helpful errors.
+
+    Keys may use dashes or underscores. Unknown keys fail with the closest valid names.
+    """
+    values = dict(values or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for raw_key, raw_value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in names:
+            close = difflib.get_close_matches(key, list(names), n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(sorted(names))}."
+            raise ConfigError(f"{source}: unknown option '{raw_key}'.{hint}")
+        kwargs[key] = parse_value(cls, key, raw_value)
+    config = cls(**kwargs)
+    validate(config, source=source)
+    return config
+
+
+def validate(config: Any, *, source: str = "options") -> None:
+    """Check choices and ranges; raise ConfigError naming the option and the fix."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: option '{f.name}' is {value!r}; choose one of {', '.join(choices)}.")
+    positive = ["shots", "batch_size", "epochs", "train_batch_size", "grad_accum", "lora_r", "train_queries",
+                "teacher_contexts", "teacher_topk"]
+    for name in positive:
+        if hasattr(config, name) and getattr(config, name) < (0 if name == "shots" else 1):
+            raise ConfigError(f"{source}: option '{name}' must be {'>= 0' if name == 'shots' else '>= 1'}, got {getattr(config, name)}.")
+    for name in ("limit", "eval_limit"):
+        if getattr(config, name, None) is not None and getattr(config, name) < 1:
+            raise ConfigError(f"{source}: option '{name}' must be a positive number of queries.")
+    if hasattr(config, "alpha") and not 0.0 <= config.alpha <= 1.0:
+        raise ConfigError(f"{source}: option 'alpha' must lie in [0, 1], got {config.alpha}.")
+    if hasattr(config, "temperature") and not config.temperature > 0:
+        raise ConfigError(f"{source}: option 'temperature' must be > 0, got {config.temperature}.")
+    if hasattr(config, "train_batch_size") and config.train_batch_size % config.grad_accum:
+        raise ConfigError(
+            f"{source}: train_batch_size ({config.train_batch_size}) must be a multiple of grad_accum ({config.grad_accum})."
+        )
+    if hasattr(config, "lr") and not config.lr > 0:
+        raise ConfigError(f"{source}: option 'lr' must be > 0, got {config.lr}.")
+    if not config.seeds:
+        raise ConfigError(f"{source}: option 'seeds' needs at least one seed.")
+    if not config.eval:
+        raise ConfigError(f"{source}: option 'eval' needs at least one evaluation set.")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Config file {path} cannot be read: {exc}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of option: value, not a {type(data).__name__}.")
+    return data
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain JSON-serialisable dict of a config (recorded next to every result)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,114 @@
+"""Setup shared by every method: the task, the pattern, the data, the evaluation sets, the output record."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import data as data_mod
+from ..config import CommonOptions, to_dict
+from ..data import Example, LoadedData
+from ..evaluate import aggregate_seeds, hans_lexical_overlap_ood
+from ..inference import evaluate_examples
+from ..models import LoadedModel
+from ..prompts import Pattern, context_rng, resolve_pattern, sample_demonstrations
+from ..records import environment
+from ..tasks import DataSpec, Family, Task, family_of, get_eval_set, get_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """Everything a method needs before it touches a model."""
+
+    task: Task
+    family: Family
+    pattern: Pattern
+    train: LoadedData
+    eval_specs: dict[str, DataSpec]
+    eval_data: dict[str, LoadedData]
+    eval_examples: dict[str, list[Example]]  # after --limit
+    query_texts: frozenset[tuple[str, ...]]  # every evaluation query, never drawn as a demonstration
+
+    def demonstrations(self, seed: int, shots: int, context: int = 0,
+                       exclude: frozenset[tuple[str, ...]] = frozenset()) -> list[Example]:
+        """The seed's balanced demonstration set (context 0 is the ICL context of the seed)."""
+        return sample_demonstrations(self.train.examples, shots, len(self.family.classes),
+                                     context_rng(seed, context), exclude=self.query_texts | exclude)
+
+    def data_record(self) -> dict[str, Any]:
+        record = {"train": {"name": self.train.spec.name, "source": self.train.source,
+                            "fingerprint": self.train.fingerprint, "rows": len(self.train.examples)}}
+        record["eval"] = {
+            name: {"source": d.source, "fingerprint": d.fingerprint, "rows": len(d.examples),
+                   "evaluated": len(self.eval_examples[name])}
+            for name, d in self.eval_data.items()
+        }
+        return record
+
+
+def prepare(config: CommonOptions, eval_limit: int | None = None) -> Setup:
+    """Resolve the task, pattern and data of ``config``; fails early, before any model is loaded."""
+    task = get_task(config.task)
+    family = family_of(task)
+    pattern = resolve_pattern(family, config.pattern or task.default_pattern, config.label_words)
+    train = data_mod.load(task.train, config.data_dir, config.data_source)
+    eval_specs = {name: get_eval_set(name, task) for name in config.eval}
+    eval_data = {name: data_mod.load(spec, config.data_dir, config.data_source) for name, spec in eval_specs.items()}
+    limit = eval_limit if eval_limit is not None else config.limit
+    eval_examples = {name: data_mod.subsample(d.examples, limit) for name, d in eval_data.items()}
+    query_texts = frozenset(ex.text_key() for exs in eval_examples.values() for ex in exs)
+    return Setup(task, family, pattern, train, eval_specs, eval_data, eval_examples, query_texts)
+
+
+def evaluate_on_sets(
+    model: LoadedModel,
+    setup: Setup,
+    demonstrations: Sequence[Example],
+    *,
+    batch_size: int,
+    use_prefix_cache: bool = True,
+    progress: bool = True,
+    label: str = "",
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]], int]:
+    """Metrics and predictions of ``model`` on every evaluation set, with the given demonstrations."""
+    metrics, predictions, tokens = {}, {}, 0
+    for name, examples in setup.eval_examples.items():
+        m, preds, t = evaluate_examples(
+            model, setup.family, setup.pattern, demonstrations, examples, batch_size=batch_size,
+            use_prefix_cache=use_prefix_cache, meta_fields=setup.eval_specs[name].meta_fields,
+            desc=f"{label}{name}" if progress else None,
+        )
+        if name.startswith("hans"):
+            m["ood_accuracy"] = hans_lexical_overlap_ood(m)
+        metrics[name], predictions[name], tokens = m, preds, tokens + t
+    return metrics, predictions, tokens
+
+
+def aggregate(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Mean, spread and 95% interval over seeds of each evaluation set's metrics (skipped seeds left out)."""
+    names: list[str] = []
+    for metrics in per_seed.values():
+        names += [n for n in metrics if n not in names]
+    return {name: aggregate_seeds([m[name] for m in per_seed.values() if name in m]) for name in names}
+
+
+def base_record(method: str, config: Any, setup: Setup) -> dict[str, Any]:
+    """The fields every results.json starts with: what ran, on what, with which code."""
+    return {"method": method, "status": "running", "config": to_dict(config), "task": setup.task.name,
+            "pattern": {"name": setup.pattern.name, "template": setup.pattern.template,
+                        "label_words": list(setup.pattern.label_words)},
+            "classes": list(setup.family.classes), "data": setup.data_record(), "environment": environment()}
+
+
+def model_record(model: LoadedModel) -> dict[str, Any]:
+    return {"name": model.name, "source": model.source, "path": str(model.path), "fingerprint": model.fingerprint,
+            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device), "max_length": model.max_length,
+            "parameters": sum(p.numel() for p in model.model.parameters())}
+
+
+def output_dir(config: CommonOptions) -> Path:
+    return Path(config.output_dir).expanduser()

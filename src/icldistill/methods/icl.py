@@ -1,0 +1,68 @@
+"""In-context learning evaluation: k demonstrations + query, label-word scoring, over seeds.
+
+Each seed draws one fixed demonstration context, shared by every query; the context goes through the
+model once and its key/value cache serves all queries (``--no-prefix-cache`` disables that).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..config import IclOptions
+from ..inference import ContextTooLong
+from ..models import load_model
+from ..records import atomic_write_json, atomic_write_jsonl, measure
+from .common import aggregate, base_record, evaluate_on_sets, model_record, output_dir, prepare
+
+logger = logging.getLogger(__name__)
+
+
+def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``config.model`` with ``config.shots`` demonstrations on every evaluation set and seed.
+
+    Writes ``results.json`` and ``predictions.jsonl`` to ``config.output_dir`` (atomically) and
+    returns the results record.
+    """
+    setup = prepare(config)
+    out = output_dir(config)
+    record = base_record("icl", config, setup)
+    with measure(config.device) as total:
+        model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
+        record["model"] = model_record(model)
+        seeds: dict[str, Any] = {}
+        per_seed_metrics: dict[str, Any] = {}
+        predictions: list[dict[str, Any]] = []
+        prompt_tokens = 0
+        with measure(model.device) as scoring:
+            for seed in config.seeds:
+                demos = setup.demonstrations(seed, config.shots)
+                entry: dict[str, Any] = {"demonstrations": [d.id for d in demos]}
+                try:
+                    metrics, preds, tokens = evaluate_on_sets(
+                        model, setup, demos, batch_size=config.batch_size, use_prefix_cache=config.prefix_cache,
+                        progress=progress, label=f"seed {seed} ",
+                    )
+                except ContextTooLong as exc:
+                    logger.warning("seed %d skipped: %s", seed, exc)
+                    entry["skipped"] = str(exc)
+                    seeds[str(seed)] = entry
+                    continue
+                entry["eval"] = metrics
+                seeds[str(seed)] = entry
+                per_seed_metrics[str(seed)] = metrics
+                prompt_tokens += tokens
+                predictions += [{"seed": seed, "eval": name, **p} for name, rows in preds.items() for p in rows]
+    record["seeds"] = seeds
+    record["aggregate"] = aggregate(per_seed_metrics)
+    record["resources"] = {
+        "total": total.as_dict(),
+        "scoring": scoring.as_dict(),
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_per_s": prompt_tokens / scoring.wall_time_s if scoring.wall_time_s else None,
+        "prefix_cache": config.prefix_cache,
+    }
+    record["status"] = "complete" if per_seed_metrics else "skipped"
+    atomic_write_jsonl(out / "predictions.jsonl", predictions)
+    atomic_write_json(out / "results.json", record)
+    return record

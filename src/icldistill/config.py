@@ -144,37 +144,67 @@ def field_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
-def parse_value(cls: type, name: str, value: Any) -> Any:
+def parse_value(cls: type, name: str, value: Any, source: str = "options") -> Any:
     """Convert ``value`` (a CLI string or a YAML scalar/list) to the type of field ``name`` of ``cls``."""
     tp, optional = _base_type(field_types(cls)[name])
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise ConfigError(f"Option '{name}' cannot be empty.")
+        raise ConfigError(f"{source}: option '{name}' cannot be empty.")
     try:
         if typing.get_origin(tp) is list:
             (item_tp,) = typing.get_args(tp)
-            items = value.split(",") if isinstance(value, str) else list(value)
+            if isinstance(value, str):
+                items = value.split(",")
+            elif isinstance(value, (list, tuple)):
+                items = list(value)
+            else:  # a YAML scalar for a list option: `seeds: 0`
+                items = [value]
             keep = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("keep_spaces")
-            return [item_tp(v if keep and item_tp is str else str(v).strip()) for v in items]
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            low = str(value).lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
+            parsed = [_scalar(item_tp, v if keep or not isinstance(v, str) else v.strip()) for v in items]
+            if any(isinstance(v, str) and not v.strip() for v in parsed):
+                raise ValueError(value)
+            return parsed
+        if isinstance(value, (list, tuple, dict)):
             raise ValueError(value)
-        if tp is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return tp(value)
+        return _scalar(tp, value)
     except (TypeError, ValueError):
-        raise ConfigError(f"Option '{name}': cannot read {value!r} as {_type_name(field_types(cls)[name])}.") from None
+        raise ConfigError(
+            f"{source}: option '{name}': cannot read {value!r} as {_type_name(field_types(cls)[name])}."
+        ) from None
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    """One value of type ``tp``: bools only from bool-like words, ints only from integral numbers."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        low = str(value).strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if isinstance(value, bool):  # YAML `true` is not a number of shots
+        raise ValueError(value)
+    if tp is int:
+        number = float(value) if isinstance(value, (str, float)) else value
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(value)
+        return int(number)
+    if tp is float:
+        return float(value)
+    return tp(value)
 
 
 def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "")
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "text"}
+    base, optional = _base_type(tp)
+    if typing.get_origin(base) is list:
+        text = f"a comma-separated list of {names.get(typing.get_args(base)[0], 'values')}"
+    else:
+        text = names.get(base, str(base))
+    return text + (" (or none)" if optional else "")
 
 
 def build_config(cls: type, values: dict[str, Any] | None = None, *, source: str = "options") -> Any:
@@ -191,7 +221,9 @@ def build_config(cls: type, values: dict[str, Any] | None = None, *, source: str
             close = difflib.get_close_matches(key, list(names), n=3)
             hint = f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(sorted(names))}."
             raise ConfigError(f"{source}: unknown option '{raw_key}'.{hint}")
-        kwargs[key] = parse_value(cls, key, raw_value)
+        if key in kwargs:
+            raise ConfigError(f"{source}: option '{key}' is given twice (as '{raw_key}' and another spelling).")
+        kwargs[key] = parse_value(cls, key, raw_value, source)
     config = cls(**kwargs)
     validate(config, source=source)
     return config
@@ -220,11 +252,16 @@ def validate(config: Any, *, source: str = "options") -> None:
         raise ConfigError(
             f"{source}: train_batch_size ({config.train_batch_size}) must be a multiple of grad_accum ({config.grad_accum})."
         )
-    if hasattr(config, "lr") and not config.lr > 0:
-        raise ConfigError(f"{source}: option 'lr' must be > 0, got {config.lr}.")
-    if not config.seeds:
+    if hasattr(config, "lr") and not 0 < config.lr < float("inf"):
+        raise ConfigError(f"{source}: option 'lr' must be a positive finite number, got {config.lr}.")
+    ranges = {"warmup_ratio": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "max_grad_norm": (0.0, float("inf")),
+              "eval_every": (0, float("inf")), "weight_decay": (0.0, float("inf")), "alpha": (0.0, 1.0)}
+    for name, (low, high) in ranges.items():
+        if hasattr(config, name) and not low <= getattr(config, name) <= high:
+            raise ConfigError(f"{source}: option '{name}' must lie in [{low}, {high}], got {getattr(config, name)}.")
+    if hasattr(config, "seeds") and not config.seeds:
         raise ConfigError(f"{source}: option 'seeds' needs at least one seed.")
-    if not config.eval:
+    if hasattr(config, "eval") and not config.eval:
         raise ConfigError(f"{source}: option 'eval' needs at least one evaluation set.")
 
 

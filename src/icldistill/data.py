@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -77,14 +78,32 @@ def load(spec: DataSpec, data_dir: str | Path | None = None, source: str = "auto
             f"(it must contain {spec.local}), or use --data-source hub."
         )
     stat = path.stat()
-    return _load_local_cached(spec, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _load_local_cached(_SpecKey(spec), str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+class _SpecKey:
+    """A hashable stand-in for a DataSpec in the cache key: its mappings make the spec itself unhashable."""
+
+    __slots__ = ("spec", "_key")
+
+    def __init__(self, spec: DataSpec) -> None:
+        self.spec = spec
+        self._key = repr(spec)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _SpecKey) and self._key == other._key
 
 
 @lru_cache(maxsize=32)
-def _load_local_cached(spec: DataSpec, path: str, mtime_ns: int, size: int) -> LoadedData:
+def _load_local_cached(key: _SpecKey, path: str, mtime_ns: int, size: int) -> LoadedData:
     """Parsing is cached per (spec, file version): sweeps and seeds reuse the same rows."""
+    spec = key.spec
     raw = _read_bytes(Path(path))
-    fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+    fingerprint = hashlib.sha256(raw).hexdigest()[:16]  # of the file's bytes, as SOURCES.md lists them
+    raw = _decompress(raw, Path(path))
     examples = parse_rows(spec, _iter_lines(raw, path), path)
     logger.info("loaded %d rows of %s from %s", len(examples), spec.name, path)
     return LoadedData(spec, tuple(examples), path, fingerprint)
@@ -95,10 +114,14 @@ def _read_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"Cannot read {path}: {exc.strerror}. Check the path and its permissions.") from None
+    return raw
+
+
+def _decompress(raw: bytes, path: Path) -> bytes:
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # corrupt deflate data raises zlib.error
             raise DataError(f"{path} is not a complete gzip file ({exc}); download or copy it again.") from None
     return raw
 
@@ -109,7 +132,8 @@ def _iter_lines(raw: bytes, path: str) -> Iterable[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8.") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines also breaks at U+2028, U+0085 etc., which JSON strings may hold raw
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -117,7 +141,7 @@ def _iter_lines(raw: bytes, path: str) -> Iterable[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); fix or remove the line.") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, found {type(row).__name__}.")
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, found {type(row).__name__}; write one {{...}} object per line.")
         yield lineno, row
 
 
@@ -151,7 +175,7 @@ def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], wh
         for name in family.fields:
             value = row[name]
             if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{where}:{lineno}: field '{name}' must be a non-empty string, got {value!r}.")
+                raise DataError(f"{where}:{lineno}: field '{name}' must be a non-empty string, got {value!r}; fill it in or remove the row.")
             texts[name] = value.strip()
         row_id = str(row["id"])
         if row_id in seen:

@@ -75,9 +75,17 @@ def resolve_pattern(family: Family, pattern: str, label_words: Sequence[str] | N
 
 def _placeholders(template: str) -> set[str]:
     try:
-        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise PromptError(f"Template {template!r} is malformed ({exc}); write literal braces as '{{{{' and '}}}}'.") from None
+    # '{premise!x}' or '{premise:d}' parse but fail in render, and '{premise!r}' quotes the text: allow neither
+    odd = [name for _, name, spec, conversion in parsed if name is not None and (spec or conversion)]
+    if odd:
+        raise PromptError(
+            f"Template {template!r}: a placeholder takes no conversion or format spec ({', '.join(odd)}); "
+            "write plain {field}, and literal braces as '{{' and '}}'."
+        )
+    return {name for _, name, _, _ in parsed if name is not None}
 
 
 def sample_demonstrations(

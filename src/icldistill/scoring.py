@@ -150,12 +150,14 @@ def score_queries(
     topk: int = 0,
     pad_id: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Scores:
     """Score every query after the same prefix; returns label log-probs and the full-vocabulary argmax.
 
     Queries are sorted by length before batching so that a batch carries little padding; results are
     returned in the original order. ``use_prefix_cache=False`` runs each full prompt (the naive path,
     kept for verification and benchmarks). ``on_batch(n)`` is called after each batch of n queries.
+    A ``prefix_cache`` built earlier for the same prefix is reused (the online teacher keeps one).
     """
     n = len(query_ids)
     device = model.device
@@ -166,7 +168,11 @@ def score_queries(
     topk_ids = torch.empty((n, topk), dtype=torch.long) if topk else None
     order = sorted(range(n), key=lambda i: -len(query_ids[i]))
     prefix = list(prefix_ids)
-    cache = PrefixCache(model, prefix) if use_prefix_cache else None
+    cache = None
+    if use_prefix_cache:
+        cache = prefix_cache if prefix_cache is not None else PrefixCache(model, prefix)
+        if cache.length != len(prefix):
+            raise ValueError(f"prefix cache holds {cache.length} tokens, the prefix has {len(prefix)}")
     with torch.no_grad():
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]

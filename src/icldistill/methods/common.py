@@ -112,3 +112,37 @@ def model_record(model: LoadedModel) -> dict[str, Any]:
 
 def output_dir(config: CommonOptions) -> Path:
     return Path(config.output_dir).expanduser()
+
+
+def start_record(method: str, config: Any, setup: Setup) -> tuple[dict[str, Any], Path]:
+    """The results record of a training method, before its first seed, and its output directory."""
+    record = base_record(method, config, setup)
+    record["seeds"] = {}
+    return record, output_dir(config)
+
+
+def finish_record(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Aggregate the seeds' final metrics and resources, write results.json atomically, return it."""
+    from ..records import atomic_write_json
+
+    seeds = record["seeds"]
+    record["aggregate"] = aggregate({s: r["eval"] for s, r in seeds.items() if r.get("eval")})
+    training = [r["resources"] for r in seeds.values() if "resources" in r]
+    teacher = record.get("teacher_pass", {})
+    peaks = [r["training"]["peak_memory_mb"] for r in training]
+    record["resources"] = {
+        "total": {
+            "wall_time_s": sum(r["training"]["wall_time_s"] for r in training) + teacher.get("wall_time_s", 0.0),
+            "peak_memory_mb": max(peaks + [teacher.get("peak_memory_mb", 0.0)]),
+            "memory_kind": training[0]["training"]["memory_kind"] if training else "",
+        },
+        "training_peak_memory_mb": max(peaks or [0.0]),
+        "seconds_per_step": sum(r["seconds_per_step"] for r in training) / len(training) if training else None,
+        "train_tokens_per_s": sum(r["train_tokens_per_s"] or 0 for r in training) / len(training) if training else None,
+        "trainable_parameters": next(iter(seeds.values()))["trainable"]["trainable_parameters"] if seeds else None,
+        "teacher_pass": teacher or None,
+    }
+    complete = bool(seeds) and all(r.get("status") == "complete" for r in seeds.values())
+    record["status"] = "complete" if complete else "incomplete"
+    atomic_write_json(out / "results.json", record)
+    return record

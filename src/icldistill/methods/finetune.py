@@ -1,0 +1,178 @@
+"""Training a model on pattern-rendered queries without demonstrations: what PBFT and distillation share.
+
+A method hands over its training examples and a loss; this module loads and wraps the model, builds
+right-padded batches of the rendered queries, runs the one training loop, evaluates the trained model
+(with no demonstrations, which is the point), saves the adapter and returns the seed's record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..adapters import prepare_trainable
+from ..config import CommonOptions, TrainOptions
+from ..data import Example
+from ..errors import IcldError
+from ..losses import LossOutput, label_log_probs
+from ..models import LoadedModel, load_model
+from ..records import atomic_write_json, measure, read_json
+from ..scoring import encode_prefix, encode_queries, label_token_ids, last_token_logits, pad_right
+from ..train import fit
+from .common import Setup, evaluate_on_sets, model_record
+
+logger = logging.getLogger(__name__)
+
+SEED_RESULT = "seed_result.json"
+
+
+@dataclasses.dataclass
+class StudentBatchBuilder:
+    """Right-padded batches of the student's inputs: the rendered query alone, no demonstrations."""
+
+    ids: list[list[int]]
+    labels: torch.Tensor
+    pad_id: int
+    device: torch.device
+
+    @classmethod
+    def build(cls, model: LoadedModel, setup: Setup, examples: Sequence[Example]) -> "StudentBatchBuilder":
+        start = encode_prefix(model.tokenizer, "")  # the tokenizer's BOS, if it uses one: as in evaluation
+        queries = encode_queries(model.tokenizer, [setup.pattern.render(ex.fields) for ex in examples])
+        ids = [start + q for q in queries]
+        too_long = [ex.id for ex, row in zip(examples, ids) if len(row) > model.max_length]
+        if too_long:
+            raise IcldError(f"Training examples {too_long[:5]} exceed {model.name}'s {model.max_length} tokens.")
+        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        return cls(ids, torch.tensor([ex.label for ex in examples]), pad, model.device)
+
+    def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+        input_ids, lengths = pad_right([self.ids[i] for i in indices], self.pad_id, self.device)
+        return {"input_ids": input_ids, "lengths": lengths, "labels": self.labels[list(indices)].to(self.device),
+                "indices": list(indices), "n_tokens": int(lengths.sum())}
+
+
+def student_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(batch, vocab) logits at each row's last token: the student's answer position."""
+    return last_token_logits(model, batch["input_ids"], batch["lengths"])
+
+
+LossFactory = Callable[[torch.Tensor], Callable[[torch.nn.Module, dict[str, Any]], LossOutput]]
+
+
+def mixed_precision_for(dtype: str, device: torch.device) -> str:
+    """Weights stay fp32 and bf16 autocast does the compute (the paper's BF16; FP16 gave it NaN)."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return "bf16"
+    if dtype == "fp16":
+        return "fp16"
+    return "no"
+
+
+def train_and_evaluate(
+    method: str,
+    config: CommonOptions,
+    options: TrainOptions,
+    setup: Setup,
+    model_name: str,
+    train_examples: Sequence[Example],
+    make_loss: LossFactory,
+    seed: int,
+    seed_dir: Path,
+    *,
+    extra_record: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model_name`` on ``train_examples`` with the loss from ``make_loss(label_ids)``; evaluate; save.
+
+    Returns the seed's record (also written to ``seed_dir/seed_result.json``, which a resumed run reuses).
+    """
+    done = seed_dir / SEED_RESULT
+    if options.resume and done.exists():
+        logger.info("seed %d already complete in %s", seed, seed_dir)
+        return read_json(done)
+    torch.manual_seed(seed)
+    # Weights load in fp32; bf16 is applied by autocast in the training loop.
+    loaded = load_model(model_name, dtype="fp32", device=config.device, cache_dir=config.cache_dir)
+    label_ids = torch.tensor(label_token_ids(loaded.tokenizer, setup.pattern.label_words, loaded.name),
+                             device=loaded.device)
+    batches = StudentBatchBuilder.build(loaded, setup, train_examples)
+    model, trainable = prepare_trainable(loaded.model, options)
+    student = dataclasses.replace(loaded, model=model)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        with torch.autocast(device_type=student.device.type, dtype=torch.bfloat16,
+                            enabled=mixed_precision_for(config.dtype, student.device) == "bf16"):
+            metrics, _, _ = evaluate_on_sets(dataclasses.replace(student, model=m), setup, [],
+                                             batch_size=config.batch_size, progress=False)
+        return metrics
+
+    with measure(student.device) as training:
+        result = fit(model, len(train_examples), batches, make_loss(label_ids), options, seed=seed,
+                     mixed_precision=mixed_precision_for(config.dtype, student.device),
+                     cpu=student.device.type == "cpu", checkpoint_dir=seed_dir, evaluate=evaluate, progress=progress)
+    final = next((h["eval"] for h in reversed(result.history) if "eval" in h), None)
+    artefacts = save_trained(model, student, options, seed_dir)
+    record = {
+        "seed": seed, "method": method, "status": "complete", "student": model_record(student),
+        "trainable": trainable.as_dict(), "train_examples": [ex.id for ex in train_examples],
+        "history": result.history, "eval": final, "artefacts": artefacts,
+        "resources": {"training": training.as_dict(), "steps": result.steps, "train_tokens": result.train_tokens,
+                      "train_seconds": round(result.train_seconds, 4),
+                      "train_tokens_per_s": _rate(result.train_tokens, result.train_seconds),
+                      "seconds_per_step": result.train_seconds / max(result.steps, 1),
+                      "resumed_from_epoch": result.resumed_from_epoch},
+        **(extra_record or {}),
+    }
+    atomic_write_json(done, record)
+    del model, student, loaded
+    gc.collect()
+    return record
+
+
+def _rate(amount: float, seconds: float) -> float | None:
+    return amount / seconds if seconds > 0 else None
+
+
+def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOptions, seed_dir: Path) -> dict[str, str]:
+    """LoRA: the adapter in peft format (``PeftModel.from_pretrained``), and with --merge a plain model.
+
+    BitFit and full fine-tuning: the trainable tensors as safetensors (the base is the model's own files).
+    """
+    from safetensors.torch import save_file
+
+    from ..train import trainable_state
+
+    out: dict[str, str] = {}
+    if options.peft == "lora":
+        adapter = seed_dir / "adapter"
+        model.save_pretrained(str(adapter))
+        out["adapter"] = str(adapter)
+        if options.merge:
+            merged_dir = seed_dir / "merged"
+            merged = model.merge_and_unload()
+            merged.save_pretrained(str(merged_dir))
+            student.tokenizer.save_pretrained(str(merged_dir))
+            out["merged"] = str(merged_dir)
+    else:
+        path = seed_dir / "trainable.safetensors"
+        save_file(trainable_state(model), str(path))
+        out["trainable"] = str(path)
+    return out
+
+
+def ce_only(label_ids: torch.Tensor) -> Callable[[torch.nn.Module, dict[str, Any]], LossOutput]:
+    """The PBFT loss: cross-entropy of the gold label word over the label words, summed over the batch."""
+    from ..losses import ce_loss
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+        lp = label_log_probs(student_logits(model, batch), label_ids)
+        ce = ce_loss(lp, batch["labels"], reduction="sum")
+        return LossOutput(ce, None, ce.detach())
+
+    return loss_fn

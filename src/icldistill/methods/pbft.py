@@ -1,0 +1,27 @@
+"""Pattern-based fine-tuning (PBFT): fine-tune a model on the k support examples, CE on the label word.
+
+The baseline that context distillation must beat (Mosbach et al. 2023). The support examples of a seed
+are exactly the demonstrations ICL shows for that seed; the trained model is evaluated without any.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import PbftOptions
+from .common import prepare
+from .finetune import ce_only, train_and_evaluate
+from .common import finish_record, start_record
+
+
+def run_pbft(config: PbftOptions, *, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``config.model`` on each seed's k support examples; write and return the results record."""
+    setup = prepare(config, eval_limit=config.eval_limit)
+    record, out = start_record("pbft", config, setup)
+    for seed in config.seeds:
+        support = setup.demonstrations(seed, config.shots)
+        record["seeds"][str(seed)] = train_and_evaluate(
+            "pbft", config, config, setup, config.model, support, ce_only, seed, out / f"seed-{seed}",
+            progress=progress,
+        )
+    return finish_record(record, out)

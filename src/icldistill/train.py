@@ -1,0 +1,219 @@
+"""The one training loop, on ``accelerate``: every method supplies its batches and its loss, not a loop.
+
+AdamW, linear schedule with warm-up, gradient clipping, exact gradient accumulation (each micro-batch's
+summed loss is divided by the number of examples in the whole optimiser step, so uneven micro-batches
+weigh correctly), evaluation every epoch or every N steps, a non-finite loss stops the run, and a
+checkpoint at the end of every epoch that ``resume`` continues from.
+
+Checkpoints use ``Accelerator.save_state`` with a pre-hook that stores only the trainable parameters:
+the frozen base model is already on disk, and a LoRA checkpoint is then megabytes, not the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .config import TrainOptions
+from .errors import IcldError
+from .losses import LossOutput
+from .records import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingDiverged(IcldError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What the loop did: per-evaluation history, steps, tokens, and where it resumed from."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    epochs_done: int = 0
+    train_examples_seen: int = 0
+    train_tokens: int = 0
+    resumed_from_epoch: int | None = None
+    train_seconds: float = 0.0  # optimisation only (evaluation and checkpoints excluded), across resumes
+
+
+# A batch is whatever the method's ``make_batch`` returns; ``loss_fn`` must return SUMMED losses.
+MakeBatch = Callable[[Sequence[int]], dict[str, Any]]
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], LossOutput]
+Evaluate = Callable[[torch.nn.Module], dict[str, Any]]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
+    """Make save_state/load_state store only the trainable parameters of the (single) model."""
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for model in models:
+            save_file(trainable_state(accelerator.unwrap_model(model)), str(Path(output_dir) / TRAINABLE_FILE))
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            state = load_file(str(Path(input_dir) / TRAINABLE_FILE))
+            params = dict(model.named_parameters())
+            unknown = [n for n in state if n not in params]
+            if unknown:
+                raise IcldError(f"Checkpoint {input_dir} does not match the model (unknown {unknown[:3]}); "
+                                "start without --resume or use another --output-dir.")
+            with torch.no_grad():
+                for n, t in state.items():
+                    params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, Any]) -> None:
+    """Write the checkpoint next to the old one, then swap, so a kill leaves one complete checkpoint."""
+    final, tmp, old = directory / CHECKPOINT, directory / f"{CHECKPOINT}.tmp", directory / f"{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(directory: Path) -> Path | None:
+    """The latest complete checkpoint in ``directory`` (also one left mid-swap by a kill), or None."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        path = directory / name
+        if (path / STATE_FILE).exists() and (path / TRAINABLE_FILE).exists():
+            return path
+    return None
+
+
+def fit(
+    model: torch.nn.Module,
+    n_examples: int,
+    make_batch: MakeBatch,
+    loss_fn: LossFn,
+    options: TrainOptions,
+    *,
+    seed: int,
+    mixed_precision: str = "no",
+    cpu: bool = True,
+    checkpoint_dir: Path | None = None,
+    evaluate: Evaluate | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` on examples ``0..n_examples-1`` for ``options.epochs`` epochs.
+
+    ``make_batch(indices)`` builds a micro-batch; ``loss_fn(model, batch)`` returns the loss SUMMED
+    over the micro-batch (``LossOutput`` with reduction "sum"). ``evaluate(model)`` returns metrics,
+    recorded in the history after each epoch (or every ``options.eval_every`` steps).
+    The example order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
+    """
+    if n_examples < 1:
+        raise IcldError("No training examples: check --shots / --train-queries.")
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    _register_checkpoint_hooks(accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    steps_per_epoch = math.ceil(n_examples / options.train_batch_size)
+    total_steps = steps_per_epoch * options.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(options.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    micro = options.train_batch_size // options.grad_accum
+
+    result = TrainResult()
+    start_epoch = 0
+    if options.resume and checkpoint_dir is not None and (ckpt := find_checkpoint(checkpoint_dir)) is not None:
+        accelerator.load_state(str(ckpt))
+        state = read_json(ckpt / STATE_FILE)
+        start_epoch = state["epochs_done"]
+        result = TrainResult(state["history"], state["steps"], state["epochs_done"], state["train_examples_seen"],
+                             state["train_tokens"], resumed_from_epoch=start_epoch, train_seconds=state["train_seconds"])
+        logger.info("resumed from %s after epoch %d", ckpt, start_epoch)
+
+    def run_eval(epoch: int, extra: dict[str, Any]) -> None:
+        if evaluate is None:
+            return
+        model.eval()
+        metrics = evaluate(accelerator.unwrap_model(model))
+        model.train()
+        result.history.append({"epoch": epoch, "step": result.steps, **extra, "eval": metrics})
+
+    bar = tqdm(total=total_steps, initial=result.steps, desc="train", unit="step", disable=not progress, leave=False)
+    model.train()
+    for epoch in range(start_epoch, options.epochs):
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "n": 0}
+        for start in range(0, n_examples, options.train_batch_size):
+            step_start = time.perf_counter()
+            step_indices = order[start : start + options.train_batch_size]
+            for m_start in range(0, len(step_indices), micro):
+                batch = make_batch(step_indices[m_start : m_start + micro])
+                out = loss_fn(model, batch)
+                loss = out.loss / len(step_indices)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"The training loss became {loss.item()} at epoch {epoch + 1}, step {result.steps + 1}. "
+                        + (f"The last good checkpoint is kept in {checkpoint_dir / CHECKPOINT}. " if checkpoint_dir else "")
+                        + "Lower --lr, or use --dtype bf16 or fp32 (fp16 overflows; the paper saw NaN with it)."
+                    )
+                accelerator.backward(loss)
+                sums["loss"] += out.loss.item()
+                sums["kl"] += out.kl.item() if out.kl is not None else 0.0
+                sums["ce"] += out.ce.item() if out.ce is not None else 0.0
+                result.train_tokens += int(batch.get("n_tokens", 0))
+            sums["n"] += len(step_indices)
+            if options.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, options.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps += 1
+            result.train_examples_seen += len(step_indices)
+            result.train_seconds += time.perf_counter() - step_start
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}")
+            if options.eval_every and result.steps % options.eval_every == 0:
+                run_eval(epoch + 1, {"lr": scheduler.get_last_lr()[0]})
+        n = max(sums["n"], 1)
+        epoch_stats = {"train_loss": sums["loss"] / n, "train_kl": sums["kl"] / n, "train_ce": sums["ce"] / n,
+                       "lr": scheduler.get_last_lr()[0]}
+        logger.info("epoch %d/%d: loss %.4f (kl %.4f, ce %.4f)", epoch + 1, options.epochs, epoch_stats["train_loss"],
+                    epoch_stats["train_kl"], epoch_stats["train_ce"])
+        if not options.eval_every or epoch + 1 == options.epochs:
+            run_eval(epoch + 1, epoch_stats)
+        else:
+            result.history.append({"epoch": epoch + 1, "step": result.steps, **epoch_stats})
+        result.epochs_done = epoch + 1
+        if checkpoint_dir is not None and options.save_every_epoch:
+            _save_checkpoint(accelerator, checkpoint_dir, {
+                "epochs_done": result.epochs_done, "steps": result.steps, "history": result.history,
+                "train_examples_seen": result.train_examples_seen, "train_tokens": result.train_tokens,
+                "train_seconds": result.train_seconds,
+            })
+    bar.close()
+    accelerator.unwrap_model(model).eval()
+    return result

@@ -1,0 +1,204 @@
+"""Tests for icldistill.config: type conversion from strings and YAML, validation of choices and ranges,
+and YAML loading, each failure naming the option or file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from icldistill.config import (
+    CommonOptions,
+    DistillOptions,
+    IclOptions,
+    PbftOptions,
+    build_config,
+    load_yaml,
+    to_dict,
+)
+from icldistill.errors import ConfigError
+
+
+@pytest.mark.parametrize("cls", [CommonOptions, IclOptions, PbftOptions, DistillOptions], ids=lambda c: c.__name__)
+def test_defaults_build_and_serialise(cls: type) -> None:
+    config = build_config(cls)
+    assert config == cls()
+    assert json.loads(json.dumps(to_dict(config))) == to_dict(config)
+
+
+def test_comma_lists_are_split_and_stripped() -> None:
+    config = build_config(CommonOptions, {"seeds": "0, 1,2", "eval": " mnli-m , hans-lo"})
+    assert config.seeds == [0, 1, 2]
+    assert config.eval == ["mnli-m", "hans-lo"]
+    distill = build_config(DistillOptions, {"lora_targets": "q_proj, v_proj"})
+    assert distill.lora_targets == ["q_proj", "v_proj"]
+
+
+def test_yaml_lists_are_converted_item_by_item() -> None:
+    assert build_config(CommonOptions, {"seeds": [0, "1", 2]}).seeds == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(" Yes, No", [" Yes", " No"]), (" True, False", [" True", " False"]), ([" Yes", " No"], [" Yes", " No"]),
+     ("none", None), ("", None)],
+)
+def test_label_words_keep_their_spaces(value: Any, expected: list[str] | None) -> None:
+    assert build_config(CommonOptions, {"label_words": value}).label_words == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True), (True, True),
+     ("false", False), ("False", False), ("0", False), ("no", False), ("off", False), (False, False)],
+)
+def test_bools_from_strings(value: Any, expected: bool) -> None:
+    assert build_config(CommonOptions, {"prefix_cache": value}).prefix_cache is expected
+    assert build_config(DistillOptions, {"train-embeddings": value}).train_embeddings is expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("prefix_cache", "maybe"), ("shots", "x"), ("shots", "2.5"), ("shots", 2.5), ("shots", ""), ("seeds", "0,a"),
+     ("batch_size", "none"), ("limit", "ten")],
+)
+def test_unreadable_values_name_the_option(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(CommonOptions, {key: value})
+    assert f"'{key}'" in str(info.value) and repr(value) in str(info.value)
+
+
+def test_numbers_from_strings_and_optionals() -> None:
+    config = build_config(DistillOptions, {"shots": "8", "lr": "1e-4", "alpha": 1, "limit": "none", "eval_limit": "50",
+                                           "pattern": "{premise} {hypothesis} ?", "data-dir": "", "epochs": 3.0})
+    assert (config.shots, config.lr, config.alpha, config.limit, config.eval_limit) == (8, 1e-4, 1.0, None, 50)
+    assert config.epochs == 3 and isinstance(config.epochs, int)
+    assert config.data_dir is None and config.pattern == "{premise} {hypothesis} ?"
+    assert isinstance(config.alpha, float) and isinstance(config.shots, int)
+
+
+def test_dashed_keys_are_accepted() -> None:
+    config = build_config(DistillOptions, {"train-queries": "32", "teacher-signal": "online"})
+    assert (config.train_queries, config.teacher_signal) == (32, "online")
+
+
+def test_unknown_key_suggests_close_matches() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(CommonOptions, {"batchsize": 4}, source="run.yaml")
+    message = str(info.value)
+    assert "run.yaml" in message and "'batchsize'" in message and "Did you mean: batch_size" in message
+
+
+def test_unknown_key_without_close_match_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(CommonOptions, {"zzzzzz": 1})
+    message = str(info.value)
+    assert "Valid keys" in message
+    assert all(f.name in message for f in dataclasses.fields(CommonOptions))
+
+
+def test_option_of_another_command_is_unknown() -> None:
+    with pytest.raises(ConfigError, match="unknown option 'alpha'"):
+        build_config(IclOptions, {"alpha": 0.3})
+
+
+@pytest.mark.parametrize(
+    ("cls", "key", "value"),
+    [(CommonOptions, "dtype", "fp64"), (CommonOptions, "data_source", "web"), (PbftOptions, "peft", "qlora"),
+     (DistillOptions, "kl_space", "logits"), (DistillOptions, "teacher_signal", "live"),
+     (DistillOptions, "teacher_dtype", "int8"), (PbftOptions, "bitfit_fallback", "ignore")],
+)
+def test_invalid_choice_names_option_and_choices(cls: type, key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(cls, {key: value}, source="cfg.yaml")
+    message = str(info.value)
+    assert "cfg.yaml" in message and f"'{key}'" in message and repr(value) in message
+    choices = {f.name: f for f in dataclasses.fields(cls)}[key].metadata["choices"]
+    assert all(choice in message for choice in choices)
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "named"),
+    [
+        (CommonOptions, {"shots": -1}, "shots"),
+        (CommonOptions, {"batch_size": 0}, "batch_size"),
+        (CommonOptions, {"limit": 0}, "limit"),
+        (CommonOptions, {"seeds": []}, "seeds"),
+        (CommonOptions, {"eval": []}, "eval"),
+        (PbftOptions, {"epochs": 0}, "epochs"),
+        (PbftOptions, {"lr": 0}, "lr"),
+        (PbftOptions, {"lora_r": 0}, "lora_r"),
+        (PbftOptions, {"eval_limit": 0}, "eval_limit"),
+        (PbftOptions, {"train_batch_size": 0}, "train_batch_size"),
+        (PbftOptions, {"grad_accum": 0}, "grad_accum"),
+        (PbftOptions, {"train_batch_size": 8, "grad_accum": 3}, "grad_accum"),
+        (DistillOptions, {"alpha": 1.5}, "alpha"),
+        (DistillOptions, {"alpha": -0.1}, "alpha"),
+        (DistillOptions, {"alpha": "nan"}, "alpha"),
+        (DistillOptions, {"temperature": 0}, "temperature"),
+        (DistillOptions, {"train_queries": 0}, "train_queries"),
+        (DistillOptions, {"teacher_contexts": 0}, "teacher_contexts"),
+        (DistillOptions, {"teacher_topk": 0}, "teacher_topk"),
+    ],
+)
+def test_out_of_range_values_name_the_option(cls: type, values: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(cls, values, source="cfg.yaml")
+    assert named in str(info.value) and "cfg.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize("values", [{"shots": 0}, {"alpha": 0.0}, {"alpha": 1.0}, {"limit": 1},
+                                    {"train_batch_size": 8, "grad_accum": 4}, {"temperature": 0.01}])
+def test_boundary_values_are_accepted(values: dict[str, Any]) -> None:
+    config = build_config(DistillOptions, values)
+    assert all(getattr(config, k) == v for k, v in values.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# load_yaml
+
+
+def test_load_yaml_reads_a_mapping_that_builds_a_config(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("task: mnli\nseeds: [0, 1]\nlabel_words: [' Yes', ' No']\nalpha: 0.25\nprefix-cache: false\n",
+                    encoding="utf-8")
+    values = load_yaml(path)
+    config = build_config(DistillOptions, values, source=str(path))
+    assert (config.seeds, config.label_words, config.alpha, config.prefix_cache) == ([0, 1], [" Yes", " No"], 0.25, False)
+
+
+def test_load_yaml_of_an_empty_file_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set\n", encoding="utf-8")
+    assert load_yaml(path) == {}
+
+
+def test_load_yaml_missing_file_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    assert str(path) in str(info.value) and "does not exist" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("task: [mnli\n", "not valid YAML"), ("a: b: c\n", "not valid YAML"), ("- mnli\n- rte\n", "mapping"),
+     ("just a string\n", "mapping"), ("42\n", "mapping")],
+)
+def test_load_yaml_bad_content_names_the_file(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    assert str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_load_yaml_unreadable_file_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"task: caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    assert str(path) in str(info.value)

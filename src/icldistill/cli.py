@@ -166,6 +166,102 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .experiments import SweepEvent, load_experiment, run_sweep
+
+    experiment = load_experiment(args.experiment, output_dir=args.output_dir)
+    for note in experiment.notes:
+        print(f"note: {note}")
+    if args.dry_run:
+        for cell in experiment.cells:
+            print(cell.id)
+        print(f"{len(experiment.cells)} cells -> {experiment.output_dir / 'cells'}")
+        return 0
+    print(f"sweep {experiment.name}: {len(experiment.cells)} cells -> {experiment.output_dir}")
+
+    def on_event(event: SweepEvent) -> None:
+        where = f"[{event.done}/{event.total}]"
+        if event.kind == "start":
+            print(f"{where} done before; {event.total - event.done} to run")
+        elif event.kind == "cell_start":
+            print(f"{where} {event.cell}: running", flush=True)
+        elif event.kind == "cell_end":
+            print(f"{where} {event.cell}: {event.status} ({_duration(event.elapsed_s)}, "
+                  f"~{_duration(event.remaining_s)} left)", flush=True)
+            if event.detail:
+                print(f"    {event.detail.splitlines()[0]}")
+        elif event.kind == "busy":
+            print(f"{where} {event.cell}: claimed by {event.detail}; left to it", flush=True)
+
+    summary = run_sweep(experiment, retry_failed=args.retry_failed, on_event=on_event, progress=not args.quiet)
+    counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items())
+    print(f"{counts} of {summary.total} cells; table: icld results {experiment.output_dir}")
+    if summary.failed:
+        print(f"failed cells have error.json in their directory; rerun with --retry-failed to try them again")
+    return 0 if summary.finished else 1
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .experiments import validate_file
+
+    status = 0
+    for path in args.files:
+        report = validate_file(path)
+        if report.ok:
+            print(f"{path}: OK: {report.summary}")
+        else:
+            status = 1
+            print(f"{path}: {len(report.problems)} problem{'s' * (len(report.problems) != 1)}:")
+            for problem in report.problems:
+                print(f"  - {problem}")
+        for note in report.notes:
+            print(f"  note: {note}")
+    return status
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    import math
+
+    from .experiments import aggregate, collect, collect_subcases, model_label
+
+    runs = collect(args.directory)
+    if args.csv:
+        runs.to_csv(args.csv, index=False)
+        print(f"per-run table ({len(runs)} rows): {args.csv}")
+    if args.subcases:
+        sub = collect_subcases(args.directory)
+        sub.to_csv(args.subcases, index=False)
+        print(f"HANS subcases ({len(sub)} rows): {args.subcases}")
+    if runs.empty:
+        print(f"{args.directory}: no runs yet")
+        return 0
+
+    def num(value: float, digits: int = 3) -> str:
+        return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+    rows = [["method", "model", "shots", "alpha", "peft", "eval", "accuracy", "ood", "peak MB", "n_seeds"]]
+    for r in aggregate(runs).itertuples(index=False):
+        accuracy = num(r.accuracy_mean)
+        if r.n_seeds > 1:
+            accuracy += f"±{num(r.accuracy_std)}"
+        ood = num(r.ood_accuracy_mean) + (f"±{num(r.ood_accuracy_std)}" if r.n_seeds > 1 and r.ood_accuracy_mean == r.ood_accuracy_mean else "")
+        rows.append([r.method, model_label(r.model), str(r.shots), num(r.alpha, 2), r.peft or "-", r.eval, accuracy,
+                     ood, num(r.peak_memory_mb_mean, 0), str(r.n_seeds) + (f" ({r.n_failed} failed)" if r.n_failed else "")])
+    print(format_table(rows))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]] = {
     "icl": (cmd_icl, IclOptions, "Evaluate in-context learning (k demonstrations + query)."),
     "pbft": (cmd_pbft, PbftOptions, "Pattern-based fine-tuning on the k support examples."),
@@ -189,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
     tasks = sub.add_parser("tasks", help="List tasks and evaluation sets.")
     tasks.set_defaults(func=cmd_tasks)
+    sweep = sub.add_parser("sweep", help="Run every cell of an experiment file's grid (resumable; workers may share it).",
+                           description="Run every cell of an experiment file: its options plus `grid:` (method, teacher, "
+                                       "student, shots, seed, alpha, ... -> lists of values). Finished cells are skipped, "
+                                       "failed ones recorded; several `icld sweep` processes on one directory share the work.")
+    sweep.add_argument("experiment", help="Experiment YAML file (see configs/).")
+    sweep.add_argument("--output-dir", default=None, help="Sweep directory (default: the file's output_dir, else runs/NAME).")
+    sweep.add_argument("--retry-failed", action="store_true", help="Run failed cells again (once each).")
+    sweep.add_argument("--dry-run", action="store_true", help="List the cells and stop.")
+    sweep.set_defaults(func=cmd_sweep)
+    check = sub.add_parser("validate", help="Check experiment or options files and explain what is wrong.")
+    check.add_argument("files", nargs="+", help="YAML files: experiments (with grid/method) or options for --config.")
+    check.set_defaults(func=cmd_validate)
+    results = sub.add_parser("results", help="Table of a sweep's results, aggregated over seeds.")
+    results.add_argument("directory", help="Sweep directory (the experiment's output_dir).")
+    results.add_argument("--csv", default=None, help="Also write the per-run table (one row per run and eval set) here.")
+    results.add_argument("--subcases", default=None, help="Also write the HANS per-subcase table here.")
+    results.set_defaults(func=cmd_results)
     return parser
 
 

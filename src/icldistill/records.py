@@ -147,19 +147,32 @@ class Measurement:
     peak_memory_mb: float = 0.0
     memory_kind: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    _running_peak: float = 0.0  # peaks seen before nested sections reset the counter
 
     def as_dict(self) -> dict[str, Any]:
         return {"wall_time_s": round(self.wall_time_s, 4), "peak_memory_mb": round(self.peak_memory_mb, 1),
                 "memory_kind": self.memory_kind, **self.extra}
 
 
+_ACTIVE: list[Measurement] = []  # enclosing measured sections, outermost first
+
+
+def _current_peak(on_cuda: bool) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1024 / 1024 if on_cuda else _peak_rss_mb()
+
+
 @contextmanager
 def measure(device: Any = None) -> Iterator[Measurement]:
     """Measure a section: on CUDA ``max_memory_allocated``; on CPU the process's peak resident memory.
 
-    The CPU peak counter is reset on entry (``/proc/self/clear_refs``), so a section's figure is not
-    the peak of an earlier run in the same process. Where the reset is unsupported the figure is the
-    process's lifetime peak and ``memory_kind`` says so.
+    The peak counter is reset on entry (on CPU through ``/proc/self/clear_refs``), so a section's
+    figure is not the peak of an earlier run in the same process. Sections nest: before a nested
+    section resets the counter, the peak so far is credited to every enclosing section, and the
+    nested peak is credited to them on exit, so an outer figure is never lowered by an inner one.
+    Where the CPU reset is unsupported the figure is the process's lifetime peak, and
+    ``memory_kind`` says so.
     """
     import torch
 
@@ -167,17 +180,23 @@ def measure(device: Any = None) -> Iterator[Measurement]:
     on_cuda = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
     if on_cuda:
         torch.cuda.synchronize()
+    peak_so_far = _current_peak(on_cuda)
+    for outer in _ACTIVE:
+        outer._running_peak = max(outer._running_peak, peak_so_far)
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats()
         m.memory_kind = "cuda_max_allocated"
     else:
         m.memory_kind = "cpu_peak_rss" if _reset_peak_rss() else "cpu_peak_rss_lifetime"
+    _ACTIVE.append(m)
     start = time.perf_counter()
     try:
         yield m
     finally:
         if on_cuda:
             torch.cuda.synchronize()
-            m.peak_memory_mb = torch.cuda.max_memory_allocated() / 1024 / 1024
-        else:
-            m.peak_memory_mb = _peak_rss_mb()
         m.wall_time_s = time.perf_counter() - start
+        m.peak_memory_mb = max(m._running_peak, _current_peak(on_cuda))
+        _ACTIVE.remove(m)
+        for outer in _ACTIVE:
+            outer._running_peak = max(outer._running_peak, m.peak_memory_mb)

@@ -99,8 +99,9 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
 class PrefixCache:
     """The key/value cache of a demonstration prefix, computed once and copied for each batch.
 
-    The model extends a cache in place as it reads a batch, so each batch gets its own copy, expanded
-    along the batch dimension; the prefix itself is never run again.
+    The model extends a cache in place as it reads a batch, so each batch gets its own shallow copy
+    whose tensors are the prefix's, expanded (not copied) along the batch dimension; the prefix
+    itself is never run again.
     """
 
     def __init__(self, model: PreTrainedModel, prefix_ids: Sequence[int]):
@@ -116,9 +117,14 @@ class PrefixCache:
         """A fresh cache holding the prefix ``batch`` times, or None for an empty prefix."""
         if self._cache is None:
             return None
-        cache = copy.deepcopy(self._cache)
-        if batch > 1:
-            cache.batch_repeat_interleave(batch)
+        cache = copy.copy(self._cache)
+        cache.layers = [copy.copy(layer) for layer in self._cache.layers]
+        for layer in cache.layers:
+            # Views, not copies: the model's first update concatenates them with the batch's own keys,
+            # which materialises each row's prefix once (a repeat_interleave would copy it twice).
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                layer.keys = layer.keys.expand(batch, -1, -1, -1)
+                layer.values = layer.values.expand(batch, -1, -1, -1)
         return cache
 
 

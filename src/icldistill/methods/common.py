@@ -141,6 +141,7 @@ def finish_record(record: dict[str, Any], out: Path) -> dict[str, Any]:
         "train_tokens_per_s": sum(r["train_tokens_per_s"] or 0 for r in training) / len(training) if training else None,
         "trainable_parameters": next(iter(seeds.values()))["trainable"]["trainable_parameters"] if seeds else None,
         "teacher_pass": teacher or None,
+        "inference": next((r["inference"] for r in training if r.get("inference")), None),
     }
     complete = bool(seeds) and all(r.get("status") == "complete" for r in seeds.values())
     record["status"] = "complete" if complete else "incomplete"

@@ -105,11 +105,19 @@ def train_and_evaluate(
     model, trainable = prepare_trainable(loaded.model, options)
     student = dataclasses.replace(loaded, model=model)
 
+    inference: dict[str, Any] = {}
+
     def evaluate(m: torch.nn.Module) -> dict[str, Any]:
-        with torch.autocast(device_type=student.device.type, dtype=torch.bfloat16,
-                            enabled=mixed_precision_for(config.dtype, student.device) == "bf16"):
-            metrics, _, _ = evaluate_on_sets(dataclasses.replace(student, model=m), setup, [],
-                                             batch_size=config.batch_size, progress=False)
+        """The student answers without demonstrations; the last call's cost is the inference cost."""
+        with measure(student.device) as cost, torch.autocast(
+            device_type=student.device.type, dtype=torch.bfloat16,
+            enabled=mixed_precision_for(config.dtype, student.device) == "bf16",
+        ):
+            metrics, _, tokens = evaluate_on_sets(dataclasses.replace(student, model=m), setup, [],
+                                                  batch_size=config.batch_size, progress=False)
+        queries = sum(v["n"] for v in metrics.values())
+        inference.update(cost.as_dict(), queries=queries, prompt_tokens=tokens,
+                         latency_ms_per_query=1000 * cost.wall_time_s / max(queries, 1))
         return metrics
 
     with measure(student.device) as training:
@@ -126,7 +134,7 @@ def train_and_evaluate(
                       "train_seconds": round(result.train_seconds, 4),
                       "train_tokens_per_s": _rate(result.train_tokens, result.train_seconds),
                       "seconds_per_step": result.train_seconds / max(result.steps, 1),
-                      "resumed_from_epoch": result.resumed_from_epoch},
+                      "resumed_from_epoch": result.resumed_from_epoch, "inference": inference or None},
         **(extra_record or {}),
     }
     atomic_write_json(done, record)

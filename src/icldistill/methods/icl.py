@@ -33,7 +33,7 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
         seeds: dict[str, Any] = {}
         per_seed_metrics: dict[str, Any] = {}
         predictions: list[dict[str, Any]] = []
-        prompt_tokens = 0
+        prompt_tokens = queries = 0
         with measure(model.device) as scoring:
             for seed in config.seeds:
                 demos = setup.demonstrations(seed, config.shots)
@@ -52,6 +52,7 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
                 seeds[str(seed)] = entry
                 per_seed_metrics[str(seed)] = metrics
                 prompt_tokens += tokens
+                queries += sum(m["n"] for m in metrics.values())
                 predictions += [{"seed": seed, "eval": name, **p} for name, rows in preds.items() for p in rows]
     record["seeds"] = seeds
     record["aggregate"] = aggregate(per_seed_metrics)
@@ -60,6 +61,10 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
         "scoring": scoring.as_dict(),
         "prompt_tokens": prompt_tokens,
         "prompt_tokens_per_s": prompt_tokens / scoring.wall_time_s if scoring.wall_time_s else None,
+        "queries": queries,
+        # What answering costs with the demonstrations in the prompt (set against a distilled student's).
+        "inference": {**scoring.as_dict(), "queries": queries,
+                      "latency_ms_per_query": 1000 * scoring.wall_time_s / queries if queries else None},
         "prefix_cache": config.prefix_cache,
     }
     record["status"] = "complete" if per_seed_metrics else "skipped"

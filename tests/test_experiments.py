@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -128,8 +129,6 @@ GOOD = {"task": "mnli", "grid": {"method": ["distill"], "shots": [2]}}
     ({"eval": ["sst2"]}, r"Evaluation set 'sst2' .* does not fit task 'mnli'"),
 ])
 def test_bad_experiment_files_explain_the_problem(tmp_path, change, expected):
-    import re
-
     text = _problems(tmp_path, {**GOOD, **change})
     assert re.search(expected, text), text
 
@@ -185,6 +184,8 @@ def test_local_models_with_the_same_name_get_distinct_ids(tmp_path):
     experiment = expand({"grid": {"method": ["icl-teacher"], "teacher": [str(a), str(b)]}}, output_dir=tmp_path)
     ids = [c.id for c in experiment.cells]
     assert len(set(ids)) == 2 and all(i.startswith("icl-teacher__t=model__k=16__seed=0__") for i in ids)
+    seeds = expand({"grid": {"method": ["icl-teacher"], "teacher": [str(a), str(b)], "seed": [0, 1]}}, output_dir=tmp_path)
+    assert len({c.id.replace("seed=0", "seed=1") for c in seeds.cells}) == 2  # one configuration, one hash
 
 
 # ---------------------------------------------------------------------------------------------- a real sweep
@@ -326,7 +327,7 @@ def test_a_resumed_sweep_runs_only_the_missing_cells(tiny_sweep, tmp_path):
 
 
 def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path, tiny_dirs, data_dir):
-    spec = {"eval": ["hans-lo"], "limit": 4, "data_dir": str(data_dir), "dtype": "fp32", "device": "cpu",
+    spec = {"eval": ["hans-lo"], "limit": 4, "shots": 2, "data_dir": str(data_dir), "dtype": "fp32", "device": "cpu",
             "cache_dir": str(tmp_path / "cache"),
             "grid": {"method": ["icl-teacher"], "teacher": [str(tmp_path / "no-such-model"), str(tiny_dirs["teacher"])]}}
     experiment = expand(spec, output_dir=tmp_path / "sweep")
@@ -353,10 +354,24 @@ def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path, tiny_dirs,
     assert recorder.started == [bad] and summary.failed == [bad]  # retried once, not in a loop
 
 
+def test_sweep_command_reports_progress_and_failures(tmp_path, data_dir, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({
+        "eval": ["hans-lo"], "limit": 4, "shots": 2, "data_dir": str(data_dir), "device": "cpu",
+        "output_dir": str(tmp_path / "sweep"), "grid": {"method": ["icl-teacher"], "teacher": [str(tmp_path / "missing")]}}))
+    assert cli.main(["sweep", str(path), "--dry-run"]) == 0
+    assert "icl-teacher__t=missing__k=2__seed=0" in capsys.readouterr().out
+    assert cli.main(["-q", "sweep", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "[0/1] done before; 1 to run" in out
+    assert re.search(r"\[1/1\] icl-teacher__t=missing__k=2__seed=0: failed \(\d+s, ~0s left\)\n    ModelError: ", out), out
+    assert "1 failed of 1 cells" in out and "--retry-failed" in out
+
+
 def test_two_workers_run_every_cell_exactly_once(tmp_path, tiny_dirs, data_dir):
-    spec = {"eval": ["hans-lo"], "limit": 4, "data_dir": str(data_dir), "dtype": "fp32", "device": "cpu",
+    spec = {"eval": ["hans-lo"], "limit": 4, "shots": 2, "data_dir": str(data_dir), "dtype": "fp32", "device": "cpu",
             "cache_dir": str(tmp_path / "cache"),
-            "teacher": str(tiny_dirs["teacher"]), "grid": {"method": ["icl-teacher"], "shots": [0, 2], "seed": [0, 1, 2]}}
+            "teacher": str(tiny_dirs["teacher"]), "grid": {"method": ["icl-teacher"], "seed": [0, 1, 2, 3, 4, 5]}}
     runs, guard = [], threading.Lock()
 
     def counting_runner(cell, progress):

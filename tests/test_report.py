@@ -336,17 +336,11 @@ def _assert_png(path):
 def test_every_figure_writes_a_valid_png(figures):
     assert [f.name for f in figures] == list(report.FIGURES)
     for figure in figures:
-        _assert_png(figure.path)
         assert figure.reason is None
-
-
-def test_plot_functions_return_their_path(results, table, tmp_path):
-    for plot, data in ((plot_accuracy_vs_k, table), (plot_memory_vs_k, table), (plot_id_vs_ood, table),
-                       (plot_alpha_curve, table), (plot_hans_heatmap, make_subcases(results))):
-        path = tmp_path / f"{plot.__name__}.png"
-        assert plot(data, path) == path
-        _assert_png(path)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
+        assert figure.path.name == f"{figure.name}.png"
+        _assert_png(figure.path)
+    folder = figures[0].path.parent
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
 
 
 def test_unsupported_data_gives_none_and_a_reason(tmp_path):
@@ -375,7 +369,8 @@ def test_unsupported_data_gives_none_and_a_reason(tmp_path):
 # write_report, with experiments.collect replaced by the synthetic frames
 
 
-def test_write_report_writes_everything(results, monkeypatch, tmp_path):
+def test_write_report_writes_everything(monkeypatch, tmp_path):
+    results = make_results(ks=(8,), alphas=(0.5,))  # one k: two figures drawn, three explained
     fake = types.ModuleType("icldistill.experiments")
     fake.collect = lambda sweep_dir: results
     fake.collect_subcases = lambda sweep_dir: make_subcases(results)
@@ -385,12 +380,17 @@ def test_write_report_writes_everything(results, monkeypatch, tmp_path):
     paths = write_report(tmp_path / "sweep")
     out = tmp_path / "sweep" / "report"
     assert paths["markdown"] == out / "report.md" and paths["html"] == out / "report.html"
-    assert set(paths["figures"]) == set(report.FIGURES) and paths["skipped"] == {}
+    assert set(paths["figures"]) == {"id_vs_ood", "hans_heatmap"}
+    assert set(paths["skipped"]) == {"accuracy_vs_k", "memory_vs_k", "alpha_curve"}
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert markdown.startswith("# ICL distillation report: sweep")
     for path in paths["figures"].values():
         assert path.parent == out and f"]({path.name})" in markdown
-    assert "data:image/png;base64," in paths["html"].read_text(encoding="utf-8")
+        _assert_png(path)
+    for reason in paths["skipped"].values():
+        assert reason in markdown
+    assert paths["html"].read_text(encoding="utf-8").count("data:image/png;base64,") == 2
+    assert sorted(p.name for p in out.iterdir()) == ["hans_heatmap.png", "id_vs_ood.png", "report.html", "report.md"]
 
     fake.collect = lambda sweep_dir: results.iloc[0:0]
     with pytest.raises(icldistill.errors.IcldError, match="No results found"):

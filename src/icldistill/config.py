@@ -83,8 +83,10 @@ class TrainOptions:
     warmup_ratio: float = option(0.5, "Fraction of steps with linear warm-up (llmft: 0.5).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
-    eval_every: int = option(0, "Evaluate every N optimiser steps (0: once per epoch).")
-    eval_limit: int | None = option(None, "Queries per evaluation set during training (default: limit).")
+    eval_every: int = option(
+        0, "Evaluate during training every N optimiser steps (0: after every epoch; -1: never). The final "
+        "evaluation after training always runs, on --limit queries.")
+    eval_limit: int | None = option(None, "Queries per evaluation set for evaluations during training (default: limit).")
     peft: str = option("lora", "What trains: lora, bitfit, or none (full fine-tuning).", choices=("lora", "bitfit", "none"))
     lora_r: int = option(8, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA scaling alpha.")
@@ -255,7 +257,7 @@ def validate(config: Any, *, source: str = "options") -> None:
     if hasattr(config, "lr") and not 0 < config.lr < float("inf"):
         raise ConfigError(f"{source}: option 'lr' must be a positive finite number, got {config.lr}.")
     ranges = {"warmup_ratio": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "max_grad_norm": (0.0, float("inf")),
-              "eval_every": (0, float("inf")), "weight_decay": (0.0, float("inf")), "alpha": (0.0, 1.0)}
+              "eval_every": (-1, float("inf")), "weight_decay": (0.0, float("inf")), "alpha": (0.0, 1.0)}
     for name, (low, high) in ranges.items():
         if hasattr(config, name) and not low <= getattr(config, name) <= high:
             raise ConfigError(f"{source}: option '{name}' must lie in [{low}, {high}], got {getattr(config, name)}.")

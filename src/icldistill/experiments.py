@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .config import DistillOptions, IclOptions, PbftOptions, build_config, load_yaml, parse_value, to_dict
+from .config import DistillOptions, IclOptions, PbftOptions, build_config, load_yaml, parse_value, to_dict, validate
 from .errors import ConfigError, IcldError
 from .records import atomic_write_json, read_json
 
@@ -238,7 +238,7 @@ def expand(spec: Mapping[str, Any], *, source: str = "experiment", default_name:
             values["resume"] = True
         cell = Cell(cell_id, method.name, params, None)
         try:
-            cell.config = build_config(method.options, {**values, "output_dir": "."}, source=source)
+            cell.config = _make_config(method.options, {**values, "output_dir": "."}, source)
         except ConfigError as exc:
             errors.setdefault(str(exc), []).append(cell_id)
             continue
@@ -253,6 +253,14 @@ def expand(spec: Mapping[str, Any], *, source: str = "experiment", default_name:
     if problems:
         raise ExperimentError(source, problems)
     return Experiment(name, source, sweep_dir, dict(spec), cells, notes)
+
+
+def _make_config(cls: type, values: Mapping[str, Any], source: str) -> Any:
+    """What ``build_config`` does, for values already parsed by :func:`_parse` (once per value, not per cell:
+    parsing resolves type hints, which costs seconds over a paper-sized grid)."""
+    config = cls(**{k: list(v) if isinstance(v, list) else v for k, v in values.items()})
+    validate(config, source=source)
+    return config
 
 
 def _read_grid(grid: Any, problems: list[str]) -> dict[str, list[Any]]:
@@ -372,8 +380,8 @@ def _disambiguate(cells: list[Cell]) -> None:
         by_id.setdefault(cell.id, []).append(cell)
     for group in by_id.values():
         if len(group) > 1:
-            for cell in group:
-                cell.id = f"{cell.id}__{_short_hash(cell.params)}"
+            for cell in group:  # the hash leaves out the seed, so that a configuration's seeds stay one group
+                cell.id = f"{cell.id}__{_short_hash({k: v for k, v in cell.params.items() if k != 'seed'})}"
 
 
 # ---------------------------------------------------------------------------------------------- cell state
@@ -724,11 +732,13 @@ SUBCASE_COLUMNS = ["cell", "method", "model", "shots", "seed", "alpha", "eval", 
 
 
 def _cells_on_disk(sweep_dir: Path) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any] | None]]:
-    """(directory, cell.json, results.json or None) of every cell that a worker has started, in id order."""
+    """(directory, cell.json, results.json or None) of every cell a worker has started, in the sweep's order."""
     root = Path(sweep_dir) / CELLS_DIR
     if not root.is_dir():
         raise IcldError(f"{sweep_dir} is not a sweep directory (it has no {CELLS_DIR}/); run `icld sweep` first.")
-    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+    order = {c.get("id"): i for i, c in enumerate((_read(Path(sweep_dir) / SWEEP_FILE) or {}).get("cells", []))}
+    directories = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (order.get(p.name, len(order)), p.name))
+    for directory in directories:
         cell = _read(directory / CELL_FILE)
         if cell:
             yield directory, cell, _read(directory / RESULTS_FILE)

@@ -72,7 +72,7 @@ _COST_COLUMNS = RUN_METRICS[6:]
 _PEAK_COLUMNS = ("peak_memory_mb", "inference_peak_memory_mb")  # a run's peak is the max over its eval sets
 
 METHOD_ORDER = ("icl-teacher", "icl-student", "pbft", "distill")
-METHOD_LABELS = {"icl-teacher": "ICL, teacher", "icl-student": "ICL, student", "pbft": "PBFT", "distill": "CD"}
+METHOD_LABELS = {"icl-teacher": "ICL teacher", "icl-student": "ICL student", "pbft": "PBFT", "distill": "CD"}
 METHOD_COLORS = {"icl-teacher": "#1f77b4", "icl-student": "#ff7f0e", "pbft": "#2ca02c", "distill": "#d62728"}
 _EXTRA_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -1001,7 +1001,7 @@ def _comparison_claim(topic: str, paper: str, table: pd.DataFrame, baseline: str
              for k, v in values.items()]
     changes = [v["change_percent"] for v in values.values() if not math.isnan(v["change_percent"])]
     summary = ""
-    if len(changes) > 1:
+    if len(changes) > 1 and _signed(min(changes)) != _signed(max(changes)):
         extreme = min(changes) if lower_is_better else max(changes)
         summary = f"; range {_signed(min(changes))} to {_signed(max(changes))}, most favourable to CD {_signed(extreme)}"
     base_first = base.iloc[0]
@@ -1045,7 +1045,8 @@ def headline_claims(table: pd.DataFrame) -> list[Claim]:
                      f"×{teacher_growth[0]:.2f}")
         claims.append(Claim(topic, paper, text + ".", values))
 
-    topic, paper = "Inference cost: CD student vs ICL teacher", "the method's purpose: answer without the k demonstrations"
+    topic = "Inference cost: CD student vs ICL teacher"
+    paper = "no number given; answering without the k demonstrations is what the method is for"
     teacher = _first_series(_reference_rows(table, "icl-teacher"))
     if cd.empty or teacher.empty:
         claims.append(Claim(topic, paper, "Not measurable: the sweep needs both CD and ICL-teacher results.", {}))
@@ -1082,7 +1083,7 @@ def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> 
 
     methods = sorted({m for m in df["method"] if not _missing(m)}, key=_method_rank)
     lines = [
-        "Methods: " + ", ".join(f"{METHOD_LABELS.get(m, m)} ({m})" for m in methods),
+        "Methods: " + "; ".join(f"{METHOD_LABELS.get(m, m)} ({m})" for m in methods),
         f"Models: teacher {names(df['teacher'])}; student {names(df['student'])}",
         f"Tasks: {names(df['task'])}; in-domain evaluation: {names(runs['id_eval'])}; "
         f"out-of-domain: {names(runs['ood_eval'])}",

@@ -129,7 +129,8 @@ def fit(
 
     ``make_batch(indices)`` builds a micro-batch; ``loss_fn(model, batch)`` returns the loss SUMMED
     over the micro-batch (``LossOutput`` with reduction "sum"). ``evaluate(model)`` returns metrics,
-    recorded in the history after each epoch (or every ``options.eval_every`` steps).
+    recorded in the history after each epoch but the last (or every ``options.eval_every`` steps);
+    the final evaluation is the caller's.
     The example order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
     """
     if n_examples < 1:
@@ -196,14 +197,16 @@ def fit(
             result.train_seconds += time.perf_counter() - step_start
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}")
-            if options.eval_every and result.steps % options.eval_every == 0:
+            last_step = epoch + 1 == options.epochs and start + options.train_batch_size >= n_examples
+            if options.eval_every > 0 and result.steps % options.eval_every == 0 and not last_step:
                 run_eval(epoch + 1, {"lr": scheduler.get_last_lr()[0]})
         n = max(sums["n"], 1)
         epoch_stats = {"train_loss": sums["loss"] / n, "train_kl": sums["kl"] / n, "train_ce": sums["ce"] / n,
                        "lr": scheduler.get_last_lr()[0]}
         logger.info("epoch %d/%d: loss %.4f (kl %.4f, ce %.4f)", epoch + 1, options.epochs, epoch_stats["train_loss"],
                     epoch_stats["train_kl"], epoch_stats["train_ce"])
-        if not options.eval_every or epoch + 1 == options.epochs:
+        # After the last epoch the caller runs the final evaluation, on the full evaluation sets.
+        if options.eval_every == 0 and epoch + 1 < options.epochs:
             run_eval(epoch + 1, epoch_stats)
         else:
             result.history.append({"epoch": epoch + 1, "step": result.steps, **epoch_stats})

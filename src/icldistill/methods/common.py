@@ -50,7 +50,7 @@ class Setup:
         return record
 
 
-def prepare(config: CommonOptions, eval_limit: int | None = None) -> Setup:
+def prepare(config: CommonOptions) -> Setup:
     """Resolve the task, pattern and data of ``config``; fails early, before any model is loaded."""
     task = get_task(config.task)
     family = family_of(task)
@@ -58,8 +58,7 @@ def prepare(config: CommonOptions, eval_limit: int | None = None) -> Setup:
     train = data_mod.load(task.train, config.data_dir, config.data_source)
     eval_specs = {name: get_eval_set(name, task) for name in config.eval}
     eval_data = {name: data_mod.load(spec, config.data_dir, config.data_source) for name, spec in eval_specs.items()}
-    limit = eval_limit if eval_limit is not None else config.limit
-    eval_examples = {name: data_mod.subsample(d.examples, limit) for name, d in eval_data.items()}
+    eval_examples = {name: data_mod.subsample(d.examples, config.limit) for name, d in eval_data.items()}
     query_texts = frozenset(ex.text_key() for exs in eval_examples.values() for ex in exs)
     return Setup(task, family, pattern, train, eval_specs, eval_data, eval_examples, query_texts)
 
@@ -73,10 +72,15 @@ def evaluate_on_sets(
     use_prefix_cache: bool = True,
     progress: bool = True,
     label: str = "",
+    limit: int | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]], int]:
-    """Metrics and predictions of ``model`` on every evaluation set, with the given demonstrations."""
+    """Metrics and predictions of ``model`` on every evaluation set, with the given demonstrations.
+
+    ``limit`` evaluates a seeded sample of each set (the quick evaluations during training).
+    """
     metrics, predictions, tokens = {}, {}, 0
     for name, examples in setup.eval_examples.items():
+        examples = data_mod.subsample(examples, limit)
         m, preds, t = evaluate_examples(
             model, setup.family, setup.pattern, demonstrations, examples, batch_size=batch_size,
             use_prefix_cache=use_prefix_cache, meta_fields=setup.eval_specs[name].meta_fields,

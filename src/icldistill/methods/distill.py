@@ -72,72 +72,96 @@ def make_distill_loss(config: DistillOptions, signal_for: Callable[[dict[str, An
     return factory
 
 
+def _signal_cache(config: DistillOptions) -> SignalCache:
+    base = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    return SignalCache(base / "teacher")
+
+
+def _load_teacher(config: DistillOptions) -> LoadedModel:
+    return load_model(config.teacher, dtype=config.teacher_dtype, device=config.device, cache_dir=config.cache_dir)
+
+
+def cached_signals(config: DistillOptions, setup: Setup, plan: dict[int, tuple[list, list[Example]]], topk: int,
+                   progress: bool) -> tuple[dict[int, TeacherSignal], dict[str, Any]]:
+    """The teacher pass: each seed's signal from the cache, or computed once and stored there.
+
+    The key needs the teacher's identity, not its weights, so a run whose signals are all cached never
+    loads the teacher. The teacher is released before training starts.
+    """
+    cache = _signal_cache(config)
+    identity = model_identity(config.teacher, dtype=config.teacher_dtype, device=config.device, cache_dir=config.cache_dir)
+    teacher: LoadedModel | None = None
+    signals, keys, hits = {}, {}, 0
+    with measure(config.device) as teacher_pass:
+        for seed, (contexts, queries) in plan.items():
+            key, description = signal_key(identity, setup.pattern, contexts, queries, setup.train.fingerprint, topk)
+            signal = cache.load(key, queries)
+            if signal is None:
+                teacher = teacher or _load_teacher(config)
+                signal = compute_signal(teacher, setup.pattern, contexts, queries, batch_size=config.batch_size,
+                                        topk=topk, use_prefix_cache=config.prefix_cache, progress=progress)
+                cache.save(key, signal, description)
+            else:
+                hits += 1
+            signals[seed], keys[str(seed)] = signal, key
+    record = {**teacher_pass.as_dict(), "keys": keys, "cache_hits": hits, "cache_dir": str(cache.directory),
+              "teacher": identity, "teacher_loaded": teacher is not None}
+    del teacher
+    gc.collect()
+    return signals, record
+
+
+def _from_cache(signal: TeacherSignal, queries: Sequence[Example]) -> Callable[[dict[str, Any]], TeacherSignal]:
+    """The rows of a cached signal that belong to a training batch."""
+    index = {qid: i for i, qid in enumerate(signal.query_ids)}
+
+    def signal_for(batch: dict[str, Any]) -> TeacherSignal:
+        rows = torch.tensor([index[queries[i].id] for i in batch["indices"]])
+        return TeacherSignal([], signal.label_logprobs[rows],
+                             None if signal.topk_logprobs is None else signal.topk_logprobs[rows],
+                             None if signal.topk_ids is None else signal.topk_ids[rows])
+
+    return signal_for
+
+
+def _from_teacher(online: OnlineTeacher, queries: Sequence[Example], topk: int) -> Callable[[dict[str, Any]], TeacherSignal]:
+    """The online teacher's answers for a training batch (its prefix caches are kept across batches)."""
+
+    def signal_for(batch: dict[str, Any]) -> TeacherSignal:
+        with torch.no_grad():
+            return online([queries[i] for i in batch["indices"]], topk=topk)
+
+    return signal_for
+
+
 def run_distill(config: DistillOptions, *, progress: bool = True) -> dict[str, Any]:
     """Distil ``config.teacher`` (with k demonstrations) into ``config.student`` for each seed."""
-    setup = prepare(config, eval_limit=config.eval_limit)
+    setup = prepare(config)
     record, out = start_record("distill", config, setup)
     plan = {}
     for seed in config.seeds:
         contexts = [setup.demonstrations(seed, config.shots, context=j) for j in range(config.teacher_contexts)]
         plan[seed] = (contexts, training_queries(setup, seed, config.train_queries, contexts))
-    topk = config.teacher_topk if config.kl_space == "vocab" else 0
     if config.kl_space == "vocab":
         _check_vocab(config)
-    cache = SignalCache(Path(config.cache_dir).expanduser() / "teacher" if config.cache_dir else default_cache_dir() / "teacher")
-
     teacher: LoadedModel | None = None
-
-    def get_teacher() -> LoadedModel:
-        nonlocal teacher
-        if teacher is None:
-            teacher = load_model(config.teacher, dtype=config.teacher_dtype, device=config.device, cache_dir=config.cache_dir)
-        return teacher
-
-    signals: dict[int, TeacherSignal] = {}
-    teacher_record: dict[str, Any] = {"mode": config.teacher_signal, "contexts": config.teacher_contexts}
     if config.teacher_signal == "cached":
-        # The key needs the teacher's identity, not its weights: a cache hit never loads the teacher.
-        identity = model_identity(config.teacher, dtype=config.teacher_dtype, device=config.device,
-                                  cache_dir=config.cache_dir)
-        with measure(config.device) as teacher_pass:
-            keys, hits = {}, 0
-            for seed, (contexts, queries) in plan.items():
-                key, description = signal_key(identity, setup.pattern, contexts, queries, setup.train.fingerprint, topk)
-                signal = cache.load(key, queries)
-                if signal is None:
-                    signal = compute_signal(get_teacher(), setup.pattern, contexts, queries, batch_size=config.batch_size,
-                                            topk=topk, use_prefix_cache=config.prefix_cache, progress=progress)
-                    cache.save(key, signal, description)
-                else:
-                    hits += 1
-                signals[seed], keys[str(seed)] = signal, key
-        teacher_record.update(teacher_pass.as_dict(), keys=keys, cache_hits=hits, cache_dir=str(cache.directory),
-                              teacher=identity, teacher_loaded=teacher is not None)
-        teacher = None  # train without the teacher in memory
-        gc.collect()
-    record["teacher_pass"] = teacher_record
+        signals, record["teacher_pass"] = cached_signals(
+            config, setup, plan, config.teacher_topk if config.kl_space == "vocab" else 0, progress)
+    else:
+        teacher = _load_teacher(config)
+        record["teacher_pass"] = {"mode": "online", "teacher": model_record(teacher)}
+    record["teacher_pass"].update(mode=config.teacher_signal, contexts=config.teacher_contexts)
 
     for seed, (contexts, queries) in plan.items():
-        if config.teacher_signal == "cached":
-            signal = signals[seed]
-            index = {qid: i for i, qid in enumerate(signal.query_ids)}
-
-            def signal_for(batch: dict[str, Any], signal=signal, index=index) -> TeacherSignal:
-                rows = torch.tensor([index[queries[i].id] for i in batch["indices"]])
-                return TeacherSignal([], signal.label_logprobs[rows],
-                                     None if signal.topk_logprobs is None else signal.topk_logprobs[rows],
-                                     None if signal.topk_ids is None else signal.topk_ids[rows])
+        if teacher is None:
+            signal_for = _from_cache(signals[seed], queries)
         else:
-            t = get_teacher()
-            online = OnlineTeacher(t, setup.pattern, contexts)
-            vocab = len(t.tokenizer) if config.kl_space == "vocab" else 0
-
-            def signal_for(batch: dict[str, Any], online=online, queries=queries, vocab=vocab) -> TeacherSignal:
-                with torch.no_grad():
-                    return online([queries[i] for i in batch["indices"]], topk=vocab)
-
+            # Online vocabulary KL uses the teacher's whole next-token distribution.
+            vocab = teacher.model.get_output_embeddings().weight.shape[0] if config.kl_space == "vocab" else 0
+            signal_for = _from_teacher(OnlineTeacher(teacher, setup.pattern, contexts), queries, vocab)
         extra = {"demonstration_contexts": [[d.id for d in c] for c in contexts],
-                 "teacher_signal": config.teacher_signal, "teacher_key": teacher_record.get("keys", {}).get(str(seed))}
+                 "teacher_signal": config.teacher_signal, "teacher_key": record["teacher_pass"].get("keys", {}).get(str(seed))}
         record["seeds"][str(seed)] = train_and_evaluate(
             "distill", config, config, setup, config.student, queries, make_distill_loss(config, signal_for), seed,
             out / f"seed-{seed}", extra_record=extra, progress=progress,

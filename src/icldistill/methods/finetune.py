@@ -105,26 +105,26 @@ def train_and_evaluate(
     model, trainable = prepare_trainable(loaded.model, options)
     student = dataclasses.replace(loaded, model=model)
 
-    inference: dict[str, Any] = {}
-
-    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
-        """The student answers without demonstrations; the last call's cost is the inference cost."""
-        with measure(student.device) as cost, torch.autocast(
-            device_type=student.device.type, dtype=torch.bfloat16,
-            enabled=mixed_precision_for(config.dtype, student.device) == "bf16",
-        ):
-            metrics, _, tokens = evaluate_on_sets(dataclasses.replace(student, model=m), setup, [],
-                                                  batch_size=config.batch_size, progress=False)
-        queries = sum(v["n"] for v in metrics.values())
-        inference.update(cost.as_dict(), queries=queries, prompt_tokens=tokens,
-                         latency_ms_per_query=1000 * cost.wall_time_s / max(queries, 1))
+    def evaluate(m: torch.nn.Module, limit: int | None = options.eval_limit) -> dict[str, Any]:
+        """The student answers without demonstrations (what distillation is for)."""
+        with torch.autocast(device_type=student.device.type, dtype=torch.bfloat16,
+                            enabled=mixed_precision_for(config.dtype, student.device) == "bf16"):
+            metrics, _, _ = evaluate_on_sets(dataclasses.replace(student, model=m), setup, [],
+                                             batch_size=config.batch_size, progress=False, limit=limit)
         return metrics
 
     with measure(student.device) as training:
         result = fit(model, len(train_examples), batches, make_loss(label_ids), options, seed=seed,
                      mixed_precision=mixed_precision_for(config.dtype, student.device),
                      cpu=student.device.type == "cpu", checkpoint_dir=seed_dir, evaluate=evaluate, progress=progress)
-    final = next((h["eval"] for h in reversed(result.history) if "eval" in h), None)
+    # The final evaluation, on the full sets, is also the measurement of the student's inference cost.
+    model.eval()
+    with measure(student.device) as cost:
+        final = evaluate(model, limit=None)
+    queries = sum(v["n"] for v in final.values())
+    inference = {**cost.as_dict(), "queries": queries, "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}
+    if result.history:
+        result.history[-1]["eval"] = final
     artefacts = save_trained(model, student, options, seed_dir)
     record = {
         "seed": seed, "method": method, "status": "complete", "student": model_record(student),
@@ -134,7 +134,7 @@ def train_and_evaluate(
                       "train_seconds": round(result.train_seconds, 4),
                       "train_tokens_per_s": _rate(result.train_tokens, result.train_seconds),
                       "seconds_per_step": result.train_seconds / max(result.steps, 1),
-                      "resumed_from_epoch": result.resumed_from_epoch, "inference": inference or None},
+                      "resumed_from_epoch": result.resumed_from_epoch, "inference": inference},
         **(extra_record or {}),
     }
     atomic_write_json(done, record)

@@ -16,7 +16,7 @@ from .common import finish_record, start_record
 
 def run_pbft(config: PbftOptions, *, progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``config.model`` on each seed's k support examples; write and return the results record."""
-    setup = prepare(config, eval_limit=config.eval_limit)
+    setup = prepare(config)
     record, out = start_record("pbft", config, setup)
     for seed in config.seeds:
         support = setup.demonstrations(seed, config.shots)

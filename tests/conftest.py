@@ -21,6 +21,20 @@ def shared_data_dir() -> Path:
     pytest.skip("the shared data directory (../shared/data or $ICLDISTILL_DATA) is not present")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models gain nothing from threads and lose a lot when cores are shared; real-weight tests keep them."""
+    import torch
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return shared_data_dir()

@@ -9,7 +9,6 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from icldistill.experiments import (
     collect_subcases,
     expand,
     load_experiment,
-    run_cell,
     run_sweep,
     validate_file,
 )
@@ -368,31 +366,49 @@ def test_sweep_command_reports_progress_and_failures(tmp_path, data_dir, capsys)
     assert "1 failed of 1 cells" in out and "--retry-failed" in out
 
 
-def test_two_workers_run_every_cell_exactly_once(tmp_path, tiny_dirs, data_dir):
-    spec = {"eval": ["hans-lo"], "limit": 4, "shots": 2, "data_dir": str(data_dir), "dtype": "fp32", "device": "cpu",
-            "cache_dir": str(tmp_path / "cache"),
-            "teacher": str(tiny_dirs["teacher"]), "grid": {"method": ["icl-teacher"], "seed": [0, 1, 2, 3, 4, 5]}}
-    runs, guard = [], threading.Lock()
+WORKER = """
+import json, os, sys, time
+from pathlib import Path
+from icldistill.config import to_dict
+from icldistill.experiments import expand, run_sweep
 
-    def counting_runner(cell, progress):
-        with guard:
-            runs.append(cell.id)
-        return run_cell(cell, progress)
+spec, root, log = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 
-    summaries = [None, None]
+ready = Path(log).parent / f"ready-{os.getpid()}"
+ready.touch()
 
-    def worker(i):
-        experiment = expand(spec, output_dir=tmp_path / "sweep")  # each worker reads the file itself
-        summaries[i] = run_sweep(experiment, progress=False, runner=counting_runner)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(runs) == sorted(c.id for c in expand(spec, output_dir=tmp_path / "sweep").cells)
-    assert sorted(summaries[0].ran + summaries[1].ran) == sorted(runs)
-    assert set(collect(tmp_path / "sweep")["status"]) == {"complete"}
+def runner(cell, progress):  # what a run leaves behind, minus the model: the claims are what is tested
+    deadline = time.time() + 30
+    while len(list(ready.parent.glob("ready-*"))) < 2 and time.time() < deadline:  # both workers are up
+        time.sleep(0.01)
+    with open(log, "a") as handle:
+        handle.write(f"{os.getpid()} {cell.id}\\n")
+    time.sleep(0.02)
+    record = {"status": "complete", "config": to_dict(cell.config), "seeds": {}}
+    Path(cell.config.output_dir, "results.json").write_text(json.dumps(record))
+    return record
+
+summary = run_sweep(expand(spec, output_dir=root), progress=False, runner=runner)
+print(json.dumps({"ran": summary.ran, "busy": summary.busy}))
+"""
+
+
+def test_two_worker_processes_run_every_cell_exactly_once(tmp_path):
+    """Workers are processes (as `icld sweep` started twice): model loading in transformers is not thread-safe."""
+    import sys
+
+    spec = {"grid": {"method": ["icl-teacher", "icl-student", "pbft", "distill"], "shots": [2, 8], "seed": [0, 1, 2]}}
+    log = tmp_path / "runs.log"
+    args = [sys.executable, "-c", WORKER, json.dumps(spec), str(tmp_path / "sweep"), str(log)]
+    workers = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [json.loads(w.communicate(timeout=60)[0]) for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    runs = [line.split() for line in log.read_text().splitlines()]
+    cells = [c.id for c in expand(spec, output_dir=tmp_path / "sweep").cells]
+    assert sorted(cell for _, cell in runs) == sorted(cells)  # each once
+    assert sorted(outputs[0]["ran"] + outputs[1]["ran"]) == sorted(cells)
+    assert len({pid for pid, _ in runs}) == 2  # both took part
     assert not list((tmp_path / "sweep").rglob(LOCK_FILE))
 
 

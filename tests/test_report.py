@@ -59,7 +59,8 @@ def make_results(ks=KS, seeds=SEEDS, alphas=(0.5, 0.9), evals=("mnli-m", "hans-l
             continue
         for k in ks:
             cell = f"{prefix}-k{k}" + (f"-a{alpha:g}" if method == "distill" else "")
-            memory = {"icl-teacher": 1000 + 50 * k, "icl-student": 300 + 10 * k, "pbft": 2000.0, "distill": 800.0}[method]
+            memory = {"icl-teacher": 1000 + 50 * k, "icl-student": 300 + 10 * k,
+                      "pbft": 2000.0, "distill": 800.0}[method]
             latency = {"icl-teacher": 20 + k, "icl-student": 5 + k / 4}.get(method, 4.0)
             for seed in seeds:
                 failed = (cell, seed) == FAILED
@@ -174,8 +175,31 @@ def test_failed_run_is_left_out_of_means_but_counted(results, table):
     runs = in_domain_and_ood(results)
     assert (runs["status"] == "failed").sum() == 1
     markdown = render_markdown(results, [])
-    assert "1 failed" in markdown and f"{FAILED[0]} seed {FAILED[1]}" in markdown
+    assert "29 complete, 1 failed" in markdown and f"Failed: {FAILED[0]} seed {FAILED[1]}" in markdown
     assert "1 (1 failed)" in comparison_markdown(table)
+
+
+def test_skipped_and_partly_failed_runs(results):
+    df = results.copy()
+    skipped = df["cell"] == "icl-teacher-k32"  # e.g. the 32 demonstrations did not fit the context
+    df.loc[skipped, "status"] = "skipped"
+    df.loc[skipped, ["accuracy", "ood_accuracy", "peak_memory_mb"]] = math.nan
+    partly = (df["cell"] == "pbft-k8") & (df["seed"] == 0) & (df["eval"] == "hans-lo")
+    df.loc[partly, "status"] = "failed"
+    df.loc[partly, ["accuracy", "ood_accuracy"]] = math.nan
+    table = comparison_table(df)
+
+    row = _table_row(table, "icl-teacher", 32)
+    assert (row["n_seeds"], row["n_failed"], row["n_skipped"]) == (0, 0, 2)
+    assert math.isnan(row["id_accuracy_mean"])
+    row = _table_row(table, "pbft", 8)
+    assert (row["n_seeds"], row["n_failed"]) == (2, 1)
+    complete = _select(df, "pbft", 8)
+    assert row["id_accuracy_mean"] == pytest.approx(complete[complete["eval"] == "mnli-m"]["accuracy"].mean())
+    assert row["ood_accuracy_mean"] == pytest.approx(complete[complete["eval"] == "hans-lo"]["ood_accuracy"].item())
+    markdown = render_markdown(df, [])
+    assert "26 complete, 1 partly failed, 1 failed, 2 skipped" in markdown
+    assert "pbft-k8 seed 0 (partly)" in markdown
 
 
 def test_ood_uses_ood_accuracy_and_falls_back_to_accuracy(results):
@@ -246,6 +270,7 @@ def test_markdown_has_table_figures_claims_and_notes(results, table, figures):
         assert f"]({figure.path.name})" in markdown
         assert figure.caption in markdown
     for needle in ("## What ran", "opt-125m", "2, 8, 32", "Seeds: 0, 1", "Reading this report", "chance",
+                   "Queries scored per run: hans-lo 100, mnli-m 100",
                    "CD vs PBFT: peak memory", "nearly 50%"):
         assert needle in markdown
 

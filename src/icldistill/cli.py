@@ -226,7 +226,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items())
     print(f"{counts} of {summary.total} cells; table: icld results {experiment.output_dir}")
     if summary.failed:
-        print(f"failed cells have error.json in their directory; rerun with --retry-failed to try them again")
+        print("failed cells have error.json in their directory; rerun with --retry-failed to try them again")
     return 0 if summary.finished else 1
 
 
@@ -280,6 +280,22 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .experiments import aggregate, collect
+    from .report import comparison_markdown, comparison_table, write_report
+
+    paths = write_report(args.directory, args.output_dir)
+    runs = collect(args.directory)
+    if not runs.empty:
+        print(comparison_markdown(comparison_table(runs)))
+        print()
+    for name, why in paths.get("skipped", {}).items():
+        print(f"figure {name} not drawn: {why}")
+    print(f"report: {paths['markdown']}")
+    print(f"        {paths['html']}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]] = {
     "icl": (cmd_icl, IclOptions, "Evaluate in-context learning (k demonstrations + query)."),
     "pbft": (cmd_pbft, PbftOptions, "Pattern-based fine-tuning on the k support examples."),
@@ -306,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output-dir", default=None, help="Where the re-run writes (default: RUN_DIR/reproduced).")
     rep.add_argument("--tolerance", type=float, default=0.0, help="Allowed absolute difference per metric.")
     rep.set_defaults(func=cmd_reproduce)
+    report = sub.add_parser("report", help="Write report.md, report.html and plots for a sweep directory.")
+    report.add_argument("directory", help="The sweep's output directory.")
+    report.add_argument("--output-dir", default=None, help="Where to write (default: DIRECTORY/report).")
+    report.set_defaults(func=cmd_report)
     tasks = sub.add_parser("tasks", help="List tasks and evaluation sets.")
     tasks.set_defaults(func=cmd_tasks)
     sweep = sub.add_parser("sweep", help="Run every cell of an experiment file's grid (resumable; workers may share it).",

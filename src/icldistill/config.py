@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -141,8 +142,9 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a config dataclass."""
+    """Resolved annotations of a config dataclass (cached: resolving them is slow and they never change)."""
     return get_type_hints(cls)
 
 

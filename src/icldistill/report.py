@@ -71,6 +71,10 @@ RUN_METRICS = (
 _COST_COLUMNS = RUN_METRICS[6:]
 _PEAK_COLUMNS = ("peak_memory_mb", "inference_peak_memory_mb")  # a run's peak is the max over its eval sets
 
+_USABLE = frozenset({"complete", "partial"})  # run statuses with at least one completed evaluation
+_FAILED = frozenset({"failed", "partial"})
+_STATUS_WORDS = {"partial": "partly failed"}
+
 METHOD_ORDER = ("icl-teacher", "icl-student", "pbft", "distill")
 METHOD_LABELS = {"icl-teacher": "ICL teacher", "icl-student": "ICL student", "pbft": "PBFT", "distill": "CD"}
 METHOD_COLORS = {"icl-teacher": "#1f77b4", "icl-student": "#ff7f0e", "pbft": "#2ca02c", "distill": "#d62728"}
@@ -81,6 +85,7 @@ _MARKERS = ("o", "s", "^", "D", "v", "P")
 OOD_PREFIX = "hans"
 # When a run has several HANS sets, the lineage's number (lexical overlap, both labels averaged) wins.
 OOD_PREFERENCE = ("hans-lo", "hans")
+DEFAULT_TITLE = "ICL distillation report"
 CHANCE = 0.5  # binary tasks, and HANS is balanced between its labels
 DPI = 150
 # Claims compare the CD runs whose alpha is nearest the paper's (and this project's) default.
@@ -123,7 +128,8 @@ def _require_columns(df: pd.DataFrame, columns: Sequence[str], source: str) -> N
         raise DataError(f"expected a pandas DataFrame from {source}, got {type(df).__name__}")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise DataError(f"the {source} DataFrame lacks columns {missing}; regenerate it with this version of icldistill")
+        raise DataError(f"the {source} DataFrame lacks columns {missing}; "
+                        "regenerate it with this version of icldistill")
 
 
 def _ood_rank(name: str) -> tuple[int, str]:
@@ -140,7 +146,8 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
     A sweep with only one kind gets NaN in the other kind's columns.
 
     Only rows with status ``complete`` contribute values. A run's ``status`` is ``complete`` when
-    all its rows are, ``failed`` when none is, else ``partial``.
+    all its rows are, ``partial`` when some are, else the status its rows carry (``failed``,
+    ``skipped``, ``running``...; ``failed`` if they disagree).
 
     Returns:
         Columns: ``cell``, ``seed``, the :data:`KEY_COLUMNS`, ``status``, ``id_eval``, ``ood_eval``
@@ -154,9 +161,7 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
     df = df.reset_index(drop=True)
     runs = df.drop_duplicates(run_key)[[*run_key, *KEY_COLUMNS]].set_index(run_key)
     complete = df["status"].astype(str).eq("complete")
-    share = complete.groupby([df["cell"], df["seed"]], dropna=False).mean()
-    runs["status"] = pd.Series(np.where(share >= 1, "complete", np.where(share <= 0, "failed", "partial")),
-                               index=share.index)
+    runs["status"] = df["status"].astype(str).groupby([df["cell"], df["seed"]], dropna=False).agg(_run_status)
 
     done = df[complete.to_numpy()].copy()
     for column in ("accuracy", "calibrated_accuracy", "accuracy_full_vocab", "non_label_rate", "auc",
@@ -187,6 +192,15 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
     for column in ("id_eval", "ood_eval"):
         runs[column] = runs[column].astype(object).where(runs[column].notna(), None)
     return runs[columns]
+
+
+def _run_status(statuses: pd.Series) -> str:
+    found = set(statuses)
+    if found == {"complete"}:
+        return "complete"
+    if "complete" in found:
+        return "partial"
+    return found.pop() if len(found) == 1 else "failed"
 
 
 def _method_rank(method: Any) -> tuple[int, str]:
@@ -224,9 +238,10 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     """The paper-style table: one row per configuration (:data:`KEY_COLUMNS`), aggregated over seeds.
 
     Each metric of :data:`RUN_METRICS` gets ``<metric>_mean`` and ``<metric>_std`` (sample std,
-    ddof=1; NaN with one seed). Failed runs contribute nothing to the means; ``n_seeds`` counts the
-    runs with at least one completed evaluation and ``n_failed`` the runs with a failed one. A
-    configuration whose every seed failed is kept, with NaN metrics, so that the failure shows.
+    ddof=1; NaN with one seed). Only completed evaluations contribute to the means; ``n_seeds``
+    counts the runs with at least one, ``n_failed`` the runs with a failed one, ``n_skipped`` the
+    runs skipped (e.g. the context did not fit) and ``n_unfinished`` those still pending or
+    running. A configuration none of whose seeds completed is kept, with NaN metrics, so it shows.
 
     Rows are sorted by task, method (ICL teacher, ICL student, PBFT, CD), models, k, alpha and PEFT;
     ``models`` is the display name (``teacher → student`` for CD).
@@ -235,7 +250,7 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _table_from_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    columns = [*KEY_COLUMNS, "models", "id_eval", "ood_eval", "n_seeds", "n_failed"]
+    columns = [*KEY_COLUMNS, "models", "id_eval", "ood_eval", "n_seeds", "n_failed", "n_skipped", "n_unfinished"]
     columns += [f"{m}_{s}" for m in RUN_METRICS for s in ("mean", "std")]
     if runs.empty:
         return pd.DataFrame(columns=columns)
@@ -246,9 +261,12 @@ def _table_from_runs(runs: pd.DataFrame) -> pd.DataFrame:
         row["models"] = _models_label(row)
         row["id_eval"] = _joined(group["id_eval"])
         row["ood_eval"] = _joined(group["ood_eval"])
-        usable = group[group["status"] != "failed"]
+        status = group["status"]
+        usable = group[status.isin(_USABLE)]
         row["n_seeds"] = int(len(usable))
-        row["n_failed"] = int((group["status"] != "complete").sum())
+        row["n_failed"] = int(status.isin(_FAILED).sum())
+        row["n_skipped"] = int((status == "skipped").sum())
+        row["n_unfinished"] = int((~status.isin({*_USABLE, *_FAILED, "skipped"})).sum())
         for metric in RUN_METRICS:
             values = pd.to_numeric(usable[metric], errors="coerce").dropna().to_numpy(dtype=float)
             row[f"{metric}_mean"] = float(values.mean()) if values.size else math.nan
@@ -349,11 +367,16 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
         ("train time (s)", lambda r: _fmt(r["train_time_s_mean"]), "r"),
         ("inference latency (ms/query)", lambda r: _fmt(r["inference_latency_ms_mean"]), "r"),
         ("inference peak memory (MB)", lambda r: _fmt(r["inference_peak_memory_mb_mean"], 0), "r"),
-        ("seeds", lambda r: f"{r['n_seeds']}" + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""), "r"),
+        ("seeds", _seeds_cell, "r"),
     ]
     headers = [h for h, _, _ in spec]
     rows = [[fn(row) for _, fn, _ in spec] for _, row in table.iterrows()]
     return headers, rows, [a for _, _, a in spec]
+
+
+def _seeds_cell(row: Any) -> str:
+    extra = [f"{row[f'n_{kind}']} {kind}" for kind in ("failed", "skipped", "unfinished") if row[f"n_{kind}"]]
+    return f"{row['n_seeds']}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def comparison_markdown(table: pd.DataFrame) -> str:
@@ -683,7 +706,8 @@ def plot_memory_vs_k(table: pd.DataFrame, path: str | Path) -> Path | None:
                         color=line.color, linestyle=line.linestyle, marker=line.marker, markersize=5, capsize=3,
                         linewidth=1.6)
         _set_k_axis(ax, ks)
-        ax.set_ylim(bottom=0)
+        top = (table[f"{column}_mean"] + table[f"{column}_std"].fillna(0.0)).max()
+        ax.set_ylim(0, top * 1.12)  # from zero, so that a flat line looks flat; headroom for the markers
         ax.set_ylabel("peak memory (MB)")
         ax.set_title(title, fontsize=11)
         ax.grid(True, axis="y", alpha=0.3)
@@ -836,7 +860,8 @@ def plot_hans_heatmap(subcases: pd.DataFrame | None, path: str | Path) -> Path |
     data = subcases[subcases["accuracy"].notna()].copy()
     data["subcase"] = data["subcase"].astype(str)
     # A subcase scored in two HANS sets of the same run (hans and hans-lo) is the same rows: count it once.
-    per_run = data.groupby(["cell", "seed", "method", "model", "shots", "alpha", "subcase"], dropna=False)["accuracy"].mean()
+    run_keys = ["cell", "seed", "method", "model", "shots", "alpha", "subcase"]
+    per_run = data.groupby(run_keys, dropna=False)["accuracy"].mean()
     means = per_run.groupby(["method", "model", "alpha", "shots", "subcase"], dropna=False).mean().reset_index()
     columns = list(means.groupby(["method", "model", "alpha", "shots"], dropna=False, sort=False).groups)
     columns.sort(key=lambda c: (_method_rank(c[0]), str(c[1]), _sort_number(c[2]), _sort_number(c[3])))
@@ -898,12 +923,15 @@ _PLOTTERS = {
 }
 
 _CAPTIONS = {
-    "accuracy_vs_k": "Accuracy of each method as the number of demonstrations k grows; error bars are the std over seeds.",
-    "memory_vs_k": "Peak memory per method vs k: training peak for PBFT and CD, scoring peak for ICL; right, the cost of "
-                   "answering one query at inference.",
-    "id_vs_ood": "Each point is one method at one k; points above the dashed diagonal do better out-of-domain than in-domain.",
+    "accuracy_vs_k": "Accuracy of each method as the number of demonstrations k grows; "
+                     "error bars are the std over seeds.",
+    "memory_vs_k": "Peak memory per method vs k: training peak for PBFT and CD, scoring peak for ICL; "
+                   "right, the cost of answering one query at inference.",
+    "id_vs_ood": "Each point is one method at one k; "
+                 "points above the dashed diagonal do better out-of-domain than in-domain.",
     "alpha_curve": "CD accuracy as the loss moves from the gold label (α=0) to the teacher's distribution (α=1).",
-    "hans_heatmap": "HANS accuracy per subcase: a label-biased model is blue on one label's rows and red on the other's.",
+    "hans_heatmap": "HANS accuracy per subcase: "
+                    "a label-biased model is blue on one label's rows and red on the other's.",
 }
 
 
@@ -997,16 +1025,23 @@ def _comparison_claim(topic: str, paper: str, table: pd.DataFrame, baseline: str
     if not pairs:
         return Claim(topic, paper, f"Not measurable: CD and {name} share no k with {column} results.", {})
     values = {k: {"cd": a, "baseline": b, "change_percent": _relative_percent(a, b)} for k, (a, b) in pairs.items()}
-    parts = [f"k={k}: {v['cd']:.{digits}f} vs {v['baseline']:.{digits}f}{unit} ({_signed(v['change_percent'])})"
+    accuracy = "accuracy" in column
+    parts = [f"k={k}: {v['cd']:.{digits}f} vs {v['baseline']:.{digits}f}{unit} ({_signed(v['change_percent'])}"
+             + (", both within 0.05 of chance or below" if accuracy and max(v["cd"], v["baseline"]) < CHANCE + 0.05
+                else "") + ")"
              for k, v in values.items()]
     changes = [v["change_percent"] for v in values.values() if not math.isnan(v["change_percent"])]
     summary = ""
     if len(changes) > 1 and _signed(min(changes)) != _signed(max(changes)):
         extreme = min(changes) if lower_is_better else max(changes)
-        summary = f"; range {_signed(min(changes))} to {_signed(max(changes))}, most favourable to CD {_signed(extreme)}"
+        summary = (f"; range {_signed(min(changes))} to {_signed(max(changes))}, "
+                   f"most favourable to CD {_signed(extreme)}")
     base_first = base.iloc[0]
-    base_note = f"{name} = {base_first['models']}" + (f", {base_first['peft']}" if not _missing(base_first["peft"]) else "")
-    return Claim(topic, paper, f"CD vs {name}, " + "; ".join(parts) + f"{summary} ({_cd_note(cd)}; {base_note}).", values)
+    base_note = f"{name} = {base_first['models']}"
+    if not _missing(base_first["peft"]):
+        base_note += f", {base_first['peft']}"
+    text = f"CD vs {name}, " + "; ".join(parts) + f"{summary} ({_cd_note(cd)}; {base_note})."
+    return Claim(topic, paper, text, values)
 
 
 def headline_claims(table: pd.DataFrame) -> list[Claim]:
@@ -1096,13 +1131,31 @@ def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> 
     pefts = names(df["peft"])
     if pefts != "—":
         lines.append(f"Parameter-efficient training: {pefts}")
-    failed = runs[runs["status"] != "complete"]
-    text = f"Runs (cell × seed): {len(runs)}, of which {int((runs['status'] == 'complete').sum())} complete and {len(failed)} failed"
+    counts = runs["status"].value_counts()
+    failed = runs[runs["status"].isin(_FAILED)]
+    order = ["complete", "partial", "failed", "skipped"]
+    states = sorted(counts.index, key=lambda s: (order.index(s) if s in order else len(order), s))
+    text = f"Runs (cell × seed): {len(runs)}: " + ", ".join(f"{counts[s]} {_STATUS_WORDS.get(s, s)}" for s in states)
+    if "failed" not in counts:
+        text += ", 0 failed"
     if len(failed):
-        listed = ", ".join(f"{r.cell} seed {r.seed}" + (" (partly)" if r.status == "partial" else "")
-                           for r in failed.head(10).itertuples())
-        text += f" ({listed}{', …' if len(failed) > 10 else ''}); failed runs are left out of every mean"
+        listed = ", ".join(f"{r.cell}" + ("" if f"seed={r.seed}" in str(r.cell) else f" seed {r.seed}")
+                           + (" (partly)" if r.status == "partial" else "") for r in failed.head(10).itertuples())
+        text += f". Failed: {listed}{', …' if len(failed) > 10 else ''}"
+    if len(runs) > counts.get("complete", 0):
+        text += ". Only completed evaluations enter the means."
     lines.append(text)
+    done = df[df["status"].astype(str) == "complete"]
+    if len(done):
+        sizes = []
+        for name, rows in done.groupby(done["eval"].astype(str), sort=True):
+            n = pd.to_numeric(rows["n"], errors="coerce").dropna()
+            dropped = int(pd.to_numeric(rows["dropped"], errors="coerce").fillna(0).sum())
+            if len(n):
+                span = f"{int(n.min())}" if n.min() == n.max() else f"{int(n.min())}–{int(n.max())}"
+                sizes.append(f"{name} {span}" + (f" ({dropped} dropped as too long, over all runs)" if dropped else ""))
+        if sizes:
+            lines.append("Queries scored per run: " + ", ".join(sizes))
     return lines
 
 
@@ -1115,8 +1168,9 @@ def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str) -> li
         blocks.append(("p", "No results to tabulate."))
     else:
         blocks.append(("table", _table_view(table)))
-        blocks.append(("p", "One row per configuration; accuracy is mean ± std over the seeds that completed; costs are "
-                            "means. Peak memory is the training peak for PBFT and CD and the scoring peak for ICL; "
+        blocks.append(("p", "One row per configuration; accuracy is mean ± std over the seeds that completed; "
+                            "costs are means. Peak memory is the training peak for PBFT and CD and the scoring peak "
+                            "for ICL; "
                             "inference latency and memory are the cost of answering one query (ICL with its k "
                             "demonstrations, a trained student alone)."))
     blocks.append(("h2", "Figures"))
@@ -1135,7 +1189,7 @@ def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str) -> li
     return blocks
 
 
-def render_markdown(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, title: str = "ICL distillation report") -> str:
+def render_markdown(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, title: str = DEFAULT_TITLE) -> str:
     """``report.md``: header, comparison table, figures (linked by file name), claims, reading notes.
 
     Figure links are relative to the directory the figures were written to, where ``report.md``
@@ -1172,7 +1226,7 @@ def _inline_html(text: str) -> str:
     return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
 
 
-def render_html(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, title: str = "ICL distillation report") -> str:
+def render_html(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, title: str = DEFAULT_TITLE) -> str:
     """``report.html``: the same content as :func:`render_markdown`, self-contained (inline CSS, PNGs as data URIs)."""
     body: list[str] = []
     for kind, content in _blocks(df, figures, title):
@@ -1221,7 +1275,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     subcases = experiments.collect_subcases(sweep_dir)
     table = comparison_table(df)
     figures = make_figures(table, subcases, out_dir)
-    title = f"ICL distillation report: {sweep_dir.resolve().name}"
+    title = f"{DEFAULT_TITLE}: {sweep_dir.resolve().name}"
     markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(markdown_path, render_markdown(df, figures, title=title))
     atomic_write_text(html_path, render_html(df, figures, title=title))

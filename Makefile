@@ -24,14 +24,17 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Progress bars off (-q): the sweep prints one line per run. Reports land in runs/*/report/.
 demo: setup
-	$(VENV)/bin/icld models fetch smollm2-135m
-	$(VENV)/bin/icld models fetch gemma3-270m
-	$(VENV)/bin/icld sweep configs/demo.yaml
+	$(VENV)/bin/icld models fetch smollm2-135m gemma3-270m
+	$(VENV)/bin/icld -q sweep configs/demo.yaml
+	$(VENV)/bin/icld -q sweep configs/demo-sst2.yaml
 	$(VENV)/bin/icld report runs/demo
+	$(VENV)/bin/icld report runs/demo-sst2
 
 bench: setup
-	$(PY) benchmarks/icl_prefix_cache.py
+	$(PY) benchmarks/icl_prefix_cache.py --shots 2,8,16,32 --queries 64 --batch-size 16
+	$(PY) benchmarks/train_cost.py --shots 2,8,32
 
 clean:
 	rm -rf $(VENV) .pytest_cache

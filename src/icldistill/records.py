@@ -164,6 +164,28 @@ class Measurement:
 _ACTIVE: list[Measurement] = []  # enclosing measured sections, outermost first
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the operating system before a measurement starts.
+
+    After a model is deleted, glibc keeps much of its memory in the process heap, so the resident
+    size (and a peak measured from it) would still include, say, a teacher freed before training.
+    ``malloc_trim`` returns it; on other C libraries this is a no-op.
+    """
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _current_peak(on_cuda: bool) -> float:
     import torch
 
@@ -185,6 +207,8 @@ def measure(device: Any = None) -> Iterator[Measurement]:
 
     m = Measurement()
     on_cuda = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
+    if not _ACTIVE:
+        release_memory()
     if on_cuda:
         torch.cuda.synchronize()
     peak_so_far = _current_peak(on_cuda)

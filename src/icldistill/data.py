@@ -6,6 +6,7 @@ label, invalid JSON, a truncated gzip file, an empty file. Rows are returned as 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -206,6 +207,14 @@ def _load_hub(spec: DataSpec) -> LoadedData:
             "Without hub access use --data-source local with --data-dir."
         ) from None
     names = getattr(ds.features.get("label"), "names", None)
+    columns = {hub.rename.get(c, c) for c in ds.column_names}
+    missing = {k: v for k, v in spec.filter.items() if k not in columns}
+    if missing:
+        # A filter on a field that only the local copy has (SST-2's `full_sentence`, derived when the
+        # data was staged) cannot apply to the hub's rows: say so rather than drop every row.
+        logger.warning("%s: the hub's %s has no field %s; using its rows unfiltered", spec.name, hub.path,
+                       ", ".join(missing))
+        spec = dataclasses.replace(spec, filter={k: v for k, v in spec.filter.items() if k not in missing})
 
     def rows() -> Iterable[tuple[int, dict[str, Any]]]:
         for i, row in enumerate(ds):
@@ -215,11 +224,12 @@ def _load_hub(spec: DataSpec) -> LoadedData:
                 if label < 0:  # SNLI marks rows without a gold label with -1
                     continue
                 out["label"] = names[label] if names else str(label)
-            out.setdefault("id", f"{spec.name}-{i}")
+            out.setdefault("id", f"{spec.name}-{out['idx'] if 'idx' in out else i}")
             yield i + 1, out
 
     examples = parse_rows(spec, rows(), f"{hub.path}:{hub.split}")
-    digest = hashlib.sha256(f"{hub.path}/{hub.name}/{hub.split}/{len(examples)}".encode()).hexdigest()[:16]
+    identity = f"{hub.path}/{hub.name}/{hub.split}\n" + "\n".join(ex.id for ex in examples)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return LoadedData(spec, tuple(examples), f"hub:{hub.path}/{hub.name or ''}:{hub.split}", digest)
 
 

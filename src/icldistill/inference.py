@@ -13,12 +13,13 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import Example
 from .errors import IcldError
 from .evaluate import compute_metrics
 from .models import LoadedModel
 from .prompts import Pattern, demonstration_prefix
-from .scoring import Scores, encode_prefix, encode_queries, label_token_ids, score_queries
+from .scoring import Scores, encode_prefix, encode_queries, label_token_ids, score_queries_sharded
 from .tasks import Family
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,11 @@ def score_prompts(
     extra_ids = encode_queries(model.tokenizer, list(extra_queries))
     all_ids = encoded.query_ids + extra_ids
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    with tqdm(total=len(all_ids), desc=desc, unit="q", disable=desc is None, leave=False) as bar:
-        scores = score_queries(model.model, encoded.prefix_ids, all_ids, label_ids, batch_size=batch_size,
-                               use_prefix_cache=use_prefix_cache, topk=topk, pad_id=pad_id, on_batch=bar.update)
+    # Under N processes each rank scores its shard (the bar counts rank 0's) and all rows come back in order.
+    with tqdm(total=distributed.shard_size(len(all_ids)), desc=desc, unit="q", disable=desc is None or not distributed.is_main(),
+              leave=False) as bar:
+        scores = score_queries_sharded(model.model, encoded.prefix_ids, all_ids, label_ids, batch_size=batch_size,
+                                       use_prefix_cache=use_prefix_cache, topk=topk, pad_id=pad_id, on_batch=bar.update)
     n = len(encoded.query_ids)
     main = Scores(scores.label_logprobs[:n], scores.top_token[:n],
                   None if scores.topk_logprobs is None else scores.topk_logprobs[:n],

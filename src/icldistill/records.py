@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from . import distributed
 from .errors import IcldError
 
 
@@ -48,8 +49,8 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + fsync + rename); errors name the path and the fix."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); errors name the path and the fix."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +58,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except OSError as exc:
         raise IcldError(f"Cannot write to {path.parent}: {exc.strerror}. Choose a writable --output-dir.") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
@@ -69,6 +70,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -110,6 +115,7 @@ def environment() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "num_processes": distributed.num_processes(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_revision": git_revision(),
     }

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import distributed
 from .errors import PromptError
 
 logger = logging.getLogger(__name__)
@@ -199,4 +200,28 @@ def score_queries(
             if on_batch is not None:
                 on_batch(len(idx))
     prompt_tokens = sum(len(prefix) + len(q) for q in query_ids)
+    return Scores(label_logprobs, top_token, topk_lp, topk_ids, prompt_tokens)
+
+
+def score_queries_sharded(
+    model: PreTrainedModel,
+    prefix_ids: Sequence[int],
+    query_ids: Sequence[Sequence[int]],
+    label_ids: Sequence[int],
+    **kwargs,
+) -> Scores:
+    """``score_queries`` with the queries split across the ranks of a distributed run, gathered back in order.
+
+    Each rank scores its ``distributed.shard`` with its own prefix cache, and every rank gets all rows
+    (metrics are computed from the gathered arrays, identical on every rank). A query's scores do not
+    depend on which others share its batch (up to float rounding), so N processes give the numbers of
+    one. In one process this is ``score_queries`` itself. ``on_batch`` counts this rank's queries.
+    """
+    if distributed.num_processes() == 1:
+        return score_queries(model, prefix_ids, query_ids, label_ids, **kwargs)
+    mine = distributed.shard(len(query_ids))
+    local = score_queries(model, prefix_ids, [query_ids[i] for i in mine], label_ids, **kwargs)
+    label_logprobs, top_token, topk_lp, topk_ids = distributed.gather_rows(
+        [local.label_logprobs, local.top_token, local.topk_logprobs, local.topk_ids], mine, len(query_ids))
+    prompt_tokens = sum(len(prefix_ids) + len(q) for q in query_ids)
     return Scores(label_logprobs, top_token, topk_lp, topk_ids, prompt_tokens)

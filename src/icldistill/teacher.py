@@ -24,13 +24,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .data import Example
 from .errors import IcldError
 from .inference import encode_prompts
 from .models import LoadedModel
 from .prompts import Pattern
 from .records import atomic_write_json
-from .scoring import PrefixCache, encode_queries, label_token_ids, score_queries
+from .scoring import PrefixCache, encode_queries, label_token_ids, score_queries, score_queries_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ def compute_signal(
             raise IcldError(f"{encoded.dropped} training queries do not fit {teacher.name}'s context after "
                              f"{len(demos)} demonstrations; lower --shots.")
         label_ids = label_token_ids(teacher.tokenizer, pattern.label_words, teacher.name)
-        with tqdm(total=len(queries), desc=f"teacher context {j}", unit="q", disable=not progress, leave=False) as bar:
-            scores = score_queries(teacher.model, encoded.prefix_ids, encoded.query_ids, label_ids, batch_size=batch_size,
-                                   use_prefix_cache=use_prefix_cache, topk=topk if j == 0 else 0, on_batch=bar.update)
+        # Under N processes each rank scores its shard of the queries; every rank gets the whole signal.
+        with tqdm(total=distributed.shard_size(len(queries)), desc=f"teacher context {j}", unit="q",
+                  disable=not progress or not distributed.is_main(), leave=False) as bar:
+            scores = score_queries_sharded(teacher.model, encoded.prefix_ids, encoded.query_ids, label_ids,
+                                           batch_size=batch_size, use_prefix_cache=use_prefix_cache,
+                                           topk=topk if j == 0 else 0, on_batch=bar.update)
         per_context.append(scores.label_logprobs)
         if j == 0 and topk:
             topk_lp, topk_ids = scores.topk_logprobs, scores.topk_ids

@@ -7,10 +7,17 @@ checkpoint at the end of every epoch that ``resume`` continues from.
 
 Checkpoints use ``Accelerator.save_state`` with a pre-hook that stores only the trainable parameters:
 the frozen base model is already on disk, and a LoRA checkpoint is then megabytes, not the model.
+
+Under N processes (``accelerate launch``) the loop is data-parallel: each optimiser step's examples
+(the same global order as in one process) are split across ranks, and each rank's summed loss is
+divided by the GLOBAL number of examples in the step and multiplied by N, because DDP (and FSDP)
+average gradients over ranks; the gradient is then the single-process one. Logged sums are summed
+over ranks, so the history reads the same for any number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -21,10 +28,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from . import distributed
 from .config import TrainOptions
 from .errors import IcldError
 from .losses import LossOutput
@@ -52,6 +61,9 @@ class TrainResult:
     train_tokens: int = 0
     resumed_from_epoch: int | None = None
     train_seconds: float = 0.0  # optimisation only (evaluation and checkpoints excluded), across resumes
+    # The trained tensors, gathered, where the model's parameters are sharded across ranks (FSDP,
+    # DeepSpeed) and cannot be read from the model on rank 0 alone; None otherwise.
+    final_trainable_state: dict[str, torch.Tensor] | None = None
 
 
 # A batch is whatever the method's ``make_batch`` returns; ``loss_fn`` must return SUMMED losses.
@@ -64,12 +76,35 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
-    """Make save_state/load_state store only the trainable parameters of the (single) model."""
+def _shards_parameters(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def gathered_trainable_state(accelerator: Accelerator, model: torch.nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """The trainable tensors of the prepared ``model``, whole, on rank 0 (other ranks may get an empty dict).
+
+    With sharded parameters (FSDP, DeepSpeed) every rank must call this: accelerate gathers the state
+    dict collectively. Otherwise the unwrapped model's parameters are read directly.
+    """
+    if _shards_parameters(accelerator):
+        full = accelerator.get_state_dict(model)
+        return {n: t.detach().cpu().contiguous() for n, t in full.items() if n in names}
+    return trainable_state(accelerator.unwrap_model(model))
+
+
+def _register_checkpoint_hooks(accelerator: Accelerator, names: set[str]) -> None:
+    """Make save_state/load_state store only the trainable parameters of the (single) model.
+
+    ``save_state`` runs on every rank (it writes per-rank RNG states, and FSDP shards); the trainable
+    file is written by rank 0 alone. Under FSDP accelerate restores the model itself and hands the
+    load hook no models.
+    """
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         for model in models:
-            save_file(trainable_state(accelerator.unwrap_model(model)), str(Path(output_dir) / TRAINABLE_FILE))
+            state = gathered_trainable_state(accelerator, model, names)
+            if accelerator.is_main_process:
+                save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
         weights.clear()
 
     def load_hook(models: list, input_dir: str) -> None:
@@ -90,16 +125,25 @@ def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
 
 
 def _save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, Any]) -> None:
-    """Write the checkpoint next to the old one, then swap, so a kill leaves one complete checkpoint."""
+    """Write the checkpoint next to the old one, then swap, so a kill leaves one complete checkpoint.
+
+    Every rank takes part in ``save_state``; the clean-up, the state file and the swap are rank 0's,
+    between barriers, so no rank writes into a directory that is being renamed.
+    """
     final, tmp, old = directory / CHECKPOINT, directory / f"{CHECKPOINT}.tmp", directory / f"{CHECKPOINT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
-    if final.exists():
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def find_checkpoint(directory: Path) -> Path | None:
@@ -131,12 +175,16 @@ def fit(
     over the micro-batch (``LossOutput`` with reduction "sum"). ``evaluate(model)`` returns metrics,
     recorded in the history after each epoch but the last (or every ``options.eval_every`` steps);
     the final evaluation is the caller's.
-    The example order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
+    The example order of epoch e depends only on (seed, e), so a resumed run sees the same batches,
+    and so does every rank of a distributed run (each takes its share of each step).
     """
     if n_examples < 1:
         raise IcldError("No training examples: check --shots / --train-queries.")
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    _register_checkpoint_hooks(accelerator)
+    # One scheduler step per optimiser step: accelerate would otherwise step it once per process,
+    # assuming a dataloader sharded across ranks (here every rank walks the same global steps).
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    _register_checkpoint_hooks(accelerator, names)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     steps_per_epoch = math.ceil(n_examples / options.train_batch_size)
@@ -144,10 +192,13 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(options.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     micro = options.train_batch_size // options.grad_accum
+    world = distributed.num_processes()
 
     result = TrainResult()
     start_epoch = 0
-    if options.resume and checkpoint_dir is not None and (ckpt := find_checkpoint(checkpoint_dir)) is not None:
+    # Rank 0 picks the checkpoint and every rank loads that one.
+    ckpt = distributed.broadcast(find_checkpoint(checkpoint_dir)) if options.resume and checkpoint_dir else None
+    if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = read_json(ckpt / STATE_FILE)
         start_epoch = state["epochs_done"]
@@ -163,7 +214,8 @@ def fit(
         model.train()
         result.history.append({"epoch": epoch, "step": result.steps, **extra, "eval": metrics})
 
-    bar = tqdm(total=total_steps, initial=result.steps, desc="train", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total_steps, initial=result.steps, desc="train", unit="step",
+               disable=not progress or not distributed.is_main(), leave=False)
     model.train()
     for epoch in range(start_epoch, options.epochs):
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -171,24 +223,44 @@ def fit(
         for start in range(0, n_examples, options.train_batch_size):
             step_start = time.perf_counter()
             step_indices = order[start : start + options.train_batch_size]
-            for m_start in range(0, len(step_indices), micro):
-                batch = make_batch(step_indices[m_start : m_start + micro])
-                out = loss_fn(model, batch)
-                loss = out.loss / len(step_indices)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"The training loss became {loss.item()} at epoch {epoch + 1}, step {result.steps + 1}. "
-                        + (f"The last good checkpoint is kept in {checkpoint_dir / CHECKPOINT}. " if checkpoint_dir else "")
-                        + "Lower --lr, or use --dtype bf16 or fp32 (fp16 overflows; the paper saw NaN with it)."
-                    )
-                accelerator.backward(loss)
-                sums["loss"] += out.loss.item()
-                sums["kl"] += out.kl.item() if out.kl is not None else 0.0
-                sums["ce"] += out.ce.item() if out.ce is not None else 0.0
-                result.train_tokens += int(batch.get("n_tokens", 0))
+            local, share = distributed.split_step(step_indices)
+            n_micro = math.ceil(share / micro)  # the same on every rank
+            local_sums = [0.0, 0.0, 0.0, 0.0]  # loss, kl, ce, tokens of this rank's examples
+            for m in range(n_micro):
+                chunk = local[m * micro : (m + 1) * micro]
+                # A rank whose share runs out still runs every forward/backward the others run (DDP and FSDP
+                # synchronise inside them), on a stand-in example whose loss counts zero.
+                batch = make_batch(chunk or step_indices[:1])
+                # Gradients are all-reduced once per step, in the last micro-batch's backward.
+                with contextlib.nullcontext() if m == n_micro - 1 else accelerator.no_sync(model):
+                    out = loss_fn(model, batch)
+                    loss = out.loss / len(step_indices) if chunk else out.loss * 0.0
+                    if world > 1:
+                        loss = loss * world  # DDP averages over ranks; the sum over ranks is what is wanted
+                    accelerator.backward(loss)
+                if chunk:
+                    local_sums[0] += out.loss.item()
+                    local_sums[1] += out.kl.item() if out.kl is not None else 0.0
+                    local_sums[2] += out.ce.item() if out.ce is not None else 0.0
+                    local_sums[3] += int(batch.get("n_tokens", 0))
+            loss_sum, kl_sum, ce_sum, tokens = distributed.sum_across(local_sums)
+            # Checked on the sum over ranks, so every rank stops at the same step (a rank raising alone
+            # would leave the others waiting in a collective); the optimiser has not stepped yet.
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(
+                    f"The training loss became {loss_sum / len(step_indices)} at epoch {epoch + 1}, step {result.steps + 1}. "
+                    + (f"The last good checkpoint is kept in {checkpoint_dir / CHECKPOINT}. " if checkpoint_dir else "")
+                    + "Lower --lr, or use --dtype bf16 or fp32 (fp16 overflows; the paper saw NaN with it)."
+                )
+            sums["loss"] += loss_sum
+            sums["kl"] += kl_sum
+            sums["ce"] += ce_sum
+            result.train_tokens += int(tokens)
             sums["n"] += len(step_indices)
             if options.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, options.max_grad_norm)
+                # All of the model's parameters (frozen ones have no gradient): under FSDP accelerate only
+                # computes the global norm when it is handed exactly the prepared model's parameters.
+                accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -218,6 +290,8 @@ def fit(
                 "train_seconds": result.train_seconds,
             })
     bar.close()
+    if _shards_parameters(accelerator):
+        result.final_trainable_state = gathered_trainable_state(accelerator, model, names)
     accelerator.unwrap_model(model).eval()
     # Drop the optimiser state and the accelerator's references, so that what follows (the final
     # evaluation, measured as the inference cost) does not carry the training memory.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import data as data_mod
+from .. import distributed
 from ..config import CommonOptions, to_dict
 from ..data import Example, LoadedData
 from ..evaluate import aggregate_seeds, hans_lexical_overlap_ood
@@ -149,5 +150,6 @@ def finish_record(record: dict[str, Any], out: Path) -> dict[str, Any]:
     }
     complete = bool(seeds) and all(r.get("status") == "complete" for r in seeds.values())
     record["status"] = "complete" if complete else "incomplete"
-    atomic_write_json(out / "results.json", record)
+    if distributed.is_main():  # every rank holds the same record; one writes it
+        atomic_write_json(out / "results.json", record)
     return record

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import distributed
 from ..config import DistillOptions
 from ..data import Example
 from ..errors import ConfigError
@@ -86,7 +87,9 @@ def cached_signals(config: DistillOptions, setup: Setup, plan: dict[int, tuple[l
     """The teacher pass: each seed's signal from the cache, or computed once and stored there.
 
     The key needs the teacher's identity, not its weights, so a run whose signals are all cached never
-    loads the teacher. The teacher is released before training starts.
+    loads the teacher. The teacher is released before training starts. Under N processes rank 0 reads
+    the cache and hands the signal to every rank; on a miss every rank loads the teacher, scores its
+    share of the queries, and rank 0 stores the gathered signal.
     """
     cache = _signal_cache(config)
     identity = model_identity(config.teacher, dtype=config.teacher_dtype, device=config.device, cache_dir=config.cache_dir)
@@ -95,12 +98,13 @@ def cached_signals(config: DistillOptions, setup: Setup, plan: dict[int, tuple[l
     with measure(config.device) as teacher_pass:
         for seed, (contexts, queries) in plan.items():
             key, description = signal_key(identity, setup.pattern, contexts, queries, setup.train.fingerprint, topk)
-            signal = cache.load(key, queries)
+            signal = distributed.broadcast(cache.load(key, queries) if distributed.is_main() else None)
             if signal is None:
                 teacher = teacher or _load_teacher(config)
                 signal = compute_signal(teacher, setup.pattern, contexts, queries, batch_size=config.batch_size,
                                         topk=topk, use_prefix_cache=config.prefix_cache, progress=progress)
-                cache.save(key, signal, description)
+                if distributed.is_main():
+                    cache.save(key, signal, description)
             else:
                 hits += 1
             signals[seed], keys[str(seed)] = signal, key

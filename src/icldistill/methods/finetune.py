@@ -8,17 +8,18 @@ right-padded batches of the rendered queries, runs the one training loop, evalua
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import distributed
 from ..adapters import prepare_trainable
 from ..config import CommonOptions, TrainOptions
 from ..data import Example
-from ..errors import IcldError
+from ..errors import ConfigError, IcldError
 from ..losses import LossOutput, label_log_probs
 from ..models import LoadedModel, load_model
 from ..records import atomic_write_json, measure, read_json
@@ -91,11 +92,17 @@ def train_and_evaluate(
     """Train ``model_name`` on ``train_examples`` with the loss from ``make_loss(label_ids)``; evaluate; save.
 
     Returns the seed's record (also written to ``seed_dir/seed_result.json``, which a resumed run reuses).
+    Under N processes every rank trains and evaluates its share and holds the same record; rank 0 writes.
     """
     done = seed_dir / SEED_RESULT
-    if options.resume and done.exists():
+    # Rank 0 decides (and reads) for all ranks, so they all skip the seed or all train it.
+    finished = distributed.broadcast(read_json(done) if options.resume and distributed.is_main() and done.exists() else None)
+    if finished is not None:
         logger.info("seed %d already complete in %s", seed, seed_dir)
-        return read_json(done)
+        return finished
+    if options.merge and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError("--merge is not available under FSDP (the parameters are sharded across processes): "
+                          "train without it and merge the saved adapter afterwards in one process.")
     torch.manual_seed(seed)
     # Weights load in fp32; bf16 is applied by autocast in the training loop.
     loaded = load_model(model_name, dtype="fp32", device=config.device, cache_dir=config.cache_dir)
@@ -125,7 +132,7 @@ def train_and_evaluate(
     inference = {**cost.as_dict(), "queries": queries, "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}
     if result.history:
         result.history[-1]["eval"] = final
-    artefacts = save_trained(model, student, options, seed_dir)
+    artefacts = save_trained(model, student, options, seed_dir, gathered=result.final_trainable_state)
     record = {
         "seed": seed, "method": method, "status": "complete", "student": model_record(student),
         "trainable": trainable.as_dict(), "train_examples": [ex.id for ex in train_examples],
@@ -137,9 +144,8 @@ def train_and_evaluate(
                       "resumed_from_epoch": result.resumed_from_epoch, "inference": inference},
         **(extra_record or {}),
     }
-    atomic_write_json(done, record)
-    del model, student, loaded
-    gc.collect()
+    if distributed.is_main():
+        atomic_write_json(done, record)
     return record
 
 
@@ -147,29 +153,36 @@ def _rate(amount: float, seconds: float) -> float | None:
     return amount / seconds if seconds > 0 else None
 
 
-def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOptions, seed_dir: Path) -> dict[str, str]:
+def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOptions, seed_dir: Path, *,
+                 gathered: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     """LoRA: the adapter in peft format (``PeftModel.from_pretrained``), and with --merge a plain model.
 
     BitFit and full fine-tuning: the trainable tensors as safetensors (the base is the model's own files).
+    Rank 0 writes; every rank returns the same paths. ``gathered`` is the trained state where the
+    parameters are sharded across ranks (``TrainResult.final_trainable_state``), read instead of the model.
     """
     from safetensors.torch import save_file
 
     from ..train import trainable_state
 
     out: dict[str, str] = {}
+    write = distributed.is_main()
     if options.peft == "lora":
         adapter = seed_dir / "adapter"
-        model.save_pretrained(str(adapter))
+        if write:
+            model.save_pretrained(str(adapter), **({"state_dict": gathered} if gathered is not None else {}))
         out["adapter"] = str(adapter)
         if options.merge:
             merged_dir = seed_dir / "merged"
-            merged = model.merge_and_unload()
-            merged.save_pretrained(str(merged_dir))
-            student.tokenizer.save_pretrained(str(merged_dir))
+            if write:
+                merged = model.merge_and_unload()
+                merged.save_pretrained(str(merged_dir))
+                student.tokenizer.save_pretrained(str(merged_dir))
             out["merged"] = str(merged_dir)
     else:
         path = seed_dir / "trainable.safetensors"
-        save_file(trainable_state(model), str(path))
+        if write:
+            save_file(gathered if gathered is not None else trainable_state(model), str(path))
         out["trainable"] = str(path)
     return out
 

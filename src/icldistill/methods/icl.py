@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .. import distributed
 from ..config import IclOptions
 from ..inference import ContextTooLong
 from ..models import load_model
@@ -68,6 +69,7 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
         "prefix_cache": config.prefix_cache,
     }
     record["status"] = "complete" if per_seed_metrics else "skipped"
-    atomic_write_jsonl(out / "predictions.jsonl", predictions)
-    atomic_write_json(out / "results.json", record)
+    if distributed.is_main():  # every rank holds the gathered predictions and metrics; one writes them
+        atomic_write_jsonl(out / "predictions.jsonl", predictions)
+        atomic_write_json(out / "results.json", record)
     return record

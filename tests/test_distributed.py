@@ -50,7 +50,7 @@ def test_shards_cover_every_index_with_equal_lengths(monkeypatch, n):
         shards.append(distributed.shard(n))
         steps.append(distributed.split_step(list(range(100, 100 + n))))
     assert {len(s) for s in shards} == {math.ceil(n / 3)}  # same number of forward passes on every rank
-    assert sorted(set(i for s in shards for i in s)) == list(range(n))
+    assert sorted({i for s in shards for i in s}) == list(range(n))
     assert [i for local, _ in steps for i in local] == list(range(100, 100 + n))  # no example twice
     assert {size for _, size in steps} == {math.ceil(n / 3)}
 
@@ -94,7 +94,7 @@ def _launch(args: list[str], cache_dir: Path) -> str:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "icldistill.cli", "-q", *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     # torchrun's summary ends stderr; the ranks' own errors come before it.
     errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line or "terminate" in line]
     assert done.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + done.stderr[-2000:]
@@ -154,6 +154,7 @@ def _no_leftovers(root: Path) -> None:
     assert not [n for n in names if "checkpoint.tmp" in n or "checkpoint.old" in n], names
 
 
+@pytest.mark.slow  # launches real 2-process runs (about 10 s each)
 def test_icl_two_processes_equal_one(tmp_path, data_dir, tiny_dirs, cache_dir):
     from icldistill.methods.icl import run_icl
 
@@ -176,6 +177,7 @@ def test_icl_two_processes_equal_one(tmp_path, data_dir, tiny_dirs, cache_dir):
     _assert_close(expected, rows)
 
 
+@pytest.mark.slow  # launches real 2-process runs (about 10 s each)
 def test_distill_two_processes_equal_one(tmp_path, data_dir, tiny_dirs, cache_dir):
     """Cached teacher pass (2 contexts) and training: steps of 8 examples (2 micro-batches of 2 per rank,
     the first without gradient sync) and 1 example (the other rank runs a zero-weight stand-in)."""
@@ -208,6 +210,7 @@ def test_distill_two_processes_equal_one(tmp_path, data_dir, tiny_dirs, cache_di
         "seed-0/checkpoint/random_states_0.pkl", "seed-0/checkpoint/random_states_1.pkl"}
 
 
+@pytest.mark.slow  # launches real 2-process runs (about 10 s each)
 def test_pbft_two_processes_equal_one_and_resume(tmp_path, data_dir, tiny_dirs, cache_dir):
     """2 processes equal 1; then, as after a kill following the last checkpoint, both resume one epoch more."""
     from peft import PeftModel
@@ -224,7 +227,8 @@ def test_pbft_two_processes_equal_one_and_resume(tmp_path, data_dir, tiny_dirs, 
     two = json.loads((two_dir / "results.json").read_text())
     _assert_close(one["seeds"]["0"]["eval"], two["seeds"]["0"]["eval"])
     _assert_close(one["seeds"]["0"]["history"], two["seeds"]["0"]["history"])
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]), str(two_dir / "seed-0" / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
+    PeftModel.from_pretrained(base, str(two_dir / "seed-0" / "adapter"))  # rank 0's adapter, whole
 
     # Killed after epoch 2's checkpoint, before the seed's result was written; continued for a 3rd epoch.
     for out in (tmp_path / "one", two_dir):

@@ -357,6 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers_logging.disable_progress_bar()
     try:
+        if args.command == "sweep" and distributed.launched():
+            # Each cell is a whole run: N launched processes would each take different cells and then wait
+            # for one another in collectives that never match.
+            raise IcldError("icld sweep runs each cell in one process: start it without accelerate launch "
+                            "(several `icld sweep` workers on one directory share the cells).")
         return args.func(args)
     except IcldError as exc:
         if distributed.is_main():  # raised alike on every rank (same inputs); said once

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 import torch
 

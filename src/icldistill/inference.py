@@ -84,8 +84,8 @@ def score_prompts(
     all_ids = encoded.query_ids + extra_ids
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     # Under N processes each rank scores its shard (the bar counts rank 0's) and all rows come back in order.
-    with tqdm(total=distributed.shard_size(len(all_ids)), desc=desc, unit="q", disable=desc is None or not distributed.is_main(),
-              leave=False) as bar:
+    with tqdm(total=distributed.shard_size(len(all_ids)), desc=desc, unit="q",
+              disable=desc is None or not distributed.is_main(), leave=False) as bar:
         scores = score_queries_sharded(model.model, encoded.prefix_ids, all_ids, label_ids, batch_size=batch_size,
                                        use_prefix_cache=use_prefix_cache, topk=topk, pad_id=pad_id, on_batch=bar.update)
     n = len(encoded.query_ids)

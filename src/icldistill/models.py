@@ -123,9 +123,9 @@ def _rank_device(device: str, local: torch.device) -> torch.device:
     if device in ("auto", local.type) or (device == "cuda" and local.type == "cuda"):
         return local
     raise ModelError(
-        f"--device {device} under a distributed launch whose processes run on {local.type}: use --device auto "
-        "(each process then uses its own GPU), or launch on CPUs (accelerate launch --cpu, or hide the GPUs "
-        "with CUDA_VISIBLE_DEVICES=) for --device cpu."
+        f"--device {device} contradicts the distributed launch, whose processes run on {local.type}: use --device "
+        "auto (under a GPU launch each process uses its own GPU, cuda:LOCAL_RANK); to run the processes on CPUs, "
+        "hide the GPUs (CUDA_VISIBLE_DEVICES=) or start torchrun with ACCELERATE_USE_CPU=1."
     )
 
 

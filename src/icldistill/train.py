@@ -248,7 +248,8 @@ def fit(
             # would leave the others waiting in a collective); the optimiser has not stepped yet.
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(
-                    f"The training loss became {loss_sum / len(step_indices)} at epoch {epoch + 1}, step {result.steps + 1}. "
+                    f"The training loss became {loss_sum / len(step_indices)} at epoch {epoch + 1}, "
+                    f"step {result.steps + 1}. "
                     + (f"The last good checkpoint is kept in {checkpoint_dir / CHECKPOINT}. " if checkpoint_dir else "")
                     + "Lower --lr, or use --dtype bf16 or fp32 (fp16 overflows; the paper saw NaN with it)."
                 )

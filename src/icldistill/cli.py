@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -348,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Deprecation notices of the libraries (e.g. peft calling a renamed transformers method) are for
+    # their authors, not for users of this tool.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
     for noisy in ("transformers", "accelerate", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not distributed.is_main():  # one voice per run: the other ranks do the same work and would repeat it

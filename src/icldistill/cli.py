@@ -352,18 +352,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Deprecation notices of the libraries (e.g. peft calling a renamed transformers method) are for
     # their authors, not for users of this tool.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     for noisy in ("transformers", "accelerate", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not distributed.is_main():  # one voice per run: the other ranks do the same work and would repeat it
         args.quiet = True
         logger.setLevel(logging.ERROR)
-        from transformers.utils import logging as transformers_logging
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
 
-        transformers_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "sweep" and distributed.launched():
             # Each cell is a whole run: N launched processes would each take different cells and then wait

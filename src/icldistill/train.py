@@ -220,6 +220,7 @@ def fit(
     for epoch in range(start_epoch, options.epochs):
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
         sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "n": 0}
+        terms: set[str] = set()  # the loss terms the method computes (PBFT has no KL)
         for start in range(0, n_examples, options.train_batch_size):
             step_start = time.perf_counter()
             step_indices = order[start : start + options.train_batch_size]
@@ -242,6 +243,7 @@ def fit(
                     local_sums[0] += out.loss.item()
                     local_sums[1] += out.kl.item() if out.kl is not None else 0.0
                     local_sums[2] += out.ce.item() if out.ce is not None else 0.0
+                    terms |= {name for name, value in (("kl", out.kl), ("ce", out.ce)) if value is not None}
                     local_sums[3] += int(batch.get("n_tokens", 0))
             loss_sum, kl_sum, ce_sum, tokens = distributed.sum_across(local_sums)
             # Checked on the sum over ranks, so every rank stops at the same step (a rank raising alone
@@ -274,10 +276,12 @@ def fit(
             if options.eval_every > 0 and result.steps % options.eval_every == 0 and not last_step:
                 run_eval(epoch + 1, {"lr": scheduler.get_last_lr()[0]})
         n = max(sums["n"], 1)
-        epoch_stats = {"train_loss": sums["loss"] / n, "train_kl": sums["kl"] / n, "train_ce": sums["ce"] / n,
+        epoch_stats = {"train_loss": sums["loss"] / n,
+                       "train_kl": sums["kl"] / n if "kl" in terms else None,
+                       "train_ce": sums["ce"] / n if "ce" in terms else None,
                        "lr": scheduler.get_last_lr()[0]}
-        logger.info("epoch %d/%d: loss %.4f (kl %.4f, ce %.4f)", epoch + 1, options.epochs, epoch_stats["train_loss"],
-                    epoch_stats["train_kl"], epoch_stats["train_ce"])
+        parts = ", ".join(f"{t} {epoch_stats['train_' + t]:.4f}" for t in ("kl", "ce") if t in terms)
+        logger.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, options.epochs, epoch_stats["train_loss"], parts)
         # After the last epoch the caller runs the final evaluation, on the full evaluation sets.
         if options.eval_every == 0 and epoch + 1 < options.epochs:
             run_eval(epoch + 1, epoch_stats)

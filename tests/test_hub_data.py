@@ -63,3 +63,8 @@ def test_unlabelled_rows_are_skipped_and_hub_failures_are_clear(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="--data-source local"):
         data.load(EVAL_SETS["hans"], None, "hub")
+
+
+def test_unknown_data_source_is_an_error():
+    with pytest.raises(DataError, match="Unknown data source 'hubb'"):
+        data.load(EVAL_SETS["rte"], None, "hubb")

@@ -62,6 +62,8 @@ def load(spec: DataSpec, data_dir: str | Path | None = None, source: str = "auto
     ``source``: ``local`` needs a data directory; ``hub`` uses Hugging Face ``datasets``; ``auto``
     uses the local directory when one is configured, else the hub.
     """
+    if source not in ("auto", "local", "hub"):
+        raise DataError(f"Unknown data source {source!r}; use auto, local or hub (--data-source).")
     directory = resolve_data_dir(data_dir)
     if source == "hub" or (source == "auto" and directory is None):
         if spec.hub is None:

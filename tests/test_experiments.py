@@ -380,8 +380,8 @@ ready.touch()
 
 
 def runner(cell, progress):  # what a run leaves behind, minus the model: the claims are what is tested
-    deadline = time.time() + 30
-    while len(list(ready.parent.glob("ready-*"))) < 2 and time.time() < deadline:  # both workers are up
+    deadline = time.monotonic() + 30
+    while len(list(ready.parent.glob("ready-*"))) < 2 and time.monotonic() < deadline:  # both workers are up
         time.sleep(0.01)
     with open(log, "a") as handle:
         handle.write(f"{os.getpid()} {cell.id}\\n")

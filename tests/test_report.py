@@ -237,6 +237,8 @@ def test_sweeps_with_only_one_kind_of_eval_set(evals, tmp_path):
     missing = "in-domain" if has_ood else "out-of-domain"
     assert f"no {missing}" in figure_unsupported_reason("id_vs_ood", table)
     assert "Results" in render_markdown(df, [])
+    header = comparison_markdown(table).splitlines()[0]
+    assert ("OOD acc" in header) == has_ood and ("in-domain acc" in header) == (not has_ood)
 
 
 def test_missing_columns_fail_with_a_clear_message(results):

@@ -14,15 +14,14 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_to_bytes
 
 from . import distributed
 from .data import Example
@@ -30,8 +29,8 @@ from .errors import IcldError
 from .inference import encode_prompts
 from .models import LoadedModel
 from .prompts import Pattern
-from .records import atomic_write_json
-from .scoring import PrefixCache, encode_queries, label_token_ids, score_queries, score_queries_sharded
+from .records import atomic_write_bytes, atomic_write_json
+from .scoring import PrefixCache, Scores, encode_queries, label_token_ids, score_queries, score_queries_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +60,12 @@ def _context_average(per_context: list[torch.Tensor]) -> torch.Tensor:
     return torch.logsumexp(stacked, dim=0) - math.log(len(per_context))
 
 
+def _merge_contexts(per_context: Sequence[Scores]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(context-averaged label log-probs, top-k log-probs, top-k ids); top-k come from the first context."""
+    first = per_context[0]
+    return _context_average([s.label_logprobs for s in per_context]), first.topk_logprobs, first.topk_ids
+
+
 def compute_signal(
     teacher: LoadedModel,
     pattern: Pattern,
@@ -79,7 +84,7 @@ def compute_signal(
     """
     from tqdm.auto import tqdm
 
-    per_context, topk_lp, topk_ids = [], None, None
+    per_context = []
     for j, demos in enumerate(contexts):
         encoded = encode_prompts(teacher, pattern, demos, queries)
         if encoded.dropped:
@@ -92,10 +97,8 @@ def compute_signal(
             scores = score_queries_sharded(teacher.model, encoded.prefix_ids, encoded.query_ids, label_ids,
                                            batch_size=batch_size, use_prefix_cache=use_prefix_cache,
                                            topk=topk if j == 0 else 0, on_batch=bar.update)
-        per_context.append(scores.label_logprobs)
-        if j == 0 and topk:
-            topk_lp, topk_ids = scores.topk_logprobs, scores.topk_ids
-    return TeacherSignal([q.id for q in queries], _context_average(per_context), topk_lp, topk_ids,
+        per_context.append(scores)
+    return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
                          [[d.id for d in demos] for demos in contexts])
 
 
@@ -157,13 +160,7 @@ class SignalCache:
         if signal.topk_logprobs is not None:
             tensors["topk_logprobs"] = signal.topk_logprobs.contiguous()
             tensors["topk_ids"] = signal.topk_ids.contiguous()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, tensors_path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write_bytes(tensors_path, tensors_to_bytes(tensors))
         atomic_write_json(meta_path, {"key": key, "description": description, "sha256": _sha256(tensors_path),
                                       "query_ids": signal.query_ids, "contexts": signal.contexts})
 
@@ -187,11 +184,9 @@ class OnlineTeacher:
     def __call__(self, queries: Sequence[Example], topk: int = 0) -> TeacherSignal:
         texts = [self.pattern.render(q.fields) for q in queries]
         ids = encode_queries(self.teacher.tokenizer, texts)
-        per_context, topk_lp, topk_ids = [], None, None
-        for j, (prefix, cache) in enumerate(zip(self.prefixes, self.caches)):
-            scores = score_queries(self.teacher.model, prefix, ids, self.label_ids, batch_size=len(ids),
-                                   topk=topk if j == 0 else 0, prefix_cache=cache)
-            per_context.append(scores.label_logprobs)
-            if j == 0 and topk:
-                topk_lp, topk_ids = scores.topk_logprobs, scores.topk_ids
-        return TeacherSignal([q.id for q in queries], _context_average(per_context), topk_lp, topk_ids)
+        per_context = [
+            score_queries(self.teacher.model, prefix, ids, self.label_ids, batch_size=len(ids),
+                          topk=topk if j == 0 else 0, prefix_cache=cache)
+            for j, (prefix, cache) in enumerate(zip(self.prefixes, self.caches))
+        ]
+        return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context))

@@ -19,10 +19,10 @@ import time
 import torch
 
 from icldistill.config import IclOptions, build_config
-from icldistill.inference import encode_prompts
+from icldistill.scoring.evalsets import encode_prompts
 from icldistill.methods.common import prepare
-from icldistill.models import load_model
-from icldistill.scoring import PrefixCache, label_token_ids, score_queries
+from icldistill.models.loading import load_model
+from icldistill.scoring.prefix_cache import PrefixCache, label_token_ids, score_queries
 
 
 def _now(model) -> float:

@@ -21,7 +21,7 @@ import pytest
 
 from icldistill.cli import main
 from icldistill.errors import IcldError
-from icldistill.records import atomic_write_json
+from icldistill.runtime.records import atomic_write_json
 
 
 def test_full_disk_leaves_the_previous_file_intact(tmp_path, monkeypatch):

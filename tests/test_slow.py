@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from icldistill.config import DistillOptions, IclOptions, build_config
-from icldistill.inference import encode_prompts
+from icldistill.scoring.evalsets import encode_prompts
 from icldistill.methods.common import prepare
-from icldistill.models import load_model
-from icldistill.scoring import label_token_ids, score_queries
+from icldistill.models.loading import load_model
+from icldistill.scoring.prefix_cache import label_token_ids, score_queries
 
 pytestmark = pytest.mark.slow
 

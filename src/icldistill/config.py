@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .errors import ConfigError
+from icldistill.errors import ConfigError
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, keep_spaces: bool = False) -> Any:

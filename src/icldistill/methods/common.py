@@ -7,16 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .. import data as data_mod
-from .. import distributed
-from ..config import CommonOptions, to_dict
-from ..data import Example, LoadedData
-from ..evaluate import aggregate_seeds, hans_lexical_overlap_ood
-from ..inference import evaluate_examples
-from ..models import LoadedModel
-from ..prompts import Pattern, context_rng, resolve_pattern, sample_demonstrations
-from ..records import environment
-from ..tasks import DataSpec, Family, Task, family_of, get_eval_set, get_task
+from icldistill.tasks import data as data_mod
+from icldistill.runtime import distributed
+from icldistill.config import CommonOptions, to_dict
+from icldistill.tasks.data import Example, LoadedData
+from icldistill.scoring.metrics import aggregate_seeds, hans_lexical_overlap_ood
+from icldistill.scoring.evalsets import evaluate_examples
+from icldistill.models.loading import LoadedModel
+from icldistill.tasks.prompts import Pattern, context_rng, resolve_pattern, sample_demonstrations
+from icldistill.runtime.records import environment
+from icldistill.tasks.registry import DataSpec, Family, Task, family_of, get_eval_set, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def start_record(method: str, config: Any, setup: Setup) -> tuple[dict[str, Any]
 
 def finish_record(record: dict[str, Any], out: Path) -> dict[str, Any]:
     """Aggregate the seeds' final metrics and resources, write results.json atomically, return it."""
-    from ..records import atomic_write_json
+    from icldistill.runtime.records import atomic_write_json
 
     seeds = record["seeds"]
     record["aggregate"] = aggregate({s: r["eval"] for s, r in seeds.items() if r.get("eval")})

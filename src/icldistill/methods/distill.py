@@ -17,17 +17,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import distributed
-from ..config import DistillOptions
-from ..data import Example
-from ..errors import ConfigError
-from ..losses import LossOutput, ce_loss, check_vocab_compatible, distillation_loss, label_log_probs, topk_vocab_kl
-from ..models import LoadedModel, load_model, load_tokenizer, model_identity
-from ..paths import default_cache_dir
-from ..records import measure
-from ..teacher import OnlineTeacher, SignalCache, TeacherSignal, compute_signal, signal_key
-from .common import Setup, finish_record, model_record, prepare, start_record
-from .finetune import student_logits, train_and_evaluate
+from icldistill.runtime import distributed
+from icldistill.config import DistillOptions
+from icldistill.tasks.data import Example
+from icldistill.errors import ConfigError
+from icldistill.training.losses import LossOutput, ce_loss, check_vocab_compatible, distillation_loss, label_log_probs, topk_vocab_kl
+from icldistill.models.loading import LoadedModel, load_model, load_tokenizer, model_identity
+from icldistill.runtime.paths import default_cache_dir
+from icldistill.runtime.records import measure
+from icldistill.training.teacher import OnlineTeacher, SignalCache, TeacherSignal, compute_signal, signal_key
+from icldistill.methods.common import Setup, finish_record, model_record, prepare, start_record
+from icldistill.methods.finetune import student_logits, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 

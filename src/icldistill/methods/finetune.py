@@ -15,17 +15,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import distributed
-from ..adapters import prepare_trainable
-from ..config import CommonOptions, TrainOptions
-from ..data import Example
-from ..errors import ConfigError, IcldError
-from ..losses import LossOutput, label_log_probs
-from ..models import LoadedModel, load_model
-from ..records import atomic_write_json, measure, read_json
-from ..scoring import encode_prefix, encode_queries, label_token_ids, last_token_logits, pad_right
-from ..train import fit
-from .common import Setup, evaluate_on_sets, model_record
+from icldistill.runtime import distributed
+from icldistill.models.adapters import prepare_trainable
+from icldistill.config import CommonOptions, TrainOptions
+from icldistill.tasks.data import Example
+from icldistill.errors import ConfigError, IcldError
+from icldistill.training.losses import LossOutput, label_log_probs
+from icldistill.models.loading import LoadedModel, load_model
+from icldistill.runtime.records import atomic_write_json, measure, read_json
+from icldistill.scoring.prefix_cache import encode_prefix, encode_queries, label_token_ids, last_token_logits, pad_right
+from icldistill.training.loop import fit
+from icldistill.methods.common import Setup, evaluate_on_sets, model_record
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOpt
     """
     from safetensors.torch import save_file
 
-    from ..train import trainable_state
+    from icldistill.training.loop import trainable_state
 
     out: dict[str, str] = {}
     write = distributed.is_main()
@@ -189,7 +189,7 @@ def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOpt
 
 def ce_only(label_ids: torch.Tensor) -> Callable[[torch.nn.Module, dict[str, Any]], LossOutput]:
     """The PBFT loss: cross-entropy of the gold label word over the label words, summed over the batch."""
-    from ..losses import ce_loss
+    from icldistill.training.losses import ce_loss
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         lp = label_log_probs(student_logits(model, batch), label_ids)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .. import distributed
-from ..config import IclOptions
-from ..inference import ContextTooLong
-from ..models import load_model
-from ..records import atomic_write_json, atomic_write_jsonl, measure
-from .common import aggregate, base_record, evaluate_on_sets, model_record, output_dir, prepare
+from icldistill.runtime import distributed
+from icldistill.config import IclOptions
+from icldistill.scoring.evalsets import ContextTooLong
+from icldistill.models.loading import load_model
+from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure
+from icldistill.methods.common import aggregate, base_record, evaluate_on_sets, model_record, output_dir, prepare
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import PbftOptions
-from .common import prepare
-from .finetune import ce_only, train_and_evaluate
-from .common import finish_record, start_record
+from icldistill.config import PbftOptions
+from icldistill.methods.common import prepare
+from icldistill.methods.finetune import ce_only, train_and_evaluate
+from icldistill.methods.common import finish_record, start_record
 
 
 def run_pbft(config: PbftOptions, *, progress: bool = True) -> dict[str, Any]:

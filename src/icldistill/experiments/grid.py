@@ -1,0 +1,413 @@
+"""Experiment files: a sweep's options and grid, expanded into its cells (one run each) and checked.
+
+An experiment file holds the options of the single commands plus ``grid:``, a mapping from a key
+(``method``, ``teacher``, ``student``, ``shots``, ``seed``, ``alpha``, any option) to its values. Each
+cell writes the output of its command to ``<sweep dir>/cells/<cell id>``; :mod:`icldistill.experiments.sweep` runs
+the cells and :mod:`icldistill.experiments.results` gathers what they wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_config, load_yaml, parse_value, to_dict, validate
+from icldistill.errors import ConfigError, IcldError
+
+CELLS_DIR = "cells"
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """One kind of cell: which options class it builds and which of the teacher/student it uses."""
+
+    name: str
+    options: type
+    models: tuple[str, ...]  # "teacher" and/or "student", in the order the cell id shows them
+    model_option: str | None  # the options field that receives the (single) model, None for distill
+    command: str  # the single command that does the same run
+
+    @property
+    def trains(self) -> bool:
+        return self.options is not IclOptions
+
+    def keys(self) -> frozenset[str]:
+        """Experiment keys that matter to this method (the rest are dropped from its cells)."""
+        names = {f.name for f in dataclasses.fields(self.options)} - {"model", "teacher", "student"}
+        return frozenset(names | set(self.models))
+
+
+METHODS: dict[str, Method] = {
+    "icl-teacher": Method("icl-teacher", IclOptions, ("teacher",), "model", "icl"),
+    "icl-student": Method("icl-student", IclOptions, ("student",), "model", "icl"),
+    "pbft": Method("pbft", PbftOptions, ("student",), "model", "pbft"),
+    "distill": Method("distill", DistillOptions, ("teacher", "student"), None, "distill"),
+}
+
+_OPTION_CLASSES = (IclOptions, PbftOptions, DistillOptions)
+_OPTION_FIELDS: dict[str, type] = {}
+for _cls in _OPTION_CLASSES:
+    for _f in dataclasses.fields(_cls):
+        _OPTION_FIELDS.setdefault(_f.name, _cls)
+_DEFAULT_MODELS = {"teacher": DistillOptions.teacher, "student": DistillOptions.student}
+
+# Experiment-level keys besides the options: `seeds` at top level is the seed grid (one seed per cell).
+_META_KEYS = ("name", "output_dir", "grid", "method", "seeds")
+_NOT_IN_EXPERIMENT = {
+    "model": "an experiment names 'teacher' and 'student'; icl-teacher evaluates the teacher, icl-student, pbft and "
+             "distill's trained model are the student",
+    "resume": "a sweep always resumes: completed cells are skipped and training cells continue from their checkpoint",
+}
+TOP_KEYS = frozenset((set(_OPTION_FIELDS) - set(_NOT_IN_EXPERIMENT)) | set(_META_KEYS))
+GRID_KEYS = frozenset((set(_OPTION_FIELDS) - set(_NOT_IN_EXPERIMENT) - {"output_dir", "seeds"}) | {"method", "seed"})
+# Short names in cell ids; other grid keys appear under their own name.
+_ID_NAMES = {"teacher": "t", "student": "s", "shots": "k"}
+
+
+# ---------------------------------------------------------------------------------------------- experiment
+
+
+@dataclass
+class Cell:
+    """One run of a sweep: a method, its grid values, and the config its command runs with."""
+
+    id: str
+    method: str
+    params: dict[str, Any]  # the grid values that apply to this method, plus its models, shots and seed
+    config: Any  # IclOptions | PbftOptions | DistillOptions, output_dir = <sweep>/cells/<id>
+
+    @property
+    def seed(self) -> int:
+        return self.config.seeds[0]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "method": self.method, "command": METHODS[self.method].command,
+                "params": self.params, "config": to_dict(self.config)}
+
+
+@dataclass
+class Experiment:
+    """An expanded experiment file: its options, its grid, its cells and where they go."""
+
+    name: str
+    source: str
+    output_dir: Path
+    spec: dict[str, Any]  # the file's mapping, as written
+    cells: list[Cell]
+    notes: list[str] = field(default_factory=list)  # harmless oddities worth a line (keys no cell uses)
+
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(c.method for c in self.cells))
+
+
+class ExperimentError(ConfigError):
+    """An experiment file has one or more problems; ``problems`` lists each with its key or cell."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem{'s' * (len(problems) != 1)}:\n{lines}")
+
+
+def load_experiment(path: str | Path, *, output_dir: str | Path | None = None) -> Experiment:
+    """Read and expand an experiment file; raise :class:`ExperimentError` listing every problem."""
+    path = Path(path)
+    spec = load_yaml(path)
+    return expand(spec, source=str(path), default_name=path.stem, output_dir=output_dir)
+
+
+def expand(spec: Mapping[str, Any], *, source: str = "experiment", default_name: str = "sweep",
+           output_dir: str | Path | None = None) -> Experiment:
+    """Expand an experiment mapping into its cells (deduplicated), checking every key and every cell's config.
+
+    ``output_dir`` overrides the file's; without either the sweep goes to ``runs/<name>``.
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    spec = dict(spec)
+    base: dict[str, Any] = {}
+    for raw_key, value in spec.items():
+        key = str(raw_key).replace("-", "_")
+        if key in _NOT_IN_EXPERIMENT:
+            problems.append(f"key '{raw_key}' is not used in experiments: {_NOT_IN_EXPERIMENT[key]}.")
+        elif key not in TOP_KEYS:
+            problems.append(f"unknown key '{raw_key}'.{_suggest(key, TOP_KEYS)}")
+        elif key in base:
+            problems.append(f"key '{key}' is given twice (as '{raw_key}' and another spelling).")
+        else:
+            base[key] = value
+
+    name = str(base.pop("name", None) or default_name)
+    sweep_dir = Path(output_dir or base.pop("output_dir", None) or Path("runs") / name).expanduser().resolve()
+    base.pop("output_dir", None)
+    grid = _read_grid(base.pop("grid", None), problems)
+
+    # `method` and `seeds` at top level are one-line grids.
+    for top, grid_key in (("method", "method"), ("seeds", "seed")):
+        if top in base:
+            value = base.pop(top)
+            if grid_key in grid:
+                problems.append(f"'{grid_key}' is given both at top level (as '{top}') and in grid; keep one.")
+            else:
+                grid[grid_key] = value if isinstance(value, list) else [value]
+    for key in list(base):
+        if key in grid:
+            problems.append(f"'{key}' is given both at top level and in grid; keep one.")
+            base.pop(key)
+    if "method" not in grid and not problems:
+        problems.append(f"no method: add e.g. 'grid: {{method: [{', '.join(METHODS)}]}}' (or 'method: distill').")
+
+    parsed_base = {key: _parse(key, value, "", problems) for key, value in base.items()}
+    parsed_grid = {key: [_parse(key, v, f"grid '{key}': ", problems) for v in values] for key, values in grid.items()}
+    for key, values in parsed_grid.items():
+        if key == "method":
+            for m in values:
+                if m not in METHODS:
+                    problems.append(f"grid 'method': unknown method '{m}'.{_suggest(str(m), METHODS)} "
+                                    f"Methods: {', '.join(METHODS)}.")
+        seen: list[Any] = []
+        for v in values:
+            if v in seen:
+                problems.append(f"grid '{key}' lists {v!r} twice.")
+            seen.append(v)
+    if problems:
+        raise ExperimentError(source, problems)
+
+    parsed_grid.setdefault("seed", [0])
+    keys = [k for k in parsed_grid if k != "seed"] + ["seed"]  # seed varies fastest
+    methods_used = set(parsed_grid["method"])
+    for key in list(parsed_base) + keys:
+        if key not in ("method", "seed") and not any(key in METHODS[m].keys() for m in methods_used):
+            notes.append(f"'{key}' applies to none of the methods {', '.join(sorted(methods_used))}; it is ignored.")
+
+    cells: list[Cell] = []
+    seen_cells: set[str] = set()
+    errors: dict[str, list[str]] = {}
+    for combo in itertools.product(*(parsed_grid[k] for k in keys)):
+        point = dict(zip(keys, combo))
+        method = METHODS[point["method"]]
+        relevant = method.keys()
+        grid_values = {k: v for k, v in point.items() if k in relevant or k in ("method", "seed")}
+        fingerprint = json.dumps([method.name, sorted(grid_values.items())], default=str)
+        if fingerprint in seen_cells:  # differs from an earlier cell only in keys this method does not use
+            continue
+        seen_cells.add(fingerprint)
+        values = {k: v for k, v in parsed_base.items() if k in relevant}
+        values.update({k: v for k, v in grid_values.items() if k not in ("method", "seed")})
+        values["seeds"] = [point["seed"]]
+        models = {m: values.get(m, _DEFAULT_MODELS[m]) for m in method.models}
+        if method.model_option:
+            values.pop(method.models[0], None)
+            values[method.model_option] = models[method.models[0]]
+        shots = values.get("shots", method.options.shots)
+        params = {**models, "shots": shots,
+                  **{k: v for k, v in grid_values.items() if k not in ("method", "seed", *method.models, "shots")},
+                  "seed": point["seed"]}
+        cell_id = _cell_id(method.name, params)
+        if method.trains:
+            values["resume"] = True
+        cell = Cell(cell_id, method.name, params, None)
+        try:
+            cell.config = _make_config(method.options, {**values, "output_dir": "."}, source)
+        except ConfigError as exc:
+            errors.setdefault(str(exc), []).append(cell_id)
+            continue
+        cells.append(cell)
+    _disambiguate(cells)
+    for cell in cells:
+        cell.config.output_dir = str(sweep_dir / CELLS_DIR / cell.id)
+    for message, ids in errors.items():
+        more = f" and {len(ids) - 1} more" if len(ids) > 1 else ""
+        problems.append(f"{message.removeprefix(source + ': ')} (cell {ids[0]}{more})")
+    problems += _check_tasks(cells)
+    if problems:
+        raise ExperimentError(source, problems)
+    return Experiment(name, source, sweep_dir, dict(spec), cells, notes)
+
+
+def _make_config(cls: type, values: Mapping[str, Any], source: str) -> Any:
+    """What ``build_config`` does, for values already parsed by :func:`_parse` (once per value, not per cell:
+    parsing resolves type hints, which costs seconds over a paper-sized grid)."""
+    config = cls(**{k: list(v) if isinstance(v, list) else v for k, v in values.items()})
+    validate(config, source=source)
+    return config
+
+
+def _read_grid(grid: Any, problems: list[str]) -> dict[str, list[Any]]:
+    if grid is None:
+        return {}
+    if not isinstance(grid, Mapping):
+        problems.append(f"'grid' must map keys to lists of values, e.g. 'grid: {{shots: [2, 8]}}', "
+                        f"not a {type(grid).__name__}.")
+        return {}
+    out: dict[str, list[Any]] = {}
+    for raw_key, values in grid.items():
+        key = str(raw_key).replace("-", "_")
+        if key == "seeds":  # the plural reads naturally too
+            key = "seed"
+        if key in _NOT_IN_EXPERIMENT:
+            problems.append(f"grid key '{raw_key}' is not used in experiments: {_NOT_IN_EXPERIMENT[key]}.")
+        elif key == "output_dir":
+            problems.append("grid key 'output_dir': every cell has its own directory under the sweep's output_dir.")
+        elif key not in GRID_KEYS:
+            problems.append(f"unknown grid key '{raw_key}'.{_suggest(key, GRID_KEYS)}")
+        elif key in out:
+            problems.append(f"grid key '{key}' is given twice.")
+        elif not isinstance(values, list):
+            problems.append(f"grid '{raw_key}' must be a list of values, e.g. '{raw_key}: [{values}]'.")
+        elif not values:
+            problems.append(f"grid '{raw_key}' is an empty list: give at least one value (or remove the key).")
+        else:
+            out[key] = values
+    return out
+
+
+def _parse(key: str, value: Any, where: str, problems: list[str]) -> Any:
+    """A value in its option's type (so that 0.5 and '0.5' are one cell); problems are collected, not raised."""
+    if key == "method":
+        return str(value)
+    name, single = ("seeds", True) if key == "seed" else (key, False)
+    try:
+        parsed = parse_value(_OPTION_FIELDS[name], name, [value] if single else value, source="")
+    except ConfigError as exc:
+        problems.append(where + str(exc).removeprefix(": "))
+        return value
+    return parsed[0] if single else parsed
+
+
+def _suggest(key: str, valid: Any) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=3)
+    return f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _check_tasks(cells: list[Cell]) -> list[str]:
+    """Task, evaluation sets and pattern of each distinct combination, checked without loading data or models."""
+    from icldistill.tasks.prompts import resolve_pattern
+    from icldistill.tasks.registry import family_of, get_eval_set, get_task
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    for cell in cells:
+        c = cell.config
+        key = json.dumps([c.task, c.eval, c.pattern, c.label_words])
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            task = get_task(c.task)
+            for name in c.eval:
+                get_eval_set(name, task)
+            resolve_pattern(family_of(task), c.pattern or task.default_pattern, c.label_words)
+        except IcldError as exc:
+            problems.append(f"{exc} (cell {cell.id})")
+    return list(dict.fromkeys(problems))
+
+
+# ---------------------------------------------------------------------------------------------- cell ids
+
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def model_label(name: str) -> str:
+    """A model as a cell id shows it: a local path by its last component, a hub id with '/' -> '--'."""
+    text = str(name)
+    local = text.endswith(".gguf") or text.startswith(("/", ".", "~")) or os.sep in text and Path(text).exists()
+    text = Path(text).name if local else text.replace("/", "--")
+    return _SAFE.sub("-", text) or _short_hash(name)
+
+
+def _value_label(value: Any) -> str:
+    if isinstance(value, list):
+        return "+".join(_value_label(v) for v in value)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    text = str(value)
+    if len(text) > 32 or _SAFE.search(text):  # a template: unreadable when sanitised, so a stable hash
+        return "h" + _short_hash(text)
+    return text
+
+
+def _cell_id(method: str, params: Mapping[str, Any]) -> str:
+    parts = [method]
+    for key, value in params.items():
+        label = model_label(value) if key in ("teacher", "student") else _value_label(value)
+        parts.append(f"{_ID_NAMES.get(key, key)}={label}")
+    return "__".join(parts)
+
+
+def _disambiguate(cells: list[Cell]) -> None:
+    """Distinct cells whose readable ids coincide (two local models named 'model') get a hash of their values."""
+    by_id: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_id.setdefault(cell.id, []).append(cell)
+    for group in by_id.values():
+        if len(group) > 1:
+            for cell in group:  # the hash leaves out the seed, so that a configuration's seeds stay one group
+                cell.id = f"{cell.id}__{_short_hash({k: v for k, v in cell.params.items() if k != 'seed'})}"
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+@dataclass
+class Validation:
+    """What ``icld validate`` found: a kind ('experiment' or 'options'), problems, notes and a summary."""
+
+    source: str
+    kind: str
+    problems: list[str]
+    notes: list[str]
+    summary: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_file(path: str | Path) -> Validation:
+    """Check an experiment file (one with ``grid`` or ``method``) or a plain options file for icl/pbft/distill."""
+    path = Path(path)
+    try:
+        spec = load_yaml(path)
+    except ConfigError as exc:
+        return Validation(str(path), "unreadable", [str(exc)], [], "")
+    if "grid" in spec or "method" in spec:
+        try:
+            experiment = expand(spec, source=str(path), default_name=path.stem)
+        except ExperimentError as exc:
+            return Validation(str(path), "experiment", exc.problems, [], "")
+        counts: dict[str, int] = {}
+        for cell in experiment.cells:
+            counts[cell.method] = counts.get(cell.method, 0) + 1
+        methods = ", ".join(f"{m} {n}" for m, n in counts.items())
+        return Validation(str(path), "experiment", [], experiment.notes,
+                          f"{len(experiment.cells)} cells ({methods}) -> {experiment.output_dir}")
+    fits, problems = [], []
+    for command, cls in (("icl", IclOptions), ("pbft", PbftOptions), ("distill", DistillOptions)):
+        try:
+            build_config(cls, spec, source=str(path))
+            fits.append(command)
+        except ConfigError as exc:
+            problems.append(f"as `icld {command} --config`: {str(exc).removeprefix(str(path) + ': ')}")
+    if fits:
+        return Validation(str(path), "options", [], [], f"options file for {', '.join(f'icld {c}' for c in fits)}")
+    return Validation(str(path), "options", problems, [], "")

@@ -1,0 +1,180 @@
+"""A sweep's results as tables: :func:`collect` gathers every cell's ``results.json`` into one DataFrame,
+:func:`collect_subcases` the HANS subcases, and :func:`aggregate` summarises over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from icldistill.errors import IcldError
+from icldistill.experiments.grid import CELLS_DIR
+from icldistill.experiments.sweep import CELL_FILE, FINISHED, RESULTS_FILE, SWEEP_FILE, _read, cell_status
+
+COLUMNS = [
+    "cell", "method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval",
+    "n", "dropped", "accuracy", "calibrated_accuracy", "auc", "accuracy_full_vocab", "non_label_rate", "macro_f1",
+    "ood_accuracy", "peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
+    "inference_latency_ms", "inference_peak_memory_mb", "status",
+]
+CONFIG_COLUMNS = ["method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval"]
+METRIC_COLUMNS = ["n", "dropped", "accuracy", "calibrated_accuracy", "auc", "accuracy_full_vocab", "non_label_rate",
+                  "macro_f1", "ood_accuracy"]
+RESOURCE_COLUMNS = ["peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
+                    "inference_latency_ms", "inference_peak_memory_mb"]
+SUBCASE_COLUMNS = ["cell", "method", "model", "shots", "seed", "alpha", "eval", "subcase", "n", "accuracy"]
+
+
+def _cells_on_disk(sweep_dir: Path) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any] | None]]:
+    """(directory, cell.json, results.json or None) of every cell a worker has started, in the sweep's order."""
+    root = Path(sweep_dir) / CELLS_DIR
+    if not root.is_dir():
+        raise IcldError(f"{sweep_dir} is not a sweep directory (it has no {CELLS_DIR}/); run `icld sweep` first.")
+    order = {c.get("id"): i for i, c in enumerate((_read(Path(sweep_dir) / SWEEP_FILE) or {}).get("cells", []))}
+    directories = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (order.get(p.name, len(order)), p.name))
+    for directory in directories:
+        cell = _read(directory / CELL_FILE)
+        if cell:
+            yield directory, cell, _read(directory / RESULTS_FILE)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _get(mapping: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _describe_cell(cell: Mapping[str, Any], record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The config columns of a cell (shared by every row of it)."""
+    method, config = cell["method"], cell["config"]
+    trains = method in ("pbft", "distill")
+    teacher = config.get("teacher") if method == "distill" else config.get("model") if method == "icl-teacher" else None
+    student = config.get("student") if method == "distill" else config.get("model") if method != "icl-teacher" else None
+    pattern = _get(record, "pattern", "name") or config.get("pattern")
+    if pattern is None:
+        from icldistill.tasks.registry import TASKS
+
+        task = TASKS.get(config.get("task"))
+        pattern = task.default_pattern if task else None
+    return {"cell": cell["id"], "method": method, "model": teacher if method == "icl-teacher" else student,
+            "teacher": teacher, "student": student, "task": config.get("task"), "shots": config.get("shots"),
+            "seed": config["seeds"][0], "alpha": _number(config.get("alpha")) if method == "distill" else math.nan,
+            "peft": config.get("peft") if trains else None, "pattern": pattern}
+
+
+def _resources(method: str, record: Mapping[str, Any], seed_entry: Mapping[str, Any]) -> dict[str, float]:
+    if method.startswith("icl"):
+        inference = _get(record, "resources", "inference") or {}
+        return {"peak_memory_mb": _number(inference.get("peak_memory_mb")), "train_time_s": math.nan,
+                "teacher_time_s": math.nan, "seconds_per_step": math.nan, "trainable_parameters": math.nan,
+                "inference_latency_ms": _number(inference.get("latency_ms_per_query")),
+                "inference_peak_memory_mb": _number(inference.get("peak_memory_mb"))}
+    res = seed_entry.get("resources") or {}
+    inference = res.get("inference") or {}
+    return {"peak_memory_mb": _number(_get(res, "training", "peak_memory_mb")),
+            "train_time_s": _number(res.get("train_seconds")),
+            "teacher_time_s": _number(_get(record, "teacher_pass", "wall_time_s")) if method == "distill" else math.nan,
+            "seconds_per_step": _number(res.get("seconds_per_step")),
+            "trainable_parameters": _number(_get(seed_entry, "trainable", "trainable_parameters")),
+            "inference_latency_ms": _number(inference.get("latency_ms_per_query")),
+            "inference_peak_memory_mb": _number(inference.get("peak_memory_mb"))}
+
+
+def collect(sweep_dir: str | Path):
+    """Every run of a sweep in one table: one row per (cell, seed, evaluation set), columns :data:`COLUMNS`.
+
+    Cells that failed or have not finished appear with their status and NaN metrics; cells no
+    worker has started yet do not appear.
+    """
+    import pandas as pd
+
+    rows = []
+    for directory, cell, record in _cells_on_disk(Path(sweep_dir)):
+        described = _describe_cell(cell, record)
+        seed = str(described["seed"])
+        entry = _get(record, "seeds", seed) or {}
+        finished = record is not None and record.get("status") in FINISHED
+        status = (record.get("status") if finished else cell_status(directory))
+        if finished and "skipped" in entry:
+            status = "skipped"
+        metrics_by_set = (entry.get("eval") or {}) if finished else {}
+        resources = _resources(cell["method"], record, entry) if finished else dict.fromkeys(RESOURCE_COLUMNS, math.nan)
+        for name in cell["config"]["eval"]:
+            metrics = metrics_by_set.get(name) or {}
+            rows.append({**described, "eval": name, **{m: _number(metrics.get(m)) for m in METRIC_COLUMNS},
+                         **resources, "status": status})
+    frame = _none_for_missing(pd.DataFrame(rows, columns=COLUMNS))
+    return frame.astype({"shots": "int64", "seed": "int64"}) if len(frame) else frame
+
+
+_TEXT_COLUMNS = ["model", "teacher", "student", "task", "peft", "pattern"]
+
+
+def _none_for_missing(frame):
+    """Text columns hold None where a value does not apply (pandas' groupby turns it into NaN)."""
+    for col in _TEXT_COLUMNS:
+        if col in frame:
+            frame[col] = frame[col].astype(object).where(frame[col].notna(), None)
+    return frame
+
+
+def collect_subcases(sweep_dir: str | Path):
+    """HANS accuracy per subcase: one row per (cell, seed, evaluation set, subcase), columns :data:`SUBCASE_COLUMNS`."""
+    import pandas as pd
+
+    rows = []
+    for _, cell, record in _cells_on_disk(Path(sweep_dir)):
+        if not record or record.get("status") not in FINISHED:
+            continue
+        described = _describe_cell(cell, record)
+        metrics_by_set = _get(record, "seeds", str(described["seed"]), "eval") or {}
+        for name, metrics in metrics_by_set.items():
+            for subcase, values in (metrics.get("by_subcase") or {}).items():
+                rows.append({**{k: described[k] for k in ("cell", "method", "model", "shots", "seed", "alpha")},
+                             "eval": name, "subcase": subcase, "n": _number(values.get("n")),
+                             "accuracy": _number(values.get("accuracy"))})
+    return pd.DataFrame(rows, columns=SUBCASE_COLUMNS)
+
+
+def _group_id(cell_id: str) -> str:
+    return re.sub(r"__seed=[^_]+", "", cell_id)
+
+
+def aggregate(df):
+    """Mean, sample std (ddof=1), 95% t-interval half-width and count over seeds, per configuration and eval set.
+
+    Groups by every config column but ``seed`` (plus ``group``, the cell id without its seed); for each
+    metric and resource column ``<col>_mean``, ``<col>_std``, ``<col>_ci95``; ``n_seeds`` counts the
+    complete runs, ``n_failed`` the failed ones, ``seeds`` lists the seeds that count. Only complete runs
+    enter the statistics; std is 0 and ci95 NaN for a single seed (as in each run's own aggregate).
+    """
+    import pandas as pd
+
+    from icldistill.scoring.metrics import aggregate_seeds
+
+    df = df.assign(group=df["cell"].map(_group_id))
+    keys = ["group"] + [c for c in CONFIG_COLUMNS if c != "seed"]
+    values = METRIC_COLUMNS + RESOURCE_COLUMNS
+    out = []
+    for key, part in df.groupby(keys, dropna=False, sort=False):
+        complete = part[part["status"] == "complete"]
+        row: dict[str, Any] = dict(zip(keys, key))
+        row.update(n_seeds=len(complete), n_failed=int((part["status"] == "failed").sum()),
+                   seeds=",".join(str(s) for s in sorted(complete["seed"])))
+        for col in values:
+            present = [float(v) for v in complete[col] if not math.isnan(v)]
+            stats = aggregate_seeds([{"v": v} for v in present])["v"] if present else None
+            row[f"{col}_mean"] = stats["mean"] if stats else math.nan
+            row[f"{col}_std"] = stats["std"] if stats else math.nan
+            row[f"{col}_ci95"] = stats["ci95"] if stats and stats["ci95"] is not None else math.nan
+        out.append(row)
+    columns = keys + ["n_seeds", "n_failed", "seeds"] + [f"{c}_{s}" for c in values for s in ("mean", "std", "ci95")]
+    return _none_for_missing(pd.DataFrame(out, columns=columns))

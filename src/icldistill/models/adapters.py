@@ -1,0 +1,144 @@
+"""What trains: LoRA through the ``peft`` library, BitFit (bias terms only), or full fine-tuning.
+
+The embeddings and the LM head stay frozen unless asked for (llmft trains them in its "LoRA" and
+"BitFit" runs, which distorts memory comparisons; PROTOCOL.md). Every choice is summarised in a
+record: the number of trainable parameters and the names of the trainable groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from icldistill.config import TrainOptions
+from icldistill.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass
+class TrainableSummary:
+    """How many parameters train, and which groups (layer indices folded into '*')."""
+
+    method: str
+    trainable: int
+    total: int
+    groups: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "trainable_parameters": self.trainable, "total_parameters": self.total,
+                "trainable_fraction": self.trainable / self.total if self.total else 0.0,
+                "trainable_groups": self.groups, "notes": self.notes}
+
+
+def summarise(model: nn.Module, method: str, notes: list[str] | None = None) -> TrainableSummary:
+    """Count trainable parameters and group their names (``layers.3.self_attn`` -> ``layers.*.self_attn``)."""
+    groups: Counter[str] = Counter()
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            groups[re.sub(r"\.\d+\.", ".*.", name)] += p.numel()
+    return TrainableSummary(method, trainable, total, dict(sorted(groups.items())), notes or [])
+
+
+def _embedding_modules(model: nn.Module) -> list[nn.Module]:
+    mods = [model.get_input_embeddings()]
+    out = model.get_output_embeddings()
+    if out is not None and out is not mods[0]:
+        mods.append(out)
+    return mods
+
+
+def _module_names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    names = []
+    for name, m in model.named_modules():
+        if any(m is x for x in modules):
+            names.append(name.split(".")[-1])
+    return sorted(set(names))
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def apply_lora(model: nn.Module, options: TrainOptions) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters from ``peft`` on the target modules."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(options.lora_targets or DEFAULT_LORA_TARGETS)
+    available = _linear_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(
+            f"LoRA target modules {missing} do not exist in this model; its linear layers are {available}. "
+            "Choose others with --lora-targets."
+        )
+    modules_to_save = _module_names(model, _embedding_modules(model)) if options.train_embeddings else None
+    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM", modules_to_save=modules_to_save)
+    return get_peft_model(model, config)
+
+
+def _add_zero_biases(model: nn.Module, targets: list[str]) -> int:
+    """Give bias-free linear layers named in ``targets`` a zero bias (the function is unchanged at start)."""
+    added = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.bias is None and name.split(".")[-1] in targets:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
+            added += 1
+    return added
+
+
+def prepare_trainable(model: nn.Module, options: TrainOptions) -> tuple[nn.Module, TrainableSummary]:
+    """Freeze and wrap ``model`` for ``options.peft``; returns the model to train and what trains."""
+    notes: list[str] = []
+    if options.peft == "lora":
+        model = apply_lora(model, options)
+        method = f"lora(r={options.lora_r}, alpha={options.lora_alpha}, targets={','.join(options.lora_targets or DEFAULT_LORA_TARGETS)})"
+    elif options.peft == "bitfit":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        if not biases:
+            if options.bitfit_fallback != "add-bias":
+                raise ConfigError(
+                    "BitFit trains bias terms, and this model has none (Llama and Gemma layers have no biases). "
+                    "Use --bitfit-fallback add-bias to add zero-initialised biases to the target layers "
+                    f"({','.join(options.lora_targets or DEFAULT_LORA_TARGETS)}, see --lora-targets), or --peft lora."
+                )
+            targets = list(options.lora_targets or DEFAULT_LORA_TARGETS)
+            added = _add_zero_biases(model, targets)
+            if not added:
+                raise ConfigError(f"No linear layer named {targets} to add biases to; set --lora-targets.")
+            notes.append(f"model had no biases: added zero-initialised biases to {added} {','.join(targets)} layers")
+            biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        for p in biases:
+            p.requires_grad_(True)
+        method = "bitfit"
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        method = "full"
+    if options.peft != "lora":
+        for m in _embedding_modules(model):
+            for p in m.parameters():
+                p.requires_grad_(options.train_embeddings)
+    if options.train_embeddings:
+        notes.append("input embeddings and LM head train too (--train-embeddings)")
+    summary = summarise(model, method, notes)
+    if summary.trainable == 0:
+        raise ConfigError(f"Nothing would train with --peft {options.peft}; check the options.")
+    logger.info("%s: %d of %d parameters train (%.3f%%)", method, summary.trainable, summary.total,
+                100 * summary.trainable / summary.total)
+    return model, summary

@@ -1,0 +1,21 @@
+"""The one scoring path: label-word scores after a shared demonstration prefix with its KV cache
+(``prefix_cache``), scoring whole evaluation sets under a context (``evalsets``), and the metrics computed
+from those scores (``metrics``, numpy only).
+"""
+
+from icldistill._lazy import lazy_exports
+
+_EXPORTS = {
+    "evalsets": (
+        "ContextTooLong", "EncodedPrompts", "encode_prompts", "score_prompts", "evaluate_examples",
+    ),
+    "metrics": (
+        "compute_metrics", "aggregate_seeds", "hans_lexical_overlap_ood",
+    ),
+    "prefix_cache": (
+        "label_token_ids", "encode_prefix", "encode_queries", "last_token_logits", "pad_right",
+        "PrefixCache", "Scores", "score_queries", "score_queries_sharded",
+    ),
+}
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,22 @@
+"""The task layer: where each data set lives and how its labels map to classes (``registry``), loading
+and validating rows (``data``), and prompt patterns with seeded demonstration sampling (``prompts``).
+Imports no torch or transformers.
+"""
+
+from icldistill._lazy import lazy_exports
+
+_EXPORTS = {
+    "data": (
+        "Example", "LoadedData", "resolve_data_dir", "load", "parse_rows", "subsample",
+    ),
+    "prompts": (
+        "SEPARATOR", "Pattern", "resolve_pattern", "sample_demonstrations", "context_rng",
+        "demonstration_prefix",
+    ),
+    "registry": (
+        "HubSource", "DataSpec", "PatternSpec", "Family", "Task", "FAMILIES", "EVAL_SETS", "TASKS",
+        "get_task", "get_eval_set", "family_of",
+    ),
+}
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

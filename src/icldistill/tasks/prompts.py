@@ -1,0 +1,137 @@
+"""Prompt patterns, verbalizers and seeded, balanced demonstration sampling.
+
+A demonstration is the rendered pattern followed by its label word; demonstrations are joined by a
+blank line and the query follows the last one (PROTOCOL.md). The prefix and the query are returned
+as separate strings because they must be tokenized separately (see ``scoring``). No torch here.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from icldistill.tasks.data import Example
+from icldistill.errors import PromptError
+from icldistill.tasks.registry import Family
+
+SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A resolved pattern: template, label words (one per class) and its name for the record."""
+
+    name: str
+    template: str
+    label_words: tuple[str, ...]
+
+    def render(self, fields: Mapping[str, str]) -> str:
+        """The template with the row's fields filled in (the text itself is never re-parsed)."""
+        return self.template.format_map(dict(fields))
+
+    def demonstration(self, example: Example) -> str:
+        """A solved example: the rendered pattern followed by the gold label word."""
+        return self.render(example.fields) + self.label_words[example.label]
+
+
+def resolve_pattern(family: Family, pattern: str, label_words: Sequence[str] | None = None) -> Pattern:
+    """A pattern by name (from the task's family) or a user template with the family's fields.
+
+    A user template must use every field of the family and no other placeholder.
+    """
+    if pattern in family.patterns:
+        spec = family.patterns[pattern]
+        name, template, words = pattern, spec.template, spec.label_words
+    else:
+        placeholders = _placeholders(pattern)
+        if not placeholders:
+            raise PromptError(
+                f"Pattern {pattern!r} is neither a known pattern ({', '.join(family.patterns)}) nor a template; "
+                f"a template must contain {', '.join('{' + f + '}' for f in family.fields)}."
+            )
+        missing = [f for f in family.fields if f not in placeholders]
+        unknown = sorted(placeholders - set(family.fields))
+        if missing or unknown:
+            problems = []
+            if missing:
+                problems.append("it lacks " + ", ".join("{" + f + "}" for f in missing))
+            if unknown:
+                problems.append("it uses unknown " + ", ".join("{" + f + "}" for f in unknown))
+            raise PromptError(f"Template {pattern!r}: {' and '.join(problems)}. Fields are {', '.join(family.fields)}.")
+        name, template = "custom", pattern
+        words = next(iter(family.patterns.values())).label_words
+    if label_words is not None:
+        words = tuple(label_words)
+    if len(words) != len(family.classes):
+        raise PromptError(
+            f"Need one label word per class ({', '.join(family.classes)}), got {len(words)}: {list(words)}."
+        )
+    if len(set(words)) != len(words) or any(not w.strip() for w in words):
+        raise PromptError(f"Label words must be distinct and non-empty, got {list(words)}.")
+    return Pattern(name, template, tuple(words))
+
+
+def _placeholders(template: str) -> set[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise PromptError(f"Template {template!r} is malformed ({exc}); write literal braces as '{{{{' and '}}}}'.") from None
+    # '{premise!x}' or '{premise:d}' parse but fail in render, and '{premise!r}' quotes the text: allow neither
+    odd = [name for _, name, spec, conversion in parsed if name is not None and (spec or conversion)]
+    if odd:
+        raise PromptError(
+            f"Template {template!r}: a placeholder takes no conversion or format spec ({', '.join(odd)}); "
+            "write plain {field}, and literal braces as '{{' and '}}'."
+        )
+    return {name for _, name, _, _ in parsed if name is not None}
+
+
+def sample_demonstrations(
+    pool: Sequence[Example],
+    k: int,
+    n_classes: int,
+    rng: random.Random,
+    exclude: set[tuple[str, ...]] | frozenset[tuple[str, ...]] = frozenset(),
+) -> list[Example]:
+    """Draw k demonstrations, k / n_classes per class, then shuffle them.
+
+    ``exclude`` holds text keys (``Example.text_key``) that must not be drawn, so that demonstrations
+    never repeat a query. Candidates are taken in pool order, so the draw depends only on the seed.
+    """
+    if k == 0:
+        return []
+    if k % n_classes:
+        raise PromptError(f"--shots {k} cannot be balanced over {n_classes} classes; use a multiple of {n_classes}.")
+    per_class = k // n_classes
+    by_class: list[list[Example]] = [[] for _ in range(n_classes)]
+    for ex in pool:
+        if ex.text_key() not in exclude:
+            by_class[ex.label].append(ex)
+    chosen: list[Example] = []
+    for cls, candidates in enumerate(by_class):
+        if len(candidates) < per_class:
+            raise PromptError(
+                f"Class {cls} has only {len(candidates)} usable training examples, fewer than the {per_class} "
+                f"needed for --shots {k}; lower --shots."
+            )
+        chosen.extend(rng.sample(candidates, per_class))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def context_rng(seed: int, context: int = 0) -> random.Random:
+    """The generator for demonstration set ``context`` of data seed ``seed``.
+
+    Context 0 is the ICL context of that seed, so the distillation teacher sees exactly the
+    demonstrations that ICL evaluation reports on; further contexts are independent draws.
+    """
+    return random.Random(seed if context == 0 else f"icldistill-context-{seed}-{context}")
+
+
+def demonstration_prefix(pattern: Pattern, demonstrations: Sequence[Example]) -> str:
+    """The text before the query: solved demonstrations joined by blank lines, ending in a separator."""
+    if not demonstrations:
+        return ""
+    return SEPARATOR.join(pattern.demonstration(d) for d in demonstrations) + SEPARATOR

@@ -1,0 +1,261 @@
+"""The training loop and the two training methods on tiny models and real MNLI rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from icldistill.models.adapters import prepare_trainable
+from icldistill.config import DistillOptions, PbftOptions, TrainOptions, build_config
+from icldistill.errors import ConfigError
+from icldistill.training.losses import LossOutput
+from icldistill.training.loop import TrainingDiverged, find_checkpoint, fit
+from tiny import make_model, make_tokenizer
+
+
+def _opts(**kw) -> TrainOptions:
+    base = dict(epochs=3, lr=5e-3, train_batch_size=4, warmup_ratio=0.0, lora_dropout=0.0)
+    base.update(kw)
+    return build_config(TrainOptions, base)
+
+
+def _toy_problem(arch="llama", seed=0):
+    """A tiny model and a fixed set of 8 token sequences with binary targets on two tokens."""
+    tok = make_tokenizer()
+    model = make_model(arch, len(tok), seed=seed).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(tok), (8, 6), generator=g)
+    labels = torch.tensor([0, 1] * 4)
+
+    def make_batch(indices):
+        return {"input_ids": ids[list(indices)], "labels": labels[list(indices)], "n_tokens": 6 * len(indices)}
+
+    def loss_fn(m, batch):
+        logits = m(input_ids=batch["input_ids"], logits_to_keep=1).logits[:, -1, 5:7]
+        ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return LossOutput(ce, None, ce.detach())
+
+    return model, make_batch, loss_fn
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_is_exact():
+    """One step over 8 examples == the same step as 2 x 4 or 4 x 2 micro-batches (fp32, no dropout)."""
+    results = []
+    for accum in (1, 2, 4):
+        model, make_batch, loss_fn = _toy_problem()
+        model, _ = prepare_trainable(model, _opts(peft="none"))
+        fit(model, 8, make_batch, loss_fn, _opts(peft="none", epochs=1, train_batch_size=8, grad_accum=accum),
+            seed=0, progress=False)
+        results.append(_trainable(model))
+    for other in results[1:]:
+        for name, value in results[0].items():
+            assert torch.allclose(value, other[name], atol=1e-6), name
+
+
+def test_loss_falls_and_checkpoint_resume_equals_uninterrupted(tmp_path):
+    opts = _opts(peft="lora", epochs=3)
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    full = fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=tmp_path / "a",
+               evaluate=lambda m: {"ok": 1}, progress=False)
+    losses = [h["train_loss"] for h in full.history]
+    assert losses[-1] < losses[0]
+    reference = _trainable(model)
+
+    # A run killed during epoch 2's evaluation (after epoch 1's checkpoint), then resumed.
+    calls = {"n": 0}
+
+    def dying_eval(m):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return {"ok": 1}
+
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=tmp_path / "b", evaluate=dying_eval,
+            progress=False)
+    assert find_checkpoint(tmp_path / "b") is not None
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    resumed = fit(model, 8, make_batch, loss_fn, _opts(peft="lora", epochs=3, resume=True), seed=0,
+                  checkpoint_dir=tmp_path / "b", evaluate=lambda m: {"ok": 1}, progress=False)
+    assert resumed.resumed_from_epoch == 1
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(losses, abs=1e-6)
+    for name, value in reference.items():
+        assert torch.allclose(value, _trainable(model)[name], atol=1e-6), name
+
+
+def test_checkpoint_holds_only_trainable_parameters(tmp_path):
+    opts = _opts(peft="lora", epochs=1)
+    model, make_batch, loss_fn = _toy_problem()
+    model, summary = prepare_trainable(model, opts)
+    fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=tmp_path, progress=False)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(find_checkpoint(tmp_path) / "trainable.safetensors"))
+    assert sum(t.numel() for t in saved.values()) == summary.trainable
+    assert all("lora_" in n for n in saved)
+
+
+def test_non_finite_loss_stops_with_a_message():
+    model, make_batch, _ = _toy_problem()
+    model, _ = prepare_trainable(model, _opts(peft="none"))
+
+    def nan_loss(m, batch):
+        out = m(input_ids=batch["input_ids"], logits_to_keep=1).logits.sum() * float("nan")
+        return LossOutput(out, None, None)
+
+    with pytest.raises(TrainingDiverged, match="Lower --lr"):
+        fit(model, 8, make_batch, nan_loss, _opts(peft="none", epochs=1), seed=0, progress=False)
+
+
+def test_bitfit_on_a_bias_free_model():
+    model = make_model("llama", 300)
+    with pytest.raises(ConfigError, match="no biases|has none"):
+        prepare_trainable(model, _opts(peft="bitfit"))
+    ids = torch.randint(3, 300, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model, summary = prepare_trainable(model, _opts(peft="bitfit", bitfit_fallback="add-bias"))
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)  # zero-initialised biases change nothing at the start
+    assert summary.trainable > 0 and all(".bias" in g for g in summary.groups)
+    assert summary.notes
+
+
+def test_bitfit_on_opt_trains_only_biases():
+    model = make_model("opt", 300)
+    model, summary = prepare_trainable(model, _opts(peft="bitfit"))
+    assert all(g.endswith("bias") for g in summary.groups)
+    assert summary.trainable == sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias")
+                                    and "embed" not in n and "lm_head" not in n)
+
+
+def test_lora_defaults_and_frozen_embeddings():
+    model = make_model("opt", 300)
+    model, summary = prepare_trainable(model, _opts(peft="lora", lora_r=8))
+    assert set(summary.groups) <= {g for g in summary.groups if "lora_" in g}
+    assert any("q_proj" in g for g in summary.groups) and any("v_proj" in g for g in summary.groups)
+    assert not any("embed" in g or "lm_head" in g for g in summary.groups)
+    with pytest.raises(ConfigError, match="do not exist"):
+        prepare_trainable(make_model("opt", 300), _opts(peft="lora", lora_targets=["nope"]))
+
+
+# ------------------------------------------------------------------------------------- methods end to end
+
+
+def _common(tmp_path, data_dir, **kw):
+    base = dict(task="mnli", eval=["mnli-m", "hans-lo"], shots=4, seeds=[0], limit=12, batch_size=8,
+                data_dir=str(data_dir), output_dir=str(tmp_path / "out"), epochs=3, lr=1e-2, train_batch_size=4,
+                warmup_ratio=0.0, lora_dropout=0.0, dtype="fp32", device="cpu")
+    base.update(kw)
+    return base
+
+
+def test_pbft_end_to_end(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from icldistill.methods.pbft import run_pbft
+
+    config = build_config(PbftOptions, _common(tmp_path, data_dir, model=str(tiny_dirs["student"])))
+    record = run_pbft(config, progress=False)
+    assert record["status"] == "complete"
+    seed = record["seeds"]["0"]
+    losses = [h["train_loss"] for h in seed["history"]]
+    assert losses[-1] < losses[0]
+    assert len(seed["train_examples"]) == 4  # the k support examples
+    assert seed["trainable"]["trainable_parameters"] > 0
+    assert set(record["aggregate"]) == {"mnli-m", "hans-lo"}
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["status"] == "complete"
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
+    PeftModel.from_pretrained(base, seed["artefacts"]["adapter"])  # loadable in peft format
+
+
+def test_distill_kl_falls_and_teacher_cache_is_reused(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from icldistill.methods.distill import run_distill
+
+    values = _common(tmp_path, data_dir, teacher=str(tiny_dirs["teacher"]), student=str(tiny_dirs["student"]),
+                     train_queries=16, alpha=1.0, epochs=4, teacher_contexts=2)
+    first = run_distill(build_config(DistillOptions, values), progress=False)
+    seed = first["seeds"]["0"]
+    kls = [h["train_kl"] for h in seed["history"]]
+    assert kls[-1] < 0.7 * kls[0], kls
+    assert len(seed["demonstration_contexts"]) == 2 and seed["demonstration_contexts"][0] != seed["demonstration_contexts"][1]
+    assert first["teacher_pass"]["cache_hits"] == 0 and first["teacher_pass"]["teacher_loaded"]
+    assert not set(seed["train_examples"]) & set(seed["demonstration_contexts"][0])
+
+    values["output_dir"] = str(tmp_path / "again")
+    second = run_distill(build_config(DistillOptions, values), progress=False)
+    assert second["teacher_pass"]["cache_hits"] == 1 and not second["teacher_pass"]["teacher_loaded"]
+    assert second["seeds"]["0"]["history"][-1]["train_kl"] == pytest.approx(kls[-1], rel=1e-5)
+
+    # A corrupt cache entry is detected and recomputed, not used.
+    entry = next((cache_dir / "teacher").glob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:-8])
+    values["output_dir"] = str(tmp_path / "third")
+    third = run_distill(build_config(DistillOptions, values), progress=False)
+    assert third["teacher_pass"]["cache_hits"] == 0 and third["teacher_pass"]["teacher_loaded"]
+
+
+def test_cached_signal_equals_online_signal(data_dir, tiny_dirs):
+    from icldistill.methods.common import prepare
+    from icldistill.models.loading import load_model
+    from icldistill.training.teacher import OnlineTeacher, compute_signal
+
+    setup = prepare(build_config(DistillOptions, dict(data_dir=str(data_dir), limit=4, shots=4)))
+    teacher = load_model(str(tiny_dirs["teacher"]), dtype="fp32", device="cpu")
+    contexts = [setup.demonstrations(0, 4, context=j) for j in range(2)]
+    queries = list(setup.train.examples[100:110])
+    cached = compute_signal(teacher, setup.pattern, contexts, queries, batch_size=3, topk=5, progress=False)
+    online = OnlineTeacher(teacher, setup.pattern, contexts)(queries[:6], topk=5)
+    assert torch.allclose(cached.label_logprobs[:6], online.label_logprobs, atol=1e-5)
+    assert torch.equal(cached.topk_ids[:6], online.topk_ids)
+
+
+def test_online_distillation_runs_and_learns(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from icldistill.methods.distill import run_distill
+
+    values = _common(tmp_path, data_dir, teacher=str(tiny_dirs["teacher"]), student=str(tiny_dirs["student"]),
+                     train_queries=8, alpha=0.5, epochs=3, teacher_signal="online", kl_space="vocab")
+    record = run_distill(build_config(DistillOptions, values), progress=False)
+    kls = [h["train_kl"] for h in record["seeds"]["0"]["history"]]
+    assert kls[-1] < kls[0]
+
+
+def test_vocab_kl_refuses_different_tokenizers(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from icldistill.methods.distill import run_distill
+
+    values = _common(tmp_path, data_dir, teacher=str(tiny_dirs["other"]), student=str(tiny_dirs["student"]),
+                     kl_space="vocab", train_queries=4)
+    with pytest.raises(ConfigError, match="--kl-space label"):
+        run_distill(build_config(DistillOptions, values), progress=False)
+
+
+def test_merge_saves_a_plain_model_equal_to_the_adapter(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from icldistill.methods.pbft import run_pbft
+
+    config = build_config(PbftOptions, _common(tmp_path, data_dir, model=str(tiny_dirs["student"]), merge=True,
+                                               epochs=2, eval=["mnli-m"], limit=4))
+    artefacts = run_pbft(config, progress=False)["seeds"]["0"]["artefacts"]
+    merged = AutoModelForCausalLM.from_pretrained(artefacts["merged"]).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]),
+                                        artefacts["adapter"]).eval()
+    ids = torch.randint(3, 250, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])(input_ids=ids).logits
+    assert not torch.allclose(merged(input_ids=ids).logits, base, atol=1e-5)  # training changed something

@@ -129,6 +129,51 @@ class DistillOptions(CommonOptions, TrainOptions):
     teacher_dtype: str = option("auto", "Teacher dtype (auto, bf16, fp16, fp32).", choices=("auto", "bf16", "fp16", "fp32"))
 
 
+def _same_as(cls: type, name: str, default: Any = dataclasses.MISSING, help: str | None = None) -> Any:
+    """The option ``name`` of ``cls`` again (its help and choices, optionally another default): said once."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return option(value if default is dataclasses.MISSING else default, help or f.metadata["help"],
+                  choices=f.metadata.get("choices"), keep_spaces=f.metadata.get("keep_spaces", False))
+
+
+_FROM_MODEL = " (default: the one the model was trained or exported with, else the task's)"
+
+
+@dataclass
+class PredictOptions:
+    """Batch inference on unlabelled rows with any loadable model (issue 11)."""
+
+    model: str = option("smollm2-135m", "Model: a training run's seed directory (RUN/seed-N), an exported directory "
+                        "(icld export), a packaged name, a Hugging Face id, a local directory or a .gguf file.")
+    input: str = option("", "Rows to answer: .jsonl, .csv or .parquet with the task's input columns (and optionally id).")
+    output: str = option("predictions.jsonl", "Where the answers go (.jsonl, .csv or .parquet), written atomically.")
+    task: str | None = option(None, "Task whose fields, classes and patterns apply" + _FROM_MODEL + "; mnli otherwise.")
+    pattern: str | None = _same_as(CommonOptions, "pattern", help="Prompt pattern" + _FROM_MODEL + ".")
+    label_words: list[str] | None = _same_as(CommonOptions, "label_words")
+    shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations in each prompt (0 for a trained student; k for an "
+                          "ICL teacher, drawn from the task's train split, balanced, with --seed).")
+    seed: int = option(0, "Seed of the demonstration draw (with --shots).")
+    batch_size: int = _same_as(CommonOptions, "batch_size")
+    dtype: str = _same_as(CommonOptions, "dtype")
+    device: str = _same_as(CommonOptions, "device")
+    data_dir: str | None = _same_as(CommonOptions, "data_dir")
+    data_source: str = _same_as(CommonOptions, "data_source")
+    cache_dir: str | None = _same_as(CommonOptions, "cache_dir")
+    prefix_cache: bool = _same_as(CommonOptions, "prefix_cache")
+
+
+@dataclass
+class EvalOptions(CommonOptions):
+    """Evaluate a trained student (or any model) on evaluation sets, without training (issue 11)."""
+
+    model: str = option("smollm2-135m", "Model: a training run (directory or RUN/seed-N), a sweep directory (each trained "
+                        "cell, written to its eval-<set>/), an exported directory, or any model name.")
+    task: str | None = option(None, "Task" + _FROM_MODEL + "; mnli otherwise.")
+    eval: list[str] | None = option(None, "Evaluation sets, comma-separated (default: the task's; see `icld tasks`).")
+    shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations per prompt (0: the trained student answers alone).")
+
+
 # ---------------------------------------------------------------------------------------------
 # Turning strings, YAML and dicts into these dataclasses
 
@@ -265,7 +310,7 @@ def validate(config: Any, *, source: str = "options") -> None:
             raise ConfigError(f"{source}: option '{name}' must lie in [{low}, {high}], got {getattr(config, name)}.")
     if hasattr(config, "seeds") and not config.seeds:
         raise ConfigError(f"{source}: option 'seeds' needs at least one seed.")
-    if hasattr(config, "eval") and not config.eval:
+    if hasattr(config, "eval") and config.eval is not None and not config.eval:
         raise ConfigError(f"{source}: option 'eval' needs at least one evaluation set.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,13 @@ from icldistill.runtime.records import environment
 from icldistill.tasks.registry import DataSpec, Family, Task, family_of, get_eval_set, get_task
 
 logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def prediction_rows(seed: int, predictions: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of ``predictions.jsonl``: one per (seed, evaluation set, query), the same for every method."""
+    return [{"seed": seed, "eval": name, **p} for name, rows in predictions.items() for p in rows]
 
 
 @dataclass
@@ -151,5 +159,14 @@ def finish_record(record: dict[str, Any], out: Path) -> dict[str, Any]:
     complete = bool(seeds) and all(r.get("status") == "complete" for r in seeds.values())
     record["status"] = "complete" if complete else "incomplete"
     if distributed.is_main():  # every rank holds the same record; one writes it
+        from icldistill.runtime.records import atomic_write_jsonl
+
+        rows: list[Any] = []
+        for seed in seeds:  # each seed's final evaluation, written by train_and_evaluate
+            path = out / f"seed-{seed}" / PREDICTIONS_FILE
+            if path.is_file():
+                rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if rows:
+            atomic_write_jsonl(out / PREDICTIONS_FILE, rows)
         atomic_write_json(out / "results.json", record)
     return record

@@ -22,10 +22,10 @@ from icldistill.tasks.data import Example
 from icldistill.errors import ConfigError, IcldError
 from icldistill.training.losses import LossOutput, label_log_probs
 from icldistill.models.loading import LoadedModel, load_model
-from icldistill.runtime.records import atomic_write_json, measure, read_json
+from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
 from icldistill.scoring.prefix_cache import encode_prefix, encode_queries, label_token_ids, last_token_logits, pad_right
 from icldistill.training.loop import fit
-from icldistill.methods.common import Setup, evaluate_on_sets, model_record
+from icldistill.methods.common import PREDICTIONS_FILE, Setup, evaluate_on_sets, model_record, prediction_rows
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,16 @@ def train_and_evaluate(
     model, trainable = prepare_trainable(loaded.model, options)
     student = dataclasses.replace(loaded, model=model)
 
+    final_predictions: dict[str, list[dict[str, Any]]] = {}
+
     def evaluate(m: torch.nn.Module, limit: int | None = options.eval_limit) -> dict[str, Any]:
         """The student answers without demonstrations (what distillation is for)."""
         with torch.autocast(device_type=student.device.type, dtype=torch.bfloat16,
                             enabled=mixed_precision_for(config.dtype, student.device) == "bf16"):
-            metrics, _, _ = evaluate_on_sets(dataclasses.replace(student, model=m), setup, [],
-                                             batch_size=config.batch_size, progress=False, limit=limit)
+            metrics, predictions, _ = evaluate_on_sets(dataclasses.replace(student, model=m), setup, [],
+                                                       batch_size=config.batch_size, progress=False, limit=limit)
+        final_predictions.clear()
+        final_predictions.update(predictions)  # the last call is the final evaluation
         return metrics
 
     with measure(student.device) as training:
@@ -133,6 +137,8 @@ def train_and_evaluate(
     if result.history:
         result.history[-1]["eval"] = final
     artefacts = save_trained(model, student, options, seed_dir, gathered=result.final_trainable_state)
+    if distributed.is_main():  # per-query answers of the final evaluation, rows as icl's (issue 11)
+        atomic_write_jsonl(seed_dir / PREDICTIONS_FILE, prediction_rows(seed, final_predictions))
     record = {
         "seed": seed, "method": method, "status": "complete", "student": model_record(student),
         "trainable": trainable.as_dict(), "train_examples": [ex.id for ex in train_examples],

@@ -14,7 +14,8 @@ from icldistill.config import IclOptions
 from icldistill.scoring.evalsets import ContextTooLong
 from icldistill.models.loading import load_model
 from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure
-from icldistill.methods.common import aggregate, base_record, evaluate_on_sets, model_record, output_dir, prepare
+from icldistill.methods.common import (PREDICTIONS_FILE, aggregate, base_record, evaluate_on_sets, model_record,
+                                      output_dir, prediction_rows, prepare)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
                 per_seed_metrics[str(seed)] = metrics
                 prompt_tokens += tokens
                 queries += sum(m["n"] for m in metrics.values())
-                predictions += [{"seed": seed, "eval": name, **p} for name, rows in preds.items() for p in rows]
+                predictions += prediction_rows(seed, preds)
     record["seeds"] = seeds
     record["aggregate"] = aggregate(per_seed_metrics)
     record["resources"] = {
@@ -70,6 +71,6 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
     }
     record["status"] = "complete" if per_seed_metrics else "skipped"
     if distributed.is_main():  # every rank holds the gathered predictions and metrics; one writes them
-        atomic_write_jsonl(out / "predictions.jsonl", predictions)
+        atomic_write_jsonl(out / PREDICTIONS_FILE, predictions)
         atomic_write_json(out / "results.json", record)
     return record

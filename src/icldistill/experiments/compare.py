@@ -1,0 +1,272 @@
+"""Paired comparison of two runs on the queries both scored: accuracy difference, bootstrap interval, McNemar.
+
+Two methods evaluated on the same queries are compared query by query, not by their means: a paired
+bootstrap (queries resampled together for both runs, and seeds resampled in pairs when there are
+several) gives a 95% interval for the difference, and McNemar's exact test asks whether the queries
+only one of them got right split evenly. This is what keeps a five-seed study from over-claiming
+(issue 11). Reads ``predictions.jsonl`` files; numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from icldistill.errors import IcldError
+
+PREDICTIONS_FILE = "predictions.jsonl"
+DEFAULT_RESAMPLES = 10_000
+OOD_HEURISTIC = "lexical_overlap"
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value: under H0 the ``a_only + b_only`` discordant queries split 50/50.
+
+    ``p = min(1, 2 * P(X <= min(a_only, b_only)))`` with ``X ~ Binomial(a_only + b_only, 1/2)``;
+    1.0 when there is no discordant query.
+    """
+    if a_only < 0 or b_only < 0:
+        raise ValueError("counts must be >= 0")
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
+    return min(1.0, 2.0 * tail / 2.0**n)
+
+
+def _statistic(a: np.ndarray, b: np.ndarray, strata: np.ndarray | None) -> float:
+    """Mean over seeds of the accuracy difference; with ``strata``, of the mean per-stratum difference.
+
+    a, b (seeds, queries) 0/1; strata (queries,) class index of each query (balanced accuracy, as HANS's OOD).
+    """
+    diff = a.astype(np.float64) - b.astype(np.float64)
+    if strata is None:
+        return float(diff.mean())
+    return float(np.mean([diff[:, strata == s].mean() for s in np.unique(strata)]))
+
+
+def paired_bootstrap(
+    correct_a: np.ndarray,
+    correct_b: np.ndarray,
+    *,
+    strata: np.ndarray | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(difference, low, high): accuracy of A minus B and its 95% percentile interval.
+
+    correct_a, correct_b: (seeds, queries) 0/1 arrays over the same queries, seeds paired by row.
+    Each resample draws queries with replacement (the same draw for both runs and every seed; within
+    each stratum when ``strata`` is given, so that a balanced accuracy keeps its class sizes) and,
+    with more than one seed, seeds with replacement (pairs kept). Seeded: the same inputs and seed
+    give the same interval.
+    """
+    a, b = np.atleast_2d(np.asarray(correct_a)), np.atleast_2d(np.asarray(correct_b))
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"need two non-empty arrays of one shape, got {a.shape} and {b.shape}")
+    observed = _statistic(a, b, strata)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_queries = a.shape
+    diff = a.astype(np.float64) - b.astype(np.float64)
+    groups = [np.arange(n_queries)] if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    stats = np.empty(resamples)
+    chunk = max(1, 2_000_000 // max(1, n_seeds * n_queries))  # resamples per vectorised step (bounded memory)
+    for start in range(0, resamples, chunk):
+        r = min(chunk, resamples - start)
+        rows = rng.integers(0, n_seeds, (r, n_seeds)) if n_seeds > 1 else np.zeros((r, 1), dtype=np.int64)
+        per_group = []
+        for members in groups:
+            cols = members[rng.integers(0, len(members), (r, len(members)))]
+            per_group.append(diff[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2)))
+        stats[start:start + r] = np.mean(per_group, axis=0)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return observed, float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class Predictions:
+    """One run's per-query answers: ``rows[(seed, eval set)][query id] = (gold, pred, row)``."""
+
+    source: str
+    rows: dict[tuple[int, str], dict[str, tuple[int, int, dict[str, Any]]]] = field(default_factory=dict)
+
+    def eval_sets(self) -> list[str]:
+        return sorted({name for _, name in self.rows})
+
+    def seeds(self, eval_set: str) -> list[int]:
+        return sorted(seed for seed, name in self.rows if name == eval_set)
+
+
+def read_predictions(paths: Iterable[str | Path], source: str | None = None) -> Predictions:
+    """The rows of one or more ``predictions.jsonl`` files (a run directory or the file itself) as one run.
+
+    Several files (the cells of a sweep that differ only in their seed) merge into one run; a
+    (seed, evaluation set, query id) given twice is an error.
+    """
+    paths = [Path(p) for p in paths]
+    out = Predictions(source or ", ".join(str(p) for p in paths))
+    for path in paths:
+        file = path / PREDICTIONS_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise IcldError(f"{file} does not exist: {path} is not a run with per-query predictions "
+                            "(icld icl, pbft, distill and eval write predictions.jsonl; re-run older runs).")
+        for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key, qid = (int(row.get("seed", 0)), str(row["eval"])), str(row["id"])
+                answer = (int(row["gold"]), int(row["pred"]), row)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise IcldError(f"{file}:{lineno}: not a prediction row ({exc}); each row needs seed, eval, id, "
+                                "gold and pred.") from None
+            per_set = out.rows.setdefault(key, {})
+            if qid in per_set:
+                raise IcldError(f"{file}:{lineno}: query {qid!r} of {key[1]} seed {key[0]} appears twice.")
+            per_set[qid] = answer
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class PairedResult:
+    """The paired comparison of runs A and B on one evaluation set (``metric``: accuracy or ood_accuracy)."""
+
+    eval: str
+    metric: str
+    seeds: list[int]
+    queries: int
+    accuracy_a: float
+    accuracy_b: float
+    difference: float
+    ci95_low: float
+    ci95_high: float
+    a_only: int
+    b_only: int
+    mcnemar_p: float
+    per_seed: list[dict[str, Any]]
+
+    @property
+    def distinguishable(self) -> bool:
+        """False where the 95% interval covers 0."""
+        return not (self.ci95_low <= 0.0 <= self.ci95_high)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "distinguishable": self.distinguishable}
+
+    def sentence(self, digits: int = 3) -> str:
+        """E.g. '+0.052 [95% CI +0.010, +0.094], McNemar p=0.02' or '... not distinguishable from 0'."""
+        text = (f"{self.difference:+.{digits}f} [95% CI {self.ci95_low:+.{digits}f}, {self.ci95_high:+.{digits}f}; "
+                f"paired over {self.queries} queries x {len(self.seeds)} seed{'s' * (len(self.seeds) != 1)}]")
+        if not self.distinguishable:
+            text += ", not distinguishable from 0"
+        return text
+
+
+def _common_queries(a: Predictions, b: Predictions, eval_set: str, seeds: Sequence[int],
+                    ood: bool) -> list[str]:
+    """Query ids every paired seed of both runs scored (HANS OOD: the lexical-overlap rows only)."""
+    common: set[str] | None = None
+    for seed in seeds:
+        ids = set(a.rows[(seed, eval_set)]) & set(b.rows[(seed, eval_set)])
+        common = ids if common is None else common & ids
+    kept = sorted(common or ())
+    if ood:
+        first = a.rows[(seeds[0], eval_set)]
+        kept = [q for q in kept if first[q][2].get("heuristic", OOD_HEURISTIC) == OOD_HEURISTIC]
+    return kept
+
+
+def compare_predictions(
+    a: Predictions,
+    b: Predictions,
+    eval_set: str,
+    *,
+    metric: str = "accuracy",
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> PairedResult:
+    """Compare A and B on ``eval_set`` over the seeds both have and the queries both scored.
+
+    ``metric='ood_accuracy'`` is the mean of the per-label accuracies (on HANS: of the lexical-overlap
+    rows), bootstrapped within each gold label; ``'accuracy'`` is plain accuracy.
+    """
+    if metric not in ("accuracy", "ood_accuracy"):
+        raise IcldError(f"cannot compare on {metric!r}: choose accuracy or ood_accuracy.")
+    seeds = sorted(set(a.seeds(eval_set)) & set(b.seeds(eval_set)))
+    if not seeds:
+        raise IcldError(f"{a.source} and {b.source} share no seed with predictions on {eval_set} "
+                        f"(A: {a.eval_sets()} seeds {a.seeds(eval_set)}; B: {b.eval_sets()} seeds {b.seeds(eval_set)}).")
+    ood = metric == "ood_accuracy"
+    ids = _common_queries(a, b, eval_set, seeds, ood and eval_set.startswith("hans"))
+    if not ids:
+        raise IcldError(f"{a.source} and {b.source} scored no common query on {eval_set}.")
+    ca = np.array([[a.rows[(s, eval_set)][q][1] == a.rows[(s, eval_set)][q][0] for q in ids] for s in seeds])
+    cb = np.array([[b.rows[(s, eval_set)][q][1] == b.rows[(s, eval_set)][q][0] for q in ids] for s in seeds])
+    strata = np.array([a.rows[(seeds[0], eval_set)][q][0] for q in ids]) if ood else None
+    diff, low, high = paired_bootstrap(ca, cb, strata=strata, resamples=resamples, seed=seed)
+
+    def score(c: np.ndarray) -> float:
+        return _statistic(c, np.zeros_like(c), strata)
+
+    per_seed = []
+    for i, s in enumerate(seeds):
+        a_only, b_only = int((ca[i] & ~cb[i]).sum()), int((cb[i] & ~ca[i]).sum())
+        per_seed.append({"seed": s, "accuracy_a": score(ca[i:i + 1]), "accuracy_b": score(cb[i:i + 1]),
+                         "a_only": a_only, "b_only": b_only, "mcnemar_p": mcnemar_exact(a_only, b_only)})
+    # Pooled over seeds: the discordant pairs of every seed (the same queries recur, so read it as a summary).
+    a_only, b_only = sum(p["a_only"] for p in per_seed), sum(p["b_only"] for p in per_seed)
+    return PairedResult(eval_set, metric, seeds, len(ids), score(ca), score(cb), diff, low, high,
+                        a_only, b_only, mcnemar_exact(a_only, b_only), per_seed)
+
+
+def compare_runs(
+    run_a: str | Path | Sequence[str | Path],
+    run_b: str | Path | Sequence[str | Path],
+    eval_sets: Sequence[str] | None = None,
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> list[PairedResult]:
+    """``icld compare``: each evaluation set both runs have (or ``eval_sets``), accuracy and, on HANS, OOD accuracy."""
+    def load(run: Any) -> Predictions:
+        paths = [run] if isinstance(run, (str, Path)) else list(run)
+        return read_predictions(paths, source=", ".join(str(p) for p in paths))
+
+    a, b = load(run_a), load(run_b)
+    names = list(eval_sets) if eval_sets else [n for n in a.eval_sets() if n in b.eval_sets()]
+    if not names:
+        raise IcldError(f"{a.source} ({', '.join(a.eval_sets()) or 'none'}) and {b.source} "
+                        f"({', '.join(b.eval_sets()) or 'none'}) share no evaluation set.")
+    results = []
+    for name in names:
+        results.append(compare_predictions(a, b, name, resamples=resamples, seed=seed))
+        if name.startswith("hans"):
+            results.append(compare_predictions(a, b, name, metric="ood_accuracy", resamples=resamples, seed=seed))
+    return results
+
+
+def grouped_predictions(cells: Mapping[str, Sequence[Path]]) -> dict[str, Predictions]:
+    """Per configuration (a sweep's cell id without its seed), the merged predictions of its seeds' cells.
+
+    Cells without a ``predictions.jsonl`` (older runs, failed cells) are left out.
+    """
+    out = {}
+    for group, dirs in cells.items():
+        present = [d for d in dirs if (Path(d) / PREDICTIONS_FILE).is_file()]
+        if present:
+            out[group] = read_predictions(present, source=group)
+    return out

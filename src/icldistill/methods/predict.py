@@ -1,0 +1,171 @@
+"""``icld predict``: answer a file of unlabelled rows with any model, a trained student alone or an ICL teacher.
+
+Each row is rendered with the task's pattern and scored through the one scoring path
+(:func:`icldistill.scoring.evalsets.score_prompts`, the shared-prefix cache when there are
+demonstrations). The output has one row per input: the predicted class, its label word and every
+class's probability (softmax over the label words). A row too long for the model is reported in the
+output and the summary, never cut. Latency per query and peak memory are measured (issue 11).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from icldistill.config import PredictOptions
+from icldistill.errors import ConfigError
+from icldistill.methods.trained import ModelSource, load_source, resolve_source
+from icldistill.runtime.records import atomic_write_bytes, atomic_write_jsonl, measure
+from icldistill.tasks import data as data_mod
+from icldistill.tasks.data import Example
+from icldistill.tasks.inputs import read_inputs
+from icldistill.tasks.prompts import Pattern, context_rng, resolve_pattern, sample_demonstrations
+from icldistill.tasks.registry import Family, Task, family_of, get_task
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TASK = "mnli"
+
+
+def resolve_prompting(source: ModelSource, task: str | None, pattern: str | None,
+                      label_words: Sequence[str] | None) -> tuple[Task, Family, Pattern]:
+    """The task, family and pattern to use: the options where given, else what the model was trained with."""
+    meta = source.meta or {}
+    trained_task = meta.get("task")
+    if task and trained_task and task != trained_task:
+        logger.warning("%s was trained on %s; prompting it for %s as asked", source.name, trained_task, task)
+    resolved_task = get_task(task or trained_task or DEFAULT_TASK)
+    family = family_of(resolved_task)
+    recorded = meta.get("pattern") or {}
+    same_task = not task or task == trained_task
+    if pattern is None and same_task and recorded:
+        name = recorded.get("name")
+        pattern = name if name in family.patterns and family.patterns[name].template == recorded.get("template") \
+            else recorded.get("template")
+        if label_words is None:
+            label_words = recorded.get("label_words")
+    resolved = resolve_pattern(family, pattern or resolved_task.default_pattern, label_words)
+    return resolved_task, family, resolved
+
+
+def probabilities(label_logprobs: np.ndarray) -> np.ndarray:
+    """(n, C) softmax over the label words of (n, C) full-vocabulary log-probabilities."""
+    shifted = label_logprobs - label_logprobs.max(axis=1, keepdims=True)
+    p = np.exp(shifted)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def answer(model: Any, family: Family, pattern: Pattern, demonstrations: Sequence[Example], rows: Sequence[Example],
+           *, batch_size: int, use_prefix_cache: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+    """One output row per input row, in input order; rows that do not fit the model carry ``skipped``."""
+    from icldistill.scoring.evalsets import score_prompts
+
+    encoded, scores, _ = score_prompts(model, pattern, demonstrations, rows, batch_size=batch_size,
+                                       use_prefix_cache=use_prefix_cache, desc="predict" if progress else None)
+    logprobs = scores.label_logprobs.numpy().astype(np.float64)
+    probs = probabilities(logprobs) if len(logprobs) else logprobs
+    scored = {ex.id: i for i, ex in enumerate(encoded.examples)}
+    prefix = len(encoded.prefix_ids)
+    out = []
+    for ex in rows:
+        row: dict[str, Any] = {"id": ex.id}
+        i = scored.get(ex.id)
+        if i is None:
+            tokens = len(model.tokenizer(pattern.render(ex.fields), add_special_tokens=False)["input_ids"])
+            row.update(pred=None, label=None, label_word=None, skipped=(
+                f"too long: {prefix + tokens} tokens (prompt {tokens}"
+                + (f" after {prefix} of demonstrations" if demonstrations else "")
+                + f") > {model.name}'s {model.max_length}"))
+        else:
+            c = int(np.argmax(logprobs[i]))
+            row.update(pred=c, label=family.classes[c], label_word=pattern.label_words[c],
+                       probs={name: round(float(p), 6) for name, p in zip(family.classes, probs[i])},
+                       label_logprobs=[round(float(v), 6) for v in logprobs[i]])
+        out.append(row)
+    return out
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
+    """Atomically write ``rows`` as JSON Lines, CSV (one ``p_<class>`` column per class) or Parquet."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        atomic_write_jsonl(path, rows)
+        return
+    flat = [{"id": r["id"], "pred": r["pred"], "label": r["label"], "label_word": r["label_word"],
+             **{f"p_{c}": (r.get("probs") or {}).get(c) for c in classes}, "skipped": r.get("skipped", "")}
+            for r in rows]
+    if suffix == ".csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+        atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+    elif suffix == ".parquet":
+        import pandas as pd
+
+        buffer = io.BytesIO()
+        pd.DataFrame(flat).to_parquet(buffer, index=False)
+        atomic_write_bytes(path, buffer.getvalue())
+    else:
+        raise ConfigError(f"--output {path}: unknown format {suffix or '(none)'}; use .jsonl, .csv or .parquet.")
+
+
+def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, Any]:
+    """Answer every row of ``config.input`` with ``config.model``; write ``config.output``; return a summary."""
+    if not config.input:
+        raise ConfigError("icld predict needs --input FILE (.jsonl, .csv or .parquet with the task's input columns).")
+    output = Path(config.output).expanduser()
+    if output.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
+        raise ConfigError(f"--output {output}: unknown format; use .jsonl, .csv or .parquet.")
+    source = resolve_source(config.model)
+    task, family, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
+    rows = read_inputs(config.input, family.fields)
+    demonstrations: list[Example] = []
+    if config.shots:
+        train = data_mod.load(task.train, config.data_dir, config.data_source)
+        demonstrations = sample_demonstrations(train.examples, config.shots, len(family.classes),
+                                               context_rng(config.seed), exclude={ex.text_key() for ex in rows})
+    elif source.kind == "model":
+        logger.info("%s answers zero-shot (no --shots): right for a trained student, weak for a plain model",
+                    config.model)
+    with measure(config.device) as loading:
+        model = load_source(source, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
+    with measure(model.device) as cost:
+        out = answer(model, family, pattern, demonstrations, rows, batch_size=config.batch_size,
+                     use_prefix_cache=config.prefix_cache, progress=progress)
+    scored = sum(r["pred"] is not None for r in out)
+    write_rows(output, out, family.classes)
+    counts = {c: sum(r["label"] == c for r in out) for c in family.classes}
+    return {
+        "model": config.model, "kind": source.kind, "task": task.name, "pattern": pattern.name,
+        "label_words": list(pattern.label_words), "shots": config.shots, "rows": len(out), "scored": scored,
+        "skipped": [{"id": r["id"], "why": r["skipped"]} for r in out if r.get("skipped")],
+        "predicted": counts, "output": str(output), "load_time_s": round(loading.wall_time_s, 3),
+        "inference": {**cost.as_dict(), "queries": scored,
+                      "queries_per_s": scored / cost.wall_time_s if cost.wall_time_s else None,
+                      "latency_ms_per_query": 1000 * cost.wall_time_s / scored if scored else None},
+    }
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The lines ``icld predict`` prints."""
+    inf = summary["inference"]
+    lines = [f"{summary['scored']} of {summary['rows']} rows answered with {summary['model']} "
+             f"({summary['task']}, pattern {summary['pattern']}, label words {summary['label_words']}"
+             + (f", {summary['shots']} demonstrations" if summary["shots"] else "") + ")",
+             "predicted: " + ", ".join(f"{c} {n}" for c, n in summary["predicted"].items())]
+    for skipped in summary["skipped"][:10]:
+        lines.append(f"row {skipped['id']} not answered: {skipped['why']}")
+    if len(summary["skipped"]) > 10:
+        lines.append(f"... and {len(summary['skipped']) - 10} more rows too long (see the output's 'skipped')")
+    rate = f"{inf['queries_per_s']:.1f} rows/s, {inf['latency_ms_per_query']:.2f} ms/row" if inf["queries_per_s"] else "-"
+    lines.append(f"throughput {rate}; peak memory {inf['peak_memory_mb']:.0f} MB ({inf['memory_kind']}); "
+                 f"model load {summary['load_time_s']:.1f} s")
+    lines.append(f"output: {summary['output']}")
+    return lines
+

@@ -18,8 +18,10 @@ from typing import Any, Callable, Sequence
 
 from icldistill.config import (
     DistillOptions,
+    EvalOptions,
     IclOptions,
     PbftOptions,
+    PredictOptions,
     _base_type,
     build_config,
     field_types,
@@ -290,10 +292,76 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from icldistill.methods.predict import describe, run_predict
+
+    summary = run_predict(_config_from_args(PredictOptions, args), progress=not args.quiet)
+    print("\n".join(describe(summary)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from icldistill.experiments.evaluate import evaluate_sweep, is_sweep
+    from icldistill.methods.evaluate import run_eval
+
+    config = _config_from_args(EvalOptions, args)
+    if is_sweep(config.model):
+        for entry in evaluate_sweep(config.model, config, progress=not args.quiet):
+            done = ", ".join(entry["evaluated"]) or "nothing new"
+            print(f"{entry['cell']}: {done}" + (f" (had {', '.join(entry['skipped'])})" if entry["skipped"] else ""))
+        print(f"table: icld results {config.model}; report: icld report {config.model}")
+        return 0
+    record = run_eval(config, progress=not args.quiet)
+    _print_run(record, config.output_dir)
+    inference = record["resources"]["inference"]
+    if inference.get("latency_ms_per_query") is not None:
+        print(f"inference: {inference['latency_ms_per_query']:.2f} ms/query, peak {inference['peak_memory_mb']:.0f} MB")
+    return 0 if record["status"] == "complete" else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from icldistill.methods.export import export_run
+
+    result = export_run(args.run, args.output, push_to_hub=args.push_to_hub, private=args.private,
+                        cache_dir=args.cache_dir)
+    meta = result["meta"]
+    print(f"exported {meta['method']} student of {meta['base_model']} ({meta['task']}, pattern "
+          f"{(meta['pattern'] or {}).get('name')}) to {result['output']}")
+    for note in meta["notes"]:
+        print(f"note: {note}")
+    if "hub" in result:
+        print(f"pushed: {result['hub']}")
+    print(f"use: icld predict --model {result['output']} --input ROWS.jsonl --output ANSWERS.jsonl")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from icldistill.experiments.compare import compare_runs
+
+    sets = [s.strip() for s in args.eval.split(",")] if args.eval else None
+    results = compare_runs(args.run_a, args.run_b, sets, resamples=args.resamples, seed=args.seed)
+    rows = [["eval", "metric", "seeds", "queries", "A", "B", "A - B", "95% CI (paired bootstrap)", "A only", "B only",
+             "McNemar p"]]
+    for r in results:
+        rows.append([r.eval, r.metric, ",".join(map(str, r.seeds)), str(r.queries), f"{r.accuracy_a:.3f}",
+                     f"{r.accuracy_b:.3f}", f"{r.difference:+.3f}", f"[{r.ci95_low:+.3f}, {r.ci95_high:+.3f}]"
+                     + ("" if r.distinguishable else " covers 0"), str(r.a_only), str(r.b_only), f"{r.mcnemar_p:.3g}"])
+    print(f"A = {args.run_a}\nB = {args.run_b}")
+    print(format_table(rows))
+    if args.json:
+        from icldistill.runtime.records import atomic_write_json
+
+        atomic_write_json(args.json, [r.as_dict() for r in results])
+        print(f"json: {args.json}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]] = {
     "icl": (_run_method, IclOptions, "Evaluate in-context learning (k demonstrations + query)."),
     "pbft": (_run_method, PbftOptions, "Pattern-based fine-tuning on the k support examples."),
     "distill": (_run_method, DistillOptions, "Context distillation: teacher with demonstrations -> student without."),
+    "predict": (cmd_predict, PredictOptions, "Answer a file of unlabelled rows with a trained student, an export or any model."),
+    "eval": (cmd_eval, EvalOptions, "Evaluate a trained run, an export, any model or a sweep's trained cells on evaluation sets."),
 }
 
 
@@ -334,6 +402,23 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("validate", help="Check experiment or options files and explain what is wrong.")
     check.add_argument("files", nargs="+", help="YAML files: experiments (with grid/method) or options for --config.")
     check.set_defaults(func=cmd_validate)
+    export = sub.add_parser("export", help="Merge a training run's student into a plain model directory with a model card.")
+    export.add_argument("run", help="A training run's seed directory (RUN_DIR/seed-N).")
+    export.add_argument("--output", required=True, help="Directory for the merged model, tokenizer, README.md and icldistill.json.")
+    export.add_argument("--push-to-hub", default=None, metavar="REPO", help="Also upload to this Hugging Face repository (needs network and a token).")
+    export.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository as private.")
+    export.add_argument("--cache-dir", default=None, help="Cache of converted models (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
+    export.set_defaults(func=cmd_export)
+    compare = sub.add_parser("compare", help="Paired comparison of two runs on the queries both scored (bootstrap interval, McNemar).")
+    compare.add_argument("run_a", help="Run A: a directory with predictions.jsonl (icl, pbft, distill or eval output).")
+    compare.add_argument("run_b", help="Run B, compared on the same queries, seeds paired by seed.")
+    compare.add_argument("--eval", default=None, help="Evaluation sets, comma-separated (default: every set both scored).")
+    from icldistill.experiments.compare import DEFAULT_RESAMPLES
+
+    compare.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="Bootstrap resamples.")
+    compare.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap's generator.")
+    compare.add_argument("--json", default=None, help="Also write the comparison as JSON here.")
+    compare.set_defaults(func=cmd_compare)
     results = sub.add_parser("results", help="Table of a sweep's results, aggregated over seeds.")
     results.add_argument("directory", help="Sweep directory (the experiment's output_dir).")
     results.add_argument("--csv", default=None, help="Also write the per-run table (one row per run and eval set) here.")

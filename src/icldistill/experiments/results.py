@@ -111,8 +111,28 @@ def collect(sweep_dir: str | Path):
             metrics = metrics_by_set.get(name) or {}
             rows.append({**described, "eval": name, **{m: _number(metrics.get(m)) for m in METRIC_COLUMNS},
                          **resources, "status": status})
+        if finished:  # sets evaluated later with `icld eval SWEEP --eval SET` (experiments/evaluate.py)
+            rows += _later_evaluations(directory, described, resources, cell["config"]["eval"], seed)
     frame = _none_for_missing(pd.DataFrame(rows, columns=COLUMNS))
     return frame.astype({"shots": "int64", "seed": "int64"}) if len(frame) else frame
+
+
+def _later_evaluations(directory: Path, described: dict[str, Any], resources: dict[str, float],
+                       evaluated: list[str], seed: str) -> list[dict[str, Any]]:
+    """Rows of a cell's ``eval-<set>`` records: its training costs, the record's metrics and inference cost."""
+    from icldistill.experiments.evaluate import extra_evaluations
+
+    rows = []
+    for name, record in extra_evaluations(directory):
+        if name in evaluated:
+            continue
+        metrics = _get(record, "seeds", seed, "eval", name) or {}
+        inference = _get(record, "resources", "inference") or {}
+        cost = {**resources, "inference_latency_ms": _number(inference.get("latency_ms_per_query")),
+                "inference_peak_memory_mb": _number(inference.get("peak_memory_mb"))}
+        rows.append({**described, "eval": name, **{m: _number(metrics.get(m)) for m in METRIC_COLUMNS}, **cost,
+                     "status": "complete" if metrics else "failed"})
+    return rows
 
 
 _TEXT_COLUMNS = ["model", "teacher", "student", "task", "peft", "pattern"]

@@ -1,0 +1,139 @@
+"""``icld eval``: evaluate a trained student (or any model) on evaluation sets, without training.
+
+The same metrics, ``results.json`` and ``predictions.jsonl`` as ``icld icl``; a trained run is
+evaluated seed by seed with its own trained parameters (its seed numbers kept, so ``icld compare``
+pairs it with other runs by seed), a plain model with ``--shots`` demonstrations per ``--seeds``.
+Each evaluation set's scoring is measured as the inference cost (latency per query, peak memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from icldistill.config import EvalOptions
+from icldistill.methods.common import (
+    PREDICTIONS_FILE,
+    Setup,
+    aggregate,
+    base_record,
+    evaluate_on_sets,
+    model_record,
+    prediction_rows,
+    prepare,
+)
+from icldistill.methods.predict import resolve_prompting
+from icldistill.methods.trained import SEED_RESULT, ModelSource, load_source, resolve_source
+from icldistill.runtime import distributed
+from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
+from icldistill.scoring.evalsets import ContextTooLong
+
+logger = logging.getLogger(__name__)
+
+
+def sources_of(name: str) -> list[ModelSource]:
+    """Every model ``name`` stands for: each finished seed of a training run, or the one model/seed/export."""
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "results.json").is_file() and not (path / SEED_RESULT).is_file():
+        record = read_json(path / "results.json")
+        if record.get("method") in ("pbft", "distill"):
+            seeds = sorted(p for p in path.glob("seed-*") if (p / SEED_RESULT).is_file())
+            return [resolve_source(str(p)) for p in seeds] or [resolve_source(name)]
+    return [resolve_source(name)]
+
+
+def eval_setup(config: EvalOptions, source: ModelSource) -> tuple[EvalOptions, Setup]:
+    """The config with task and evaluation sets resolved from the model's record, and its setup."""
+    task, _, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
+    resolved = dataclasses.replace(config, task=task.name, eval=list(config.eval or task.default_eval))
+    setup = prepare(resolved)
+    return resolved, dataclasses.replace(setup, pattern=pattern)
+
+
+def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) -> dict[str, Any]:
+    """Evaluate ``config.model`` on ``config.eval``; write ``results.json`` and ``predictions.jsonl``; return the record.
+
+    With ``write=False`` nothing is written and the record carries its rows under ``"predictions"``.
+    """
+    sources = sources_of(config.model)
+    config, setup = eval_setup(config, sources[0])
+    out = Path(config.output_dir).expanduser()
+    record = base_record("eval", config, setup)
+    record["source"] = {"kind": sources[0].kind, "model": config.model,
+                        "run": str(sources[0].seed_dir.parent) if sources[0].seed_dir else None,
+                        "method": (sources[0].run_record or {}).get("method")}
+    seeds: dict[str, Any] = {}
+    predictions: list[dict[str, Any]] = []
+    inference: dict[str, dict[str, float]] = {}
+    with measure(config.device) as total:
+        for source in sources:
+            model = load_source(source, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
+            record.setdefault("model", model_record(model))
+            for seed in [source.seed] if source.seed is not None else config.seeds:
+                entry, preds = _evaluate_seed(model, setup, config, seed, progress, inference)
+                seeds[str(seed)] = entry
+                predictions += preds
+            del model
+    record["seeds"] = seeds
+    record["aggregate"] = aggregate({s: e["eval"] for s, e in seeds.items() if e.get("eval")})
+    queries = sum(v["queries"] for v in inference.values())
+    wall = sum(v["wall_time_s"] for v in inference.values())
+    record["resources"] = {
+        "total": total.as_dict(),
+        # What answering costs (the report sets a student's against the ICL teacher's on the same rows).
+        "inference": {"wall_time_s": round(wall, 4), "queries": queries,
+                      "peak_memory_mb": max((v["peak_memory_mb"] for v in inference.values()), default=0.0),
+                      "memory_kind": next((v["memory_kind"] for v in inference.values()), ""),
+                      "latency_ms_per_query": 1000 * wall / queries if queries else None},
+        "inference_by_eval": inference,
+    }
+    record["status"] = "complete" if any(e.get("eval") for e in seeds.values()) else "skipped"
+    if not write:
+        return {**record, "predictions": predictions}
+    if distributed.is_main():
+        atomic_write_jsonl(out / PREDICTIONS_FILE, predictions)
+        atomic_write_json(out / "results.json", record)
+    return record
+
+
+def _evaluate_seed(model: Any, setup: Setup, config: EvalOptions, seed: int, progress: bool,
+                   inference: dict[str, dict[str, float]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One seed on every set, each set measured on its own (its latency per query and peak memory)."""
+    demos = setup.demonstrations(seed, config.shots)
+    entry: dict[str, Any] = {"demonstrations": [d.id for d in demos], "eval": {}}
+    rows: list[dict[str, Any]] = []
+    for name, examples in setup.eval_examples.items():
+        one = dataclasses.replace(setup, eval_examples={name: examples})
+        try:
+            with measure(model.device) as cost:
+                metrics, preds, _ = evaluate_on_sets(model, one, demos, batch_size=config.batch_size,
+                                                     use_prefix_cache=config.prefix_cache, progress=progress,
+                                                     label=f"seed {seed} ")
+        except ContextTooLong as exc:
+            logger.warning("seed %d skipped: %s", seed, exc)
+            return {**entry, "eval": {}, "skipped": str(exc)}, []
+        entry["eval"][name] = metrics[name]
+        n = metrics[name]["n"]
+        previous = inference.get(name, {"wall_time_s": 0.0, "queries": 0, "peak_memory_mb": 0.0})
+        inference[name] = {"wall_time_s": previous["wall_time_s"] + cost.wall_time_s,
+                           "queries": previous["queries"] + n,
+                           "peak_memory_mb": max(previous["peak_memory_mb"], cost.peak_memory_mb),
+                           "memory_kind": cost.memory_kind}
+        inference[name]["latency_ms_per_query"] = (1000 * inference[name]["wall_time_s"] / inference[name]["queries"]
+                                                   if inference[name]["queries"] else None)
+        rows += prediction_rows(seed, preds)
+    return entry, rows
+
+
+def split_by_eval(record: dict[str, Any], predictions: Sequence[dict[str, Any]], name: str) -> tuple[dict[str, Any], list]:
+    """The part of an eval record (and its predictions) that concerns one evaluation set."""
+    part = {**record, "config": {**record["config"], "eval": [name]},
+            "seeds": {s: {**e, "eval": {k: v for k, v in (e.get("eval") or {}).items() if k == name}}
+                      for s, e in record["seeds"].items()},
+            "aggregate": {k: v for k, v in record["aggregate"].items() if k == name}}
+    by_eval = record["resources"].get("inference_by_eval", {}).get(name)
+    if by_eval:
+        part["resources"] = {**record["resources"], "inference": by_eval}
+    return part, [p for p in predictions if p["eval"] == name]

@@ -1,0 +1,198 @@
+"""``icld export RUN/seed-N --output DIR``: the trained student as one plain model directory, with a model card.
+
+LoRA is merged into the base weights; BitFit and full fine-tuning load their trained tensors into the
+base. The directory holds safetensors weights and the tokenizer (``AutoModelForCausalLM.from_pretrained``
+and a transformers ``pipeline`` load it), ``README.md`` (the model card) and ``icldistill.json`` (task,
+pattern, label words), so that ``icld predict --model DIR`` needs no other flag.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from icldistill.errors import ConfigError, ModelError
+from icldistill.methods.trained import EXPORT_META, ModelSource, apply_trained, resolve_source
+from icldistill.models.loading import load_model
+from icldistill.runtime.records import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+# Config switches that give every projection of a group a bias, by the layer names they cover (Llama family).
+_BIAS_SWITCHES = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                  "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _biases_into_config(model: nn.Module, source: ModelSource) -> list[str]:
+    """Make a BitFit ``add-bias`` model a plain architecture: switch its config to biased projections.
+
+    The run added biases to some linear layers (``--lora-targets``) that the architecture has none on.
+    Where the config has a switch covering those layers (Llama's ``attention_bias``/``mlp_bias``), it is
+    turned on and the other layers of the group get zero biases (the function is unchanged), so the
+    saved model loads with plain transformers. Otherwise the export is refused.
+    """
+    biased = {name.rsplit(".", 1)[0].split(".")[-1] for name, p in model.named_parameters() if name.endswith(".bias")}
+    switched = []
+    for switch, layers in _BIAS_SWITCHES.items():
+        if not biased & set(layers):
+            continue
+        if not hasattr(model.config, switch):
+            break
+        setattr(model.config, switch, True)
+        switched.append(switch)
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and m.bias is None and name.split(".")[-1] in layers:
+                m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
+        biased -= set(layers)
+    if biased:
+        raise ModelError(
+            f"{source.seed_dir}: the run added biases to {sorted(biased)}, which {model.config.model_type} models "
+            "cannot hold in their standard architecture, so no plain model can be exported. Use the run itself "
+            f"(icld predict --model {source.seed_dir}) or train with --peft lora.")
+    return switched
+
+
+def merged_model(source: ModelSource, cache_dir: str | None = None) -> tuple[Any, Any, list[str]]:
+    """(model, tokenizer, notes): the run's base with its training applied and merged, fp32 on the CPU."""
+    base = load_model(source.base, dtype="fp32", device="cpu", cache_dir=cache_dir)
+    model = apply_trained(base.model, source)
+    notes = []
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+        notes.append("LoRA adapter merged into the base weights")
+    if (source.run_record or {}).get("config", {}).get("bitfit_fallback") == "add-bias" and source.peft == "bitfit":
+        switched = _biases_into_config(model, source)
+        notes.append(f"BitFit biases added by the run kept by turning on {', '.join(switched)} in the config")
+    return model.eval(), base.tokenizer, notes
+
+
+def export_run(run: str, output: str | Path, *, push_to_hub: str | None = None, private: bool = False,
+               cache_dir: str | None = None) -> dict[str, Any]:
+    """Write the merged model of training run ``run`` (a seed directory) to ``output``; optionally push it."""
+    source = resolve_source(run)
+    if source.kind != "run":
+        raise ConfigError(f"{run} is not a training run's seed directory (RUN/seed-N with seed_result.json); "
+                          "icld export turns a PBFT or distillation run into a plain model.")
+    out = Path(output).expanduser()
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_META).is_file():
+        raise ConfigError(f"--output {out} exists and is not an earlier export; choose an empty or new directory.")
+    model, tokenizer, notes = merged_model(source, cache_dir)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    meta = export_meta(source, notes)
+    atomic_write_json(out / EXPORT_META, meta)
+    atomic_write_text(out / "README.md", model_card(source, meta))
+    result = {"output": str(out), "meta": meta}
+    if push_to_hub:
+        result["hub"] = push(out, push_to_hub, private=private)
+    return result
+
+
+def export_meta(source: ModelSource, notes: list[str]) -> dict[str, Any]:
+    """What ``icldistill.json`` holds: enough for ``icld predict`` and for a reader to know what this is."""
+    run, seed = source.run_record or {}, source.seed_record or {}
+    config = run.get("config", {})
+    return {
+        "format": EXPORT_FORMAT,
+        "task": run.get("task"), "classes": run.get("classes"), "pattern": run.get("pattern"),
+        "label_words": (run.get("pattern") or {}).get("label_words"),
+        "method": run.get("method"), "seed": source.seed, "base_model": (seed.get("student") or {}).get("name"),
+        "base_fingerprint": (seed.get("student") or {}).get("fingerprint"),
+        "teacher": config.get("teacher") if run.get("method") == "distill" else None,
+        "run": str(source.seed_dir), "notes": notes,
+    }
+
+
+def _licence(base: str | None) -> str:
+    from icldistill.models.packaged import PACKAGED_MODELS
+
+    spec = PACKAGED_MODELS.get(base or "")
+    return spec.licence if spec else "that of the base model (see its own model card)"
+
+
+def _metric_lines(run: dict[str, Any], seed_record: dict[str, Any]) -> list[str]:
+    lines = ["| evaluation set | n | accuracy (this seed) | run mean over seeds [95% interval] | OOD accuracy |",
+             "|---|---|---|---|---|"]
+    for name, metrics in (seed_record.get("eval") or {}).items():
+        agg = (run.get("aggregate") or {}).get(name, {}).get("accuracy") or {}
+        interval = ""
+        if agg.get("ci95") is not None:
+            interval = f" [{agg['mean'] - agg['ci95']:.3f}, {agg['mean'] + agg['ci95']:.3f}]"
+        mean = f"{agg['mean']:.3f}{interval} ({agg.get('n_seeds', 1)} seeds)" if agg.get("mean") is not None else "-"
+        ood = metrics.get("ood_accuracy")
+        lines.append(f"| {name} | {metrics.get('n')} | {metrics.get('accuracy', float('nan')):.3f} | {mean} | "
+                     f"{'-' if ood is None else f'{ood:.3f}'} |")
+    return lines
+
+
+def model_card(source: ModelSource, meta: dict[str, Any]) -> str:
+    """The exported model's ``README.md``: what it is, how it was made, how well it did, how to use it."""
+    run, seed = source.run_record or {}, source.seed_record or {}
+    config = run.get("config", {})
+    pattern = run.get("pattern") or {}
+    base = meta["base_model"]
+    method = {"distill": "context distillation", "pbft": "pattern-based fine-tuning"}.get(run.get("method"), run.get("method"))
+    labelled = len(seed.get("demonstration_contexts", [[]])[0]) if run.get("method") == "distill" else len(seed.get("train_examples", []))
+    words = ", ".join(f"{c} -> {w!r}" for c, w in zip(run.get("classes") or [], pattern.get("label_words") or []))
+    trained = seed.get("trainable") or {}
+    front = ["---", f"license: {'apache-2.0' if _licence(base) == 'Apache-2.0' else 'other'}",
+             f"base_model: {base}", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [icldistill, in-context-learning-distillation]", "---"]
+    lines = front + [
+        f"# {run.get('task')} student ({method}) from {base}", "",
+        f"Made with icldistill by {method} and exported from `{source.seed_dir}` (seed {source.seed}).",
+        "", "## Model", "",
+        f"- Base model: `{base}` (licence: {_licence(base)}; the base model's licence applies to these weights)",
+    ]
+    if run.get("method") == "distill":
+        lines.append(f"- Teacher: `{config.get('teacher')}` with {config.get('shots')} demonstrations in its prompt; "
+                     f"loss alpha * KL + (1 - alpha) * CE with alpha = {config.get('alpha')}, T = {config.get('temperature')}, "
+                     f"KL over the {config.get('kl_space')} distribution")
+    lines += [
+        f"- Task: `{run.get('task')}`; classes {', '.join(run.get('classes') or [])}",
+        f"- Pattern `{pattern.get('name')}`: `{pattern.get('template')!r}`; label words {words}",
+        f"- Labelled examples used: {labelled} (the k demonstrations"
+        + (f"; plus {config.get('train_queries')} training queries whose labels enter the CE term" if run.get("method") == "distill" and config.get("alpha", 0) < 1 else "")
+        + ")",
+        f"- What trained: {trained.get('method')} ({trained.get('trainable_parameters')} of {trained.get('total_parameters')} parameters); "
+        + "; ".join(meta["notes"] or ["no merge needed"]),
+        f"- Training: {config.get('epochs')} epochs, lr {config.get('lr')}, batch {config.get('train_batch_size')}, "
+        f"warm-up {config.get('warmup_ratio')}, weight decay {config.get('weight_decay')}, dtype {config.get('dtype')}",
+        "", "## Evaluation", "",
+        "Restricted accuracy (argmax over the label words) of this seed, and the mean over the run's seeds with its "
+        "95% t-interval where there are several.", "",
+        *_metric_lines(run, seed),
+        "", "## Use", "",
+        "The model answers the pattern-rendered input with the next token; compare the label words' scores:", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(DIR); model = AutoModelForCausalLM.from_pretrained(DIR)",
+        f"prompt = {pattern.get('template')!r}.format(...)",
+        "logits = model(**tok(prompt, return_tensors='pt')).logits[0, -1]",
+        f"label_ids = [tok(w, add_special_tokens=False).input_ids[0] for w in {list(pattern.get('label_words') or [])!r}]",
+        "```", "",
+        "or `icld predict --model DIR --input rows.jsonl --output answers.jsonl` (task, pattern and label words come "
+        f"from `{EXPORT_META}`).", "",
+    ]
+    return "\n".join(lines)
+
+
+def push(directory: Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload an export to the Hugging Face hub (needs network access and a token; not exercised offline)."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise ConfigError("--push-to-hub needs huggingface_hub: pip install huggingface_hub.") from None
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message="icld export")
+    except Exception as exc:  # network, auth and permission errors come in many types
+        raise ModelError(f"Uploading {directory} to the hub as {repo_id} failed ({exc}); check the network, "
+                         "`huggingface-cli login` and the repository name. The local export is complete.") from None
+    return str(getattr(info, "commit_url", info))

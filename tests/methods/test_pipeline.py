@@ -1,0 +1,218 @@
+"""The end of the pipeline on tiny models: train, export, reload with plain transformers, predict, eval, compare."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from icldistill.cli import main
+from icldistill.config import DistillOptions, EvalOptions, PbftOptions, PredictOptions, build_config
+from icldistill.errors import IcldError
+
+
+def _train_values(tmp_path, data_dir, out="run", **kw):
+    values = dict(task="mnli", eval=["mnli-m", "hans-lo"], shots=4, seeds=[0, 1], limit=12, batch_size=8,
+                  data_dir=str(data_dir), output_dir=str(tmp_path / out), epochs=2, lr=1e-2, train_batch_size=4,
+                  warmup_ratio=0.0, lora_dropout=0.0, dtype="fp32", device="cpu", eval_every=-1)
+    values.update(kw)
+    return values
+
+
+@pytest.fixture(scope="module")
+def pbft_run(tmp_path_factory, data_dir, tiny_dirs):
+    from icldistill.methods.pbft import run_pbft
+
+    tmp = tmp_path_factory.mktemp("pbft")
+    values = _train_values(tmp, data_dir, model=str(tiny_dirs["student"]), cache_dir=str(tmp / "cache"))
+    return tmp / "run", run_pbft(build_config(PbftOptions, values), progress=False)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_training_runs_write_predictions_like_icl(pbft_run):
+    run_dir, record = pbft_run
+    rows = _rows(run_dir / "predictions.jsonl")
+    assert {"seed", "eval", "id", "gold", "pred", "label_logprobs"} <= set(rows[0])
+    assert {r["seed"] for r in rows} == {0, 1}
+    for seed in ("0", "1"):
+        for name in ("mnli-m", "hans-lo"):
+            mine = [r for r in rows if r["seed"] == int(seed) and r["eval"] == name]
+            assert len(mine) == record["seeds"][seed]["eval"][name]["n"]
+            accuracy = sum(r["pred"] == r["gold"] for r in mine) / len(mine)
+            assert accuracy == pytest.approx(record["seeds"][seed]["eval"][name]["accuracy"])
+
+
+def _label_logprobs(model, tokenizer, texts, words):
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tokenizer(text, return_tensors="pt")
+            out.append(torch.log_softmax(model(**enc).logits[0, -1].float(), -1)[ids])
+    return torch.stack(out)
+
+
+def test_export_round_trip_matches_adapter_on_base(pbft_run, tiny_dirs, tmp_path, data_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from icldistill.methods.export import export_run
+
+    run_dir, record = pbft_run
+    out = tmp_path / "export"
+    result = export_run(str(run_dir / "seed-1"), out)
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    meta = json.loads((out / "icldistill.json").read_text())
+    assert meta["task"] == "mnli" and meta["label_words"] == [" Yes", " No"] and meta["seed"] == 1
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "gpt3" in card and "mnli-m" in card
+
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
+    adapted = PeftModel.from_pretrained(base, record["seeds"]["1"]["artefacts"]["adapter"]).eval()
+    texts = ["the cat saw the dog question: the dog was seen Yes or No? answer:", "a man ran question: he slept Yes or No? answer:"]
+    words = [" Yes", " No"]
+    a = _label_logprobs(exported, tokenizer, texts, words)
+    b = _label_logprobs(adapted, tokenizer, texts, words)
+    assert torch.allclose(a, b, atol=1e-5)
+    plain = _label_logprobs(AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]), tokenizer, texts, words)
+    assert not torch.allclose(a, plain, atol=1e-4)  # training changed the answers
+    generate = pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
+    assert generate(texts[0], max_new_tokens=1, do_sample=False)[0]["generated_text"].startswith(texts[0])
+
+    # predict with no other flag than the export, on a CSV; eval the export and the seed directory alike
+    source = tmp_path / "rows.csv"
+    with source.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "premise", "hypothesis"])
+        writer.writerow(["q1", "the cat saw the dog", "the dog was seen"])
+        writer.writerow(["q2", "a man ran", "he slept"])
+    assert main(["-q", "predict", "--model", str(out), "--input", str(source), "--output", str(tmp_path / "p.jsonl"),
+                 "--device", "cpu"]) == 0
+    predicted = _rows(tmp_path / "p.jsonl")
+    assert [r["id"] for r in predicted] == ["q1", "q2"]
+    for row in predicted:
+        assert row["label_word"] == words[row["pred"]] and sum(row["probs"].values()) == pytest.approx(1, abs=1e-5)
+
+    eval_values = dict(eval=["mnli-m"], limit=12, data_dir=str(data_dir), device="cpu", dtype="fp32")
+    from icldistill.methods.evaluate import run_eval
+
+    of_export = run_eval(build_config(EvalOptions, {**eval_values, "model": str(out), "output_dir": str(tmp_path / "e1")}),
+                         progress=False)
+    of_seed = run_eval(build_config(EvalOptions, {**eval_values, "model": str(run_dir / "seed-1"),
+                                                  "output_dir": str(tmp_path / "e2")}), progress=False)
+    trained = record["seeds"]["1"]["eval"]["mnli-m"]
+    assert of_seed["seeds"]["1"]["eval"]["mnli-m"]["accuracy"] == trained["accuracy"]
+    assert of_seed["seeds"]["1"]["eval"]["mnli-m"]["auc"] == pytest.approx(trained["auc"], abs=1e-6)
+    assert of_export["seeds"]["0"]["eval"]["mnli-m"]["auc"] == pytest.approx(trained["auc"], abs=1e-5)
+    assert of_seed["resources"]["inference"]["latency_ms_per_query"] > 0
+    e2 = {r["id"]: r for r in _rows(tmp_path / "e2" / "predictions.jsonl")}
+    trained_rows = {r["id"]: r for r in _rows(run_dir / "predictions.jsonl") if r["seed"] == 1 and r["eval"] == "mnli-m"}
+    assert e2.keys() == trained_rows.keys()
+    assert all(np.allclose(e2[k]["label_logprobs"], trained_rows[k]["label_logprobs"], atol=1e-5) for k in e2)
+
+
+def test_eval_of_a_run_keeps_its_seeds_and_compare_pairs_them(pbft_run, tmp_path, data_dir, capsys):
+    run_dir, record = pbft_run
+    assert main(["-q", "eval", "--model", str(run_dir), "--eval", "hans-lo", "--limit", "12", "--device", "cpu",
+                 "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "ev")]) == 0
+    evaluated = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(evaluated["seeds"]) == {"0", "1"}
+    for seed in ("0", "1"):
+        assert evaluated["seeds"][seed]["eval"]["hans-lo"]["accuracy"] == record["seeds"][seed]["eval"]["hans-lo"]["accuracy"]
+    capsys.readouterr()
+    assert main(["compare", str(run_dir), str(tmp_path / "ev"), "--eval", "hans-lo", "--resamples", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "covers 0" in printed and "ood_accuracy" in printed  # identical answers: difference 0, interval [0, 0]
+
+
+def test_predict_reports_bad_and_long_rows(tiny_dirs, tmp_path):
+    def predict(name, text, **kw):
+        path = tmp_path / name
+        path.write_text(text)
+        values = dict(model=str(tiny_dirs["student"]), input=str(path), output=str(tmp_path / "out.jsonl"),
+                      device="cpu", dtype="fp32")
+        values.update(kw)
+        from icldistill.methods.predict import run_predict
+
+        return run_predict(build_config(PredictOptions, values), progress=False)
+
+    with pytest.raises(IcldError, match=r"rows.csv: no column 'hypothesis'"):
+        predict("rows.csv", "id,premise\n1,a cat\n")
+    with pytest.raises(IcldError, match=r"rows.jsonl, line 2: missing field 'hypothesis'"):
+        predict("rows.jsonl", '{"premise": "a", "hypothesis": "b"}\n{"premise": "a"}\n')
+    with pytest.raises(IcldError, match=r"empty.csv, line 3: field 'premise' must be non-empty"):
+        predict("empty.csv", "premise,hypothesis\na cat,a dog\n  ,a dog\n")
+    with pytest.raises(IcldError, match=r"unknown input format"):
+        predict("rows.txt", "x")
+    long_text = " ".join(["the cat"] * 1500)
+    summary = predict("long.jsonl", json.dumps({"id": "ok", "premise": "a cat", "hypothesis": "a dog"}) + "\n"
+                      + json.dumps({"id": "long", "premise": long_text, "hypothesis": "a dog"}) + "\n")
+    assert summary["scored"] == 1 and [s["id"] for s in summary["skipped"]] == ["long"]
+    assert "too long" in summary["skipped"][0]["why"]
+    rows = _rows(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == ["ok", "long"] and rows[1]["pred"] is None and rows[0]["pred"] in (0, 1)
+    assert summary["inference"]["peak_memory_mb"] > 0
+
+
+def test_predict_with_shots_matches_icl_scoring(tiny_dirs, tmp_path, data_dir):
+    """An ICL teacher through predict gives the label log-probs of icl's evaluation on the same rows and seed."""
+    from icldistill.config import IclOptions
+    from icldistill.methods.icl import run_icl
+    from icldistill.methods.predict import run_predict
+
+    icl = run_icl(build_config(IclOptions, dict(model=str(tiny_dirs["teacher"]), eval=["mnli-m"], shots=4, seeds=[0],
+                                                limit=6, data_dir=str(data_dir), output_dir=str(tmp_path / "icl"),
+                                                device="cpu", dtype="fp32")), progress=False)
+    scored = _rows(tmp_path / "icl" / "predictions.jsonl")
+    from icldistill.tasks import data as data_mod
+    from icldistill.tasks.registry import get_eval_set, get_task
+
+    examples = {ex.id: ex for ex in data_mod.load(get_eval_set("mnli-m", get_task("mnli")), data_dir).examples}
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"id": r["id"], **examples[r["id"]].fields}) + "\n" for r in scored))
+    # The demonstrations exclude the query texts, as icl's do, so the same seed draws the same context.
+    run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["teacher"]), input=str(source), shots=4, seed=0,
+                                                  output=str(tmp_path / "p.jsonl"), data_dir=str(data_dir),
+                                                  device="cpu", dtype="fp32")), progress=False)
+    predicted = {r["id"]: r for r in _rows(tmp_path / "p.jsonl")}
+    demos = icl["seeds"]["0"]["demonstrations"]
+    assert len(demos) == 4
+    for r in scored:
+        assert np.allclose(predicted[r["id"]]["label_logprobs"], r["label_logprobs"], atol=1e-5)
+
+
+def test_export_refuses_what_is_not_a_run(tiny_dirs, tmp_path):
+    from icldistill.methods.export import export_run
+
+    with pytest.raises(IcldError, match="not a training run"):
+        export_run(str(tiny_dirs["student"]), tmp_path / "x")
+
+
+def test_bitfit_add_bias_exports_as_a_plain_llama(tmp_path, data_dir, tiny_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from icldistill.methods.export import export_run
+    from icldistill.methods.pbft import run_pbft
+    from icldistill.methods.trained import load_source, resolve_source
+
+    values = _train_values(tmp_path, data_dir, model=str(tiny_dirs["student"]), peft="bitfit",
+                           bitfit_fallback="add-bias", seeds=[0], epochs=1, eval=["mnli-m"])
+    run_pbft(build_config(PbftOptions, values), progress=False)
+    seed_dir = tmp_path / "run" / "seed-0"
+    export_run(str(seed_dir), tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert exported.config.attention_bias
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    trained = load_source(resolve_source(str(seed_dir)), dtype="fp32", device="cpu").model
+    texts = ["the cat saw the dog question: the dog was seen Yes or No? answer:"]
+    a = _label_logprobs(exported, tokenizer, texts, [" Yes", " No"])
+    b = _label_logprobs(trained, tokenizer, texts, [" Yes", " No"])
+    assert torch.allclose(a, b, atol=1e-5)

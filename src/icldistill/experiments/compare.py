@@ -270,3 +270,89 @@ def grouped_predictions(cells: Mapping[str, Sequence[Path]]) -> dict[str, Predic
         if present:
             out[group] = read_predictions(present, source=group)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+CONFIG_KEYS = ("task", "method", "model", "teacher", "student", "shots", "alpha", "peft", "pattern")
+BASELINES = ("icl-student", "pbft")
+REPORT_RESAMPLES = 2_000  # per claim; the report makes several, and 2,000 pins a 95% interval to ~0.005
+
+
+def config_key(row: Mapping[str, Any]) -> str:
+    """One configuration (a row of the comparison table, or of ``collect``'s table without its seed) as text."""
+    def plain(value: Any) -> Any:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        return value.item() if hasattr(value, "item") else value
+
+    return json.dumps([plain(row.get(k)) for k in CONFIG_KEYS])
+
+
+def _cell_prediction_files(cell_dir: Path) -> list[Path]:
+    """A cell's final evaluation and the sets evaluated later (``eval-<set>/``, see experiments.evaluate)."""
+    files = [cell_dir / PREDICTIONS_FILE] + sorted(cell_dir.glob(f"eval-*/{PREDICTIONS_FILE}"))
+    return [f for f in files if f.is_file()]
+
+
+def sweep_paired(sweep_dir: str | Path, runs: Any, *, resamples: int = REPORT_RESAMPLES, seed: int = 0) -> Any:
+    """Paired comparisons of each CD configuration with its baselines (ICL student, PBFT) at the same k.
+
+    ``runs`` is :func:`icldistill.experiments.results.collect`'s table of the sweep. A baseline runs on
+    the CD student's model and task; seeds pair by seed, queries by id. Returns a DataFrame, one row per
+    (CD configuration, baseline configuration, evaluation set, metric): ``cd_key``, ``baseline_key``
+    (:func:`config_key`), ``eval``, ``metric``, ``difference``, ``ci95_low``, ``ci95_high``, ``queries``,
+    ``n_seeds``, ``a_only``, ``b_only``, ``mcnemar_p``, ``sentence``. Configurations without per-query
+    predictions are left out.
+    """
+    import pandas as pd
+
+    columns = ["cd_key", "baseline_key", "eval", "metric", "difference", "ci95_low", "ci95_high", "queries", "n_seeds",
+               "a_only", "b_only", "mcnemar_p", "sentence"]
+    done = runs[runs["status"] == "complete"] if len(runs) else runs
+    cells: dict[str, list[Path]] = {}
+    described: dict[str, dict[str, Any]] = {}
+    for row in done.to_dict(orient="records"):
+        key = config_key(row)
+        cell = Path(sweep_dir) / "cells" / str(row["cell"])
+        if cell not in cells.setdefault(key, []):
+            cells[key].append(cell)
+        described[key] = row
+    loaded: dict[str, Predictions] = {}
+
+    def predictions(key: str) -> Predictions | None:
+        if key not in loaded:
+            files = [f for c in cells[key] for f in _cell_prediction_files(c)]
+            loaded[key] = read_predictions(files, source=key) if files else None
+        return loaded[key]
+
+    out = []
+    for cd_key, cd in described.items():
+        if cd["method"] != "distill":
+            continue
+        for base_key, base in described.items():
+            if base["method"] not in BASELINES or base["task"] != cd["task"] or base["shots"] != cd["shots"] \
+                    or base["model"] != cd["student"]:
+                continue
+            a, b = predictions(cd_key), predictions(base_key)
+            if a is None or b is None:
+                continue
+            for name in [n for n in a.eval_sets() if n in b.eval_sets()]:
+                for metric in ("accuracy", "ood_accuracy") if name.startswith("hans") else ("accuracy",):
+                    try:
+                        r = compare_predictions(a, b, name, metric=metric, resamples=resamples, seed=seed)
+                    except IcldError:  # no common seed or query: nothing to pair
+                        continue
+                    out.append([cd_key, base_key, name, metric, r.difference, r.ci95_low, r.ci95_high, r.queries,
+                                len(r.seeds), r.a_only, r.b_only, r.mcnemar_p, r.sentence()])
+    return pd.DataFrame(out, columns=columns)
+
+
+def paired_lookup(paired: Any, cd_row: Mapping[str, Any], baseline_row: Mapping[str, Any], eval_set: str | None,
+                  metric: str) -> dict[str, Any] | None:
+    """The row of :func:`sweep_paired`'s table for two comparison-table rows, or None."""
+    if paired is None or not len(paired) or not eval_set:
+        return None
+    hit = paired[(paired["cd_key"] == config_key(cd_row)) & (paired["baseline_key"] == config_key(baseline_row))
+                 & (paired["eval"] == eval_set) & (paired["metric"] == metric)]
+    return None if hit.empty else hit.iloc[0].to_dict()

@@ -136,7 +136,7 @@ def _cd_note(cd: pd.DataFrame) -> str:
 
 
 def _comparison_claim(topic: str, paper: str, table: pd.DataFrame, baseline: str, column: str,
-                      unit: str, digits: int, lower_is_better: bool = False) -> Claim:
+                      unit: str, digits: int, lower_is_better: bool = False, paired: pd.DataFrame | None = None) -> Claim:
     cd = _cd_rows(table)
     base = _matching(table, baseline, cd, same_peft=baseline == "pbft")
     name = METHOD_LABELS[baseline]
@@ -148,9 +148,12 @@ def _comparison_claim(topic: str, paper: str, table: pd.DataFrame, baseline: str
         return Claim(topic, paper, f"Not measurable: CD and {name} share no k with {column} results.", {})
     values = {k: {"cd": a, "baseline": b, "change_percent": _relative_percent(a, b)} for k, (a, b) in pairs.items()}
     accuracy = "accuracy" in column
+    for k, v in values.items():  # accuracy claims: the paired interval over queries and seeds (issue 11)
+        if accuracy and (hit := _paired(paired, cd, base, k, column)) is not None:
+            v["paired"] = hit
     parts = [f"k={k}: {v['cd']:.{digits}f} vs {v['baseline']:.{digits}f}{unit} ({_signed(v['change_percent'])}"
              + (", both within 0.05 of chance or below" if accuracy and max(v["cd"], v["baseline"]) < CHANCE + 0.05
-                else "") + ")"
+                else "") + (f"; paired difference {v['paired']['sentence']}" if "paired" in v else "") + ")"
              for k, v in values.items()]
     changes = [v["change_percent"] for v in values.values() if not math.isnan(v["change_percent"])]
     summary = ""
@@ -166,7 +169,19 @@ def _comparison_claim(topic: str, paper: str, table: pd.DataFrame, baseline: str
     return Claim(topic, paper, text, values)
 
 
-def headline_claims(table: pd.DataFrame) -> list[Claim]:
+def _paired(paired: pd.DataFrame | None, cd: pd.DataFrame, base: pd.DataFrame, k: int, column: str) -> dict | None:
+    """The paired comparison (experiments.compare.sweep_paired) of the rows at k that ``_pair_by_k`` compares."""
+    from icldistill.experiments.compare import paired_lookup
+
+    if paired is None:
+        return None
+    a, b = cd[cd["shots"] == k].iloc[0], base[base["shots"] == k].iloc[0]
+    eval_set = a["ood_eval"] if column == "ood_accuracy" else a["id_eval"]
+    return paired_lookup(paired, a.to_dict(), b.to_dict(), None if _missing(eval_set) else str(eval_set),
+                         "ood_accuracy" if column == "ood_accuracy" else "accuracy")
+
+
+def headline_claims(table: pd.DataFrame, paired: pd.DataFrame | None = None) -> list[Claim]:
     """The paper's headline claims (PROTOCOL.md) checked against the comparison table.
 
     Relative changes are ``(CD - baseline) / baseline * 100`` of the seed means, per k. CD is the
@@ -176,13 +191,13 @@ def headline_claims(table: pd.DataFrame) -> list[Claim]:
     claims = [
         _comparison_claim("CD vs ICL at the student's size: OOD accuracy",
                           "CD gives nearly 50% better out-of-domain accuracy than ICL on a model of similar size",
-                          table, "icl-student", "ood_accuracy", "", 3),
+                          table, "icl-student", "ood_accuracy", "", 3, paired=paired),
         _comparison_claim("CD vs PBFT: peak memory",
                           "CD needs up to 60% less peak memory than PBFT",
                           table, "pbft", "peak_memory_mb", " MB", 0, lower_is_better=True),
         _comparison_claim("CD vs PBFT: OOD accuracy",
                           "CD gives 20% better out-of-domain accuracy than PBFT",
-                          table, "pbft", "ood_accuracy", "", 3),
+                          table, "pbft", "ood_accuracy", "", 3, paired=paired),
     ]
 
     topic, paper = "CD memory across k", "CD's memory stays nearly constant as the number of demonstrations grows"
@@ -281,7 +296,8 @@ def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> 
     return lines
 
 
-def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str) -> list[tuple[str, Any]]:
+def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str,
+            paired: pd.DataFrame | None = None) -> list[tuple[str, Any]]:
     runs = in_domain_and_ood(df)
     table = _table_from_runs(runs)
     blocks: list[tuple[str, Any]] = [("h1", title), ("h2", "What ran"), ("ul", _header_lines(df, runs, table))]
@@ -304,21 +320,25 @@ def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str) -> li
             blocks.append(("p", f"Not drawn: {figure.reason or 'no data'}."))
     blocks.append(("h2", "Headline claims of the paper, as measured here"))
     blocks.append(("p", "Each line quotes the paper (arXiv 2412.13243) and gives what this sweep measured; relative "
-                        "changes are (CD − baseline) / baseline of the seed means."))
-    blocks.append(("ul", [f"**{c.topic}** (paper: {c.paper}). Measured: {c.measured}" for c in headline_claims(table)]))
+                        "changes are (CD − baseline) / baseline of the seed means. Accuracy differences also carry a "
+                        "paired bootstrap 95% interval over the queries both scored and the seeds (paired by seed); "
+                        "where it covers 0 the difference is not distinguishable from 0 (`icld compare`)."))
+    blocks.append(("ul", [f"**{c.topic}** (paper: {c.paper}). Measured: {c.measured}"
+                          for c in headline_claims(table, paired)]))
     blocks.append(("h2", "Reading this report"))
     blocks.append(("p", READING_NOTES))
     return blocks
 
 
-def render_markdown(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, title: str = DEFAULT_TITLE) -> str:
+def render_markdown(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, title: str = DEFAULT_TITLE,
+                    paired: pd.DataFrame | None = None) -> str:
     """``report.md``: header, comparison table, figures (linked by file name), claims, reading notes.
 
     Figure links are relative to the directory the figures were written to, where ``report.md``
     goes too.
     """
     out: list[str] = []
-    for kind, content in _blocks(df, figures, title):
+    for kind, content in _blocks(df, figures, title, paired):
         if kind in ("h1", "h2", "h3"):
             out.append("#" * int(kind[1]) + " " + content)
         elif kind == "p":
@@ -348,10 +368,11 @@ def _inline_html(text: str) -> str:
     return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
 
 
-def render_html(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, title: str = DEFAULT_TITLE) -> str:
+def render_html(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, title: str = DEFAULT_TITLE,
+                paired: pd.DataFrame | None = None) -> str:
     """``report.html``: the same content as :func:`render_markdown`, self-contained (inline CSS, PNGs as data URIs)."""
     body: list[str] = []
-    for kind, content in _blocks(df, figures, title):
+    for kind, content in _blocks(df, figures, title, paired):
         if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{html.escape(content)}</{kind}>")
         elif kind == "p":
@@ -399,8 +420,11 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     figures = make_figures(table, subcases, out_dir)
     title = f"{DEFAULT_TITLE}: {sweep_dir.resolve().name}"
     markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    atomic_write_text(markdown_path, render_markdown(df, figures, title=title))
-    atomic_write_text(html_path, render_html(df, figures, title=title))
+    from icldistill.experiments.compare import sweep_paired
+
+    paired = sweep_paired(sweep_dir, df)
+    atomic_write_text(markdown_path, render_markdown(df, figures, title=title, paired=paired))
+    atomic_write_text(html_path, render_html(df, figures, title=title, paired=paired))
     logger.info("wrote %s and %s", markdown_path, html_path)
     return {
         "markdown": markdown_path,

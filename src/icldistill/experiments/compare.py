@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from icldistill.errors import IcldError
+from icldistill.runtime.paths import PREDICTIONS_FILE
 
-PREDICTIONS_FILE = "predictions.jsonl"
 DEFAULT_RESAMPLES = 10_000
 OOD_HEURISTIC = "lexical_overlap"
 
@@ -257,19 +257,6 @@ def compare_runs(
         if name.startswith("hans"):
             results.append(compare_predictions(a, b, name, metric="ood_accuracy", resamples=resamples, seed=seed))
     return results
-
-
-def grouped_predictions(cells: Mapping[str, Sequence[Path]]) -> dict[str, Predictions]:
-    """Per configuration (a sweep's cell id without its seed), the merged predictions of its seeds' cells.
-
-    Cells without a ``predictions.jsonl`` (older runs, failed cells) are left out.
-    """
-    out = {}
-    for group, dirs in cells.items():
-        present = [d for d in dirs if (Path(d) / PREDICTIONS_FILE).is_file()]
-        if present:
-            out[group] = read_predictions(present, source=group)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- sweeps

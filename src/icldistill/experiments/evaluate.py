@@ -17,6 +17,7 @@ from icldistill.config import EvalOptions
 from icldistill.errors import ConfigError
 from icldistill.experiments.grid import CELLS_DIR
 from icldistill.experiments.sweep import CELL_FILE, RESULTS_FILE, SWEEP_FILE, _read
+from icldistill.runtime.paths import PREDICTIONS_FILE
 from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def evaluate_sweep(sweep_dir: str | Path, config: EvalOptions, *, progress: bool
         predictions = result.pop("predictions")
         for name in todo:
             part, rows = split_by_eval(result, predictions, name)
-            atomic_write_jsonl(eval_dir(directory, name) / "predictions.jsonl", rows)
+            atomic_write_jsonl(eval_dir(directory, name) / PREDICTIONS_FILE, rows)
             atomic_write_json(eval_dir(directory, name) / RESULTS_FILE, part)
         done.append({"cell": directory.name, "evaluated": todo, "skipped": [n for n in config.eval if n in have]})
     return done

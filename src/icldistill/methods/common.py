@@ -16,12 +16,11 @@ from icldistill.scoring.metrics import aggregate_seeds, hans_lexical_overlap_ood
 from icldistill.scoring.evalsets import evaluate_examples
 from icldistill.models.loading import LoadedModel
 from icldistill.tasks.prompts import Pattern, context_rng, resolve_pattern, sample_demonstrations
+from icldistill.runtime.paths import PREDICTIONS_FILE
 from icldistill.runtime.records import environment
 from icldistill.tasks.registry import DataSpec, Family, Task, family_of, get_eval_set, get_task
 
 logger = logging.getLogger(__name__)
-
-PREDICTIONS_FILE = "predictions.jsonl"
 
 
 def prediction_rows(seed: int, predictions: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

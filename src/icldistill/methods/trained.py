@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from icldistill.errors import ConfigError, ModelError
+from icldistill.methods.finetune import SEED_RESULT
 from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime.records import read_json
 
 logger = logging.getLogger(__name__)
 
-SEED_RESULT = "seed_result.json"  # as methods.finetune writes it
 RESULTS = "results.json"
 EXPORT_META = "icldistill.json"  # the machine-readable file of an exported model
 

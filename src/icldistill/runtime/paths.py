@@ -10,6 +10,7 @@ from pathlib import Path
 
 DATA_ENV = "ICLDISTILL_DATA"
 CACHE_ENV = "ICLDISTILL_CACHE"
+PREDICTIONS_FILE = "predictions.jsonl"  # per-query answers of a run, in its output directory (every method)
 
 
 def default_data_dir() -> Path | None:

@@ -62,11 +62,9 @@ def test_export_round_trip_matches_adapter_on_base(pbft_run, tiny_dirs, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-    from icldistill.methods.export import export_run
-
     run_dir, record = pbft_run
     out = tmp_path / "export"
-    result = export_run(str(run_dir / "seed-1"), out)
+    assert main(["-q", "export", str(run_dir / "seed-1"), "--output", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     meta = json.loads((out / "icldistill.json").read_text())
     assert meta["task"] == "mnli" and meta["label_words"] == [" Yes", " No"] and meta["seed"] == 1

@@ -214,3 +214,28 @@ def test_bitfit_add_bias_exports_as_a_plain_llama(tmp_path, data_dir, tiny_dirs)
     a = _label_logprobs(exported, tokenizer, texts, [" Yes", " No"])
     b = _label_logprobs(trained, tokenizer, texts, [" Yes", " No"])
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_bitfit_on_native_biases_exports_and_unmergeable_biases_are_refused(tmp_path, data_dir, tiny_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from icldistill.errors import ModelError
+    from icldistill.methods.export import _biases_into_config, export_run
+    from icldistill.methods.pbft import run_pbft
+    from icldistill.methods.trained import ModelSource, load_source, resolve_source
+
+    values = _train_values(tmp_path, data_dir, model=str(tiny_dirs["opt"]), peft="bitfit", seeds=[0], epochs=1,
+                           eval=["mnli-m"])
+    run_pbft(build_config(PbftOptions, values), progress=False)
+    seed_dir = tmp_path / "run" / "seed-0"
+    export_run(str(seed_dir), tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    trained = load_source(resolve_source(str(seed_dir)), dtype="fp32", device="cpu").model
+    texts = ["the cat saw the dog question: the dog was seen Yes or No? answer:"]
+    assert torch.allclose(_label_logprobs(exported, tokenizer, texts, [" Yes", " No"]),
+                          _label_logprobs(trained, tokenizer, texts, [" Yes", " No"]), atol=1e-5)
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
+    with pytest.raises(ModelError, match=r"cannot hold in their standard architecture"):
+        _biases_into_config(llama, ["lm_head.bias"], ModelSource("x", "run", "x", seed_dir=seed_dir))

@@ -28,7 +28,7 @@ _BIAS_SWITCHES = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
                   "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
 
 
-def _biases_into_config(model: nn.Module, source: ModelSource) -> list[str]:
+def _biases_into_config(model: nn.Module, added: list[str], source: ModelSource) -> list[str]:
     """Make a BitFit ``add-bias`` model a plain architecture: switch its config to biased projections.
 
     The run added biases to some linear layers (``--lora-targets``) that the architecture has none on.
@@ -36,7 +36,7 @@ def _biases_into_config(model: nn.Module, source: ModelSource) -> list[str]:
     turned on and the other layers of the group get zero biases (the function is unchanged), so the
     saved model loads with plain transformers. Otherwise the export is refused.
     """
-    biased = {name.rsplit(".", 1)[0].split(".")[-1] for name, p in model.named_parameters() if name.endswith(".bias")}
+    biased = {name.rsplit(".", 1)[0].split(".")[-1] for name in added}
     switched = []
     for switch, layers in _BIAS_SWITCHES.items():
         if not biased & set(layers):
@@ -60,13 +60,15 @@ def _biases_into_config(model: nn.Module, source: ModelSource) -> list[str]:
 def merged_model(source: ModelSource, cache_dir: str | None = None) -> tuple[Any, Any, list[str]]:
     """(model, tokenizer, notes): the run's base with its training applied and merged, fp32 on the CPU."""
     base = load_model(source.base, dtype="fp32", device="cpu", cache_dir=cache_dir)
+    architecture = {name for name, _ in base.model.named_parameters()}
     model = apply_trained(base.model, source)
     notes = []
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
         notes.append("LoRA adapter merged into the base weights")
-    if (source.run_record or {}).get("config", {}).get("bitfit_fallback") == "add-bias" and source.peft == "bitfit":
-        switched = _biases_into_config(model, source)
+    added = [name for name, _ in model.named_parameters() if name not in architecture]
+    if added:  # BitFit --bitfit-fallback add-bias gave bias-free layers biases
+        switched = _biases_into_config(model, added, source)
         notes.append(f"BitFit biases added by the run kept by turning on {', '.join(switched)} in the config")
     return model.eval(), base.tokenizer, notes
 

@@ -20,6 +20,7 @@ import numpy as np
 from icldistill.config import PredictOptions
 from icldistill.errors import ConfigError
 from icldistill.methods.trained import ModelSource, load_source, resolve_source
+from icldistill.runtime import distributed
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_jsonl, measure
 from icldistill.tasks import data as data_mod
 from icldistill.tasks.data import Example
@@ -139,7 +140,8 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
         out = answer(model, family, pattern, demonstrations, rows, batch_size=config.batch_size,
                      use_prefix_cache=config.prefix_cache, progress=progress)
     scored = sum(r["pred"] is not None for r in out)
-    write_rows(output, out, family.classes)
+    if distributed.is_main():  # under N processes every rank holds every answer; one writes them
+        write_rows(output, out, family.classes)
     counts = {c: sum(r["label"] == c for r in out) for c in family.classes}
     return {
         "model": config.model, "kind": source.kind, "task": task.name, "pattern": pattern.name,

@@ -74,8 +74,8 @@ def resolve_source(name: str) -> ModelSource:
                              "point at a seed directory inside a complete run.")
         run_record = read_json(run_file)
         student = seed_record.get("student") or {}
-        # A local base is recorded by its resolved path; packaged names and hub ids by name.
-        base = student.get("path") if student.get("source") == "local" else student.get("name")
+        # A local directory or GGUF file is recorded by its resolved path; packaged names and hub ids by name.
+        base = student.get("path") if student.get("source") in ("local", "gguf") else student.get("name")
         meta = {k: run_record.get(k) for k in ("task", "pattern", "classes")}
         return ModelSource(name, "run", str(base), int(seed_record["seed"]), path, seed_record, run_record, meta)
     return ModelSource(name, "model", name)

@@ -7,32 +7,19 @@ used when present (else the row number). Problems name the file, the row and the
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from icldistill.errors import DataError
-from icldistill.tasks.data import Example
+from icldistill.tasks.data import Example, _iter_lines, _read_bytes
 
 UNLABELLED = -1  # the label of a row that has none
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8.") from None
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); fix or remove the line.") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected one JSON object per line, found {type(row).__name__}.")
-        yield lineno, row
+    """(line number, object) per non-blank line, validated as the labelled data files are."""
+    yield from _iter_lines(_read_bytes(path), str(path))
 
 
 def _csv_rows(path: Path, fields: Sequence[str]) -> Iterable[tuple[int, dict[str, Any]]]:

@@ -312,7 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"table: icld results {config.model}; report: icld report {config.model}")
         return 0
     record = run_eval(config, progress=not args.quiet)
-    _print_run(record, config.output_dir)
+    _print_run(record, record["output_dir"])
     inference = record["resources"]["inference"]
     if inference.get("latency_ms_per_query") is not None:
         print(f"inference: {inference['latency_ms_per_query']:.2f} ms/query, peak {inference['peak_memory_mb']:.0f} MB")

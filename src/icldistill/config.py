@@ -146,9 +146,10 @@ class PredictOptions:
 
     model: str = option("smollm2-135m", "Model: a training run's seed directory (RUN/seed-N), an exported directory "
                         "(icld export), a packaged name, a Hugging Face id, a local directory or a .gguf file.")
-    input: str = option("", "Rows to answer: .jsonl, .csv or .parquet with the task's input columns (and optionally id).")
+    input: str | None = option(None, "Rows to answer: .jsonl, .csv or .parquet with the task's input columns (and optionally id).")
     output: str = option("predictions.jsonl", "Where the answers go (.jsonl, .csv or .parquet), written atomically.")
-    task: str | None = option(None, "Task whose fields, classes and patterns apply" + _FROM_MODEL + "; mnli otherwise.")
+    task: str | None = option(None, "Task whose fields, classes and patterns apply (default: the one the model was "
+                              "trained or exported with, else mnli).")
     pattern: str | None = _same_as(CommonOptions, "pattern", help="Prompt pattern" + _FROM_MODEL + ".")
     label_words: list[str] | None = _same_as(CommonOptions, "label_words")
     shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations in each prompt (0 for a trained student; k for an "
@@ -169,9 +170,12 @@ class EvalOptions(CommonOptions):
 
     model: str = option("smollm2-135m", "Model: a training run (directory or RUN/seed-N), a sweep directory (each trained "
                         "cell, written to its eval-<set>/), an exported directory, or any model name.")
-    task: str | None = option(None, "Task" + _FROM_MODEL + "; mnli otherwise.")
+    task: str | None = option(None, "Task (default: the one the model was trained or exported with, else mnli).")
     eval: list[str] | None = option(None, "Evaluation sets, comma-separated (default: the task's; see `icld tasks`).")
     shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations per prompt (0: the trained student answers alone).")
+    pattern: str | None = _same_as(CommonOptions, "pattern", help="Prompt pattern" + _FROM_MODEL + ".")
+    output_dir: str | None = option(None, "Directory for results.json and predictions.jsonl (default: RUN/eval-SETS for "
+                                    "a training run, runs/eval-SETS otherwise).")
 
 
 # ---------------------------------------------------------------------------------------------

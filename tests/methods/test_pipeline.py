@@ -119,14 +119,18 @@ def test_export_round_trip_matches_adapter_on_base(pbft_run, tiny_dirs, tmp_path
 
 def test_eval_of_a_run_keeps_its_seeds_and_compare_pairs_them(pbft_run, tmp_path, data_dir, capsys):
     run_dir, record = pbft_run
-    assert main(["-q", "eval", "--model", str(run_dir), "--eval", "hans-lo", "--limit", "12", "--device", "cpu",
-                 "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "ev")]) == 0
-    evaluated = json.loads((tmp_path / "ev" / "results.json").read_text())
+    args = ["-q", "eval", "--model", str(run_dir), "--eval", "hans-lo", "--limit", "12", "--device", "cpu",
+            "--data-dir", str(data_dir)]
+    assert main(args + ["--output-dir", str(run_dir)]) == 2  # never over a training run's own results
+    assert "would overwrite" in capsys.readouterr().err
+    assert json.loads((run_dir / "results.json").read_text())["method"] == "pbft"
+    assert main(args) == 0
+    evaluated = json.loads((run_dir / "eval-hans-lo" / "results.json").read_text())  # the default: beside the run
     assert set(evaluated["seeds"]) == {"0", "1"}
     for seed in ("0", "1"):
         assert evaluated["seeds"][seed]["eval"]["hans-lo"]["accuracy"] == record["seeds"][seed]["eval"]["hans-lo"]["accuracy"]
     capsys.readouterr()
-    assert main(["compare", str(run_dir), str(tmp_path / "ev"), "--eval", "hans-lo", "--resamples", "200"]) == 0
+    assert main(["compare", str(run_dir), str(run_dir / "eval-hans-lo"), "--eval", "hans-lo", "--resamples", "200"]) == 0
     printed = capsys.readouterr().out
     assert "covers 0" in printed and "ood_accuracy" in printed  # identical answers: difference 0, interval [0, 0]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from icldistill.config import EvalOptions
+from icldistill.errors import ConfigError
 from icldistill.methods.common import (
     PREDICTIONS_FILE,
     Setup,
@@ -52,6 +53,22 @@ def eval_setup(config: EvalOptions, source: ModelSource) -> tuple[EvalOptions, S
     return resolved, dataclasses.replace(setup, pattern=pattern)
 
 
+def output_dir_for(config: EvalOptions, source: ModelSource) -> Path:
+    """``--output-dir``, else ``RUN/eval-SETS`` beside a training run, else ``runs/eval-SETS``; never another run's."""
+    name = "eval-" + "+".join(config.eval or [])
+    if config.output_dir:
+        out = Path(config.output_dir).expanduser()
+    elif source.seed_dir is not None:
+        out = source.seed_dir.parent / name
+    else:
+        out = Path("runs") / name
+    existing = out / "results.json"
+    if existing.is_file() and read_json(existing).get("method") != "eval":
+        raise ConfigError(f"{out} holds a {read_json(existing).get('method')!r} run's results; icld eval would "
+                          "overwrite them. Choose another --output-dir.")
+    return out
+
+
 def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) -> dict[str, Any]:
     """Evaluate ``config.model`` on ``config.eval``; write ``results.json`` and ``predictions.jsonl``; return the record.
 
@@ -59,7 +76,7 @@ def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) 
     """
     sources = sources_of(config.model)
     config, setup = eval_setup(config, sources[0])
-    out = Path(config.output_dir).expanduser()
+    out = output_dir_for(config, sources[0])
     record = base_record("eval", config, setup)
     record["source"] = {"kind": sources[0].kind, "model": config.model,
                         "run": str(sources[0].seed_dir.parent) if sources[0].seed_dir else None,
@@ -90,6 +107,7 @@ def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) 
         "inference_by_eval": inference,
     }
     record["status"] = "complete" if any(e.get("eval") for e in seeds.values()) else "skipped"
+    record["output_dir"] = str(out)
     if not write:
         return {**record, "predictions": predictions}
     if distributed.is_main():

@@ -243,3 +243,21 @@ def test_bitfit_on_native_biases_exports_and_unmergeable_biases_are_refused(tmp_
     llama = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
     with pytest.raises(ModelError, match=r"cannot hold in their standard architecture"):
         _biases_into_config(llama, ["lm_head.bias"], ModelSource("x", "run", "x", seed_dir=seed_dir))
+
+
+def test_predict_reads_and_writes_parquet(tiny_dirs, tmp_path):
+    import pandas as pd
+
+    from icldistill.methods.predict import run_predict
+
+    pd.DataFrame({"premise": ["a cat ran", "the dog slept"], "hypothesis": ["a cat", "a dog"]}).to_parquet(tmp_path / "in.parquet")
+    summary = run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["student"]), input=str(tmp_path / "in.parquet"),
+                                                            output=str(tmp_path / "out.parquet"), device="cpu")),
+                          progress=False)
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert summary["scored"] == 2 and list(out["id"]) == ["0", "1"]
+    assert np.allclose(out["p_entailment"] + out["p_non-entailment"], 1.0)
+    pd.DataFrame({"premise": ["a cat ran"], "hypothesis": [None]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(IcldError, match=r"bad.parquet, row 1: missing field 'hypothesis'"):
+        run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["student"]), input=str(tmp_path / "bad.parquet"),
+                                                      device="cpu")), progress=False)

@@ -16,6 +16,15 @@ _EXPORTS = {
     "distill": (
         "run_distill",
     ),
+    "predict": (
+        "run_predict",
+    ),
+    "evaluate": (
+        "run_eval",
+    ),
+    "export": (
+        "export_run",
+    ),
 }
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -139,7 +139,10 @@ def model_card(source: ModelSource, meta: dict[str, Any]) -> str:
     pattern = run.get("pattern") or {}
     base = meta["base_model"]
     method = {"distill": "context distillation", "pbft": "pattern-based fine-tuning"}.get(run.get("method"), run.get("method"))
-    labelled = len(seed.get("demonstration_contexts", [[]])[0]) if run.get("method") == "distill" else len(seed.get("train_examples", []))
+    if run.get("method") == "distill":  # every demonstration the teacher saw, over its contexts
+        labelled = len({d for context in seed.get("demonstration_contexts", []) for d in context})
+    else:
+        labelled = len(seed.get("train_examples", []))
     words = ", ".join(f"{c} -> {w!r}" for c, w in zip(run.get("classes") or [], pattern.get("label_words") or []))
     trained = seed.get("trainable") or {}
     front = ["---", f"license: {'apache-2.0' if _licence(base) == 'Apache-2.0' else 'other'}",

@@ -1,0 +1,54 @@
+"""Unlabelled rows for predict: any text survives CSV and JSON Lines, and bad rows name the file and row."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icldistill.errors import DataError
+from icldistill.tasks.inputs import UNLABELLED, read_inputs
+
+texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"), min_size=1).filter(
+    lambda t: t.strip())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(texts, texts), min_size=1, max_size=6))
+def test_any_text_round_trips_through_csv_and_jsonl(tmp_path_factory, rows):
+    directory = tmp_path_factory.mktemp("rows")
+    with (directory / "rows.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["premise", "hypothesis"])
+        writer.writerows(rows)
+    (directory / "rows.jsonl").write_text("".join(json.dumps({"premise": p, "hypothesis": h}) + "\n" for p, h in rows),
+                                          encoding="utf-8")
+    for name in ("rows.csv", "rows.jsonl"):
+        examples = read_inputs(directory / name, ("premise", "hypothesis"))
+        assert [(ex.fields["premise"], ex.fields["hypothesis"]) for ex in examples] == [
+            (p.strip(), h.strip()) for p, h in rows]
+        assert [ex.id for ex in examples] == [str(i) for i in range(len(rows))]
+        assert all(ex.label == UNLABELLED for ex in examples)
+
+
+def test_ids_are_kept_and_duplicates_refused(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "x", "sentence": "good"}\n{"id": "y", "sentence": "bad"}\n')
+    assert [ex.id for ex in read_inputs(path, ("sentence",))] == ["x", "y"]
+    path.write_text('{"id": "x", "sentence": "good"}\n\n{"id": "x", "sentence": "bad"}\n')
+    with pytest.raises(DataError, match=r"line 3: duplicate id 'x' \(first at line 1\)"):
+        read_inputs(path, ("sentence",))
+    path.write_text('{"sentence": 3}\n')
+    with pytest.raises(DataError, match=r"line 1: field 'sentence' must be non-empty text, got 3"):
+        read_inputs(path, ("sentence",))
+    path.write_text('{"sentence": "ok"\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:1: invalid JSON"):
+        read_inputs(path, ("sentence",))
+    with pytest.raises(DataError, match="does not exist"):
+        read_inputs(tmp_path / "none.csv", ("sentence",))
+    (tmp_path / "empty.csv").write_text("sentence\n")
+    with pytest.raises(DataError, match="holds no rows"):
+        read_inputs(tmp_path / "empty.csv", ("sentence",))

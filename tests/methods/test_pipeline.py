@@ -98,6 +98,11 @@ def test_export_round_trip_matches_adapter_on_base(pbft_run, tiny_dirs, tmp_path
     assert [r["id"] for r in predicted] == ["q1", "q2"]
     for row in predicted:
         assert row["label_word"] == words[row["pred"]] and sum(row["probs"].values()) == pytest.approx(1, abs=1e-5)
+    # the seed directory itself (base + adapter from its record) answers as the export does
+    assert main(["-q", "predict", "--model", str(run_dir / "seed-1"), "--input", str(source),
+                 "--output", str(tmp_path / "p2.jsonl"), "--device", "cpu"]) == 0
+    for a, b in zip(predicted, _rows(tmp_path / "p2.jsonl")):
+        assert a["pred"] == b["pred"] and np.allclose(a["label_logprobs"], b["label_logprobs"], atol=1e-5)
 
     eval_values = dict(eval=["mnli-m"], limit=12, data_dir=str(data_dir), device="cpu", dtype="fp32")
     from icldistill.methods.evaluate import run_eval

@@ -167,6 +167,8 @@ def test_predict_reports_bad_and_long_rows(tiny_dirs, tmp_path):
     rows = _rows(tmp_path / "out.jsonl")
     assert [r["id"] for r in rows] == ["ok", "long"] and rows[1]["pred"] is None and rows[0]["pred"] in (0, 1)
     assert summary["inference"]["peak_memory_mb"] > 0
+    recorded = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert recorded["inference"]["latency_ms_per_query"] > 0 and recorded["skipped"] == summary["skipped"]
 
 
 def test_predict_with_shots_matches_icl_scoring(tiny_dirs, tmp_path, data_dir):

@@ -21,7 +21,7 @@ from icldistill.config import PredictOptions
 from icldistill.errors import ConfigError
 from icldistill.methods.trained import ModelSource, load_source, resolve_source
 from icldistill.runtime import distributed
-from icldistill.runtime.records import atomic_write_bytes, atomic_write_jsonl, measure
+from icldistill.runtime.records import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, measure
 from icldistill.tasks import data as data_mod
 from icldistill.tasks.data import Example
 from icldistill.tasks.inputs import read_inputs
@@ -143,7 +143,7 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
     if distributed.is_main():  # under N processes every rank holds every answer; one writes them
         write_rows(output, out, family.classes)
     counts = {c: sum(r["label"] == c for r in out) for c in family.classes}
-    return {
+    summary = {
         "model": config.model, "kind": source.kind, "task": task.name, "pattern": pattern.name,
         "label_words": list(pattern.label_words), "shots": config.shots, "rows": len(out), "scored": scored,
         "skipped": [{"id": r["id"], "why": r["skipped"]} for r in out if r.get("skipped")],
@@ -151,7 +151,16 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
         "inference": {**cost.as_dict(), "queries": scored,
                       "queries_per_s": scored / cost.wall_time_s if cost.wall_time_s else None,
                       "latency_ms_per_query": 1000 * cost.wall_time_s / scored if scored else None},
+        "summary": str(summary_path(output)),
     }
+    if distributed.is_main():  # what the answers cost, recorded beside them
+        atomic_write_json(summary_path(output), summary)
+    return summary
+
+
+def summary_path(output: Path) -> Path:
+    """``answers.jsonl`` -> ``answers.jsonl.summary.json``: the run's record beside its answers."""
+    return output.with_name(output.name + ".summary.json")
 
 
 def describe(summary: dict[str, Any]) -> list[str]:
@@ -168,6 +177,6 @@ def describe(summary: dict[str, Any]) -> list[str]:
     rate = f"{inf['queries_per_s']:.1f} rows/s, {inf['latency_ms_per_query']:.2f} ms/row" if inf["queries_per_s"] else "-"
     lines.append(f"throughput {rate}; peak memory {inf['peak_memory_mb']:.0f} MB ({inf['memory_kind']}); "
                  f"model load {summary['load_time_s']:.1f} s")
-    lines.append(f"output: {summary['output']}")
+    lines.append(f"output: {summary['output']} (summary: {summary['summary']})")
     return lines
 

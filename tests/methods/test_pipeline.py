@@ -268,3 +268,32 @@ def test_predict_reads_and_writes_parquet(tiny_dirs, tmp_path):
     with pytest.raises(IcldError, match=r"bad.parquet, row 1: missing field 'hypothesis'"):
         run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["student"]), input=str(tmp_path / "bad.parquet"),
                                                       device="cpu")), progress=False)
+
+
+def test_push_to_hub_uploads_the_directory_through_huggingface_hub(tmp_path, monkeypatch):
+    """The upload itself needs the network; here the hub client is replaced to check what is sent."""
+    import huggingface_hub
+
+    from icldistill.methods.export import push
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", folder_path, repo_id))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push(tmp_path, "me/student", private=True) == "https://hub/me/student/commit/1"
+    assert calls == [("create", "me/student", True, True), ("upload", str(tmp_path), "me/student")]
+
+    class FailingApi(FakeApi):
+        def upload_folder(self, **kwargs):
+            raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
+    with pytest.raises(IcldError, match="The local export is complete"):
+        push(tmp_path, "me/student")

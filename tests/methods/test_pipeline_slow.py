@@ -13,8 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_distilled_smollm2_exports_and_predicts_sst2(tmp_path, data_dir):
-    from transformers import AutoModelForCausalLM
-
     from icldistill.methods.distill import run_distill
     from icldistill.methods.export import export_run
     from icldistill.methods.predict import run_predict
@@ -31,7 +29,6 @@ def test_distilled_smollm2_exports_and_predicts_sst2(tmp_path, data_dir):
     export_run(str(tmp_path / "cd" / "seed-0"), out)
     assert (out / "model.safetensors").is_file()
     assert "Apache-2.0" in (out / "README.md").read_text()
-    AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads it
 
     scored = [json.loads(line) for line in (tmp_path / "cd" / "predictions.jsonl").read_text().splitlines()]
     assert len(scored) == 8
@@ -42,6 +39,7 @@ def test_distilled_smollm2_exports_and_predicts_sst2(tmp_path, data_dir):
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"id": r["id"], "sentence": rows[r["id"]].fields["sentence"]}) + "\n"
                               for r in scored))
+    # predict loads the export with plain AutoModelForCausalLM.from_pretrained (a local directory)
     summary = run_predict(build_config(PredictOptions, dict(model=str(out), input=str(source), device="cpu",
                                                             output=str(tmp_path / "answers.jsonl"))), progress=False)
     assert summary["task"] == "sst2" and summary["scored"] == 8 and summary["label_words"] == [" positive", " negative"]

@@ -1,7 +1,10 @@
-"""Loading rows from local JSON Lines files or the Hugging Face hub, validated row by row.
+"""Loading rows from local files (JSON Lines, CSV, TSV, Parquet) or the Hugging Face hub, validated row by row.
 
-Every problem names the file, the line and what to do: a missing field, an empty text, an unknown
-label, invalid JSON, a truncated gzip file, an empty file. Rows are returned as :class:`Example`.
+JSON Lines is read here, line by line, so a message can cite the line; CSV, TSV and Parquet go through
+``datasets`` (the field's reader), and every row is then validated alike. Every problem names the file,
+the row and what to do: a missing column, an empty text, an unknown label, invalid JSON, a truncated
+gzip file, an empty file. A file named ``x.jsonl`` is found whether it is stored plain or gzipped.
+Rows are returned as :class:`Example`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from icldistill.errors import DataError
 from icldistill.runtime.paths import DATA_ENV, default_data_dir
-from icldistill.tasks.registry import FAMILIES, DataSpec
+from icldistill.tasks.registry import Carve, DataSpec
 
 logger = logging.getLogger(__name__)
 
@@ -64,24 +67,77 @@ def load(spec: DataSpec, data_dir: str | Path | None = None, source: str = "auto
     """
     if source not in ("auto", "local", "hub"):
         raise DataError(f"Unknown data source {source!r}; use auto, local or hub (--data-source).")
+    if spec.local is None:  # a hub-only set
+        if source == "local":
+            raise DataError(f"'{spec.name}' ({spec.origin}) has only a hub source; use --data-source hub or auto.")
+        return _carved(_load_hub(spec), spec)
     directory = resolve_data_dir(data_dir)
-    if source == "hub" or (source == "auto" and directory is None):
+    if source == "hub" or (source == "auto" and directory is None and spec.base_dir is None
+                           and not Path(spec.local).is_absolute()):
         if spec.hub is None:
             raise DataError(f"'{spec.name}' has no Hugging Face source; give a local --data-dir.")
-        return _load_hub(spec)
-    if directory is None:
+        return _carved(_load_hub(spec), spec)
+    path = local_path(spec, directory)
+    stat = path.stat()
+    return _carved(_load_local_cached(_SpecKey(spec), str(path.resolve()), stat.st_mtime_ns, stat.st_size), spec)
+
+
+def local_path(spec: DataSpec, directory: Path | None) -> Path:
+    """The file of ``spec``: relative to its task file's directory, or to the data directory (built-in tasks).
+
+    ``x.jsonl`` is also found as ``x.jsonl.gz`` and the other way round.
+    """
+    assert spec.local is not None
+    given = Path(spec.local).expanduser()
+    if given.is_absolute():
+        base = None
+    elif spec.base_dir is not None:
+        base = Path(spec.base_dir)
+    elif directory is None:
         raise DataError(
             f"No data directory for '{spec.name}': pass --data-dir DIR or set ${DATA_ENV} to a directory "
             f"holding {spec.local}, or use --data-source hub."
         )
-    path = directory / spec.local
-    if not path.exists():
-        raise DataError(
-            f"Data file {path} for '{spec.name}' does not exist. Check --data-dir / ${DATA_ENV} "
-            f"(it must contain {spec.local}), or use --data-source hub."
-        )
-    stat = path.stat()
-    return _load_local_cached(_SpecKey(spec), str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    else:
+        base = directory
+    path = given if base is None else base / given
+    for candidate in (path, *_alternatives(path)):
+        if candidate.exists():
+            return candidate
+    where = ("the task file's directory " + str(base)) if spec.base_dir is not None else f"--data-dir / ${DATA_ENV}"
+    raise DataError(
+        f"Data file {path} for '{spec.name}' does not exist. Check {where} "
+        f"(it must contain {spec.local}), or use --data-source hub."
+    )
+
+
+def _alternatives(path: Path) -> list[Path]:
+    if path.name.endswith(".jsonl"):
+        return [path.with_name(path.name + ".gz")]
+    if path.name.endswith(".jsonl.gz"):
+        return [path.with_name(path.name[:-3])]
+    return []
+
+
+def carve_indices(n: int, carve: Carve) -> list[int]:
+    """Row positions of ``carve.part`` in file order: a seeded partition of ``range(n)`` into eval and train."""
+    n_eval = int(round(carve.eval_rows * n)) if isinstance(carve.eval_rows, float) else int(carve.eval_rows)
+    if not 0 < n_eval < n:
+        raise DataError(f"carve: eval_rows {carve.eval_rows} leaves no rows for one part of the {n} rows; choose fewer.")
+    order = list(range(n))
+    random.Random(f"icldistill-carve-{carve.seed}").shuffle(order)
+    chosen = order[:n_eval] if carve.part == "eval" else order[n_eval:]
+    return sorted(chosen)
+
+
+def _carved(loaded: LoadedData, spec: DataSpec) -> LoadedData:
+    """The carve part of the rows (the cache holds the whole file; both parts share it)."""
+    if spec.carve is None:
+        return loaded
+    keep = carve_indices(len(loaded.examples), spec.carve)
+    c = spec.carve
+    return LoadedData(spec, tuple(loaded.examples[i] for i in keep), loaded.source,
+                      f"{loaded.fingerprint}/{c.part}-{c.eval_rows}-{c.seed}")
 
 
 class _SpecKey:
@@ -106,8 +162,11 @@ def _load_local_cached(key: _SpecKey, path: str, mtime_ns: int, size: int) -> Lo
     spec = key.spec
     raw = _read_bytes(Path(path))
     fingerprint = hashlib.sha256(raw).hexdigest()[:16]  # of the file's bytes, as SOURCES.md lists them
-    raw = _decompress(raw, Path(path))
-    examples = parse_rows(spec, _iter_lines(raw, path), path)
+    if path.endswith((".csv", ".tsv", ".parquet")):
+        rows = _iter_table(Path(path))
+    else:
+        rows = _iter_lines(_decompress(raw, Path(path)), path)
+    examples = parse_rows(spec, rows, path)
     logger.info("loaded %d rows of %s from %s", len(examples), spec.name, path)
     return LoadedData(spec, tuple(examples), path, fingerprint)
 
@@ -148,49 +207,84 @@ def _iter_lines(raw: bytes, path: str) -> Iterable[tuple[int, dict[str, Any]]]:
         yield lineno, row
 
 
+def _iter_table(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """Rows of a CSV, TSV or Parquet file through ``datasets``; row numbers count the header as line 1.
+
+    Every CSV cell is read as text (``dtype=str``, no NA guessing), so a label ``1`` or a text ``N/A``
+    reaches validation as written.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"Reading {path.suffix} files needs the 'datasets' package: pip install datasets.") from None
+    datasets.disable_progress_bars()
+    kind = "parquet" if path.suffix == ".parquet" else "csv"
+    kwargs: dict[str, Any] = {}
+    if kind == "csv":
+        kwargs = {"delimiter": "\t" if path.suffix == ".tsv" else ",", "dtype": str, "keep_default_na": False}
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
+    except Exception as exc:  # pandas / pyarrow parse errors come in many types; each names the line
+        cause = exc.__cause__ or exc
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({str(cause).strip()}); "
+                        "fix the row it names (quotes, column count) and try again.") from None
+    first = 2 if kind == "csv" else 1
+    for i, row in enumerate(ds):
+        yield i + first, {k: v for k, v in row.items() if k is not None}
+
+
 def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], where: str) -> list[Example]:
     """Validate raw rows against ``spec``: required fields, label mapping, filters, unique ids.
 
     ``rows`` yields (line number, row); ``where`` names the file in messages.
     """
-    family = FAMILIES[spec.family]
     known = ", ".join(repr(k) for k in spec.label_map)
     examples: list[Example] = []
     seen: dict[str, int] = {}
     n_rows = 0
+    needed = (*((spec.id_column,) if spec.id_column else ()), spec.label_column, *spec.fields)
+    task_note = f" (columns named in {spec.origin})" if spec.origin else ""
     for lineno, row in rows:
         n_rows += 1
-        if any(str(row.get(k)) != v for k, v in spec.filter.items()):
+        if any(_raw_text(row.get(k)) != v for k, v in spec.filter.items()):
             continue
-        for name in ("id", "label", *family.fields):
+        for name in needed:
             if name not in row:
-                raise DataError(f"{where}:{lineno}: missing field '{name}'. Every row needs id, label, {', '.join(family.fields)}.")
-        label = row["label"]
-        if not isinstance(label, str) or label not in spec.label_map:
+                raise DataError(f"{where}:{lineno}: missing field '{name}'{task_note}. Every row needs "
+                                f"{', '.join(needed)}.")
+        label = row[spec.label_column]
+        raw = None if label is None or isinstance(label, (dict, list, float)) else _raw_text(label)
+        if raw is None or raw not in spec.label_map:
             raise DataError(
                 f"{where}:{lineno}: unknown label {label!r} for '{spec.name}'; expected one of {known}. "
-                "Fix the row or choose the evaluation set that matches this file."
+                "Fix the row, map the value to a class (or drop it) in the task file, or choose the evaluation "
+                "set that matches this file."
             )
-        cls = spec.label_map[label]
+        cls = spec.label_map[raw]
         if cls is None:
             continue
         texts = {}
-        for name in family.fields:
+        for name in spec.fields:
             value = row[name]
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{where}:{lineno}: field '{name}' must be a non-empty string, got {value!r}; fill it in or remove the row.")
             texts[name] = value.strip()
-        row_id = str(row["id"])
+        row_id = str(row[spec.id_column]) if spec.id_column else str(lineno)
         if row_id in seen:
             raise DataError(f"{where}:{lineno}: duplicate id {row_id!r} (first on line {seen[row_id]}); ids must be unique.")
         seen[row_id] = lineno
         meta = {k: str(row[k]) for k in spec.meta_fields if k in row}
         examples.append(Example(row_id, texts, cls, meta))
     if n_rows == 0:
-        raise DataError(f"{where} is empty; it must hold one JSON object per line.")
+        raise DataError(f"{where} is empty; it must hold one JSON object per line (or, for CSV, a header and rows).")
     if not examples:
         raise DataError(f"{where}: none of its {n_rows} rows is usable for '{spec.name}' (filters {dict(spec.filter)}).")
     return examples
+
+
+def _raw_text(value: Any) -> str:
+    """Labels and filter values compare as text: a JSON ``1`` and a task file's ``1`` are the same value."""
+    return str(value)
 
 
 def _load_hub(spec: DataSpec) -> LoadedData:
@@ -202,13 +296,14 @@ def _load_hub(spec: DataSpec) -> LoadedData:
     hub = spec.hub
     assert hub is not None
     try:
-        ds = datasets.load_dataset(hub.path, hub.name, split=hub.split)
+        extra = {"revision": hub.revision} if hub.revision else {}
+        ds = datasets.load_dataset(hub.path, hub.name, split=hub.split, **extra)
     except Exception as exc:  # the hub raises many types (network, missing config); report them all alike
         raise DataError(
             f"Cannot load {hub.path}/{hub.name or ''} split {hub.split} from the hub ({exc}). "
             "Without hub access use --data-source local with --data-dir."
         ) from None
-    names = getattr(ds.features.get("label"), "names", None)
+    names = getattr(ds.features.get(spec.label_column), "names", None)
     columns = {hub.rename.get(c, c) for c in ds.column_names}
     missing = {k: v for k, v in spec.filter.items() if k not in columns}
     if missing:
@@ -221,12 +316,13 @@ def _load_hub(spec: DataSpec) -> LoadedData:
     def rows() -> Iterable[tuple[int, dict[str, Any]]]:
         for i, row in enumerate(ds):
             out = {hub.rename.get(k, k): v for k, v in row.items()}
-            label = out.get("label")
-            if isinstance(label, int):
+            label = out.get(spec.label_column)
+            if isinstance(label, int) and not isinstance(label, bool):
                 if label < 0:  # SNLI marks rows without a gold label with -1
                     continue
-                out["label"] = names[label] if names else str(label)
-            out.setdefault("id", f"{spec.name}-{out['idx'] if 'idx' in out else i}")
+                out[spec.label_column] = names[label] if names else str(label)
+            if spec.id_column:
+                out.setdefault(spec.id_column, f"{spec.name}-{out['idx'] if 'idx' in out else i}")
             yield i + 1, out
 
     examples = parse_rows(spec, rows(), f"{hub.path}:{hub.split}")

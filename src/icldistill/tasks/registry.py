@@ -1,45 +1,74 @@
-"""The task registry: where each data set lives, which fields it has, how its labels map to classes.
+"""The task registry: task definitions as data, found by name or path.
 
-Declarative, in the manner of lm-evaluation-harness task YAMLs: a task names its training data, its
-classes and its prompt patterns; an evaluation set names its data and the label mapping onto the same
-classes. A variant is a small override of a base entry (``dataclasses.replace``). No torch here.
+A task is a YAML file (``tasks/taskfile.py`` reads it): its train data, its named evaluation sets,
+input columns, classes, patterns and label words, in the manner of lm-evaluation-harness task YAMLs.
+The built-in tasks are such files shipped in ``tasks/builtin/``; ``$ICLDISTILL_TASKS`` names more
+directories (``os.pathsep``-separated). A variant is ``base: other`` plus the keys that differ.
+No torch here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from types import MappingProxyType
-from typing import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from icldistill.errors import ConfigError
+
+TASKS_ENV = "ICLDISTILL_TASKS"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv", ".tsv", ".parquet")
 
 
 @dataclass(frozen=True)
 class HubSource:
-    """Where the same rows live on the Hugging Face hub (used with ``--data-source hub``)."""
+    """Where the rows live on the Hugging Face hub (used with ``--data-source hub`` or a hub-only set)."""
 
     path: str
     name: str | None
     split: str
-    rename: Mapping[str, str] = field(default_factory=dict)  # hub column -> our field name
+    rename: Mapping[str, str] = field(default_factory=dict)  # hub column -> our column name
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class Carve:
+    """A seeded, disjoint train / evaluation split carved out of one file (AG News has only a test file).
+
+    The same (seed, eval_rows) on the same rows always gives the same partition, so a train spec with
+    ``part: train`` and an evaluation spec with ``part: eval`` never share a row.
+    """
+
+    part: str  # "train" or "eval"
+    eval_rows: int | float  # a number of rows, or a fraction in (0, 1)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """One file of rows and how to read it.
+    """One set of rows and how to read them.
 
-    ``label_map`` maps the raw label string to a class index; ``None`` drops the row (binarised MNLI
-    drops ``neutral``). Any label not in the map is an error, never silently dropped.
+    ``label_map`` maps the raw label (as a string) to a class index; ``None`` drops the row (binarised
+    MNLI drops ``neutral``). Any label not in the map is an error, never silently dropped.
+    ``local`` is relative to ``base_dir`` (the task file's directory), or to the data directory when
+    ``base_dir`` is None (built-in tasks).
     """
 
     name: str
-    family: str  # rows of one family share fields and classes, so a task's prompts apply to them
-    local: str  # path relative to the data directory
+    family: str  # the task whose columns and classes these rows follow
+    local: str | None  # path of the file; None for a hub-only set
     hub: HubSource | None
     label_map: Mapping[str, int | None]
-    filter: Mapping[str, str] = field(default_factory=dict)  # keep rows whose field equals the value
+    filter: Mapping[str, str] = field(default_factory=dict)  # keep rows whose column equals the value
     meta_fields: tuple[str, ...] = ()  # carried to predictions and breakdowns (HANS heuristic, subcase)
     description: str = ""
+    fields: tuple[str, ...] = ()  # input columns
+    label_column: str = "label"
+    id_column: str | None = "id"  # None: the row number is the id
+    base_dir: str | None = None
+    carve: Carve | None = None
+    origin: str = ""  # the task file and key that defined this set, for messages
 
 
 @dataclass(frozen=True)
@@ -52,18 +81,18 @@ class PatternSpec:
 
 @dataclass(frozen=True)
 class Family:
-    """What rows of one family look like: input fields, class names, prompt patterns."""
+    """What rows of one task look like: input columns, class names, prompt patterns."""
 
     name: str
     fields: tuple[str, ...]
     classes: tuple[str, ...]
     patterns: Mapping[str, PatternSpec]
-    content_free: Mapping[str, str]  # field values of the content-free input for contextual calibration
+    content_free: Mapping[str, str]  # column values of the content-free input for contextual calibration
 
 
 @dataclass(frozen=True)
 class Task:
-    """A training task: its family (fields, classes, patterns), its train data, its default evaluation sets."""
+    """A training task: its columns, classes and patterns, its train data, its evaluation sets."""
 
     name: str
     family: str
@@ -71,115 +100,115 @@ class Task:
     default_eval: tuple[str, ...]
     default_pattern: str
     description: str = ""
+    columns: Family | None = None  # the resolved family (always set by the task file reader)
+    eval_sets: Mapping[str, DataSpec] = field(default_factory=dict)
+    path: str = ""  # the task file
+    definition: Mapping[str, object] = field(default_factory=dict)  # the resolved YAML mapping
 
 
-# Patterns from the llmft lineage (Mosbach et al. 2023); see PROTOCOL.md.
-_NLI_PATTERNS = MappingProxyType({
-    "gpt3": PatternSpec("{premise} question: {hypothesis} Yes or No? answer:", (" Yes", " No")),
-    "minimal": PatternSpec("{premise} {hypothesis} ?", (" Yes", " No")),
-    "eval-harness": PatternSpec("{premise}\nQuestion: {hypothesis} True or False?\nAnswer:", (" True", " False")),
-})
+def task_dirs() -> list[Path]:
+    """The built-in directory, then every directory named in ``$ICLDISTILL_TASKS``."""
+    extra = [Path(p).expanduser() for p in os.environ.get(TASKS_ENV, "").split(os.pathsep) if p.strip()]
+    return [BUILTIN_DIR, *extra]
 
-_SENTIMENT_PATTERNS = MappingProxyType({
-    "review": PatternSpec("Review: {sentence}\nSentiment:", (" positive", " negative")),
-    "minimal": PatternSpec("{sentence} It was", (" great", " terrible")),
-})
 
-FAMILIES: Mapping[str, Family] = MappingProxyType({
-    "nli": Family(
-        "nli", ("premise", "hypothesis"), ("entailment", "non-entailment"), _NLI_PATTERNS,
-        MappingProxyType({"premise": "N/A", "hypothesis": "N/A"}),
-    ),
-    "sentiment": Family(
-        "sentiment", ("sentence",), ("positive", "negative"), _SENTIMENT_PATTERNS,
-        MappingProxyType({"sentence": "N/A"}),
-    ),
-})
+def task_files() -> dict[str, Path]:
+    """Task name -> file over all task directories; a later directory cannot shadow a built-in name."""
+    found: dict[str, Path] = {}
+    for directory in task_dirs():
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+            found.setdefault(path.stem, path)
+    return found
 
-_MNLI_BINARY = MappingProxyType({"entailment": 0, "contradiction": 1, "neutral": None})
-_MNLI_NONENT = MappingProxyType({"entailment": 0, "contradiction": 1, "neutral": 1})
-_GLUE_BINARY = MappingProxyType({"entailment": 0, "not_entailment": 1})
-_HANS = MappingProxyType({"entailment": 0, "non-entailment": 1})
-_GLUE_PAIR = MappingProxyType({"sentence1": "premise", "sentence2": "hypothesis"})
 
-_mnli_train = DataSpec(
-    "mnli-train", "nli", "mnli/train_subset.jsonl.gz", HubSource("nyu-mll/glue", "mnli", "train"), _MNLI_BINARY,
-    description="MNLI train (binarised: neutral dropped)",
-)
-_mnli_m = DataSpec(
-    "mnli-m", "nli", "mnli/validation_matched.jsonl.gz", HubSource("nyu-mll/glue", "mnli", "validation_matched"),
-    _MNLI_BINARY, description="MNLI validation_matched, binarised (6,692 rows)",
-)
-_hans = DataSpec(
-    "hans", "nli", "hans/heuristics_evaluation_set.jsonl.gz", HubSource("jhu-cogsci/hans", None, "validation"), _HANS,
-    meta_fields=("heuristic", "subcase"), description="HANS evaluation set, all 30 subcases (30,000 rows)",
-)
-
-EVAL_SETS: Mapping[str, DataSpec] = MappingProxyType({
-    "mnli-m": _mnli_m,
-    "mnli-m-nonent": replace(_mnli_m, name="mnli-m-nonent", label_map=_MNLI_NONENT,
-                             description="MNLI validation_matched, neutral+contradiction = non-entailment"),
-    "hans": _hans,
-    "hans-lo": replace(_hans, name="hans-lo", filter=MappingProxyType({"heuristic": "lexical_overlap"}),
-                       description="HANS lexical_overlap heuristic (10,000 rows), the lineage's OOD set"),
-    "hans-sub": replace(_hans, name="hans-sub", filter=MappingProxyType({"heuristic": "subsequence"}),
-                        description="HANS subsequence heuristic (10,000 rows)"),
-    "hans-const": replace(_hans, name="hans-const", filter=MappingProxyType({"heuristic": "constituent"}),
-                          description="HANS constituent heuristic (10,000 rows)"),
-    "rte": DataSpec("rte", "nli", "rte/validation.jsonl", HubSource("nyu-mll/glue", "rte", "validation", _GLUE_PAIR),
-                    _GLUE_BINARY, description="RTE validation (277 rows)"),
-    "snli": DataSpec("snli", "nli", "snli/validation.jsonl.gz", HubSource("stanfordnlp/snli", None, "validation"),
-                     _MNLI_BINARY, description="SNLI validation, binarised"),
-    "cb": DataSpec("cb", "nli", "cb/validation.jsonl", HubSource("aps/super_glue", "cb", "validation"),
-                   _MNLI_BINARY, description="CommitmentBank validation, binarised (neutral dropped)"),
-    "wnli": DataSpec("wnli", "nli", "wnli/validation.jsonl", HubSource("nyu-mll/glue", "wnli", "validation", _GLUE_PAIR),
-                     _GLUE_BINARY, description="WNLI validation (71 rows)"),
-    "sst2": DataSpec("sst2", "sentiment", "sst2/validation.jsonl", HubSource("nyu-mll/glue", "sst2", "validation"),
-                     MappingProxyType({"positive": 0, "negative": 1}), description="SST-2 validation (872 rows)"),
-})
-
-TASKS: Mapping[str, Task] = MappingProxyType({
-    "mnli": Task("mnli", "nli", _mnli_train, ("mnli-m", "hans-lo"), "gpt3",
-                 "MNLI binarised: entailment -> ' Yes', contradiction -> ' No', neutral dropped"),
-    "mnli-nonent": Task("mnli-nonent", "nli", replace(_mnli_train, name="mnli-nonent-train", label_map=_MNLI_NONENT),
-                        ("mnli-m-nonent", "hans-lo"), "gpt3", "MNLI with neutral+contradiction as non-entailment"),
-    "rte": Task("rte", "nli", DataSpec("rte-train", "nli", "rte/train.jsonl.gz",
-                                       HubSource("nyu-mll/glue", "rte", "train", _GLUE_PAIR), _GLUE_BINARY),
-                ("rte", "hans-lo"), "gpt3", "RTE (GLUE)"),
-    "cb": Task("cb", "nli", DataSpec("cb-train", "nli", "cb/train.jsonl", HubSource("aps/super_glue", "cb", "train"),
-                                     _MNLI_BINARY), ("cb",), "gpt3", "CommitmentBank, binarised"),
-    "wnli": Task("wnli", "nli", DataSpec("wnli-train", "nli", "wnli/train.jsonl",
-                                         HubSource("nyu-mll/glue", "wnli", "train", _GLUE_PAIR), _GLUE_BINARY),
-                 ("wnli",), "gpt3", "WNLI (GLUE)"),
-    "sst2": Task("sst2", "sentiment", DataSpec("sst2-train", "sentiment", "sst2/train.jsonl.gz",
-                                               HubSource("nyu-mll/glue", "sst2", "train"),
-                                               MappingProxyType({"positive": 0, "negative": 1}),
-                                               filter=MappingProxyType({"full_sentence": "True"})),
-                 ("sst2",), "review", "SST-2 sentiment (demonstrations from full training sentences)"),
-})
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
 
 def get_task(name: str) -> Task:
-    """Look up a training task; unknown names list the known ones."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ConfigError(f"Unknown task '{name}'. Known tasks: {', '.join(TASKS)}.") from None
+    """A task by name (built-in or in ``$ICLDISTILL_TASKS``) or by the path of its YAML file."""
+    from icldistill.tasks.taskfile import load_task_file
+
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"Task file {path} does not exist; give a task name ({', '.join(task_files())}) or a YAML file.")
+        return load_task_file(path)
+    files = task_files()
+    if name not in files:
+        raise ConfigError(
+            f"Unknown task '{name}'. Known tasks: {', '.join(files)} (add directories with ${TASKS_ENV}, "
+            "or pass a task file: --task my_task.yaml)."
+        )
+    return load_task_file(files[name])
 
 
 def get_eval_set(name: str, task: Task | None = None) -> DataSpec:
-    """Look up an evaluation set, checking that it has the same fields and classes as ``task``."""
-    try:
-        spec = EVAL_SETS[name]
-    except KeyError:
-        raise ConfigError(f"Unknown evaluation set '{name}'. Known sets: {', '.join(EVAL_SETS)}.") from None
-    if task is not None and spec.family != task.family:
-        raise ConfigError(
-            f"Evaluation set '{name}' ({spec.family}) does not fit task '{task.name}' ({task.family}); "
-            f"pick sets of the same kind, e.g. {', '.join(task.default_eval)}."
-        )
-    return spec
+    """An evaluation set of ``task`` by name, or a bare data file that follows the task's columns.
+
+    Without a task, the built-in sets are searched by name.
+    """
+    if task is None:
+        if name not in EVAL_SETS:
+            raise ConfigError(f"Unknown evaluation set '{name}'. Known sets: {', '.join(EVAL_SETS)}.")
+        return EVAL_SETS[name]
+    if name in task.eval_sets:
+        return task.eval_sets[name]
+    if name.endswith(DATA_SUFFIXES):
+        from dataclasses import replace
+
+        path = Path(name).expanduser()
+        stem = path.name.split(".")[0]
+        return replace(task.train, name=stem, local=str(path.resolve()), hub=None, base_dir=None, carve=None,
+                       filter={}, description=f"{path} (read with the columns of task '{task.name}')",
+                       origin=f"--eval {name}")
+    raise ConfigError(
+        f"Unknown evaluation set '{name}' for task '{task.name}'. Its sets are: {', '.join(task.eval_sets)}; "
+        f"or give a data file ({', '.join(DATA_SUFFIXES)}) with the task's columns."
+    )
 
 
 def family_of(task: Task) -> Family:
-    return FAMILIES[task.family]
+    """The columns, classes and patterns of ``task``."""
+    assert task.columns is not None
+    return task.columns
+
+
+class _LazyMapping(Mapping):
+    """A read-only mapping computed on first use (reading the task files at import would be a side effect)."""
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self._cache: dict | None = None
+
+    def _data(self) -> dict:
+        if self._cache is None:
+            self._cache = self._build()
+        return self._cache
+
+    def __getitem__(self, key):
+        return self._data()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+
+def _builtin_tasks() -> dict[str, Task]:
+    return {name: get_task(name) for name in builtin_names()}
+
+
+def _builtin_eval_sets() -> dict[str, DataSpec]:
+    sets: dict[str, DataSpec] = {}
+    for task in TASKS.values():
+        for name, spec in task.eval_sets.items():
+            sets.setdefault(name, spec)
+    return sets
+
+
+TASKS: Mapping[str, Task] = _LazyMapping(_builtin_tasks)  # the built-in tasks by name
+EVAL_SETS: Mapping[str, DataSpec] = _LazyMapping(_builtin_eval_sets)  # every built-in task's sets, first definition wins

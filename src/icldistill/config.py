@@ -36,9 +36,17 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, k
 class CommonOptions:
     """Options shared by every method: what to run on, how to prompt, where to write."""
 
-    task: str = option("mnli", "Training task: demonstrations and training queries come from its train split.")
-    eval: list[str] = option(["mnli-m", "hans-lo"], "Evaluation sets, comma-separated (see `icld tasks`).")
+    task: str = option("mnli", "Training task: a name (see `icld tasks`) or a task file (my_task.yaml); "
+                               "demonstrations and training queries come from its train data.")
+    eval: list[str] | None = option(None, "Evaluation sets, comma-separated: the task's set names (see `icld tasks "
+                                    "show TASK`) or data files with the task's columns (default: the task's default_eval, "
+                                    "mnli-m,hans-lo for mnli).")
     shots: int = option(16, "Number k of demonstrations (balanced: k / number of classes per class).")
+    demo_sampling: str = option("balanced", "How demonstrations are drawn: balanced (k / C per class, shuffled) or "
+                                "random (k rows regardless of class, as lm-evaluation-harness draws).",
+                                choices=("balanced", "random"))
+    demonstrations: str | None = option(None, "A data file of demonstrations (the task's columns and label) used in "
+                                        "file order for every seed instead of drawn ones; --shots is then its row count.")
     seeds: list[int] = option([0], "Data seeds, comma-separated; each draws its own demonstrations.")
     pattern: str | None = option(
         None,

@@ -20,11 +20,11 @@ from icldistill.tasks.prompts import (
     resolve_pattern,
     sample_demonstrations,
 )
-from icldistill.tasks.registry import FAMILIES
+from icldistill.tasks.registry import family_of, get_task
 
 FEW = settings(max_examples=40, deadline=None, derandomize=True)
-NLI = FAMILIES["nli"]
-SENTIMENT = FAMILIES["sentiment"]
+NLI = family_of(get_task("mnli"))
+SENTIMENT = family_of(get_task("sst2"))
 
 
 def _pool(per_class: int, n_classes: int = 2) -> list[Example]:

@@ -306,7 +306,7 @@ def _check_tasks(cells: list[Cell]) -> list[str]:
         seen.add(key)
         try:
             task = get_task(c.task)
-            for name in c.eval:
+            for name in c.eval or task.default_eval:
                 get_eval_set(name, task)
             resolve_pattern(family_of(task), c.pattern or task.default_pattern, c.label_words)
         except IcldError as exc:

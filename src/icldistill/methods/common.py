@@ -15,10 +15,17 @@ from icldistill.tasks.data import Example, LoadedData
 from icldistill.scoring.metrics import aggregate_seeds, hans_lexical_overlap_ood
 from icldistill.scoring.evalsets import evaluate_examples
 from icldistill.models.loading import LoadedModel
-from icldistill.tasks.prompts import Pattern, context_rng, resolve_pattern, sample_demonstrations
+from icldistill.tasks.prompts import (
+    Pattern,
+    check_label_words_tokenize_apart,
+    context_rng,
+    resolve_pattern,
+    sample_demonstrations,
+)
 from icldistill.runtime.paths import PREDICTIONS_FILE
 from icldistill.runtime.records import environment
-from icldistill.tasks.registry import DataSpec, Family, Task, family_of, get_eval_set, get_task
+from icldistill.errors import ConfigError
+from icldistill.tasks.registry import DATA_SUFFIXES, DataSpec, Family, Task, family_of, get_eval_set, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +47,33 @@ class Setup:
     eval_data: dict[str, LoadedData]
     eval_examples: dict[str, list[Example]]  # after --limit
     query_texts: frozenset[tuple[str, ...]]  # every evaluation query, never drawn as a demonstration
+    demo_sampling: str = "balanced"
+    fixed_demonstrations: LoadedData | None = None  # --demonstrations FILE: the same context for every seed
 
     def demonstrations(self, seed: int, shots: int, context: int = 0,
                        exclude: frozenset[tuple[str, ...]] = frozenset()) -> list[Example]:
-        """The seed's balanced demonstration set (context 0 is the ICL context of the seed)."""
+        """The seed's demonstration set (context 0 is the ICL context of the seed), or the fixed file's rows."""
+        if self.fixed_demonstrations is not None:
+            if context:
+                raise ConfigError("--demonstrations fixes one context; several teacher contexts need drawn "
+                                  "demonstrations (use --teacher-contexts 1).")
+            return list(self.fixed_demonstrations.examples)
         return sample_demonstrations(self.train.examples, shots, len(self.family.classes),
-                                     context_rng(seed, context), exclude=self.query_texts | exclude)
+                                     context_rng(seed, context), exclude=self.query_texts | exclude,
+                                     mode=self.demo_sampling)
+
+    def check_tokenizer(self, tokenizer: Any, model_name: str) -> None:
+        """Checks that need a model's tokenizer: the classes' label words must tokenize apart."""
+        check_label_words_tokenize_apart(tokenizer, self.pattern, self.family.classes, model_name)
 
     def data_record(self) -> dict[str, Any]:
         record = {"train": {"name": self.train.spec.name, "source": self.train.source,
                             "fingerprint": self.train.fingerprint, "rows": len(self.train.examples)}}
+        if self.fixed_demonstrations is not None:
+            d = self.fixed_demonstrations
+            record["demonstrations"] = {
+                "source": d.source, "fingerprint": d.fingerprint,
+                "rows": [{"id": ex.id, "label": int(ex.label), **dict(ex.fields)} for ex in d.examples]}
         record["eval"] = {
             name: {"source": d.source, "fingerprint": d.fingerprint, "rows": len(d.examples),
                    "evaluated": len(self.eval_examples[name])}
@@ -64,11 +88,37 @@ def prepare(config: CommonOptions) -> Setup:
     family = family_of(task)
     pattern = resolve_pattern(family, config.pattern or task.default_pattern, config.label_words)
     train = data_mod.load(task.train, config.data_dir, config.data_source)
-    eval_specs = {name: get_eval_set(name, task) for name in config.eval}
+    eval_specs = {name: get_eval_set(name, task) for name in (config.eval or task.default_eval)}
     eval_data = {name: data_mod.load(spec, config.data_dir, config.data_source) for name, spec in eval_specs.items()}
     eval_examples = {name: data_mod.subsample(d.examples, config.limit) for name, d in eval_data.items()}
+    fixed = None
+    if getattr(config, "demonstrations", None):
+        fixed = load_demonstrations(task, config.demonstrations)
+        if config.shots != len(fixed.examples):
+            logger.info("--demonstrations %s holds %d rows; they replace --shots %d",
+                        config.demonstrations, len(fixed.examples), config.shots)
+        # Fixed demonstrations are kept out of the evaluation sets, as drawn ones are kept out of the queries.
+        taken = {ex.text_key() for ex in fixed.examples}
+        for name, examples in eval_examples.items():
+            kept = [ex for ex in examples if ex.text_key() not in taken]
+            if len(kept) < len(examples):
+                logger.warning("%s: %d queries equal a demonstration and are left out", name, len(examples) - len(kept))
+            eval_examples[name] = kept
     query_texts = frozenset(ex.text_key() for exs in eval_examples.values() for ex in exs)
-    return Setup(task, family, pattern, train, eval_specs, eval_data, eval_examples, query_texts)
+    return Setup(task, family, pattern, train, eval_specs, eval_data, eval_examples, query_texts,
+                 getattr(config, "demo_sampling", "balanced"), fixed)
+
+
+def load_demonstrations(task: Task, path: str) -> LoadedData:
+    """The rows of a ``--demonstrations`` file, read with the columns and classes of the task's train data."""
+    spec = get_eval_set(path, task) if path.endswith(DATA_SUFFIXES) else None
+    if spec is None:
+        raise ConfigError(f"--demonstrations {path}: give a data file ({', '.join(DATA_SUFFIXES)}) with the task's "
+                          f"columns ({', '.join(family_of(task).fields)}) and label.")
+    loaded = data_mod.load(spec, None, "local")
+    if not loaded.examples:
+        raise ConfigError(f"--demonstrations {path} holds no usable rows.")
+    return loaded
 
 
 def evaluate_on_sets(

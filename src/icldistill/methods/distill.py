@@ -141,6 +141,7 @@ def _from_teacher(online: OnlineTeacher, queries: Sequence[Example], topk: int) 
 def run_distill(config: DistillOptions, *, progress: bool = True) -> dict[str, Any]:
     """Distil ``config.teacher`` (with k demonstrations) into ``config.student`` for each seed."""
     setup = prepare(config)
+    setup.check_tokenizer(load_tokenizer(config.teacher, cache_dir=config.cache_dir), config.teacher)  # before the teacher pass
     record, out = start_record("distill", config, setup)
     plan = {}
     for seed in config.seeds:

@@ -106,6 +106,7 @@ def train_and_evaluate(
     torch.manual_seed(seed)
     # Weights load in fp32; bf16 is applied by autocast in the training loop.
     loaded = load_model(model_name, dtype="fp32", device=config.device, cache_dir=config.cache_dir)
+    setup.check_tokenizer(loaded.tokenizer, loaded.name)
     label_ids = torch.tensor(label_token_ids(loaded.tokenizer, setup.pattern.label_words, loaded.name),
                              device=loaded.device)
     batches = StudentBatchBuilder.build(loaded, setup, train_examples)

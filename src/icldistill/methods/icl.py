@@ -31,6 +31,7 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
     record = base_record("icl", config, setup)
     with measure(config.device) as total:
         model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
+        setup.check_tokenizer(model.tokenizer, model.name)
         record["model"] = model_record(model)
         seeds: dict[str, Any] = {}
         per_seed_metrics: dict[str, Any] = {}

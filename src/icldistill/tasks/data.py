@@ -303,7 +303,8 @@ def _load_hub(spec: DataSpec) -> LoadedData:
             f"Cannot load {hub.path}/{hub.name or ''} split {hub.split} from the hub ({exc}). "
             "Without hub access use --data-source local with --data-dir."
         ) from None
-    names = getattr(ds.features.get(spec.label_column), "names", None)
+    original = {v: k for k, v in hub.rename.items()}.get(spec.label_column, spec.label_column)
+    names = getattr(ds.features.get(original), "names", None)
     columns = {hub.rename.get(c, c) for c in ds.column_names}
     missing = {k: v for k, v in spec.filter.items() if k not in columns}
     if missing:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from icldistill.tasks.data import Example
 from icldistill.errors import PromptError
@@ -88,22 +88,38 @@ def _placeholders(template: str) -> set[str]:
     return {name for _, name, _, _ in parsed if name is not None}
 
 
+DEMO_SAMPLING = ("balanced", "random")
+
+
 def sample_demonstrations(
     pool: Sequence[Example],
     k: int,
     n_classes: int,
     rng: random.Random,
     exclude: set[tuple[str, ...]] | frozenset[tuple[str, ...]] = frozenset(),
+    mode: str = "balanced",
 ) -> list[Example]:
-    """Draw k demonstrations, k / n_classes per class, then shuffle them.
+    """Draw k demonstrations: ``balanced`` takes k / n_classes per class, then shuffles them; ``random``
+    takes k rows regardless of class (lm-evaluation-harness's draw, which may miss a class).
 
     ``exclude`` holds text keys (``Example.text_key``) that must not be drawn, so that demonstrations
     never repeat a query. Candidates are taken in pool order, so the draw depends only on the seed.
     """
+    if mode not in DEMO_SAMPLING:
+        raise PromptError(f"Unknown --demo-sampling {mode!r}; use {' or '.join(DEMO_SAMPLING)}.")
     if k == 0:
         return []
+    if mode == "random":
+        candidates = [ex for ex in pool if ex.text_key() not in exclude]
+        if len(candidates) < k:
+            raise PromptError(f"Only {len(candidates)} usable training examples for --shots {k}; lower --shots.")
+        return rng.sample(candidates, k)
     if k % n_classes:
-        raise PromptError(f"--shots {k} cannot be balanced over {n_classes} classes; use a multiple of {n_classes}.")
+        works = ", ".join(str(n_classes * i) for i in range(1, 5))
+        raise PromptError(
+            f"--shots {k} cannot be balanced over {n_classes} classes; use a multiple of {n_classes} ({works}, ...), "
+            "or --demo-sampling random for an unbalanced draw."
+        )
     per_class = k // n_classes
     by_class: list[list[Example]] = [[] for _ in range(n_classes)]
     for ex in pool:
@@ -119,6 +135,25 @@ def sample_demonstrations(
         chosen.extend(rng.sample(candidates, per_class))
     rng.shuffle(chosen)
     return chosen
+
+
+def check_label_words_tokenize_apart(tokenizer: Any, pattern: Pattern, classes: Sequence[str], model_name: str) -> None:
+    """Two classes whose label words are the same token sequence for this tokenizer cannot be told apart.
+
+    Checked where a model's tokenizer is first available (``tokenizer`` is any callable returning
+    ``{"input_ids": [...]}``, as transformers tokenizers do).
+    """
+    seen: dict[tuple[int, ...], int] = {}
+    for c, word in enumerate(pattern.label_words):
+        ids = tuple(tokenizer(word, add_special_tokens=False)["input_ids"])
+        if ids in seen:
+            other = seen[ids]
+            raise PromptError(
+                f"Pattern '{pattern.name}': the label words {pattern.label_words[other]!r} (class '{classes[other]}') and "
+                f"{word!r} (class '{classes[c]}') tokenize identically for {model_name} ({list(ids)}); choose words "
+                "that differ in tokens (in the task file's label_words or with --label-words)."
+            )
+        seen[ids] = c
 
 
 def context_rng(seed: int, context: int = 0) -> random.Random:

@@ -163,17 +163,36 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from icldistill.tasks.registry import EVAL_SETS, FAMILIES, TASKS
+    import yaml
 
-    rows = [["task", "train data", "classes", "patterns", "default eval"]]
-    for t in TASKS.values():
-        fam = FAMILIES[t.family]
-        rows.append([t.name, t.train.local, "/".join(fam.classes), ",".join(fam.patterns), ",".join(t.default_eval)])
+    from icldistill.tasks.prompts import example_prompt
+    from icldistill.tasks.registry import TASKS_ENV, family_of, get_task, task_files
+
+    if args.action == "show":
+        if not args.name:
+            raise IcldError("icld tasks show NAME: name a task (see `icld tasks`) or give a task file.")
+        task = get_task(args.name)
+        print(f"# {task.path}")
+        print(yaml.safe_dump(dict(task.definition), sort_keys=False, allow_unicode=True, width=120).rstrip())
+        prompt, note = example_prompt(task, args.data_dir)
+        print(f"\n# one rendered prompt ({note}):")
+        print(prompt)
+        return 0
+    rows = [["task", "classes", "patterns", "evaluation sets (default first)", "file"]]
+    for name, path in task_files().items():
+        try:
+            task = get_task(str(path))
+        except IcldError as exc:
+            rows.append([name, "?", "?", f"invalid: {exc}", str(path)])
+            continue
+        family = family_of(task)
+        others = [s for s in task.eval_sets if s not in task.default_eval]
+        rows.append([name, f"{len(family.classes)}: " + "/".join(family.classes), ",".join(family.patterns),
+                     ",".join(task.default_eval) + (" | " + ",".join(others) if others else ""),
+                     "built-in" if "builtin" in path.parts else str(path)])
     print(format_table(rows))
-    print()
-    rows = [["eval set", "kind", "data", "description"]]
-    rows += [[e.name, e.family, e.local, e.description] for e in EVAL_SETS.values()]
-    print(format_table(rows))
+    print(f"\nMore task directories: ${TASKS_ENV}; any task file works as --task FILE.yaml. "
+          "Details: icld tasks show NAME.")
     return 0
 
 
@@ -388,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", help="The sweep's output directory.")
     report.add_argument("--output-dir", default=None, help="Where to write (default: DIRECTORY/report).")
     report.set_defaults(func=cmd_report)
-    tasks = sub.add_parser("tasks", help="List tasks and evaluation sets.")
+    tasks = sub.add_parser("tasks", help="List tasks (built-in and in $ICLDISTILL_TASKS), or show one resolved.")
+    tasks.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    tasks.add_argument("name", nargs="?", default=None, help="With show: a task name or task file.")
+    tasks.add_argument("--data-dir", default=None, help="Data directory for the example prompt (default: $ICLDISTILL_DATA).")
     tasks.set_defaults(func=cmd_tasks)
     sweep = sub.add_parser("sweep", help="Run every cell of an experiment file's grid (resumable; workers may share it).",
                            description="Run every cell of an experiment file: its options plus `grid:` (method, teacher, "

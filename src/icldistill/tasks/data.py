@@ -210,8 +210,8 @@ def _iter_lines(raw: bytes, path: str) -> Iterable[tuple[int, dict[str, Any]]]:
 def _iter_table(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     """Rows of a CSV, TSV or Parquet file through ``datasets``; row numbers count the header as line 1.
 
-    Every CSV cell is read as text (``dtype=str``, no NA guessing), so a label ``1`` or a text ``N/A``
-    reaches validation as written.
+    Every CSV cell is read as text (string features from the header, no NA guessing), so a label ``1``
+    or a text ``N/A`` reaches validation as written.
     """
     try:
         import datasets
@@ -221,7 +221,10 @@ def _iter_table(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     kind = "parquet" if path.suffix == ".parquet" else "csv"
     kwargs: dict[str, Any] = {}
     if kind == "csv":
-        kwargs = {"delimiter": "\t" if path.suffix == ".tsv" else ",", "dtype": str, "keep_default_na": False}
+        delimiter = "\t" if path.suffix == ".tsv" else ","
+        header = _csv_header(path, delimiter)
+        kwargs = {"delimiter": delimiter, "keep_default_na": False, "na_filter": False,
+                  "features": datasets.Features({name: datasets.Value("string") for name in header})}
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
     except Exception as exc:  # pandas / pyarrow parse errors come in many types; each names the line
@@ -233,6 +236,21 @@ def _iter_table(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         yield i + first, {k: v for k, v in row.items() if k is not None}
 
 
+def _csv_header(path: Path, delimiter: str) -> list[str]:
+    import csv
+
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f, delimiter=delimiter), [])
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8.") from None
+    if not header:
+        raise DataError(f"{path} is empty; it must hold a header line and one row per line.")
+    if len(set(header)) != len(header) or any(not h.strip() for h in header):
+        raise DataError(f"{path}:1: the header must name every column once, got {header}.")
+    return header
+
+
 def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], where: str) -> list[Example]:
     """Validate raw rows against ``spec``: required fields, label mapping, filters, unique ids.
 
@@ -242,7 +260,7 @@ def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], wh
     examples: list[Example] = []
     seen: dict[str, int] = {}
     n_rows = 0
-    needed = (*((spec.id_column,) if spec.id_column else ()), spec.label_column, *spec.fields)
+    needed = (*((spec.id_column,) if spec.id_column and spec.id_required else ()), spec.label_column, *spec.fields)
     task_note = f" (columns named in {spec.origin})" if spec.origin else ""
     for lineno, row in rows:
         n_rows += 1
@@ -269,7 +287,7 @@ def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], wh
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{where}:{lineno}: field '{name}' must be a non-empty string, got {value!r}; fill it in or remove the row.")
             texts[name] = value.strip()
-        row_id = str(row[spec.id_column]) if spec.id_column else str(lineno)
+        row_id = str(row[spec.id_column]) if spec.id_column and spec.id_column in row else str(lineno)
         if row_id in seen:
             raise DataError(f"{where}:{lineno}: duplicate id {row_id!r} (first on line {seen[row_id]}); ids must be unique.")
         seen[row_id] = lineno

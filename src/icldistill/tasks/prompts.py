@@ -170,3 +170,27 @@ def demonstration_prefix(pattern: Pattern, demonstrations: Sequence[Example]) ->
     if not demonstrations:
         return ""
     return SEPARATOR.join(pattern.demonstration(d) for d in demonstrations) + SEPARATOR
+
+
+def example_prompt(task: Any, data_dir: Any = None) -> tuple[str, str]:
+    """One rendered prompt of ``task``'s default pattern and a note on what it shows (for ``icld tasks show``).
+
+    With the data at hand: one demonstration per class (seed 0) and a query from the first evaluation set;
+    without it, the content-free input alone.
+    """
+    from icldistill.errors import IcldError
+    from icldistill.tasks import data
+
+    family = task.columns
+    pattern = resolve_pattern(family, task.default_pattern)
+    try:
+        train = data.load(task.train, data_dir)
+        first = task.eval_sets[task.default_eval[0]]
+        query = data.load(first, data_dir).examples[0]
+        demos = sample_demonstrations(train.examples, len(family.classes), len(family.classes), context_rng(0),
+                                      exclude={query.text_key()})
+    except IcldError as exc:
+        return pattern.render(family.content_free), f"pattern '{pattern.name}', content-free input; data not read: {exc}"
+    note = (f"pattern '{pattern.name}', {len(demos)} demonstrations of seed 0, a query from "
+            f"'{task.default_eval[0]}' whose answer is{pattern.label_words[query.label]!r}")
+    return demonstration_prefix(pattern, demos) + pattern.render(query.fields), note

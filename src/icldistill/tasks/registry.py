@@ -66,6 +66,7 @@ class DataSpec:
     fields: tuple[str, ...] = ()  # input columns
     label_column: str = "label"
     id_column: str | None = "id"  # None: the row number is the id
+    id_required: bool = True  # False: the id column is used where a row has it, else the row number
     base_dir: str | None = None
     carve: Carve | None = None
     origin: str = ""  # the task file and key that defined this set, for messages

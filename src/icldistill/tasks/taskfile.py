@@ -147,6 +147,7 @@ def build_task(d: Mapping[str, Any], path: Path) -> Task:
     if not inputs:
         raise TaskFileError(f"{where}: inputs: list the input columns, e.g. inputs: [text].")
     label_column = _text(d.get("label_column", "label"), where, "label_column")
+    # Without id_column, a row's 'id' is its id where it has one, else its row number.
     id_column = d.get("id_column", "id")
     if id_column is not None:
         id_column = _text(id_column, where, "id_column")
@@ -161,7 +162,8 @@ def build_task(d: Mapping[str, Any], path: Path) -> Task:
                             f"e.g. {{{', '.join(f'{c}: N/A' for c in inputs)}}}.")
     family = Family(name, tuple(inputs), tuple(classes), MappingProxyType(patterns),
                     MappingProxyType({k: str(v) for k, v in content_free.items()}))
-    common = {"fields": tuple(inputs), "label_column": label_column, "id_column": id_column}
+    common = {"fields": tuple(inputs), "label_column": label_column, "id_column": id_column,
+              "id_required": "id_column" in d}
     if not isinstance(d.get("train"), Mapping):
         raise TaskFileError(f"{where}: train: give the training data as a mapping with a path (or hub).")
     train = _source(d["train"], f"{name}-train", name, classes, label_map, common, "train")

@@ -383,3 +383,56 @@ def test_hans_ood_uses_lexical_overlap_rows_of_a_full_hans_run():
     metrics = compute_metrics(logprobs, gold, np.full(4, -1), class_names=HANS_LABELS, groups=groups)
     assert metrics["per_label"]["non-entailment"]["accuracy"] == pytest.approx(1 / 3)
     assert hans_lexical_overlap_ood(metrics) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# C > 2 by hand (issue 10): a 3-class example of 5 rows
+
+THREE_LOGPROBS = np.log(np.array([
+    [0.6, 0.3, 0.1],  # gold a, pred a
+    [0.2, 0.5, 0.3],  # gold b, pred b
+    [0.5, 0.1, 0.4],  # gold c, pred a
+    [0.1, 0.2, 0.7],  # gold c, pred c
+    [0.4, 0.35, 0.25],  # gold b, pred a
+]))
+THREE_GOLD = np.array([0, 1, 2, 2, 1])
+ABC = ["a", "b", "c"]
+
+
+def test_three_classes_accuracy_f1_rates_and_confusion_by_hand():
+    m = compute_metrics(THREE_LOGPROBS, THREE_GOLD, np.array([0, 1, -1, 2, 0]), class_names=ABC)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # F1: a: tp 1, fp 2, fn 0 -> 2/4; b: tp 1, fp 0, fn 1 -> 2/3; c: tp 1, fp 0, fn 1 -> 2/3
+    assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
+    assert m["per_label"] == {"a": {"n": 1, "accuracy": 1.0}, "b": {"n": 2, "accuracy": 0.5},
+                              "c": {"n": 2, "accuracy": 0.5}}
+    assert m["prediction_rate"] == pytest.approx({"a": 3 / 5, "b": 1 / 5, "c": 1 / 5})
+    assert m["confusion"] == {"a": {"a": 1, "b": 0, "c": 0}, "b": {"a": 1, "b": 1, "c": 0},
+                              "c": {"a": 1, "b": 0, "c": 1}}
+    assert m["chance_rate"] == pytest.approx(1 / 3) and m["majority_rate"] == pytest.approx(2 / 5)
+    assert m["accuracy_full_vocab"] == pytest.approx(3 / 5) and m["non_label_rate"] == pytest.approx(1 / 5)
+    # one-vs-rest AUCs by hand: a: pos 0.6 beats 0.2, 0.5, 0.1, 0.4 -> 1; b: pos {0.5, 0.35} vs neg
+    # {0.3, 0.1, 0.2}: 6/6 -> 1; c: pos {0.4, 0.7} vs neg {0.1, 0.3, 0.25}: 6/6 -> 1
+    assert m["auc"] == pytest.approx(1.0)
+
+
+def test_three_class_contextual_calibration_by_hand():
+    # content-free p = (0.5, 0.3, 0.2): divide each row by it and take the argmax
+    # row 2 (gold c): 0.5/0.5=1.0, 0.1/0.3=0.33, 0.4/0.2=2.0 -> c (was a); row 4 (gold b):
+    # 0.8, 1.17, 1.25 -> c (was a); the others keep a, b, c
+    cf = np.log(np.array([0.5, 0.3, 0.2]))
+    m = compute_metrics(THREE_LOGPROBS, THREE_GOLD, np.full(5, -1), class_names=ABC, content_free_logprobs=cf)
+    assert m["calibrated_accuracy"] == pytest.approx(4 / 5)
+    # calibrated predictions a, b, c, c, c: F1 a 1, b 2/3 (tp 1, fn 1), c 4/5 (tp 2, fp 1)
+    assert m["calibrated_macro_f1"] == pytest.approx((1 + 2 / 3 + 0.8) / 3)
+
+
+def test_confusion_rows_sum_to_gold_counts_for_any_number_of_classes():
+    rng = np.random.default_rng(3)
+    for c in (2, 4, 6):
+        logprobs, gold = rng.normal(size=(50, c)), rng.integers(0, c, 50)
+        names = [f"k{i}" for i in range(c)]
+        m = compute_metrics(logprobs, gold, np.full(50, -1), class_names=names)
+        assert [sum(m["confusion"][n].values()) for n in names] == np.bincount(gold, minlength=c).tolist()
+        assert sum(m["confusion"][n][n] for n in names) == round(m["accuracy"] * 50)
+        assert m["majority_rate"] == pytest.approx(np.bincount(gold).max() / 50)

@@ -60,8 +60,10 @@ def compute_metrics(
     Returns:
         A dict of plain Python numbers, strings, dicts and ``None``: ``n``, ``dropped``,
         ``accuracy``, ``accuracy_full_vocab``, ``non_label_rate``, ``calibrated_accuracy``,
-        ``auc``, ``macro_f1``, ``per_label``, ``prediction_rate``, ``mean_prob`` and the group
-        breakdowns. Rates are ``None`` where they have no rows to average over.
+        ``auc``, ``macro_f1``, ``calibrated_macro_f1``, ``per_label``, ``prediction_rate``,
+        ``mean_prob``, ``chance_rate`` (1 / C), ``majority_rate`` (share of the most frequent gold
+        class), ``confusion`` (``{gold: {predicted: count}}``) and the group breakdowns. Rates are
+        ``None`` where they have no rows to average over.
 
     Raises:
         DataError: shapes, class indices, names or group lengths are inconsistent, or a score is
@@ -91,6 +93,12 @@ def compute_metrics(
         },
         "prediction_rate": {name: _mean_or_none(predicted == c) for c, name in enumerate(names)},
         "mean_prob": {name: _mean_or_none(probs[:, c]) for c, name in enumerate(names)},
+        # What "no skill" scores on this set: uniform guessing, and always answering its most frequent class.
+        "chance_rate": 1.0 / num_classes,
+        "majority_rate": float(np.bincount(gold_index, minlength=num_classes).max() / n) if n else None,
+        "confusion": {gold_name: {pred_name: int(np.sum((gold_index == g) & (predicted == p)))
+                                  for p, pred_name in enumerate(names)} for g, gold_name in enumerate(names)},
+        "calibrated_macro_f1": None,
     }
 
     if content_free_logprobs is not None:
@@ -99,6 +107,7 @@ def compute_metrics(
         # space a tiny p_cf cannot overflow the ratio.
         calibrated = np.argmax(_log_renormalise(logprobs) - np.log(calibration), axis=1)
         metrics["calibrated_accuracy"] = _mean_or_none(calibrated == gold_index)
+        metrics["calibrated_macro_f1"] = _macro_f1(calibrated, gold_index, num_classes)
 
     for key, values in (groups or {}).items():
         metrics.update(_group_breakdowns(key, values, correct, gold_index, names))

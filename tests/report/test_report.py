@@ -114,6 +114,21 @@ def make_subcases(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(tables.SUBCASE_COLUMNS))
 
 
+def make_confusions(df: pd.DataFrame, classes: tuple[str, ...] = ("world", "sports", "business")) -> pd.DataFrame:
+    """collect_confusions()-shaped rows: a 3-class set where the ICL student answers 'world' for everything."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for r in df[(df["eval"] == "mnli-m") & (df["status"] == "complete")].itertuples():
+        for gold in classes:
+            for pred in classes:
+                biased = r.method == "icl-student"
+                count = (10 if pred == "world" else 0) if biased else int(rng.integers(0, 10)) + 10 * (gold == pred)
+                rows.append({"cell": r.cell, "method": r.method, "model": r.model, "shots": r.shots, "seed": r.seed,
+                             "alpha": r.alpha, "eval": "topics", "gold": gold, "predicted": pred, "count": count})
+    return pd.DataFrame(rows, columns=["cell", "method", "model", "shots", "seed", "alpha", "eval", "gold",
+                                       "predicted", "count"])
+
+
 @pytest.fixture(scope="module")
 def results() -> pd.DataFrame:
     return make_results()
@@ -126,7 +141,7 @@ def table(results) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def figures(results, table, tmp_path_factory):
-    return make_figures(table, make_subcases(results), tmp_path_factory.mktemp("figures"))
+    return make_figures(table, make_subcases(results), tmp_path_factory.mktemp("figures"), make_confusions(results))
 
 
 def _select(df, method, k, alpha=math.nan):
@@ -287,7 +302,7 @@ def test_missing_figures_are_explained(results, tmp_path):
     figures = make_figures(comparison_table(df), None, tmp_path)
     markdown = render_markdown(df, figures)
     skipped = {f.name: f.reason for f in figures if f.path is None}
-    assert set(skipped) == {"accuracy_vs_k", "memory_vs_k", "alpha_curve", "hans_heatmap"}
+    assert set(skipped) == {"accuracy_vs_k", "memory_vs_k", "alpha_curve", "hans_heatmap", "confusion"}
     for reason in skipped.values():
         assert f"Not drawn: {reason}." in markdown
     assert not list(tmp_path.glob("accuracy_vs_k.png"))
@@ -406,6 +421,7 @@ def test_write_report_writes_everything(monkeypatch, tmp_path):
     fake = types.ModuleType("icldistill.experiments.results")
     fake.collect = lambda sweep_dir: results
     fake.collect_subcases = lambda sweep_dir: make_subcases(results)
+    fake.collect_confusions = lambda sweep_dir: make_confusions(results.iloc[0:0])
     monkeypatch.setitem(sys.modules, "icldistill.experiments.results", fake)
     monkeypatch.setattr(icldistill.experiments, "results", fake, raising=False)
 
@@ -413,7 +429,7 @@ def test_write_report_writes_everything(monkeypatch, tmp_path):
     out = tmp_path / "sweep" / "report"
     assert paths["markdown"] == out / "report.md" and paths["html"] == out / "report.html"
     assert set(paths["figures"]) == {"id_vs_ood", "hans_heatmap"}
-    assert set(paths["skipped"]) == {"accuracy_vs_k", "memory_vs_k", "alpha_curve"}
+    assert set(paths["skipped"]) == {"accuracy_vs_k", "memory_vs_k", "alpha_curve", "confusion"}
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert markdown.startswith("# ICL distillation report: sweep")
     for path in paths["figures"].values():
@@ -427,3 +443,11 @@ def test_write_report_writes_everything(monkeypatch, tmp_path):
     fake.collect = lambda sweep_dir: results.iloc[0:0]
     with pytest.raises(icldistill.errors.IcldError, match="No results found"):
         write_report(tmp_path / "empty")
+
+
+def test_confusion_figure_only_for_more_than_two_classes(results, tmp_path):
+    binary = make_confusions(results, classes=("yes", "no"))
+    assert "two classes" in figure_unsupported_reason("confusion", binary)
+    assert figure_unsupported_reason("confusion", make_confusions(results)) is None
+    path = plots.plot_confusions(make_confusions(results), tmp_path / "confusion.png")
+    _assert_png(path)

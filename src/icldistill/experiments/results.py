@@ -16,15 +16,16 @@ from icldistill.experiments.sweep import CELL_FILE, FINISHED, RESULTS_FILE, SWEE
 COLUMNS = [
     "cell", "method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval",
     "n", "dropped", "accuracy", "calibrated_accuracy", "auc", "accuracy_full_vocab", "non_label_rate", "macro_f1",
-    "ood_accuracy", "peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
+    "ood_accuracy", "chance_rate", "majority_rate", "peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
     "inference_latency_ms", "inference_peak_memory_mb", "status",
 ]
 CONFIG_COLUMNS = ["method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval"]
 METRIC_COLUMNS = ["n", "dropped", "accuracy", "calibrated_accuracy", "auc", "accuracy_full_vocab", "non_label_rate",
-                  "macro_f1", "ood_accuracy"]
+                  "macro_f1", "ood_accuracy", "chance_rate", "majority_rate"]
 RESOURCE_COLUMNS = ["peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
                     "inference_latency_ms", "inference_peak_memory_mb"]
 SUBCASE_COLUMNS = ["cell", "method", "model", "shots", "seed", "alpha", "eval", "subcase", "n", "accuracy"]
+CONFUSION_COLUMNS = ["cell", "method", "model", "shots", "seed", "alpha", "eval", "gold", "predicted", "count"]
 
 
 def _cells_on_disk(sweep_dir: Path) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any] | None]]:
@@ -162,6 +163,24 @@ def collect_subcases(sweep_dir: str | Path):
                              "eval": name, "subcase": subcase, "n": _number(values.get("n")),
                              "accuracy": _number(values.get("accuracy"))})
     return pd.DataFrame(rows, columns=SUBCASE_COLUMNS)
+
+
+def collect_confusions(sweep_dir: str | Path):
+    """Confusion counts of every completed run: one row per (cell, seed, evaluation set, gold, predicted)."""
+    import pandas as pd
+
+    rows = []
+    for _, cell, record in _cells_on_disk(Path(sweep_dir)):
+        if not record or record.get("status") not in FINISHED:
+            continue
+        described = _describe_cell(cell, record)
+        metrics_by_set = _get(record, "seeds", str(described["seed"]), "eval") or {}
+        for name, metrics in metrics_by_set.items():
+            for gold, predicted in (metrics.get("confusion") or {}).items():
+                for pred, count in predicted.items():
+                    rows.append({**{k: described[k] for k in ("cell", "method", "model", "shots", "seed", "alpha")},
+                                 "eval": name, "gold": gold, "predicted": pred, "count": _number(count)})
+    return pd.DataFrame(rows, columns=CONFUSION_COLUMNS)
 
 
 def _group_id(cell_id: str) -> str:

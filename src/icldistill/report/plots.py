@@ -48,6 +48,7 @@ __all__ = [
     "plot_id_vs_ood",
     "plot_alpha_curve",
     "plot_hans_heatmap",
+    "plot_confusions",
     "make_figures",
 ]
 
@@ -64,6 +65,7 @@ FIGURES = {
     "id_vs_ood": "In-domain vs out-of-domain accuracy",
     "alpha_curve": "CD accuracy vs loss weight alpha",
     "hans_heatmap": "HANS accuracy by subcase",
+    "confusion": "Confusion matrix per method (tasks with more than two classes)",
 }
 
 
@@ -140,6 +142,12 @@ def figure_unsupported_reason(name: str, data: pd.DataFrame | None) -> str | Non
 
     ``data`` is the comparison table, except for ``hans_heatmap`` (``collect_subcases()`` rows).
     """
+    if name == "confusion":
+        if data is None or data.empty:
+            return "the sweep recorded no confusion matrices"
+        if max(data.groupby("eval")["gold"].nunique(), default=0) <= 2:
+            return "every evaluation set has two classes; the accuracy tables say it all"
+        return None
     if name == "hans_heatmap":
         if data is None or data.empty or "accuracy" not in data or data["accuracy"].notna().sum() == 0:
             return "the sweep has no HANS subcase results (no HANS evaluation completed)"
@@ -228,12 +236,32 @@ def _dodge(ks: np.ndarray, index: int, count: int) -> np.ndarray:
     return np.where(ks > 0, ks * 2.0**offset, ks)
 
 
-def _chance_line(ax: Any, axis: str = "y") -> None:
+def _chance_levels(table: pd.DataFrame | None) -> list[tuple[float, str]]:
+    """Chance (1 / number of classes) of each task in the table; 0.5 when a task cannot be resolved."""
+    from icldistill.errors import IcldError
+    from icldistill.tasks.registry import family_of, get_task
+
+    levels: dict[float, list[str]] = {}
+    tasks = [] if table is None or "task" not in table else sorted({str(t) for t in table["task"] if not _missing(t)})
+    for name in tasks:
+        try:
+            chance = 1.0 / len(family_of(get_task(name)).classes)
+        except IcldError:
+            chance = CHANCE
+        levels.setdefault(round(chance, 4), []).append(Path(name).stem)
+    if not levels:
+        return [(CHANCE, "")]
+    return [(value, ", ".join(names) if len(levels) > 1 else "") for value, names in sorted(levels.items())]
+
+
+def _chance_line(ax: Any, axis: str = "y", table: pd.DataFrame | None = None) -> None:
     style = {"color": "0.45", "linestyle": ":", "linewidth": 1.2, "zorder": 0}
-    if axis == "y":
-        ax.axhline(CHANCE, label=f"chance ({CHANCE})", **style)
-    else:
-        ax.axvline(CHANCE, **style)
+    for value, names in _chance_levels(table):
+        label = f"chance ({value:.3g}{', ' + names if names else ''})"
+        if axis == "y":
+            ax.axhline(value, label=label, **style)
+        else:
+            ax.axvline(value, **style)
 
 
 def _seed_note(table: pd.DataFrame) -> str:
@@ -296,7 +324,7 @@ def plot_accuracy_vs_k(table: pd.DataFrame, path: str | Path) -> Path | None:
     axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for ax, (column, title) in zip(axes, panels):
         _plot_series_vs_k(ax, series, column)
-        _chance_line(ax)
+        _chance_line(ax, table=table)
         _set_k_axis(ax, ks)
         ax.set_title(title, fontsize=11)
         ax.grid(True, axis="y", alpha=0.3)
@@ -442,7 +470,7 @@ def plot_alpha_curve(table: pd.DataFrame, path: str | Path) -> Path | None:
             ax.errorbar(rows["alpha"].astype(float), rows[f"{column}_mean"], yerr=rows[f"{column}_std"].fillna(0.0),
                         label=label, color=shade, marker=_MARKERS[index % len(_MARKERS)], markersize=5, capsize=3,
                         linewidth=1.6, linestyle=_LINESTYLES[(index // len(ks)) % len(_LINESTYLES)])
-        _chance_line(ax)
+        _chance_line(ax, table=distill)
         alphas = sorted({float(a) for a in distill["alpha"]})
         if len(alphas) <= 8:
             ax.set_xticks(alphas)
@@ -545,12 +573,68 @@ def plot_hans_heatmap(subcases: pd.DataFrame | None, path: str | Path) -> Path |
     return _save(figure, path)
 
 
+def plot_confusions(confusions: pd.DataFrame | None, path: str | Path) -> Path | None:
+    """One confusion matrix per method (rows gold, columns predicted, each row normalised to 1), for C > 2.
+
+    Counts are summed over seeds; each method shows its largest k (and, for CD, its first α) on the
+    first evaluation set that has more than two classes.
+    """
+    reason = figure_unsupported_reason("confusion", confusions)
+    if reason:
+        logger.info("confusion matrices not drawn: %s", reason)
+        return None
+    data = confusions[confusions["count"].notna()]
+    classes_per_set = data.groupby("eval")["gold"].unique()
+    eval_name = next(name for name, gold in classes_per_set.items() if len(gold) > 2)
+    data = data[data["eval"] == eval_name]
+    order = list(dict.fromkeys(data["gold"]))
+    panels = []
+    for method in sorted(data["method"].unique(), key=_method_rank):
+        part = data[data["method"] == method]
+        shots = max(int(k) for k in part["shots"])
+        part = part[part["shots"] == shots]
+        alphas = sorted({_sort_number(a) for a in part["alpha"]})
+        if len(alphas) > 1:
+            part = part[[_sort_number(a) == alphas[0] for a in part["alpha"]]]
+        counts = part.groupby(["gold", "predicted"])["count"].sum()
+        matrix = np.array([[counts.get((g, p), 0.0) for p in order] for g in order], dtype=float)
+        label = f"{METHOD_LABELS.get(method, method)} ({_short_model(part['model'].iloc[0])}), k={shots}"
+        if method == "distill" and not _missing(part["alpha"].iloc[0]):
+            label += f", α={_fmt_alpha(part['alpha'].iloc[0])}"
+        panels.append((label, matrix))
+    size = 2.2 + 0.45 * len(order)
+    figure = _new_figure(size * len(panels) + 0.8, size + 1.2)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, matrix) in zip(axes, panels):
+        totals = matrix.sum(axis=1, keepdims=True)
+        rates = np.divide(matrix, totals, out=np.full_like(matrix, np.nan), where=totals > 0)
+        image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+        if len(order) <= 12:
+            for i in range(len(order)):
+                for j in range(len(order)):
+                    if not np.isnan(rates[i, j]):
+                        ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if rates[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_yticks(range(len(order)))
+        ax.set_yticklabels(order, fontsize=8)
+        ax.set_xlabel("predicted")
+        accuracy = np.trace(matrix) / matrix.sum() if matrix.sum() else float("nan")
+        ax.set_title(f"{label}\naccuracy {accuracy:.2f}", fontsize=9)
+    axes[0].set_ylabel("gold")
+    figure.colorbar(image, ax=list(axes), shrink=0.8).set_label("share of the gold class's rows")
+    figure.suptitle(f"Confusion matrices on {eval_name} (rows: gold class, summed over seeds)", fontsize=12)
+    return _save(figure, path)
+
+
 _PLOTTERS = {
     "accuracy_vs_k": plot_accuracy_vs_k,
     "memory_vs_k": plot_memory_vs_k,
     "id_vs_ood": plot_id_vs_ood,
     "alpha_curve": plot_alpha_curve,
     "hans_heatmap": plot_hans_heatmap,
+    "confusion": plot_confusions,
 }
 
 _CAPTIONS = {
@@ -563,15 +647,18 @@ _CAPTIONS = {
     "alpha_curve": "CD accuracy as the loss moves from the gold label (α=0) to the teacher's distribution (α=1).",
     "hans_heatmap": "HANS accuracy per subcase: "
                     "a label-biased model is blue on one label's rows and red on the other's.",
+    "confusion": "Each row is a gold class, normalised to 1: the diagonal is per-class accuracy, and a "
+                 "column that is dark everywhere is a class the model answers for everything.",
 }
 
 
-def make_figures(table: pd.DataFrame, subcases: pd.DataFrame | None, out_dir: str | Path) -> list[FigureResult]:
+def make_figures(table: pd.DataFrame, subcases: pd.DataFrame | None, out_dir: str | Path,
+                 confusions: pd.DataFrame | None = None) -> list[FigureResult]:
     """Draw every figure into ``out_dir`` (``<name>.png``); unsupported ones carry their reason."""
     out_dir = Path(out_dir)
     results = []
     for name, plot in _PLOTTERS.items():
-        data = subcases if name == "hans_heatmap" else table
+        data = subcases if name == "hans_heatmap" else confusions if name == "confusion" else table
         reason = figure_unsupported_reason(name, data)
         path = None if reason else plot(data, out_dir / f"{name}.png")
         results.append(FigureResult(name, FIGURES[name], path, _CAPTIONS[name], reason))

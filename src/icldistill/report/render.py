@@ -293,6 +293,17 @@ def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> 
                 sizes.append(f"{name} {span}" + (f" ({dropped} dropped as too long, over all runs)" if dropped else ""))
         if sizes:
             lines.append("Queries scored per run: " + ", ".join(sizes))
+        levels = []  # what no skill scores on each set: guessing uniformly, and always answering the majority class
+        for name, rows in done.groupby(done["eval"].astype(str), sort=True):
+            if "chance_rate" not in rows or "majority_rate" not in rows:
+                break  # results collected by an older version
+            chance = pd.to_numeric(rows["chance_rate"], errors="coerce").dropna()
+            majority = pd.to_numeric(rows["majority_rate"], errors="coerce").dropna()
+            if len(chance):
+                levels.append(f"{name} {chance.mean():.3f} / {majority.mean():.3f}" if len(majority)
+                              else f"{name} {chance.mean():.3f}")
+        if levels:
+            lines.append("Chance / majority-class rate per set: " + ", ".join(levels))
     return lines
 
 
@@ -417,7 +428,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         raise IcldError(f"No results found under {sweep_dir}; run the sweep first, or point to its output directory.")
     subcases = results.collect_subcases(sweep_dir)
     table = comparison_table(df)
-    figures = make_figures(table, subcases, out_dir)
+    figures = make_figures(table, subcases, out_dir, results.collect_confusions(sweep_dir))
     title = f"{DEFAULT_TITLE}: {sweep_dir.resolve().name}"
     markdown_path, html_path = out_dir / "report.md", out_dir / "report.html"
     from icldistill.experiments.compare import sweep_paired

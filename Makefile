@@ -29,8 +29,10 @@ demo: setup
 	$(VENV)/bin/icld models fetch smollm2-135m gemma3-270m
 	$(VENV)/bin/icld -q sweep configs/demo.yaml
 	$(VENV)/bin/icld -q sweep configs/demo-sst2.yaml
+	$(VENV)/bin/icld -q sweep configs/demo-agnews.yaml
 	$(VENV)/bin/icld report runs/demo
 	$(VENV)/bin/icld report runs/demo-sst2
+	$(VENV)/bin/icld report runs/demo-agnews
 
 bench: setup
 	$(PY) benchmarks/icl_prefix_cache.py --shots 2,8,16,32 --queries 64 --batch-size 16

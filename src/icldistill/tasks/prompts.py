@@ -192,5 +192,5 @@ def example_prompt(task: Any, data_dir: Any = None) -> tuple[str, str]:
     except IcldError as exc:
         return pattern.render(family.content_free), f"pattern '{pattern.name}', content-free input; data not read: {exc}"
     note = (f"pattern '{pattern.name}', {len(demos)} demonstrations of seed 0, a query from "
-            f"'{task.default_eval[0]}' whose answer is{pattern.label_words[query.label]!r}")
+            f"'{task.default_eval[0]}' whose answer is {pattern.label_words[query.label]!r}")
     return demonstration_prefix(pattern, demos) + pattern.render(query.fields), note

@@ -315,3 +315,32 @@ def test_random_sampling_ignores_classes_and_balanced_does_not(user_task: Path) 
     assert any(len({x.label for x in d}) < 3 for d in draws)  # some draw misses a class
     with pytest.raises(PromptError, match="demo-sampling"):
         sample_demonstrations(pool, 3, 3, random.Random(0), mode="stratified")
+
+
+# ---------------------------------------------------------------------------------------------- icld tasks
+
+
+def test_icld_tasks_lists_builtin_and_environment_tasks(user_task: Path, monkeypatch, capsys) -> None:
+    from icldistill.cli import main
+
+    monkeypatch.setenv("ICLDISTILL_TASKS", str(user_task.parent))
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mnli", "trec", "agnews", "mnli3", "my_task"):
+        assert name in out
+    assert "6: abbreviation/description" in out and str(user_task) in out
+
+
+def test_icld_tasks_show_prints_the_resolved_definition_and_a_prompt(user_task: Path, capsys) -> None:
+    import yaml
+
+    from icldistill.cli import main
+
+    assert main(["tasks", "show", str(user_task)]) == 0
+    out = capsys.readouterr().out
+    definition, prompt = out.split("# one rendered prompt")
+    resolved = yaml.safe_load(definition)
+    assert resolved["label_column"] == "queue" and resolved["name"] == "my_task"
+    assert prompt.count("Ticket:") == 4  # one demonstration per class, then the query
+    assert prompt.rstrip().endswith("Queue:")
+    assert " billing question" in prompt and " service outage" in prompt and " feature request" in prompt

@@ -61,14 +61,30 @@ def _describe_cell(cell: Mapping[str, Any], record: Mapping[str, Any] | None) ->
     student = config.get("student") if method == "distill" else config.get("model") if method != "icl-teacher" else None
     pattern = _get(record, "pattern", "name") or config.get("pattern")
     if pattern is None:
-        from icldistill.tasks.registry import TASKS
-
-        task = TASKS.get(config.get("task"))
+        task = _task_or_none(config.get("task"))
         pattern = task.default_pattern if task else None
     return {"cell": cell["id"], "method": method, "model": teacher if method == "icl-teacher" else student,
             "teacher": teacher, "student": student, "task": config.get("task"), "shots": config.get("shots"),
             "seed": config["seeds"][0], "alpha": _number(config.get("alpha")) if method == "distill" else math.nan,
             "peft": config.get("peft") if trains else None, "pattern": pattern}
+
+
+def _task_or_none(name: Any):
+    """The task a cell ran (a name or a task file), or None when it cannot be resolved any more."""
+    from icldistill.tasks.registry import get_task
+
+    try:
+        return get_task(str(name)) if name else None
+    except IcldError:
+        return None
+
+
+def _default_eval(task_name: Any, metrics_by_set: Mapping[str, Any]) -> list[str]:
+    """The sets a cell without an explicit ``eval`` ran: what its record has, else the task's defaults."""
+    if metrics_by_set:
+        return list(metrics_by_set)
+    task = _task_or_none(task_name)
+    return list(task.default_eval) if task else []
 
 
 def _resources(method: str, record: Mapping[str, Any], seed_entry: Mapping[str, Any]) -> dict[str, float]:
@@ -108,7 +124,7 @@ def collect(sweep_dir: str | Path):
             status = "skipped"
         metrics_by_set = (entry.get("eval") or {}) if finished else {}
         resources = _resources(cell["method"], record, entry) if finished else dict.fromkeys(RESOURCE_COLUMNS, math.nan)
-        for name in cell["config"]["eval"]:
+        for name in cell["config"]["eval"] or _default_eval(cell["config"].get("task"), metrics_by_set):
             metrics = metrics_by_set.get(name) or {}
             rows.append({**described, "eval": name, **{m: _number(metrics.get(m)) for m in METRIC_COLUMNS},
                          **resources, "status": status})

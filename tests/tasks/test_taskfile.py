@@ -344,3 +344,27 @@ def test_icld_tasks_show_prints_the_resolved_definition_and_a_prompt(user_task: 
     assert prompt.count("Ticket:") == 4  # one demonstration per class, then the query
     assert prompt.rstrip().endswith("Queue:")
     assert " billing question" in prompt and " service outage" in prompt and " feature request" in prompt
+
+
+def test_hub_source_with_config_split_revision_and_renamed_label(tmp_path: Path, monkeypatch) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"text": ["What is a bar ?", "Who wrote it ?"], "coarse_label": [1, 3]},
+        features=datasets.Features({"text": datasets.Value("string"),
+                                    "coarse_label": datasets.ClassLabel(names=["ABBR", "ENTY", "DESC", "HUM"])}))
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or ds)
+    (tmp_path / "hubtask.yaml").write_text(textwrap.dedent("""\
+        inputs: [text]
+        classes: {entity: [ENTY], human: [HUM]}
+        patterns: {q: {template: "{text}", label_words: [" thing", " person"]}}
+        train: {hub: {path: CogComp/trec, name: default, split: train, revision: abc123, rename: {coarse_label: label}}}
+        eval: {test: {hub: {path: CogComp/trec, split: test, rename: {coarse_label: label}}}}
+        """))
+    task = load_task_file(tmp_path / "hubtask.yaml")
+    loaded = data.load(task.train, None, "auto")
+    assert calls[0] == (("CogComp/trec", "default"), {"split": "train", "revision": "abc123"})
+    assert [ex.label for ex in loaded.examples] == [0, 1]
+    with pytest.raises(DataError, match="only a hub source"):
+        data.load(task.train, None, "local")

@@ -166,7 +166,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     import yaml
 
     from icldistill.tasks.prompts import example_prompt
-    from icldistill.tasks.registry import TASKS_ENV, family_of, get_task, task_files
+    from icldistill.tasks.registry import BUILTIN_DIR, TASKS_ENV, family_of, get_task, task_files
 
     if args.action == "show":
         if not args.name:
@@ -189,7 +189,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         others = [s for s in task.eval_sets if s not in task.default_eval]
         rows.append([name, f"{len(family.classes)}: " + "/".join(family.classes), ",".join(family.patterns),
                      ",".join(task.default_eval) + (" | " + ",".join(others) if others else ""),
-                     "built-in" if "builtin" in path.parts else str(path)])
+                     "built-in" if path.parent == BUILTIN_DIR else str(path)])
     print(format_table(rows))
     print(f"\nMore task directories: ${TASKS_ENV}; any task file works as --task FILE.yaml. "
           "Details: icld tasks show NAME.")

@@ -108,7 +108,7 @@ def test_cli_config_file_and_override(tmp_path, data_dir, tiny_dirs, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["icl", "--shots", "3"], "cannot be balanced"),
     (["icl", "--task", "nope"], "Unknown task"),
-    (["icl", "--eval", "sst2"], "does not fit task"),
+    (["icl", "--eval", "sst2"], "Unknown evaluation set 'sst2' for task 'mnli'"),
     (["icl", "--pattern", "{premise} only"], "lacks {hypothesis}"),
     (["icl", "--limit", "0"], "positive number"),
     (["icl", "--model", "./no/such/dir"], "no such directory"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from icldistill.errors import ConfigError
@@ -158,8 +158,6 @@ def get_eval_set(name: str, task: Task | None = None) -> DataSpec:
     if name in task.eval_sets:
         return task.eval_sets[name]
     if name.endswith(DATA_SUFFIXES):
-        from dataclasses import replace
-
         path = Path(name).expanduser()
         stem = path.name.split(".")[0]
         return replace(task.train, name=stem, local=str(path.resolve()), hub=None, base_dir=None, carve=None,

@@ -31,6 +31,7 @@ from icldistill.experiments.results import (
     SUBCASE_COLUMNS,
     aggregate,
     collect,
+    collect_confusions,
     collect_subcases,
 )
 from icldistill.experiments.sweep import LOCK_FILE, CellLock, run_sweep
@@ -259,6 +260,11 @@ def test_tiny_sweep_runs_every_cell_and_collects_one_table(tiny_sweep, tiny_dirs
     subcases = collect_subcases(experiment.output_dir)
     assert list(subcases.columns) == SUBCASE_COLUMNS and set(subcases["eval"]) == {"hans-lo"}
     assert subcases.groupby("cell")["n"].sum().eq(8).all()
+
+    confusions = collect_confusions(experiment.output_dir)
+    assert set(confusions["eval"]) == {"mnli-m", "hans-lo"} and set(confusions["gold"]) == {"entailment", "non-entailment"}
+    assert confusions.groupby(["cell", "eval"])["count"].sum().eq(8).all()  # every scored query once
+    assert (df["chance_rate"] == 0.5).all() and df["majority_rate"].between(0.5, 1.0).all()
 
 
 def test_aggregate_over_seeds_matches_numpy(tiny_sweep):

@@ -163,39 +163,36 @@ def _none_for_missing(frame):
     return frame
 
 
+def _finished_set_metrics(sweep_dir: str | Path) -> Iterator[tuple[dict[str, Any], str, Mapping[str, Any]]]:
+    """(run columns, evaluation set, metrics) of every finished run's sets: what the breakdown tables read."""
+    for _, cell, record in _cells_on_disk(Path(sweep_dir)):
+        if not record or record.get("status") not in FINISHED:
+            continue
+        described = _describe_cell(cell, record)
+        run = {k: described[k] for k in ("cell", "method", "model", "shots", "seed", "alpha")}
+        for name, metrics in (_get(record, "seeds", str(described["seed"]), "eval") or {}).items():
+            yield run, name, metrics
+
+
 def collect_subcases(sweep_dir: str | Path):
     """HANS accuracy per subcase: one row per (cell, seed, evaluation set, subcase), columns :data:`SUBCASE_COLUMNS`."""
     import pandas as pd
 
-    rows = []
-    for _, cell, record in _cells_on_disk(Path(sweep_dir)):
-        if not record or record.get("status") not in FINISHED:
-            continue
-        described = _describe_cell(cell, record)
-        metrics_by_set = _get(record, "seeds", str(described["seed"]), "eval") or {}
-        for name, metrics in metrics_by_set.items():
-            for subcase, values in (metrics.get("by_subcase") or {}).items():
-                rows.append({**{k: described[k] for k in ("cell", "method", "model", "shots", "seed", "alpha")},
-                             "eval": name, "subcase": subcase, "n": _number(values.get("n")),
-                             "accuracy": _number(values.get("accuracy"))})
+    rows = [{**run, "eval": name, "subcase": subcase, "n": _number(values.get("n")),
+             "accuracy": _number(values.get("accuracy"))}
+            for run, name, metrics in _finished_set_metrics(sweep_dir)
+            for subcase, values in (metrics.get("by_subcase") or {}).items()]
     return pd.DataFrame(rows, columns=SUBCASE_COLUMNS)
 
 
 def collect_confusions(sweep_dir: str | Path):
-    """Confusion counts of every completed run: one row per (cell, seed, evaluation set, gold, predicted)."""
+    """Confusion counts of every finished run: one row per (cell, seed, evaluation set, gold, predicted)."""
     import pandas as pd
 
-    rows = []
-    for _, cell, record in _cells_on_disk(Path(sweep_dir)):
-        if not record or record.get("status") not in FINISHED:
-            continue
-        described = _describe_cell(cell, record)
-        metrics_by_set = _get(record, "seeds", str(described["seed"]), "eval") or {}
-        for name, metrics in metrics_by_set.items():
-            for gold, predicted in (metrics.get("confusion") or {}).items():
-                for pred, count in predicted.items():
-                    rows.append({**{k: described[k] for k in ("cell", "method", "model", "shots", "seed", "alpha")},
-                                 "eval": name, "gold": gold, "predicted": pred, "count": _number(count)})
+    rows = [{**run, "eval": name, "gold": gold, "predicted": pred, "count": _number(count)}
+            for run, name, metrics in _finished_set_metrics(sweep_dir)
+            for gold, predicted in (metrics.get("confusion") or {}).items()
+            for pred, count in predicted.items()]
     return pd.DataFrame(rows, columns=CONFUSION_COLUMNS)
 
 

@@ -368,3 +368,17 @@ def test_hub_source_with_config_split_revision_and_renamed_label(tmp_path: Path,
     assert [ex.label for ex in loaded.examples] == [0, 1]
     with pytest.raises(DataError, match="only a hub source"):
         data.load(task.train, None, "local")
+
+
+def test_example_sweep_and_task_are_valid(monkeypatch) -> None:
+    from icldistill.experiments.grid import validate_file
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the README runs it from the repository root
+    report = validate_file(root / "examples" / "tickets" / "sweep.yaml")
+    assert report.ok, report.problems
+    task = get_task("examples/tickets/tickets.yaml")
+    assert family_of(task).classes == ("billing", "technical", "account")
+    assert len((root / "examples" / "tickets" / "tickets.yaml").read_text().splitlines()) <= 22
+    rows = data.load(task.train, None, "local").examples
+    assert len(rows) == 180 and len(data.load(task.eval_sets["test"], None, "local").examples) == 60

@@ -254,8 +254,8 @@ def _classes(value: Any, drop: Any, where: str, key: str) -> tuple[list[str], di
 
 
 def _raw(value: Any) -> str:
-    """Raw label values compare as text: YAML ``1`` and a CSV's ``1`` are the same value."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    """Raw label values compare as text, as the rows' labels do: YAML ``1`` and a CSV's ``1`` are the same value."""
+    return str(value)
 
 
 def _patterns(value: Any, inputs: list[str], classes: list[str], where: str) -> dict[str, PatternSpec]:

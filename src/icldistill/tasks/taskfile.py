@@ -61,7 +61,7 @@ def resolve_mapping(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise TaskFileError(f"{path}: unknown key '{unknown[0]}'.{_suggest(unknown[0], TOP_KEYS)}")
     own_dir = None if path.parent == BUILTIN_DIR.resolve() else str(path.parent)
     raw = _annotate_dirs(raw, own_dir, path)
-    raw.setdefault("name", path.stem)
+    raw = {"name": path.stem, **raw}  # first, so that `icld tasks show` prints it first
     base_name = raw.pop("base", None)
     if base_name is None:
         return raw

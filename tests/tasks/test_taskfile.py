@@ -382,3 +382,11 @@ def test_example_sweep_and_task_are_valid(monkeypatch) -> None:
     assert len((root / "examples" / "tickets" / "tickets.yaml").read_text().splitlines()) <= 22
     rows = data.load(task.train, None, "local").examples
     assert len(rows) == 180 and len(data.load(task.eval_sets["test"], None, "local").examples) == 60
+
+
+def test_a_task_records_a_reference_that_finds_it_again(user_task: Path, tmp_path: Path, monkeypatch) -> None:
+    assert get_task("mnli").ref == "mnli"
+    task = get_task(str(user_task))
+    assert task.ref == str(user_task.resolve())
+    monkeypatch.chdir(tmp_path.parent)
+    assert family_of(get_task(task.ref)) == family_of(task)  # icld eval / predict re-resolve it from the record

@@ -47,10 +47,10 @@ def _fits(eval_set: str, task: str | None) -> bool:
     """Whether ``eval_set`` has the fields and classes of ``task`` (a sweep may mix tasks; others are left out)."""
     from icldistill.tasks.registry import get_eval_set, get_task
 
-    get_eval_set(eval_set)  # an unknown name is an error, not a silent skip
     try:
         get_eval_set(eval_set, get_task(task or "mnli"))
     except ConfigError:
+        get_eval_set(eval_set)  # a name no task knows is an error, not a silent skip
         return False
     return True
 

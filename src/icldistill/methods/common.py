@@ -160,7 +160,7 @@ def aggregate(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def base_record(method: str, config: Any, setup: Setup) -> dict[str, Any]:
     """The fields every results.json starts with: what ran, on what, with which code."""
-    return {"method": method, "status": "running", "config": to_dict(config), "task": setup.task.name,
+    return {"method": method, "status": "running", "config": to_dict(config), "task": setup.task.ref,
             "pattern": {"name": setup.pattern.name, "template": setup.pattern.template,
                         "label_words": list(setup.pattern.label_words)},
             "classes": list(setup.family.classes), "data": setup.data_record(), "environment": environment()}

@@ -48,7 +48,7 @@ def sources_of(name: str) -> list[ModelSource]:
 def eval_setup(config: EvalOptions, source: ModelSource) -> tuple[EvalOptions, Setup]:
     """The config with task and evaluation sets resolved from the model's record, and its setup."""
     task, _, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
-    resolved = dataclasses.replace(config, task=task.name, eval=list(config.eval or task.default_eval))
+    resolved = dataclasses.replace(config, task=task.ref, eval=list(config.eval or task.default_eval))
     setup = prepare(resolved)
     return resolved, dataclasses.replace(setup, pattern=pattern)
 

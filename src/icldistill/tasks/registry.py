@@ -105,6 +105,11 @@ class Task:
     eval_sets: Mapping[str, DataSpec] = field(default_factory=dict)
     path: str = ""  # the task file
     definition: Mapping[str, object] = field(default_factory=dict)  # the resolved YAML mapping
+    ref: str = ""  # what finds this task again with get_task: its name, or its file's path
+
+    def __post_init__(self) -> None:
+        if not self.ref:
+            object.__setattr__(self, "ref", self.name)
 
 
 def task_dirs() -> list[Path]:
@@ -136,7 +141,7 @@ def get_task(name: str) -> Task:
         path = Path(name).expanduser()
         if not path.is_file():
             raise ConfigError(f"Task file {path} does not exist; give a task name ({', '.join(task_files())}) or a YAML file.")
-        return load_task_file(path)
+        return replace(load_task_file(path), ref=str(path.resolve()))
     files = task_files()
     if name not in files:
         raise ConfigError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ class CommonOptions:
     label_words: list[str] | None = option(
         None,
         "Override the pattern's label words, one per class in the task's class order, comma-separated with "
-        "their spaces, e.g. ' Yes, No'.",
+        "their spaces, e.g. ' Yes, No'; a comma inside a word is written '\\,' (or give a YAML list).",
         keep_spaces=True,
     )
     limit: int | None = option(None, "Evaluate on at most this many queries per evaluation set (seeded sample).")
@@ -72,6 +73,10 @@ class CommonOptions:
     cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
     output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
     prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache scores every full prompt).")
+    revision: str | None = option(
+        None, "Hub models only: the branch, tag or commit to load (for distill: the student's; see --teacher-revision). "
+        "The resolved commit enters the records and the teacher-cache key.")
+    trust_remote_code: bool = option(False, "Hub models only: allow a model's own Python code to run (transformers' trust_remote_code).")
 
 
 @dataclass
@@ -86,16 +91,33 @@ class TrainOptions:
     """Optimisation and parameter-efficiency options shared by PBFT and distillation."""
 
     epochs: int = option(40, "Training epochs (paper: 40).")
+    max_steps: int | None = option(
+        None, "Optimiser steps to train for; overrides --epochs (the last epoch may stop part-way). With few "
+        "examples an epoch is one or two steps, so methods are compared at equal step budgets through this.")
     lr: float = option(1e-5, "AdamW learning rate (paper: 1e-5).")
     train_batch_size: int = option(8, "Examples per optimiser step (before gradient accumulation is split off).")
-    grad_accum: int = option(1, "Micro-batches per optimiser step; the micro-batch is train_batch_size / grad_accum.")
+    grad_accum: int = option(
+        1, "Micro-batches per optimiser step; the micro-batch is train_batch_size / grad_accum examples. Under N "
+        "processes the micro-batch size stays the same and each process runs ceil(train_batch_size / N / micro-batch) "
+        "of them: the optimiser step, its examples and its gradient are those of one process.")
     warmup_ratio: float = option(0.5, "Fraction of steps with linear warm-up (llmft: 0.5).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
     eval_every: int = option(
-        0, "Evaluate during training every N optimiser steps (0: after every epoch; -1: never). The final "
-        "evaluation after training always runs, on --limit queries.")
-    eval_limit: int | None = option(None, "Queries per evaluation set for evaluations during training (default: limit).")
+        0, "Evaluate on the dev split (--dev-queries) during training every N optimiser steps (0: after every "
+        "epoch; -1: never). The evaluation sets are scored once, after training, on the selected checkpoint.")
+    eval_limit: int | None = option(
+        None, "Deprecated and ignored: evaluations during training use the dev split (--dev-queries), never the "
+        "evaluation sets. Kept so that older option files still load.")
+    dev_queries: int = option(
+        32, "Dev split: this many labelled rows carved from the train split, disjoint from the demonstrations, the "
+        "training queries and the evaluation sets; used for evaluation during training, for --select and (distill) "
+        "for the teacher's ICL-gain check. 0: no dev split (then --select must be last).")
+    select: str = option(
+        "last", "Which checkpoint is evaluated and saved: last, or best (by --select-metric on the dev split).",
+        choices=("last", "best"))
+    select_metric: str = option("accuracy", "With --select best: dev accuracy (higher wins) or dev loss (lower wins).",
+                                choices=("accuracy", "loss"))
     peft: str = option("lora", "What trains: lora, bitfit, or none (full fine-tuning).", choices=("lora", "bitfit", "none"))
     lora_r: int = option(8, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA scaling alpha.")
@@ -127,7 +149,14 @@ class DistillOptions(CommonOptions, TrainOptions):
     student: str = option("smollm2-135m", "Student model (sees the query alone; this is what trains).")
     train_queries: int = option(64, "Training queries drawn from the train split, disjoint from the demonstrations.")
     alpha: float = option(0.5, "Loss mix: alpha * KL(teacher || student) + (1 - alpha) * CE (paper: 0.5).")
-    temperature: float = option(1.0, "Softmax temperature of the KL term (scaled by T^2).")
+    ce_target: str = option(
+        "gold", "Target of the CE term: gold (the training queries' labels, the paper's; they count as labelled "
+        "examples) or teacher (the teacher's predicted class: no labels beyond the k demonstrations).",
+        choices=("gold", "teacher"))
+    teacher_revision: str | None = option(None, "Hub teacher only: the branch, tag or commit to load.")
+    temperature: float = option(
+        1.0, "Softmax temperature of the KL term (scaled by T^2). With several --teacher-contexts each context's "
+        "distribution is tempered before the contexts are averaged.")
     kl_space: str = option("label", "KL over the label-word distribution (label) or the next-token vocabulary (vocab; same tokenizer only).",
                            choices=("label", "vocab"))
     teacher_signal: str = option("cached", "cached: score the teacher once before training; online: keep it loaded.",
@@ -216,7 +245,7 @@ def parse_value(cls: type, name: str, value: Any, source: str = "options") -> An
         if typing.get_origin(tp) is list:
             (item_tp,) = typing.get_args(tp)
             if isinstance(value, str):
-                items = value.split(",")
+                items = split_list(value)
             elif isinstance(value, (list, tuple)):
                 items = list(value)
             else:  # a YAML scalar for a list option: `seeds: 0`
@@ -233,6 +262,11 @@ def parse_value(cls: type, name: str, value: Any, source: str = "options") -> An
         raise ConfigError(
             f"{source}: option '{name}': cannot read {value!r} as {_type_name(field_types(cls)[name])}."
         ) from None
+
+
+def split_list(text: str) -> list[str]:
+    """Split a comma-separated option value; ``\\,`` is a comma inside an item (a label word such as ' 1,000')."""
+    return [item.replace("\\,", ",") for item in re.split(r"(?<!\\),", text)]
 
 
 def _scalar(tp: Any, value: Any) -> Any:
@@ -320,6 +354,12 @@ def validate(config: Any, *, source: str = "options") -> None:
     for name, (low, high) in ranges.items():
         if hasattr(config, name) and not low <= getattr(config, name) <= high:
             raise ConfigError(f"{source}: option '{name}' must lie in [{low}, {high}], got {getattr(config, name)}.")
+    if getattr(config, "max_steps", None) is not None and config.max_steps < 1:
+        raise ConfigError(f"{source}: option 'max_steps' must be >= 1 (or none to train --epochs), got {config.max_steps}.")
+    if hasattr(config, "dev_queries") and config.dev_queries < 0:
+        raise ConfigError(f"{source}: option 'dev_queries' must be >= 0, got {config.dev_queries}.")
+    if getattr(config, "select", "last") == "best" and getattr(config, "dev_queries", 0) == 0:
+        raise ConfigError(f"{source}: --select best needs a dev split: set --dev-queries N (N >= 1).")
     if hasattr(config, "seeds") and not config.seeds:
         raise ConfigError(f"{source}: option 'seeds' needs at least one seed.")
     if hasattr(config, "eval") and config.eval is not None and not config.eval:

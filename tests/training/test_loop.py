@@ -201,7 +201,7 @@ def test_distill_kl_falls_and_teacher_cache_is_reused(tmp_path, data_dir, tiny_d
     assert second["seeds"]["0"]["history"][-1]["train_kl"] == pytest.approx(kls[-1], rel=1e-5)
 
     # A corrupt cache entry is detected and recomputed, not used.
-    entry = next((cache_dir / "teacher").glob("*.safetensors"))
+    entry = cache_dir / "teacher" / f"{first['teacher_pass']['keys']['0']}.safetensors"
     entry.write_bytes(entry.read_bytes()[:-8])
     values["output_dir"] = str(tmp_path / "third")
     third = run_distill(build_config(DistillOptions, values), progress=False)

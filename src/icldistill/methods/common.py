@@ -12,7 +12,8 @@ from icldistill.tasks import data as data_mod
 from icldistill.runtime import distributed
 from icldistill.config import CommonOptions, to_dict
 from icldistill.tasks.data import Example, LoadedData
-from icldistill.scoring.metrics import aggregate_seeds, hans_lexical_overlap_ood
+from icldistill.errors import ConfigError
+from icldistill.scoring.metrics import aggregate_seeds, hans_ood_accuracy
 from icldistill.scoring.evalsets import evaluate_examples
 from icldistill.models.loading import LoadedModel
 from icldistill.tasks.prompts import (
@@ -82,6 +83,24 @@ class Setup:
         return record
 
 
+def dev_split(setup: Setup, seed: int, n: int, demonstrations: Sequence[Example]) -> list[Example]:
+    """n labelled dev rows from the train split, disjoint from the demonstrations and every evaluation query.
+
+    Drawn by a seeded RNG of its own, after the seed's demonstrations, so PBFT and distillation of one seed
+    share the dev rows; distillation draws its training queries from what is left. The dev split is what
+    evaluations during training and ``--select`` use: an evaluation set never chooses a checkpoint.
+    """
+    if n == 0:
+        return []
+    import random
+
+    taken = {ex.text_key() for ex in demonstrations} | setup.query_texts
+    pool = [ex for ex in setup.train.examples if ex.text_key() not in taken]
+    if len(pool) < n:
+        raise ConfigError(f"--dev-queries {n} exceeds the {len(pool)} training rows left after the demonstrations.")
+    return random.Random(f"icldistill-dev-{seed}").sample(pool, n)
+
+
 def prepare(config: CommonOptions) -> Setup:
     """Resolve the task, pattern and data of ``config``; fails early, before any model is loaded."""
     task = get_task(config.task)
@@ -145,7 +164,7 @@ def evaluate_on_sets(
             desc=f"{label}{name}" if progress else None,
         )
         if name.startswith("hans"):
-            m["ood_accuracy"] = hans_lexical_overlap_ood(m)
+            m.update(hans_ood_accuracy(m))
         metrics[name], predictions[name], tokens = m, preds, tokens + t
     return metrics, predictions, tokens
 
@@ -169,7 +188,7 @@ def base_record(method: str, config: Any, setup: Setup) -> dict[str, Any]:
 def model_record(model: LoadedModel) -> dict[str, Any]:
     return {"name": model.name, "source": model.source, "path": str(model.path), "fingerprint": model.fingerprint,
             "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device), "max_length": model.max_length,
-            "parameters": sum(p.numel() for p in model.model.parameters())}
+            "parameters": sum(p.numel() for p in model.model.parameters()), "commit": getattr(model, "commit", None)}
 
 
 def output_dir(config: CommonOptions) -> Path:
@@ -192,13 +211,19 @@ def finish_record(record: dict[str, Any], out: Path) -> dict[str, Any]:
     training = [r["resources"] for r in seeds.values() if "resources" in r]
     teacher = record.get("teacher_pass", {})
     peaks = [r["training"]["peak_memory_mb"] for r in training]
+    overall = [r["peak_memory_mb"]["overall"] for r in training if isinstance(r.get("peak_memory_mb"), dict)]
+    labelled = [r.get("labelled_examples") for r in seeds.values() if r.get("labelled_examples") is not None]
+    if labelled:
+        record["labelled_examples"] = max(labelled)
     record["resources"] = {
         "total": {
             "wall_time_s": sum(r["training"]["wall_time_s"] for r in training) + teacher.get("wall_time_s", 0.0),
-            "peak_memory_mb": max(peaks + [teacher.get("peak_memory_mb", 0.0)]),
+            # What the run cost at its largest: teacher pass, training or final evaluation.
+            "peak_memory_mb": max(peaks + overall + [teacher.get("peak_memory_mb", 0.0)]),
             "memory_kind": training[0]["training"]["memory_kind"] if training else "",
         },
         "training_peak_memory_mb": max(peaks or [0.0]),
+        "teacher_pass_peak_memory_mb": teacher.get("peak_memory_mb"),
         "seconds_per_step": sum(r["seconds_per_step"] for r in training) / len(training) if training else None,
         "train_tokens_per_s": sum(r["train_tokens_per_s"] or 0 for r in training) / len(training) if training else None,
         "trainable_parameters": next(iter(seeds.values()))["trainable"]["trainable_parameters"] if seeds else None,

@@ -67,12 +67,44 @@ LossFactory = Callable[[torch.Tensor], Callable[[torch.nn.Module, dict[str, Any]
 
 
 def mixed_precision_for(dtype: str, device: torch.device) -> str:
-    """Weights stay fp32 and bf16 autocast does the compute (the paper's BF16; FP16 gave it NaN)."""
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+    """Weights stay fp32 and bf16 autocast does the compute (the paper's BF16; FP16 gave it NaN).
+
+    Whether bf16 is used is decided by ``models.loading.resolve_dtype``, the same check ``--dtype`` uses:
+    ``auto`` is bf16 only on a GPU with native bf16, and ``bf16`` on a GPU without it is an error.
+    """
+    from icldistill.models.loading import resolve_dtype
+
+    resolved = resolve_dtype(dtype, device)
+    if resolved is torch.bfloat16:
         return "bf16"
-    if dtype == "fp16":
+    if resolved is torch.float16:
         return "fp16"
     return "no"
+
+
+def dev_metrics(model: LoadedModel, setup: Setup, examples: Sequence[Example], demonstrations: Sequence[Example] = (),
+                *, batch_size: int, use_prefix_cache: bool = True) -> dict[str, Any]:
+    """Accuracy and mean log-loss (over the label words) of ``model`` on dev rows, with optional demonstrations.
+
+    The dev rows come from the train split, so nothing here ever looks at an evaluation set.
+    """
+    from icldistill.scoring.evalsets import evaluate_examples
+
+    metrics, predictions, _ = evaluate_examples(model, setup.family, setup.pattern, list(demonstrations), examples,
+                                                batch_size=batch_size, use_prefix_cache=use_prefix_cache)
+    return {**summarise_predictions(predictions), "dropped": metrics["dropped"],
+            "calibrated_accuracy": metrics.get("calibrated_accuracy")}
+
+
+def summarise_predictions(predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``n``, ``accuracy`` and ``loss`` (mean negative log-probability of the gold label word, the label
+    words renormalised) of a list of predictions with ``gold`` and ``label_logprobs``."""
+    if not predictions:
+        return {"n": 0, "accuracy": None, "loss": None}
+    lp = torch.log_softmax(torch.tensor([p["label_logprobs"] for p in predictions], dtype=torch.float64), dim=-1)
+    gold = torch.tensor([p["gold"] for p in predictions])
+    return {"n": len(predictions), "accuracy": float((lp.argmax(-1) == gold).double().mean()),
+            "loss": float(-lp[torch.arange(len(gold)), gold].mean())}
 
 
 def train_and_evaluate(
@@ -86,10 +118,22 @@ def train_and_evaluate(
     seed: int,
     seed_dir: Path,
     *,
+    dev_examples: Sequence[Example] = (),
+    labelled_examples: int | None = None,
+    before_training: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    other_peaks_mb: dict[str, float] | None = None,
+    revision: str | None = None,
     extra_record: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``model_name`` on ``train_examples`` with the loss from ``make_loss(label_ids)``; evaluate; save.
+
+    ``dev_examples`` (rows of the train split, disjoint from everything else) are scored before training,
+    during training and for ``--select``; the evaluation sets are scored once, after training, on the
+    selected state. ``before_training(student_dev_metrics)`` returns fields for the record (distillation's
+    ICL-gain check). ``labelled_examples`` is the method's label budget without the dev split (which is
+    added when ``--select best`` uses its labels). ``other_peaks_mb`` are peaks paid outside this function
+    (the teacher pass) that enter the run's overall peak.
 
     Returns the seed's record (also written to ``seed_dir/seed_result.json``, which a resumed run reuses).
     Under N processes every rank trains and evaluates its share and holds the same record; rank 0 writes.
@@ -105,7 +149,8 @@ def train_and_evaluate(
                           "train without it and merge the saved adapter afterwards in one process.")
     torch.manual_seed(seed)
     # Weights load in fp32; bf16 is applied by autocast in the training loop.
-    loaded = load_model(model_name, dtype="fp32", device=config.device, cache_dir=config.cache_dir)
+    loaded = load_model(model_name, dtype="fp32", device=config.device, cache_dir=config.cache_dir,
+                        revision=revision, trust_remote_code=config.trust_remote_code)
     setup.check_tokenizer(loaded.tokenizer, loaded.name)
     label_ids = torch.tensor(label_token_ids(loaded.tokenizer, setup.pattern.label_words, loaded.name),
                              device=loaded.device)
@@ -113,42 +158,61 @@ def train_and_evaluate(
     model, trainable = prepare_trainable(loaded.model, options)
     student = dataclasses.replace(loaded, model=model)
 
-    final_predictions: dict[str, list[dict[str, Any]]] = {}
+    precision = mixed_precision_for(config.dtype, student.device)
 
-    def evaluate(m: torch.nn.Module, limit: int | None = options.eval_limit) -> dict[str, Any]:
-        """The student answers without demonstrations (what distillation is for)."""
-        with torch.autocast(device_type=student.device.type, dtype=torch.bfloat16,
-                            enabled=mixed_precision_for(config.dtype, student.device) == "bf16"):
-            metrics, predictions, _ = evaluate_on_sets(dataclasses.replace(student, model=m), setup, [],
-                                                       batch_size=config.batch_size, progress=False, limit=limit)
-        final_predictions.clear()
-        final_predictions.update(predictions)  # the last call is the final evaluation
-        return metrics
+    def autocast():
+        return torch.autocast(device_type=student.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def evaluate_dev(m: torch.nn.Module) -> dict[str, Any]:
+        """The student on the dev split, without demonstrations (what distillation is for)."""
+        with autocast():
+            return dev_metrics(dataclasses.replace(student, model=m), setup, dev_examples, batch_size=config.batch_size,
+                               use_prefix_cache=config.prefix_cache)
+
+    extra: dict[str, Any] = {}
+    if dev_examples:
+        model.eval()
+        before = evaluate_dev(model)
+        extra["dev_before_training"] = before
+        if before_training is not None:
+            extra.update(before_training(before))
 
     with measure(student.device) as training:
         result = fit(model, len(train_examples), batches, make_loss(label_ids), options, seed=seed,
-                     mixed_precision=mixed_precision_for(config.dtype, student.device),
-                     cpu=student.device.type == "cpu", checkpoint_dir=seed_dir, evaluate=evaluate, progress=progress)
-    # The final evaluation, on the full sets, is also the measurement of the student's inference cost.
+                     mixed_precision=precision, cpu=student.device.type == "cpu", checkpoint_dir=seed_dir,
+                     evaluate=evaluate_dev if dev_examples else None, progress=progress)
+    # The evaluation sets, scored once on the selected state; also the measurement of the inference cost.
     model.eval()
-    with measure(student.device) as cost:
-        final = evaluate(model, limit=None)
+    with measure(student.device) as cost, autocast():
+        final, final_predictions, _ = evaluate_on_sets(student, setup, [], batch_size=config.batch_size, progress=False,
+                                                       use_prefix_cache=config.prefix_cache)
     queries = sum(v["n"] for v in final.values())
     inference = {**cost.as_dict(), "queries": queries, "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}
-    if result.history:
-        result.history[-1]["eval"] = final
     artefacts = save_trained(model, student, options, seed_dir, gathered=result.final_trainable_state)
     if distributed.is_main():  # per-query answers of the final evaluation, rows as icl's (issue 11)
         atomic_write_jsonl(seed_dir / PREDICTIONS_FILE, prediction_rows(seed, final_predictions))
+    training_record = training.as_dict()
+    peaks = {"training": training_record["peak_memory_mb"], "inference": inference["peak_memory_mb"],
+             **(other_peaks_mb or {})}
+    selection_labels = len(dev_examples) if options.select == "best" else 0
     record = {
         "seed": seed, "method": method, "status": "complete", "student": model_record(student),
         "trainable": trainable.as_dict(), "train_examples": [ex.id for ex in train_examples],
-        "history": result.history, "eval": final, "artefacts": artefacts,
-        "resources": {"training": training.as_dict(), "steps": result.steps, "train_tokens": result.train_tokens,
+        "dev_examples": [ex.id for ex in dev_examples],
+        "labelled_examples": None if labelled_examples is None else labelled_examples + selection_labels,
+        "history": result.history, "selected": result.selected, "stopped_early": result.stopped_early,
+        "eval": final, "artefacts": artefacts,
+        "resources": {"training": training_record, "steps": result.steps, "planned_steps": result.planned_steps,
+                      "epochs_done": result.epochs_done, "examples_seen": result.train_examples_seen,
+                      "train_tokens": result.train_tokens,
                       "train_seconds": round(result.train_seconds, 4),
                       "train_tokens_per_s": _rate(result.train_tokens, result.train_seconds),
                       "seconds_per_step": result.train_seconds / max(result.steps, 1),
-                      "resumed_from_epoch": result.resumed_from_epoch, "inference": inference},
+                      "resumed_from_epoch": result.resumed_from_epoch, "inference": inference,
+                      # What a user pays: the largest of the run's parts, each also given on its own.
+                      "peak_memory_mb": {"overall": max(v for v in peaks.values() if v is not None), **peaks},
+                      "memory_kind": training_record["memory_kind"]},
+        **extra,
         **(extra_record or {}),
     }
     if distributed.is_main():

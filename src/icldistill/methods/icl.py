@@ -30,7 +30,8 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
     out = output_dir(config)
     record = base_record("icl", config, setup)
     with measure(config.device) as total:
-        model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
+        model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir,
+                           revision=config.revision, trust_remote_code=config.trust_remote_code)
         setup.check_tokenizer(model.tokenizer, model.name)
         record["model"] = model_record(model)
         seeds: dict[str, Any] = {}
@@ -40,7 +41,8 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
         with measure(model.device) as scoring:
             for seed in config.seeds:
                 demos = setup.demonstrations(seed, config.shots)
-                entry: dict[str, Any] = {"demonstrations": [d.id for d in demos]}
+                # ICL's label budget: the k demonstrations, nothing else.
+                entry: dict[str, Any] = {"demonstrations": [d.id for d in demos], "labelled_examples": len(demos)}
                 try:
                     metrics, preds, tokens = evaluate_on_sets(
                         model, setup, demos, batch_size=config.batch_size, use_prefix_cache=config.prefix_cache,
@@ -58,6 +60,7 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
                 queries += sum(m["n"] for m in metrics.values())
                 predictions += prediction_rows(seed, preds)
     record["seeds"] = seeds
+    record["labelled_examples"] = config.shots
     record["aggregate"] = aggregate(per_seed_metrics)
     record["resources"] = {
         "total": total.as_dict(),

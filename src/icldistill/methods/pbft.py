@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from icldistill.config import PbftOptions
-from icldistill.methods.common import prepare
+from icldistill.methods.common import dev_split, finish_record, prepare, start_record
 from icldistill.methods.finetune import ce_only, train_and_evaluate
-from icldistill.methods.common import finish_record, start_record
 
 
 def run_pbft(config: PbftOptions, *, progress: bool = True) -> dict[str, Any]:
@@ -22,6 +21,7 @@ def run_pbft(config: PbftOptions, *, progress: bool = True) -> dict[str, Any]:
         support = setup.demonstrations(seed, config.shots)
         record["seeds"][str(seed)] = train_and_evaluate(
             "pbft", config, config, setup, config.model, support, ce_only, seed, out / f"seed-{seed}",
-            progress=progress,
+            dev_examples=dev_split(setup, seed, config.dev_queries, support), labelled_examples=len(support),
+            revision=config.revision, progress=progress,
         )
     return finish_record(record, out)

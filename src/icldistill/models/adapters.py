@@ -11,6 +11,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,9 +86,19 @@ def apply_lora(model: nn.Module, options: TrainOptions) -> nn.Module:
             "Choose others with --lora-targets."
         )
     modules_to_save = _module_names(model, _embedding_modules(model)) if options.train_embeddings else None
+    # peft copies each module to save; on a model whose LM head is its input embedding (tied weights) the
+    # two copies would train apart, so peft is asked to keep them tied.
+    tied = options.train_embeddings and embeddings_tied(model)
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM", modules_to_save=modules_to_save)
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM", modules_to_save=modules_to_save,
+                        ensure_weight_tying=tied)
     return get_peft_model(model, config)
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    """Whether the LM head's weight is the input embedding's (one tensor, e.g. Gemma, SmolLM2)."""
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
 
 
 def _add_zero_biases(model: nn.Module, targets: list[str]) -> int:
@@ -98,6 +109,36 @@ def _add_zero_biases(model: nn.Module, targets: list[str]) -> int:
             m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
             added += 1
     return added
+
+
+def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a BitFit or full fine-tuning artefact (``trainable.safetensors``) into a fresh base ``model``.
+
+    BitFit with ``--bitfit-fallback add-bias`` saved biases for layers the base model has none on; they
+    are added (as in training) before the tensors are copied, so the artefact loads back into the plain
+    base model. Unknown names are an error naming the file. Returns ``model``, modified in place.
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    modules = dict(model.named_modules())
+    for name in state:
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                   device=module.weight.device))
+    params = dict(model.named_parameters())
+    if embeddings_tied(model):  # a tied weight is saved under both names; either finds the one tensor
+        params.setdefault("lm_head.weight", model.get_input_embeddings().weight)
+    unknown = [n for n in state if n not in params]
+    if unknown:
+        raise ConfigError(f"{path} does not fit this model: no parameters {unknown[:3]}; load it into the base "
+                          "model it was trained from.")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    return model
 
 
 def prepare_trainable(model: nn.Module, options: TrainOptions) -> tuple[nn.Module, TrainableSummary]:

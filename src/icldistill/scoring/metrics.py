@@ -387,3 +387,40 @@ def _summarise(values: list[float]) -> dict[str, Any]:
         "n_seeds": int(n_seeds),
         "ci95": ci95,
     }
+
+
+def hans_ood_accuracy(
+    metrics: Mapping[str, Any],
+    *,
+    entailment: str = "entailment",
+    non_entailment: str = "non-entailment",
+) -> dict[str, Any]:
+    """HANS out-of-domain accuracy of any HANS set: the mean of its label-wise accuracies.
+
+    HANS is balanced between its labels, so the mean of the two label accuracies (not the pooled
+    accuracy) is what the lineage reports; a model that always answers one label scores 0.5. This holds
+    for every subset (``hans-lo``, ``hans-sub``, ``hans-const``) and for the whole set; with a
+    ``heuristic`` group the same number is also given per heuristic, from ``by_heuristic_label``.
+
+    Returns:
+        ``ood_accuracy`` (None if a label's accuracy is missing), ``ood_metric`` (what it is), and, with
+        heuristic groups, ``ood_accuracy_by_heuristic`` mapping each heuristic to its label mean.
+    """
+    def label_mean(entries: Sequence[Any]) -> float | None:
+        accuracies = [entry.get("accuracy") if isinstance(entry, Mapping) else None for entry in entries]
+        if any(accuracy is None for accuracy in accuracies):
+            return None
+        return float(sum(accuracies) / len(accuracies))
+
+    per_label = metrics.get("per_label", {})
+    out: dict[str, Any] = {
+        "ood_accuracy": label_mean([per_label.get(name) for name in (entailment, non_entailment)]),
+        "ood_metric": "mean of the entailment and non-entailment accuracies",
+    }
+    heuristics = metrics.get("by_heuristic")
+    if isinstance(heuristics, Mapping) and heuristics:
+        by_label = metrics.get("by_heuristic_label", {})
+        out["ood_accuracy_by_heuristic"] = {
+            h: label_mean([by_label.get(f"{h}/{name}") for name in (entailment, non_entailment)]) for h in heuristics
+        }
+    return out

@@ -10,7 +10,9 @@ never loads the teacher. A partial or corrupt file is detected by its checksum a
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -34,7 +36,22 @@ from icldistill.scoring.prefix_cache import PrefixCache, Scores, encode_queries,
 
 logger = logging.getLogger(__name__)
 
-SIGNAL_VERSION = 1  # bump when the way signals are computed changes: old cache entries stop matching
+# The modules whose code computes a signal: a change to any of them changes the cache key, so a cached
+# entry is never reused after the code that made it changed (no hand-set version to forget to bump).
+SIGNAL_CODE = ("icldistill.training.teacher", "icldistill.scoring.prefix_cache", "icldistill.scoring.evalsets",
+               "icldistill.tasks.prompts")
+
+
+@functools.cache
+def signal_code_version(modules: tuple[str, ...] = SIGNAL_CODE) -> str:
+    """A hash of the source of the modules that compute the teacher signal (part of every cache key)."""
+    digest = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise IcldError(f"cannot find the source of {name} to key the teacher cache")
+        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -42,8 +59,10 @@ class TeacherSignal:
     """The teacher's answers for the training queries, in query order.
 
     label_logprobs (n, C): log of the class distribution over the label words, averaged (in
-    probability space) over the demonstration contexts. topk_logprobs / topk_ids (n, k): the
-    teacher's top-k next-token log-probabilities of the first context (vocabulary KL), or None.
+    probability space) over the demonstration contexts. context_label_logprobs (J, n, C): each
+    context's own distribution (renormalised over the labels), so that a temperature can be applied to
+    each before averaging. topk_logprobs / topk_ids (n, k): the teacher's top-k next-token
+    log-probabilities of the first context (vocabulary KL), or None.
     """
 
     query_ids: list[str]
@@ -52,6 +71,14 @@ class TeacherSignal:
     topk_ids: torch.Tensor | None = None
     contexts: list[list[str]] | None = None  # demonstration ids of each context
     dropped: int = 0
+    context_label_logprobs: torch.Tensor | None = None
+
+    def rows(self, rows: torch.Tensor) -> "TeacherSignal":
+        """The signal of some queries (by row index), for a training batch."""
+        return TeacherSignal([self.query_ids[int(i)] for i in rows], self.label_logprobs[rows],
+                             None if self.topk_logprobs is None else self.topk_logprobs[rows],
+                             None if self.topk_ids is None else self.topk_ids[rows], self.contexts, 0,
+                             None if self.context_label_logprobs is None else self.context_label_logprobs[:, rows])
 
 
 def _context_average(per_context: list[torch.Tensor]) -> torch.Tensor:
@@ -64,6 +91,11 @@ def _merge_contexts(per_context: Sequence[Scores]) -> tuple[torch.Tensor, torch.
     """(context-averaged label log-probs, top-k log-probs, top-k ids); top-k come from the first context."""
     first = per_context[0]
     return _context_average([s.label_logprobs for s in per_context]), first.topk_logprobs, first.topk_ids
+
+
+def _per_context(per_context: Sequence[Scores]) -> torch.Tensor:
+    """(J, n, C) label distributions of each context, renormalised over the labels."""
+    return torch.stack([s.label_logprobs - torch.logsumexp(s.label_logprobs, dim=-1, keepdim=True) for s in per_context])
 
 
 def compute_signal(
@@ -99,7 +131,7 @@ def compute_signal(
                                            topk=topk if j == 0 else 0, on_batch=bar.update)
         per_context.append(scores)
     return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
-                         [[d.id for d in demos] for demos in contexts])
+                         [[d.id for d in demos] for demos in contexts], context_label_logprobs=_per_context(per_context))
 
 
 def signal_key(teacher: dict[str, Any], pattern: Pattern, contexts: Sequence[Sequence[Example]],
@@ -109,8 +141,8 @@ def signal_key(teacher: dict[str, Any], pattern: Pattern, contexts: Sequence[Seq
     ``teacher`` is the model's identity (``models.model_identity``: name, weights fingerprint, dtype).
     """
     description = {
-        "version": SIGNAL_VERSION,
-        "teacher": {k: teacher[k] for k in ("name", "fingerprint", "dtype")},
+        "code": signal_code_version(),
+        "teacher": {k: teacher.get(k) for k in ("name", "fingerprint", "dtype", "commit")},
         "pattern": {"template": pattern.template, "label_words": list(pattern.label_words)},
         "contexts": [[d.id for d in demos] for demos in contexts],
         "queries": hashlib.sha256("\n".join(q.id for q in queries).encode()).hexdigest(),
@@ -151,12 +183,15 @@ class SignalCache:
             logger.warning("teacher cache entry %s is unusable (%s); recomputing", key, exc)
             return None
         return TeacherSignal(meta["query_ids"], tensors["label_logprobs"], tensors.get("topk_logprobs"),
-                             tensors.get("topk_ids"), meta.get("contexts"))
+                             tensors.get("topk_ids"), meta.get("contexts"),
+                             context_label_logprobs=tensors.get("context_label_logprobs"))
 
     def save(self, key: str, signal: TeacherSignal, description: dict[str, Any]) -> None:
         tensors_path, meta_path = self.paths(key)
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {"label_logprobs": signal.label_logprobs.contiguous()}
+        if signal.context_label_logprobs is not None:
+            tensors["context_label_logprobs"] = signal.context_label_logprobs.contiguous()
         if signal.topk_logprobs is not None:
             tensors["topk_logprobs"] = signal.topk_logprobs.contiguous()
             tensors["topk_ids"] = signal.topk_ids.contiguous()
@@ -184,9 +219,16 @@ class OnlineTeacher:
     def __call__(self, queries: Sequence[Example], topk: int = 0) -> TeacherSignal:
         texts = [self.pattern.render(q.fields) for q in queries]
         ids = encode_queries(self.teacher.tokenizer, texts)
+        # As the cached pass does: every training query needs a target, so one too long is an error.
+        longest = max(len(p) for p in self.prefixes)
+        too_long = [q.id for q, row in zip(queries, ids) if longest + len(row) > self.teacher.max_length]
+        if too_long:
+            raise IcldError(f"{len(too_long)} training queries (e.g. {too_long[:3]}) do not fit {self.teacher.name}'s "
+                            f"{self.teacher.max_length} tokens after the demonstrations; lower --shots.")
         per_context = [
             score_queries(self.teacher.model, prefix, ids, self.label_ids, batch_size=len(ids),
                           topk=topk if j == 0 else 0, prefix_cache=cache)
             for j, (prefix, cache) in enumerate(zip(self.prefixes, self.caches))
         ]
-        return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context))
+        return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
+                             context_label_logprobs=_per_context(per_context))

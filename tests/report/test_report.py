@@ -33,6 +33,7 @@ from icldistill.report.render import (
 from icldistill.report.tables import (
     comparison_markdown,
     comparison_table,
+    _table_view,
     in_domain_and_ood,
     markdown_table,
 )
@@ -222,12 +223,15 @@ def test_skipped_and_partly_failed_runs(results):
     assert "pbft-k8 seed 0 (partly)" in markdown
 
 
-def test_ood_uses_ood_accuracy_and_falls_back_to_accuracy(results):
+def test_ood_uses_ood_accuracy_and_never_the_pooled_accuracy(results):
+    """Issue 12 item 7: a missing label-mean OOD value is a gap, not the pooled accuracy under the same header."""
     df = results.copy()
     hans = (df["eval"] == "hans-lo") & (df["cell"] == "pbft-k2") & (df["seed"] == 0)
     df.loc[hans, "ood_accuracy"] = math.nan
     runs = in_domain_and_ood(df).set_index(["cell", "seed"])
-    assert runs.loc[("pbft-k2", 0), "ood_accuracy"] == pytest.approx(df.loc[hans, "accuracy"].item())
+    assert math.isnan(runs.loc[("pbft-k2", 0), "ood_accuracy"])
+    headers, _, _ = _table_view(comparison_table(df))
+    assert any(h.startswith("OOD acc") and "mean of the label accuracies" in h for h in headers)
     other = (results["eval"] == "hans-lo") & (results["cell"] == "pbft-k2") & (results["seed"] == 1)
     assert runs.loc[("pbft-k2", 1), "ood_accuracy"] == pytest.approx(results.loc[other, "ood_accuracy"].item())
 

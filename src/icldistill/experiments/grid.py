@@ -52,6 +52,8 @@ METHODS: dict[str, Method] = {
     "icl-teacher": Method("icl-teacher", IclOptions, ("teacher",), "model", "icl"),
     "icl-student": Method("icl-student", IclOptions, ("student",), "model", "icl"),
     "pbft": Method("pbft", PbftOptions, ("student",), "model", "pbft"),
+    # PBFT of the teacher's model: the baseline the paper's "less memory than PBFT" is about (issue 12).
+    "pbft-teacher": Method("pbft-teacher", PbftOptions, ("teacher",), "model", "pbft"),
     "distill": Method("distill", DistillOptions, ("teacher", "student"), None, "distill"),
 }
 
@@ -65,8 +67,8 @@ _DEFAULT_MODELS = {"teacher": DistillOptions.teacher, "student": DistillOptions.
 # Experiment-level keys besides the options: `seeds` at top level is the seed grid (one seed per cell).
 _META_KEYS = ("name", "output_dir", "grid", "method", "seeds")
 _NOT_IN_EXPERIMENT = {
-    "model": "an experiment names 'teacher' and 'student'; icl-teacher evaluates the teacher, icl-student, pbft and "
-             "distill's trained model are the student",
+    "model": "an experiment names 'teacher' and 'student'; icl-teacher and pbft-teacher use the teacher, "
+             "icl-student, pbft and distill's trained model are the student",
     "resume": "a sweep always resumes: completed cells are skipped and training cells continue from their checkpoint",
 }
 TOP_KEYS = frozenset((set(_OPTION_FIELDS) - set(_NOT_IN_EXPERIMENT)) | set(_META_KEYS))

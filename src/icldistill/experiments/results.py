@@ -18,12 +18,18 @@ COLUMNS = [
     "n", "dropped", "accuracy", "calibrated_accuracy", "auc", "accuracy_full_vocab", "non_label_rate", "macro_f1",
     "ood_accuracy", "chance_rate", "majority_rate", "peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
     "inference_latency_ms", "inference_peak_memory_mb", "status",
+    # Issue 12: label and step budgets, and what the peak memory is made of.
+    "ce_target", "labelled_examples", "steps", "examples_seen", "train_peak_memory_mb", "teacher_peak_memory_mb",
+    "teacher_cache_hit", "select", "ood_metric",
 ]
-CONFIG_COLUMNS = ["method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval"]
+CONFIG_COLUMNS = ["method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval",
+                  "ce_target"]
 METRIC_COLUMNS = ["n", "dropped", "accuracy", "calibrated_accuracy", "auc", "accuracy_full_vocab", "non_label_rate",
                   "macro_f1", "ood_accuracy", "chance_rate", "majority_rate"]
 RESOURCE_COLUMNS = ["peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
-                    "inference_latency_ms", "inference_peak_memory_mb"]
+                    "inference_latency_ms", "inference_peak_memory_mb", "labelled_examples", "steps", "examples_seen",
+                    "train_peak_memory_mb", "teacher_peak_memory_mb", "teacher_cache_hit"]
+_TEACHER_METHODS = ("icl-teacher", "pbft-teacher")  # methods whose one model is the teacher
 SUBCASE_COLUMNS = ["cell", "method", "model", "shots", "seed", "alpha", "eval", "subcase", "n", "accuracy"]
 CONFUSION_COLUMNS = ["cell", "method", "model", "shots", "seed", "alpha", "eval", "gold", "predicted", "count"]
 
@@ -56,17 +62,28 @@ def _get(mapping: Any, *path: str) -> Any:
 def _describe_cell(cell: Mapping[str, Any], record: Mapping[str, Any] | None) -> dict[str, Any]:
     """The config columns of a cell (shared by every row of it)."""
     method, config = cell["method"], cell["config"]
-    trains = method in ("pbft", "distill")
-    teacher = config.get("teacher") if method == "distill" else config.get("model") if method == "icl-teacher" else None
-    student = config.get("student") if method == "distill" else config.get("model") if method != "icl-teacher" else None
+    trains = method in ("pbft", "pbft-teacher", "distill")
+    on_teacher = method in _TEACHER_METHODS
+    teacher = config.get("teacher") if method == "distill" else config.get("model") if on_teacher else None
+    student = config.get("student") if method == "distill" else config.get("model") if not on_teacher else None
     pattern = _get(record, "pattern", "name") or config.get("pattern")
     if pattern is None:
         task = _task_or_none(config.get("task"))
         pattern = task.default_pattern if task else None
-    return {"cell": cell["id"], "method": method, "model": teacher if method == "icl-teacher" else student,
+    return {"cell": cell["id"], "method": method, "model": teacher if on_teacher else student,
             "teacher": teacher, "student": student, "task": config.get("task"), "shots": config.get("shots"),
             "seed": config["seeds"][0], "alpha": _number(config.get("alpha")) if method == "distill" else math.nan,
-            "peft": config.get("peft") if trains else None, "pattern": pattern}
+            "peft": config.get("peft") if trains else None, "pattern": pattern,
+            "ce_target": config.get("ce_target", "gold") if method == "distill" else None,
+            "select": config.get("select", "last") if trains else None}
+
+
+def _labelled(record: Mapping[str, Any], seed_entry: Mapping[str, Any]) -> float:
+    """The run's label budget (ICL: k; PBFT: k; CD: k + training queries when CE uses gold labels)."""
+    value = seed_entry.get("labelled_examples")
+    if value is None:
+        value = record.get("labelled_examples")
+    return _number(value)
 
 
 def _task_or_none(name: Any):
@@ -88,21 +105,35 @@ def _default_eval(task_name: Any, metrics_by_set: Mapping[str, Any]) -> list[str
 
 
 def _resources(method: str, record: Mapping[str, Any], seed_entry: Mapping[str, Any]) -> dict[str, float]:
+    none = dict.fromkeys(("steps", "examples_seen", "train_peak_memory_mb", "teacher_peak_memory_mb",
+                          "teacher_cache_hit"), math.nan)
     if method.startswith("icl"):
         inference = _get(record, "resources", "inference") or {}
-        return {"peak_memory_mb": _number(inference.get("peak_memory_mb")), "train_time_s": math.nan,
+        return {**none, "peak_memory_mb": _number(inference.get("peak_memory_mb")), "train_time_s": math.nan,
                 "teacher_time_s": math.nan, "seconds_per_step": math.nan, "trainable_parameters": math.nan,
                 "inference_latency_ms": _number(inference.get("latency_ms_per_query")),
-                "inference_peak_memory_mb": _number(inference.get("peak_memory_mb"))}
+                "inference_peak_memory_mb": _number(inference.get("peak_memory_mb")),
+                "labelled_examples": _labelled(record, seed_entry)}
     res = seed_entry.get("resources") or {}
     inference = res.get("inference") or {}
-    return {"peak_memory_mb": _number(_get(res, "training", "peak_memory_mb")),
+    training_peak = _number(_get(res, "training", "peak_memory_mb"))
+    # The run's overall peak (teacher pass, training, final evaluation); older records have the training peak only.
+    overall = _number(_get(res, "peak_memory_mb", "overall")) if isinstance(res.get("peak_memory_mb"), Mapping) else training_peak
+    teacher_pass = seed_entry.get("teacher_pass") or {}
+    cache_hit = teacher_pass.get("cache_hit")
+    return {"peak_memory_mb": overall,
             "train_time_s": _number(res.get("train_seconds")),
-            "teacher_time_s": _number(_get(record, "teacher_pass", "wall_time_s")) if method == "distill" else math.nan,
+            "teacher_time_s": _number(teacher_pass.get("wall_time_s", _get(record, "teacher_pass", "wall_time_s")))
+            if method == "distill" else math.nan,
             "seconds_per_step": _number(res.get("seconds_per_step")),
             "trainable_parameters": _number(_get(seed_entry, "trainable", "trainable_parameters")),
             "inference_latency_ms": _number(inference.get("latency_ms_per_query")),
-            "inference_peak_memory_mb": _number(inference.get("peak_memory_mb"))}
+            "inference_peak_memory_mb": _number(inference.get("peak_memory_mb")),
+            "labelled_examples": _labelled(record, seed_entry),
+            "steps": _number(res.get("steps")), "examples_seen": _number(res.get("examples_seen")),
+            "train_peak_memory_mb": training_peak,
+            "teacher_peak_memory_mb": _number(teacher_pass.get("peak_memory_mb")),
+            "teacher_cache_hit": float(cache_hit) if isinstance(cache_hit, bool) else math.nan}
 
 
 def collect(sweep_dir: str | Path):
@@ -127,7 +158,7 @@ def collect(sweep_dir: str | Path):
         for name in cell["config"]["eval"] or _default_eval(cell["config"].get("task"), metrics_by_set):
             metrics = metrics_by_set.get(name) or {}
             rows.append({**described, "eval": name, **{m: _number(metrics.get(m)) for m in METRIC_COLUMNS},
-                         **resources, "status": status})
+                         **resources, "ood_metric": metrics.get("ood_metric"), "status": status})
         if finished:  # sets evaluated later with `icld eval SWEEP --eval SET` (experiments/evaluate.py)
             rows += _later_evaluations(directory, described, resources, cell["config"]["eval"], seed)
     frame = _none_for_missing(pd.DataFrame(rows, columns=COLUMNS))
@@ -152,7 +183,7 @@ def _later_evaluations(directory: Path, described: dict[str, Any], resources: di
     return rows
 
 
-_TEXT_COLUMNS = ["model", "teacher", "student", "task", "peft", "pattern"]
+_TEXT_COLUMNS = ["model", "teacher", "student", "task", "peft", "pattern", "ce_target", "select", "ood_metric"]
 
 
 def _none_for_missing(frame):

@@ -32,25 +32,35 @@ RESULT_COLUMNS = (
     "inference_latency_ms", "inference_peak_memory_mb", "status",
 )  # fmt: skip
 SUBCASE_COLUMNS = ("cell", "method", "model", "shots", "seed", "alpha", "eval", "subcase", "n", "accuracy")
+# Columns added by issue 12 (label and step budgets, the parts of the peak memory); a frame without them
+# (older code) gets them empty rather than being refused.
+OPTIONAL_COLUMNS = ("ce_target", "labelled_examples", "steps", "examples_seen", "train_peak_memory_mb",
+                    "teacher_peak_memory_mb", "teacher_cache_hit", "select", "ood_metric")
+_OPTIONAL_TEXT = ("ce_target", "select", "ood_metric")
 
 # A row of the comparison table is one configuration; seeds are what it aggregates over.
-KEY_COLUMNS = ("task", "method", "model", "teacher", "student", "shots", "alpha", "peft", "pattern")
+KEY_COLUMNS = ("task", "method", "model", "teacher", "student", "shots", "alpha", "peft", "pattern", "ce_target")
 # A line in a figure is one configuration traced over k.
 SERIES_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "shots")
 # Per-run values that the table aggregates over seeds (mean and sample std).
 RUN_METRICS = (
     "id_accuracy", "ood_accuracy", "id_calibrated_accuracy", "id_accuracy_full_vocab", "id_non_label_rate", "id_auc",
     "peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
-    "inference_latency_ms", "inference_peak_memory_mb",
+    "inference_latency_ms", "inference_peak_memory_mb", "labelled_examples", "steps", "examples_seen",
+    "train_peak_memory_mb", "teacher_peak_memory_mb", "teacher_cache_hit",
 )  # fmt: skip
 _COST_COLUMNS = RUN_METRICS[6:]
-_PEAK_COLUMNS = ("peak_memory_mb", "inference_peak_memory_mb")  # a run's peak is the max over its eval sets
+# A run's peak is the max over its eval sets. ``peak_memory_mb`` is the run's overall peak: for CD the
+# largest of the teacher pass, the training and the final evaluation (what a user pays).
+_PEAK_COLUMNS = ("peak_memory_mb", "inference_peak_memory_mb", "train_peak_memory_mb", "teacher_peak_memory_mb")
 
 _USABLE = frozenset({"complete", "partial"})  # run statuses with at least one completed evaluation
 _FAILED = frozenset({"failed", "partial"})
 
-METHOD_ORDER = ("icl-teacher", "icl-student", "pbft", "distill")
-METHOD_LABELS = {"icl-teacher": "ICL teacher", "icl-student": "ICL student", "pbft": "PBFT", "distill": "CD"}
+METHOD_ORDER = ("icl-teacher", "icl-student", "pbft-teacher", "pbft", "distill")
+METHOD_LABELS = {"icl-teacher": "ICL teacher", "icl-student": "ICL student", "pbft-teacher": "PBFT (teacher model)",
+                 "pbft": "PBFT", "distill": "CD"}
+OOD_MEANING = "mean of the label accuracies"
 
 OOD_PREFIX = "hans"
 # When a run has several HANS sets, the lineage's number (lexical overlap, both labels averaged) wins.
@@ -88,9 +98,8 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run (cell, seed): its in-domain and OOD accuracy and its costs.
 
     Evaluation sets whose name starts with ``hans`` are out-of-domain; every other set is in-domain.
-    The OOD value is ``ood_accuracy`` (HANS: mean of the two label accuracies), falling back to
-    ``accuracy`` where it is missing; if a run has several HANS sets, ``hans-lo`` is preferred, then
-    ``hans``. Several in-domain sets in one run are averaged (``id_eval`` names them, joined by ``+``).
+    The OOD value is ``ood_accuracy`` (any HANS set: mean of the two label accuracies; never the pooled
+    accuracy); if a run has several HANS sets, ``hans-lo`` is preferred, then ``hans``. Several in-domain sets in one run are averaged (``id_eval`` names them, joined by ``+``).
     A sweep with only one kind gets NaN in the other kind's columns.
 
     Only rows with status ``complete`` contribute values. A run's ``status`` is ``complete`` when
@@ -102,6 +111,10 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
         and the :data:`RUN_METRICS`.
     """
     _require_columns(df, RESULT_COLUMNS, "results.collect()")
+    df = df.copy()
+    for column in OPTIONAL_COLUMNS:
+        if column not in df:
+            df[column] = None if column in _OPTIONAL_TEXT else math.nan
     run_key = ["cell", "seed"]
     columns = [*run_key, *KEY_COLUMNS, "status", "id_eval", "ood_eval", *RUN_METRICS]
     if df.empty:
@@ -128,8 +141,10 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
     chosen = ood.sort_values("rank", kind="stable").groupby(run_key, dropna=False)["eval"].first()
     runs["ood_eval"] = chosen
     ood = ood[ood["eval"].to_numpy() == chosen.reindex(pd.MultiIndex.from_frame(ood[run_key])).to_numpy()]
-    ood_value = ood.groupby(run_key, dropna=False)[["ood_accuracy", "accuracy"]].mean()
-    runs["ood_accuracy"] = ood_value["ood_accuracy"].fillna(ood_value["accuracy"])
+    # No fallback to the pooled accuracy: every HANS set defines ood_accuracy (the label mean), and a run
+    # without it shows a gap rather than another number under the same header.
+    ood_value = ood.groupby(run_key, dropna=False)[["ood_accuracy"]].mean()
+    runs["ood_accuracy"] = ood_value["ood_accuracy"]
 
     costs = done.groupby(run_key, dropna=False).agg({c: "max" if c in _PEAK_COLUMNS else "mean" for c in _COST_COLUMNS})
     runs = runs.join(costs)
@@ -173,7 +188,8 @@ def _missing(value: Any) -> bool:
 
 def _models_label(row: Any) -> str:
     if row["method"] == "distill" and not _missing(row["teacher"]):
-        return f"{_short_model(row['teacher'])} → {_short_model(row['student'])}"
+        label = f"{_short_model(row['teacher'])} → {_short_model(row['student'])}"
+        return label + (" (CE on teacher's labels)" if row.get("ce_target") == "teacher" else "")
     return _short_model(row["model"])
 
 
@@ -206,6 +222,7 @@ def _table_from_runs(runs: pd.DataFrame) -> pd.DataFrame:
     for key, group in runs.groupby(list(KEY_COLUMNS), sort=False, dropna=False):
         row: dict[str, Any] = dict(zip(KEY_COLUMNS, key))
         row.update({c: group.iloc[0][c] for c in KEY_COLUMNS if _missing(row[c])})  # None, not NaN, stays None
+        row["ce_target"] = None if _missing(row["ce_target"]) else row["ce_target"]
         row["models"] = _models_label(row)
         row["id_eval"] = _joined(group["id_eval"])
         row["ood_eval"] = _joined(group["ood_eval"])
@@ -312,11 +329,21 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
         spec.append((f"in-domain acc ({id_eval})",
                      lambda r: _fmt_mean_std(r["id_accuracy_mean"], r["id_accuracy_std"]), "r"))
     if table["ood_accuracy_mean"].notna().any():
-        spec.append((f"OOD acc ({ood_eval})",
+        spec.append((f"OOD acc ({ood_eval}, {OOD_MEANING})",
                      lambda r: _fmt_mean_std(r["ood_accuracy_mean"], r["ood_accuracy_std"]), "r"))
+    # The budgets each row was given: labels it saw, optimiser steps and examples it trained on.
+    spec.append(("labelled examples", lambda r: _fmt(r["labelled_examples_mean"], 0), "r"))
+    if table["steps_mean"].notna().any():
+        spec += [("steps", lambda r: _fmt(r["steps_mean"], 0), "r"),
+                 ("examples seen", lambda r: _fmt(r["examples_seen_mean"], 0), "r")]
     spec += [
         ("calibrated acc", lambda r: _fmt(r["id_calibrated_accuracy_mean"], 3), "r"),
-        ("peak memory (MB)", lambda r: _fmt(r["peak_memory_mb_mean"], 0), "r"),
+        ("overall peak memory (MB)", lambda r: _fmt(r["peak_memory_mb_mean"], 0), "r"),
+    ]
+    if table["teacher_peak_memory_mb_mean"].notna().any():  # the parts of CD's peak, where it has them
+        spec += [("training peak (MB)", lambda r: _fmt(r["train_peak_memory_mb_mean"], 0), "r"),
+                 ("teacher pass peak (MB)", lambda r: _fmt(r["teacher_peak_memory_mb_mean"], 0), "r")]
+    spec += [
         ("train time (s)", lambda r: _fmt(r["train_time_s_mean"]), "r"),
         ("inference latency (ms/query)", lambda r: _fmt(r["inference_latency_ms_mean"]), "r"),
         ("inference peak memory (MB)", lambda r: _fmt(r["inference_peak_memory_mb_mean"], 0), "r"),

@@ -92,6 +92,16 @@ OnEvaluate = Callable[[int, dict[str, Any]], None]
 BEST_FILE = "best.safetensors"
 
 
+def _use_device(device: torch.device) -> None:
+    """Make an explicit ``cuda:N`` the current CUDA device, so accelerate's own placement (its device is the
+    current one in a single process) keeps the model there instead of moving it to ``cuda:0``.
+
+    Under a distributed launch accelerate assigns each rank its device itself, and this does nothing.
+    """
+    if device.type == "cuda" and device.index is not None and not distributed.launched():
+        torch.cuda.set_device(device)
+
+
 def _better(metric: str, value: float | None, best: float | None) -> bool:
     """Whether a dev ``value`` beats ``best`` (accuracy: higher; loss: lower); ties keep the earlier state."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -236,6 +246,7 @@ def fit(
     """
     if n_examples < 1:
         raise IcldError("No training examples: check --shots / --train-queries.")
+    _use_device(next(model.parameters()).device)
     # One scheduler step per optimiser step: accelerate would otherwise step it once per process,
     # assuming a dataloader sharded across ranks (here every rank walks the same global steps).
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False)
@@ -290,7 +301,8 @@ def fit(
         if select == "best" and _better(select_metric, value, best.get("value")):
             best = {"value": value, "epoch": epoch, "step": result.steps}
             # Every rank takes part (FSDP gathers collectively); the copy lives on the CPU.
-            best_state = gathered_trainable_state(accelerator, model, names)
+            # (Cloned: on the CPU the "copy" would otherwise share storage with the live parameters.)
+            best_state = {n: t.clone() for n, t in gathered_trainable_state(accelerator, model, names).items()}
         if on_evaluate is not None:
             on_evaluate(epoch, metrics)  # may raise StopTraining
 

@@ -67,3 +67,31 @@ def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 5
     else:
         raise ValueError(arch)
     return model.eval()
+
+
+def toy_training_problem(arch: str = "llama", seed: int = 0, tie: bool = False):
+    """A tiny model in train mode, and a fixed set of 8 token sequences with binary targets on two tokens.
+
+    Returns ``(model, make_batch, loss_fn)`` for ``training.loop.fit``; ``tie`` makes the LM head the input
+    embedding (as in SmolLM2 and Gemma).
+    """
+    from icldistill.training.losses import LossOutput
+
+    tok = make_tokenizer()
+    model = make_model(arch, len(tok), seed=seed)
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(tok), (8, 6), generator=g)
+    labels = torch.tensor([0, 1] * 4)
+
+    def make_batch(indices):
+        return {"input_ids": ids[list(indices)], "labels": labels[list(indices)], "n_tokens": 6 * len(indices)}
+
+    def loss_fn(m, batch):
+        logits = m(input_ids=batch["input_ids"], logits_to_keep=1).logits[:, -1, 5:7]
+        ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return LossOutput(ce, None, ce.detach())
+
+    return model.train(), make_batch, loss_fn

@@ -21,7 +21,7 @@ from icldistill.errors import ConfigError, IcldError, ModelError
 from icldistill.models.adapters import embeddings_tied, load_trainable, prepare_trainable
 from icldistill.training.loop import StopTraining, fit, trainable_state
 from icldistill.training.losses import LossOutput, tempered_context_average
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, toy_training_problem
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -35,24 +35,7 @@ def _opts(**kw) -> TrainOptions:
 
 
 def _toy(seed: int = 0, tie: bool = False):
-    tok = make_tokenizer()
-    model = make_model("llama", len(tok), seed=seed)
-    if tie:
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.model.embed_tokens.weight
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, len(tok), (8, 6), generator=g)
-    labels = torch.tensor([0, 1] * 4)
-
-    def make_batch(indices):
-        return {"input_ids": ids[list(indices)], "labels": labels[list(indices)], "n_tokens": 6 * len(indices)}
-
-    def loss_fn(m, batch):
-        logits = m(input_ids=batch["input_ids"], logits_to_keep=1).logits[:, -1, 5:7]
-        ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        return LossOutput(ce, None, ce.detach())
-
-    return model.train(), make_batch, loss_fn
+    return toy_training_problem(seed=seed, tie=tie)
 
 
 def _common(tmp_path, data_dir, **kw):

@@ -12,7 +12,7 @@ from icldistill.config import DistillOptions, PbftOptions, TrainOptions, build_c
 from icldistill.errors import ConfigError
 from icldistill.training.losses import LossOutput
 from icldistill.training.loop import TrainingDiverged, find_checkpoint, fit
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, toy_training_problem
 
 
 def _opts(**kw) -> TrainOptions:
@@ -23,21 +23,7 @@ def _opts(**kw) -> TrainOptions:
 
 def _toy_problem(arch="llama", seed=0):
     """A tiny model and a fixed set of 8 token sequences with binary targets on two tokens."""
-    tok = make_tokenizer()
-    model = make_model(arch, len(tok), seed=seed).train()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, len(tok), (8, 6), generator=g)
-    labels = torch.tensor([0, 1] * 4)
-
-    def make_batch(indices):
-        return {"input_ids": ids[list(indices)], "labels": labels[list(indices)], "n_tokens": 6 * len(indices)}
-
-    def loss_fn(m, batch):
-        logits = m(input_ids=batch["input_ids"], logits_to_keep=1).logits[:, -1, 5:7]
-        ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        return LossOutput(ce, None, ce.detach())
-
-    return model, make_batch, loss_fn
+    return toy_training_problem(arch, seed)
 
 
 def _trainable(model):

@@ -135,10 +135,15 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
     if unknown:
         raise ConfigError(f"{path} does not fit this model: no parameters {unknown[:3]}; load it into the base "
                           "model it was trained from.")
+    copy_parameters(params, state)
+    return model
+
+
+def copy_parameters(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the named parameters, in each parameter's device and dtype."""
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    return model
 
 
 def prepare_trainable(model: nn.Module, options: TrainOptions) -> tuple[nn.Module, TrainableSummary]:

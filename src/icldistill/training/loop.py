@@ -42,6 +42,7 @@ from transformers import get_linear_schedule_with_warmup
 from icldistill.runtime import distributed
 from icldistill.config import TrainOptions
 from icldistill.errors import IcldError
+from icldistill.models.adapters import copy_parameters
 from icldistill.training.losses import LossOutput
 from icldistill.runtime.records import atomic_write_json, read_json
 
@@ -155,9 +156,7 @@ def _register_checkpoint_hooks(accelerator: Accelerator, names: set[str]) -> Non
             if unknown:
                 raise IcldError(f"Checkpoint {input_dir} does not match the model (unknown {unknown[:3]}); "
                                 "start without --resume or use another --output-dir.")
-            with torch.no_grad():
-                for n, t in state.items():
-                    params[n].copy_(t.to(params[n].device, params[n].dtype))
+            copy_parameters(params, state)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -202,10 +201,7 @@ def _maybe_checkpoint(accelerator: Accelerator, checkpoint_dir: Path | None, opt
 
 def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy saved trainable tensors back into ``model`` (the selected checkpoint)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    copy_parameters(dict(model.named_parameters()), state)
 
 
 def find_checkpoint(directory: Path) -> Path | None:

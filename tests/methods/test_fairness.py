@@ -469,7 +469,9 @@ def test_distill_label_budget_gain_check_memory_and_shared_dev(tmp_path, data_di
     assert gain["vs_student_zero_shot"]["accuracy"] == pytest.approx(
         gain["teacher_icl"]["accuracy"] - gain["student_zero_shot"]["accuracy"])
     assert gain["student_zero_shot"] == seed["dev_before_training"]
-    assert gain["worth_distilling"] == (gain["teacher_icl"]["accuracy"] > gain["student_zero_shot"]["accuracy"])
+    icl, student = gain["teacher_icl"], gain["student_zero_shot"]
+    assert gain["worth_distilling"] == (icl["accuracy"] > student["accuracy"]
+                                        or (icl["accuracy"] == student["accuracy"] and icl["loss"] < student["loss"]))
     warned = any("no better than the student alone" in r.message for r in caplog.records)
     assert warned == (not gain["worth_distilling"])
     # Dev rows: disjoint from the demonstrations and the training queries.
@@ -488,6 +490,21 @@ def test_distill_label_budget_gain_check_memory_and_shared_dev(tmp_path, data_di
     pbft = run_pbft(build_config(PbftOptions, _common(tmp_path, data_dir, model=str(tiny_dirs["student"]),
                                                       output_dir=str(tmp_path / "pbft"), max_steps=1)), progress=False)
     assert set(pbft["seeds"]["0"]["dev_examples"]) == dev  # one dev split for both methods of a seed
+
+
+def test_gain_check_warns_only_when_the_teacher_is_no_better(caplog):
+    from icldistill.methods.distill import icl_gain
+
+    student = {"n": 8, "accuracy": 0.5, "loss": 0.7}
+    cases = [({"n": 8, "accuracy": 0.75, "loss": 0.9}, True), ({"n": 8, "accuracy": 0.5, "loss": 0.6}, True),
+             ({"n": 8, "accuracy": 0.5, "loss": 0.8}, False), ({"n": 8, "accuracy": 0.25, "loss": 0.5}, False)]
+    for icl, worth in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="icldistill.methods.distill"):
+            gain = icl_gain({"teacher_icl": icl, "teacher_zero_shot": {"n": 8, "accuracy": 0.5, "loss": 0.7}}, student, 0)
+        assert gain["teacher_icl_gain"]["worth_distilling"] is worth
+        assert gain["teacher_icl_gain"]["vs_student_zero_shot"]["accuracy"] == pytest.approx(icl["accuracy"] - 0.5)
+        assert any("no better than the student alone" in r.message for r in caplog.records) is (not worth)
 
 
 def test_pbft_teacher_is_a_sweep_method_on_the_teacher_model():

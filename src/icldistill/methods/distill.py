@@ -175,6 +175,11 @@ def cached_signals(config: DistillOptions, setup: Setup, plan: dict[int, SeedPla
     return signals, per_seed, record
 
 
+def is_better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether dev metrics ``a`` beat ``b``: higher accuracy, or equal accuracy and lower log-loss."""
+    return a["accuracy"] > b["accuracy"] or (a["accuracy"] == b["accuracy"] and a["loss"] < b["loss"])
+
+
 def icl_gain(teacher_dev: dict[str, Any], student_dev: dict[str, Any], seed: int) -> dict[str, Any]:
     """Is the teacher worth distilling? Its ICL accuracy and log-loss on the dev rows against the student
     zero-shot and the teacher zero-shot; warns when the teacher with demonstrations is no better than the
@@ -190,7 +195,8 @@ def icl_gain(teacher_dev: dict[str, Any], student_dev: dict[str, Any], seed: int
 
     gain = {"dev_queries": icl["n"], "teacher_icl": icl, "teacher_zero_shot": zero, "student_zero_shot": student_dev,
             "vs_student_zero_shot": delta(icl, student_dev), "vs_teacher_zero_shot": delta(icl, zero or {})}
-    gain["worth_distilling"] = icl["accuracy"] > student_dev["accuracy"]
+    # Better: higher dev accuracy, or (small dev splits tie often) the same accuracy and a lower log-loss.
+    gain["worth_distilling"] = is_better(icl, student_dev)
     if not gain["worth_distilling"]:
         logger.warning(
             "seed %d: the teacher WITH its demonstrations is no better than the student alone on %d dev rows "

@@ -282,14 +282,17 @@ def cmd_results(args: argparse.Namespace) -> int:
     def num(value: float, digits: int = 3) -> str:
         return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
-    rows = [["method", "model", "shots", "alpha", "peft", "eval", "accuracy", "ood", "peak MB", "n_seeds"]]
+    rows = [["method", "model", "shots", "alpha", "peft", "eval", "accuracy", "ood", "labels", "steps", "peak MB",
+             "n_seeds"]]
     for r in aggregate(runs).itertuples(index=False):
         accuracy = num(r.accuracy_mean)
         if r.n_seeds > 1:
             accuracy += f"±{num(r.accuracy_std)}"
         ood = num(r.ood_accuracy_mean) + (f"±{num(r.ood_accuracy_std)}" if r.n_seeds > 1 and r.ood_accuracy_mean == r.ood_accuracy_mean else "")
-        rows.append([r.method, model_label(r.model), str(r.shots), num(r.alpha, 2), r.peft or "-", r.eval, accuracy,
-                     ood, num(r.peak_memory_mb_mean, 0), str(r.n_seeds) + (f" ({r.n_failed} failed)" if r.n_failed else "")])
+        method = r.method + (" (CE: teacher)" if r.ce_target == "teacher" else "")
+        rows.append([method, model_label(r.model), str(r.shots), num(r.alpha, 2), r.peft or "-", r.eval, accuracy,
+                     ood, num(r.labelled_examples_mean, 0), num(r.steps_mean, 0), num(r.peak_memory_mb_mean, 0),
+                     str(r.n_seeds) + (f" ({r.n_failed} failed)" if r.n_failed else "")])
     print(format_table(rows))
     return 0
 

@@ -64,17 +64,20 @@ def _by_method(experiment):
 
 def test_paper_preset_is_the_protocol():
     experiment = load_experiment(CONFIGS / "paper.yaml")
-    assert _by_method(experiment) == {"icl-teacher": 25, "icl-student": 25, "pbft": 50, "distill": 50}
+    assert _by_method(experiment) == {"icl-teacher": 25, "icl-student": 25, "pbft-teacher": 50, "pbft": 50,
+                                      "distill": 50}
     for cell in experiment.cells:
         c = cell.config
         assert (c.task, c.eval, c.seeds[0] in range(5), c.shots in (2, 4, 8, 16, 32)) == ("mnli", ["mnli-m", "hans-lo"], True, True)
-        if cell.method == "icl-teacher":
+        if cell.method in ("icl-teacher", "pbft-teacher"):
             assert c.model == "facebook/opt-1.3b"
         elif cell.method in ("icl-student", "pbft"):
             assert c.model == "facebook/opt-125m"
-        if cell.method in ("pbft", "distill"):
+        if cell.method in ("pbft", "pbft-teacher", "distill"):
             assert (c.lora_r, c.lora_alpha, c.lora_targets, c.lora_dropout) == (8, 32, ["q_proj", "v_proj"], 0.05)
             assert (c.lr, c.epochs, c.dtype, c.resume) == (1e-5, 40, "bf16", True)
+            # Equal step budgets, model selection on the dev split only (issue 12).
+            assert (c.max_steps, c.select, c.dev_queries) == (80, "last", 256)
         if cell.method == "distill":
             assert (c.teacher, c.student, c.alpha) == ("facebook/opt-1.3b", "facebook/opt-125m", 0.5)
     assert {c.config.peft for c in experiment.cells if c.method == "pbft"} == {"lora", "bitfit"}
@@ -84,11 +87,14 @@ def test_paper_preset_is_the_protocol():
 
 def test_demo_and_alpha_presets():
     demo = load_experiment(CONFIGS / "demo.yaml")
-    assert _by_method(demo) == {"icl-teacher": 4, "icl-student": 4, "pbft": 4, "distill": 4}
+    assert _by_method(demo) == {"icl-teacher": 4, "icl-student": 4, "pbft-teacher": 4, "pbft": 4, "distill": 8}
     distill = [c.config for c in demo.cells if c.method == "distill"]
     assert {c.teacher for c in distill} <= set(PACKAGED_MODELS) and {c.student for c in distill} <= set(PACKAGED_MODELS)
     assert {c.shots for c in distill} == {2, 8} and {c.seeds[0] for c in distill} == {0, 1}
-    assert all(c.limit == 100 and c.epochs == 3 and c.train_queries == 32 for c in distill)
+    assert {c.ce_target for c in distill} == {"gold", "teacher"}  # the demo compares both label budgets
+    trained = [c.config for c in demo.cells if c.method in ("pbft", "pbft-teacher", "distill")]
+    assert all(c.limit == 100 and c.max_steps == 12 for c in trained)  # equal step budgets
+    assert all(c.train_queries == 32 for c in distill)
 
     alpha = load_experiment(CONFIGS / "alpha.yaml")
     assert _by_method(alpha) == {"distill": 25}
@@ -142,7 +148,7 @@ def test_validate_command(tmp_path, capsys):
     bad.write_text("grid:\n  method: [distill]\n  alpah: [0.5]\n")
     assert cli.main(["validate", str(CONFIGS / "demo.yaml"), str(bad)]) == 1
     out = capsys.readouterr().out
-    assert "demo.yaml: OK: 16 cells (icl-teacher 4, icl-student 4, pbft 4, distill 4)" in out
+    assert "demo.yaml: OK: 24 cells (icl-teacher 4, icl-student 4, pbft-teacher 4, pbft 4, distill 8)" in out
     assert "bad.yaml: 1 problem" in out and "Did you mean: alpha" in out
     options = tmp_path / "options.yaml"
     options.write_text("shots: 4\nalpha: 0.5\n")

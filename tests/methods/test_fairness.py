@@ -520,6 +520,18 @@ def test_pbft_teacher_is_a_sweep_method_on_the_teacher_model():
     assert sorted(c.config.ce_target for c in by_method["distill"]) == ["gold", "teacher"]
 
 
+def test_a_pbft_teacher_cell_runs_pbft_on_the_teacher(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from icldistill.experiments.grid import expand
+    from icldistill.experiments.sweep import run_cell
+
+    experiment = expand({"teacher": str(tiny_dirs["teacher"]), "student": str(tiny_dirs["student"]),
+                         **{k: v for k, v in _common(tmp_path, data_dir, max_steps=1).items() if k != "output_dir"},
+                         "grid": {"method": ["pbft-teacher"]}}, output_dir=tmp_path / "sweep")
+    (cell,) = experiment.cells
+    record = run_cell(cell, progress=False)
+    assert record["method"] == "pbft" and record["seeds"]["0"]["student"]["path"] == str(tiny_dirs["teacher"])
+
+
 def test_collect_reads_budgets_and_memory_parts(tmp_path):
     from icldistill.experiments.results import collect
 

@@ -256,7 +256,7 @@ def run_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
         from icldistill.methods.icl import run_icl
 
         return run_icl(cell.config, progress=progress)
-    if cell.method == "pbft":
+    if cell.method in ("pbft", "pbft-teacher"):
         from icldistill.methods.pbft import run_pbft
 
         return run_pbft(cell.config, progress=progress)

@@ -261,8 +261,8 @@ def compare_runs(
 
 # ---------------------------------------------------------------------------------------------- sweeps
 
-CONFIG_KEYS = ("task", "method", "model", "teacher", "student", "shots", "alpha", "peft", "pattern")
-BASELINES = ("icl-student", "pbft")
+CONFIG_KEYS = ("task", "method", "model", "teacher", "student", "shots", "alpha", "peft", "pattern", "ce_target")
+BASELINES = ("icl-student", "pbft", "pbft-teacher")
 REPORT_RESAMPLES = 2_000  # per claim; the report makes several, and 2,000 pins a 95% interval to ~0.005
 
 
@@ -318,8 +318,9 @@ def sweep_paired(sweep_dir: str | Path, runs: Any, *, resamples: int = REPORT_RE
         if cd["method"] != "distill":
             continue
         for base_key, base in described.items():
+            on = cd["teacher"] if base["method"] == "pbft-teacher" else cd["student"]  # PBFT of the teacher's model
             if base["method"] not in BASELINES or base["task"] != cd["task"] or base["shots"] != cd["shots"] \
-                    or base["model"] != cd["student"]:
+                    or base["model"] != on:
                 continue
             a, b = predictions(cd_key), predictions(base_key)
             if a is None or b is None:

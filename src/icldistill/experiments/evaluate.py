@@ -23,7 +23,7 @@ from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl
 logger = logging.getLogger(__name__)
 
 EVAL_PREFIX = "eval-"
-TRAINED_METHODS = ("pbft", "distill")
+TRAINED_METHODS = ("pbft", "pbft-teacher", "distill")
 
 
 def is_sweep(path: str | Path) -> bool:

@@ -208,7 +208,8 @@ def test_distill_two_processes_equal_one(tmp_path, data_dir, tiny_dirs, cache_di
     _assert_close(a["teacher_icl_gain"], b["teacher_icl_gain"])
     _no_leftovers(tmp_path / "two")
     assert {n for n in _files(tmp_path / "two") if not n.startswith("seed-0/adapter/")} == {
-        "results.json", "seed-0/seed_result.json", "seed-0/checkpoint/trainable.safetensors",
+        "results.json", "predictions.jsonl", "seed-0/predictions.jsonl", "seed-0/seed_result.json",
+        "seed-0/checkpoint/trainable.safetensors",
         "seed-0/checkpoint/trainer_state.json", "seed-0/checkpoint/optimizer.bin", "seed-0/checkpoint/scheduler.bin",
         "seed-0/checkpoint/random_states_0.pkl", "seed-0/checkpoint/random_states_1.pkl"}
 

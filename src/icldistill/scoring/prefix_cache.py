@@ -1,17 +1,24 @@
-"""Label-word scoring of many queries after one shared demonstration prefix, with its KV cache reused.
+"""Label-word scoring of many prompts that share a token prefix, with the prefix's KV cache computed once.
 
-The demonstrations are the same for every query of a seed, so the prefix goes through the model once;
-its key/value cache is copied to each batch of queries and never recomputed. Only the logits at each
-query's last token are computed (``logits_to_keep``), never the full (batch, seq, vocab) tensor.
+Prompts are tokenized whole (``encoding``); the prompts of a context share a long token prefix (the
+demonstrations), whose key/value cache is computed once and never copied per row. A pass packs a batch of
+queries into *one* row after the prefix (issue 13): each query's tokens, and each multi-token label
+word's tokens after it, form segments of that row with their own position ids, and a 4-D mask lets a
+segment see the prefix, its parent query and its own earlier tokens, nothing else (a tree mask, as in
+speculative decoding). The cost then approaches that of scoring the queries alone. Only the logits at the
+scored positions are computed (``logits_to_keep``), never the full (seq, vocab) tensor.
 
-Two details keep the cached and the naive path bit-compatible:
+The traps, and how they are met:
 
-* The prefix and each query are tokenized separately and their ids concatenated, in both paths:
-  a BPE tokenizer merges across the blank line between them if the whole string is tokenized at once.
-* Queries are right-padded. Under causal attention a real token never sees the padding after it, so no
-  attention mask and no position-id arithmetic is needed, positions are simply ``prefix_len + arange``,
-  and sliding-window layers (Gemma3) see exactly the same keys as in the full prompt. Left padding
-  would put pads between prefix and query and shift the window.
+* OPT computes positions from the attention mask unless ``position_ids`` are given: they always are.
+* Gemma3's sliding-window layers: the prefix cache is a plain ``DynamicCache`` (every layer keeps all
+  prefix keys, a sliding layer's default cache would keep only the last window), and the model gets
+  one mask per layer type, the sliding one limited by position distance as transformers' own mask is.
+* Families not verified here, attention kernels that take no custom mask, and cache layers that are not
+  plain key/value tensors (linear attention, recurrent or hybrid state updated in place) fall back to the
+  naive path (each whole prompt, right-padded) with one warning.
+
+The naive path (``use_prefix_cache=False``) is also the reference of the equality tests.
 """
 
 from __future__ import annotations
@@ -19,44 +26,40 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from icldistill.errors import ConfigError
 from icldistill.runtime import distributed
-from icldistill.errors import PromptError
+# Re-exported: callers import the tokenization helpers from here as they always did.
+from icldistill.scoring.encoding import encode_text, label_token_ids, label_word_tokens  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
+LABEL_SCORES = ("sum", "mean")
+"""How a label word's token log-probabilities make its class score: their sum, or their mean."""
 
-def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_words: Sequence[str], model_name: str = "the model") -> list[int]:
-    """The single token id of each label word; a word that is several tokens is an error.
+PACKED_FAMILIES = frozenset({"llama", "opt", "gemma3_text"})
+"""Model types whose packed shared-prefix scoring is tested equal to naive scoring (tests/scoring)."""
 
-    Scoring reads one next-token distribution, so a label word must be exactly one token.
-    """
-    ids = []
-    for word in label_words:
-        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(tokens)
-            raise PromptError(
-                f"Label word {word!r} is {len(tokens)} tokens for {model_name} ({pieces}); label words must be "
-                "single tokens. Choose other words with --label-words (e.g. ' Yes, No') or another pattern."
-            )
-        ids.append(tokens[0])
-    if len(set(ids)) != len(ids):
-        raise PromptError(f"Label words {list(label_words)} map to the same token for {model_name}; choose distinct words.")
-    return ids
+_MASKED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+_warned: set[str] = set()
+
+LabelIds = Union[Sequence[int], Sequence[Sequence[Sequence[int]]]]
+"""Either one token id per class (single-token words, the same after every query), or for each query the
+tokens of each class's label word after it (``encoding.PromptTokens.continuations``)."""
 
 
-def encode_prefix(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of the demonstration prefix, with the tokenizer's special start tokens (e.g. BOS)."""
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+def encode_prefix(tokenizer, text: str) -> list[int]:
+    """Token ids of a text that starts a prompt: the tokenizer's start tokens (e.g. BOS), then the text."""
+    return encode_text(tokenizer, text)
 
 
-def encode_queries(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each query alone, without special tokens (they follow the prefix)."""
+def encode_queries(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text alone, without special tokens (to follow a prefix or a start token)."""
     if not texts:
         return []
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
@@ -72,19 +75,13 @@ def last_token_logits(
     """Next-token logits after the last real token of each right-padded row.
 
     input_ids (batch, seq) right-padded; lengths (batch,) real lengths; an optional cache of
-    ``past_length`` tokens shared by all rows. Returns (batch, vocab) in the model's dtype.
-    Differentiable: the training loop uses it for the student's forward pass.
+    ``past_length`` tokens shared by all rows. Returns (batch, vocab) in the model's dtype. Differentiable.
     """
     seq = input_ids.shape[1]
     position_ids = torch.arange(past_length, past_length + seq, device=input_ids.device).expand(input_ids.shape[0], -1)
     keep = (lengths.to(input_ids.device) - 1).long()[:, None]  # (batch, 1): one position per row
-    out = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        cache=cache,
-        use_cache=cache is not None,
-        logits_to_keep=keep,
-    )
+    out = model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=cache is not None,
+                logits_to_keep=keep)
     return out.logits[:, 0, :]
 
 
@@ -97,45 +94,276 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids.to(device), lengths
 
 
-class PrefixCache:
-    """The key/value cache of a demonstration prefix, computed once and copied for each batch.
+# --------------------------------------------------------------------------------------------------
+# What the packed path supports
 
-    The model extends a cache in place as it reads a batch, so each batch gets its own shallow copy
-    whose tensors are the prefix's, expanded (not copied) along the batch dimension; the prefix
-    itself is never run again.
+
+def packing_unsupported(model: torch.nn.Module) -> str | None:
+    """Why packed shared-prefix scoring cannot be used for ``model`` (None when it can)."""
+    config = model.config
+    kind = getattr(config, "model_type", type(model).__name__)
+    if kind not in PACKED_FAMILIES:
+        return (f"the {kind} family is not among those verified for packed shared-prefix scoring "
+                f"({', '.join(sorted(PACKED_FAMILIES))})")
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return f"its attention implementation {impl!r} takes no custom 4-D mask (use sdpa or eager)"
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not layer_types <= _MASKED_LAYER_TYPES:
+        return f"its layer types {sorted(layer_types - _MASKED_LAYER_TYPES)} are not attention over a KV cache"
+    return None
+
+
+def unsupported_cache_layers(cache, n_layers: int | None = None) -> str | None:
+    """Why a computed prefix cache cannot be shared (None when every layer holds plain 4-D keys/values).
+
+    Sharing works by reading the prefix's keys and values and concatenating each pass's own after them;
+    a layer that keeps recurrent or convolutional state, or updates it in place, would be corrupted.
+    """
+    if not isinstance(cache, DynamicCache):
+        return f"its cache is a {type(cache).__name__}, not a DynamicCache of key/value tensors"
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer:
+            return f"its cache layer {i} is a {type(layer).__name__}, not a plain key/value layer"
+        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
+            return f"its cache layer {i} holds no 4-D key tensor"
+    if n_layers is not None and len(cache.layers) != n_layers:
+        return f"its cache has {len(cache.layers)} layers for {n_layers} decoder layers"
+    return None
+
+
+def _warn_once(model: torch.nn.Module, reason: str) -> None:
+    key = f"{type(model).__name__}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s: shared-prefix scoring is not available because %s; scoring every whole prompt "
+                       "instead (same numbers, slower).", type(model).__name__, reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# The prefix cache
+
+
+class PrefixCache:
+    """The key/value cache of a shared token prefix, computed once; each pass reads it, never copies it per row.
+
+    ``unsupported`` says why the model cannot use it (then nothing was computed and scoring is naive).
+    The cache can be shortened (``shrink``): under causal attention the keys of the first n tokens do
+    not depend on later tokens, so a prefix's cache serves any shorter prefix exactly.
     """
 
     def __init__(self, model: PreTrainedModel, prefix_ids: Sequence[int]):
-        self.length = len(prefix_ids)
-        self._cache = None
-        if self.length:
-            ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=model.device)
+        self.tokens = list(prefix_ids)
+        self._cache: DynamicCache | None = None
+        self.unsupported = packing_unsupported(model)
+        if self.unsupported is None and self.tokens:
+            cache = DynamicCache()  # every layer a full DynamicLayer, sliding ones included
+            ids = torch.tensor([self.tokens], dtype=torch.long, device=model.device)
             with torch.no_grad():
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            self._cache = out.cache
+                model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            self.unsupported = unsupported_cache_layers(cache, getattr(model.config, "num_hidden_layers", None))
+            self._cache = None if self.unsupported else cache
 
-    def for_batch(self, batch: int):
-        """A fresh cache holding the prefix ``batch`` times, or None for an empty prefix."""
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def shrink(self, n: int) -> None:
+        """Keep the first ``n`` tokens only."""
+        if n >= self.length:
+            return
+        self.tokens = self.tokens[:n]
+        if self._cache is None:
+            return
+        if n == 0:
+            self._cache = None
+            return
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+
+    def for_pass(self) -> DynamicCache | None:
+        """A cache to hand to one forward pass: its layers start at the prefix's tensors (not copies).
+
+        The model's update concatenates the pass's own keys after them into new tensors, so the
+        prefix itself is never modified.
+        """
         if self._cache is None:
             return None
         cache = copy.copy(self._cache)
         cache.layers = [copy.copy(layer) for layer in self._cache.layers]
-        for layer in cache.layers:
-            # Views, not copies: the model's first update concatenates them with the batch's own keys,
-            # which materialises each row's prefix once (a repeat_interleave would copy it twice).
-            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+        return cache
+
+    def for_batch(self, batch: int) -> DynamicCache | None:
+        """A cache holding the prefix ``batch`` times (views, expanded along the batch dimension)."""
+        cache = self.for_pass()
+        if cache is not None and batch != 1:
+            for layer in cache.layers:
                 layer.keys = layer.keys.expand(batch, -1, -1, -1)
                 layer.values = layer.values.expand(batch, -1, -1, -1)
         return cache
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring prompts + continuations: the packed pass and the naive pass
+
+
+@dataclass
+class _Targets:
+    """Which logits score which token: ``rows[j]`` predicts ``tokens[j]``, a token of class slot ``slots[j]``."""
+
+    rows: list[int]
+    tokens: list[int]
+    slots: list[int]
+    answer_rows: list[int]  # per prompt: the row of its answer position (the first label token's logits)
+
+
+def _class_scores(logits: torch.Tensor, targets: _Targets, n: int, n_classes: int, label_score: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, V) answer logits and (n, C) float32 class scores from the kept logits (K, V)."""
+    device = logits.device
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    rows = torch.tensor(targets.rows, dtype=torch.long, device=device)
+    tokens = torch.tensor(targets.tokens, dtype=torch.long, device=device)
+    slots = torch.tensor(targets.slots, dtype=torch.long, device=device)
+    token_lp = logprobs[rows, tokens]
+    scores = torch.zeros(n * n_classes, dtype=torch.float32, device=device).index_add(0, slots, token_lp)
+    if label_score == "mean":
+        counts = torch.zeros(n * n_classes, dtype=torch.float32, device=device).index_add(
+            0, slots, torch.ones_like(token_lp))
+        scores = scores / counts
+    answers = logits[torch.tensor(targets.answer_rows, dtype=torch.long, device=device)]
+    return answers, scores.view(n, n_classes)
+
+
+def _layer_masks(model: torch.nn.Module, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor):
+    """The attention mask argument: one (1, 1, L, P + L) mask, or one per layer type (sliding windows)."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    dtype = next(model.parameters()).dtype
+
+    def finish(mask: torch.Tensor) -> torch.Tensor:
+        mask = mask[None, None]
+        if impl == "sdpa":
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types or "sliding_attention" not in layer_types:
+        return finish(allowed)
+    window = config.sliding_window
+    # transformers' sliding overlay: a key is visible when q - k < window (in positions, here exact).
+    sliding = allowed & ((query_pos[:, None] - key_pos[None, :]) < window)
+    return {kind: finish(sliding if kind == "sliding_attention" else allowed) for kind in set(layer_types)}
+
+
+def _packed_forward(model: torch.nn.Module, cache: PrefixCache | None, queries: Sequence[Sequence[int]],
+                    continuations: Sequence[Sequence[Sequence[int]]], label_score: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every query (and each class's label word after it) in one row after the cached prefix."""
+    device = model.device
+    prefix_length = cache.length if cache is not None else 0
+    n, n_classes = len(queries), len(continuations[0])
+    ids: list[int] = []
+    positions: list[int] = []
+    segment: list[int] = []
+    parent: list[int] = []
+    targets = _Targets([], [], [], [])
+    n_segments = 0
+    for i, (query, conts) in enumerate(zip(queries, continuations)):
+        q_seg, n_segments = n_segments, n_segments + 1
+        ids += query
+        positions += range(prefix_length, prefix_length + len(query))
+        segment += [q_seg] * len(query)
+        parent += [-1] * len(query)
+        answer = len(ids) - 1
+        targets.answer_rows.append(answer)
+        for c, cont in enumerate(conts):
+            slot = i * n_classes + c
+            targets.rows.append(answer), targets.tokens.append(cont[0]), targets.slots.append(slot)
+            if len(cont) > 1:
+                b_seg, n_segments = n_segments, n_segments + 1
+                start = len(ids)
+                ids += cont[:-1]
+                first = prefix_length + len(query)
+                positions += range(first, first + len(cont) - 1)
+                segment += [b_seg] * (len(cont) - 1)
+                parent += [q_seg] * (len(cont) - 1)
+                for j in range(1, len(cont)):
+                    targets.rows.append(start + j - 1), targets.tokens.append(cont[j]), targets.slots.append(slot)
+    pos = torch.tensor(positions, dtype=torch.long, device=device)
+    seg = torch.tensor(segment, dtype=torch.long, device=device)
+    par = torch.tensor(parent, dtype=torch.long, device=device)
+    # Within the row: a token sees its own segment's earlier tokens and its parent query's tokens.
+    own = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+    allowed = torch.cat([torch.ones((len(ids), prefix_length), dtype=torch.bool, device=device),
+                         own | (par[:, None] == seg[None, :])], dim=1)
+    key_pos = torch.cat([torch.arange(prefix_length, device=device), pos])
+    mask = _layer_masks(model, allowed, pos, key_pos)
+    keep = sorted(set(targets.rows))
+    where = {row: k for k, row in enumerate(keep)}
+    past = cache.for_pass() if cache is not None else None
+    out = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device), position_ids=pos[None],
+                attention_mask=mask, cache=past, use_cache=past is not None,
+                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device))
+    kept = _Targets([where[r] for r in targets.rows], targets.tokens, targets.slots,
+                    [where[r] for r in targets.answer_rows])
+    return _class_scores(out.logits[0], kept, n, n_classes, label_score)
+
+
+def rows_forward(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                 continuations: Sequence[Sequence[Sequence[int]]], *, pad_id: int = 0, label_score: str = "sum"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain pass: each whole prompt (plus a multi-token word's tokens) as its own right-padded row.
+
+    Returns (n, V) logits at each prompt's answer position and (n, C) float32 class scores; differentiable
+    (the student trains through it). Single-token words take one row and one position per prompt; a prompt
+    with a longer word takes one row per class. Right padding needs no mask under causal attention.
+    """
+    n, n_classes = len(prompts), len(continuations[0])
+    rows: list[list[int]] = []
+    need: list[list[int]] = []
+    targets = _Targets([], [], [], [])
+    for i, (prompt, conts) in enumerate(zip(prompts, continuations)):
+        answer = len(prompt) - 1
+        if all(len(c) == 1 for c in conts):
+            r = len(rows)
+            rows.append(list(prompt))
+            need.append([answer])
+            targets.answer_rows.append((r, 0))
+            for c, cont in enumerate(conts):
+                targets.rows.append((r, 0)), targets.tokens.append(cont[0]), targets.slots.append(i * n_classes + c)
+            continue
+        for c, cont in enumerate(conts):
+            r = len(rows)
+            rows.append(list(prompt) + list(cont[:-1]))
+            need.append(list(range(answer, answer + len(cont))))
+            if c == 0:
+                targets.answer_rows.append((r, 0))
+            for j, token in enumerate(cont):
+                targets.rows.append((r, j)), targets.tokens.append(token), targets.slots.append(i * n_classes + c)
+    width = max(len(p) for p in need)
+    keep = torch.tensor([p + [p[-1]] * (width - len(p)) for p in need], dtype=torch.long, device=model.device)
+    ids, _ = pad_right(rows, pad_id, model.device)
+    logits = model(input_ids=ids, logits_to_keep=keep).logits  # (rows, width, V)
+    flat = _Targets([r * width + j for r, j in targets.rows], targets.tokens, targets.slots,
+                    [r * width + j for r, j in targets.answer_rows])
+    return _class_scores(logits.reshape(-1, logits.shape[-1]), flat, n, n_classes, label_score)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring many queries
 
 
 @dataclass
 class Scores:
     """What one scoring pass returns, in query order.
 
-    label_logprobs (n, C) float32: log-softmax over the full vocabulary, at the label tokens.
-    top_token (n,) long: the full-vocabulary argmax token.
-    topk_logprobs, topk_ids (n, k): the k most likely tokens (only when asked, for vocabulary KL).
+    label_logprobs (n, C) float32: each class's label-word score, the sum (or mean) of the log-probabilities
+    of its tokens after the prompt, over the full vocabulary (one token: log p(word)).
+    top_token (n,) long: the full-vocabulary argmax at the answer position (after the prompt).
+    topk_logprobs, topk_ids (n, k): the k most likely next tokens there (only when asked, for vocabulary KL).
+    first_label_ids (n, C): the first token of each class's word after each prompt.
+    multi_token: some label word took more than one token.
     prompt_tokens: prefix + query tokens summed over queries (what the naive path would read).
     """
 
@@ -144,13 +372,33 @@ class Scores:
     topk_logprobs: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     prompt_tokens: int = 0
+    first_label_ids: torch.Tensor | None = None
+    multi_token: bool = False
+
+
+def _per_query(label_ids: LabelIds, n: int) -> list[list[list[int]]]:
+    ids = list(label_ids)
+    if ids and isinstance(ids[0], int):
+        return [[[int(t)] for t in ids]] * n
+    if len(ids) != n:
+        raise ValueError(f"label tokens for {len(ids)} queries, {n} queries given")
+    return [[list(c) for c in conts] for conts in ids]
+
+
+def _matching(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def score_queries(
     model: PreTrainedModel,
     prefix_ids: Sequence[int],
     query_ids: Sequence[Sequence[int]],
-    label_ids: Sequence[int],
+    label_ids: LabelIds,
     *,
     batch_size: int = 16,
     use_prefix_cache: bool = True,
@@ -158,70 +406,84 @@ def score_queries(
     pad_id: int = 0,
     on_batch: Callable[[int], None] | None = None,
     prefix_cache: PrefixCache | None = None,
+    label_score: str = "sum",
 ) -> Scores:
-    """Score every query after the same prefix; returns label log-probs and the full-vocabulary argmax.
+    """Score every prompt ``prefix_ids + query_ids[i]``: class scores of its label words, full-vocabulary argmax.
 
-    Queries are sorted by length before batching so that a batch carries little padding; results are
-    returned in the original order. ``use_prefix_cache=False`` runs each full prompt (the naive path,
-    kept for verification and benchmarks). ``on_batch(n)`` is called after each batch of n queries.
-    A ``prefix_cache`` built earlier for the same prefix is reused (the online teacher keeps one).
+    ``label_ids`` is one token id per class, or per query the tokens of each class's word after it.
+    The cached path packs ``batch_size`` queries into one row after the prefix's cache; a
+    ``prefix_cache`` built earlier is reused if its tokens start the prefix (else it is shortened to the
+    part they share, which is exact), and the rest of the prefix is scored with each query.
+    ``use_prefix_cache=False`` runs each whole prompt (the naive path). Queries are sorted by length
+    and results come back in the original order. ``on_batch(n)`` is called after each batch of n queries.
     """
+    if label_score not in LABEL_SCORES:
+        raise ConfigError(f"label_score must be one of {', '.join(LABEL_SCORES)}, got {label_score!r}.")
     n = len(query_ids)
-    device = model.device
-    label_index = torch.tensor(list(label_ids), dtype=torch.long)
-    label_logprobs = torch.empty((n, len(label_ids)), dtype=torch.float32)
+    prefix = list(prefix_ids)
+    conts = _per_query(label_ids, n)
+    n_classes = len(conts[0]) if n else len(list(label_ids))
+    label_logprobs = torch.empty((n, n_classes), dtype=torch.float32)
     top_token = torch.empty((n,), dtype=torch.long)
     topk_lp = torch.empty((n, topk), dtype=torch.float32) if topk else None
     topk_ids = torch.empty((n, topk), dtype=torch.long) if topk else None
-    order = sorted(range(n), key=lambda i: -len(query_ids[i]))
-    prefix = list(prefix_ids)
+    first_ids = torch.tensor([[c[0] for c in row] for row in conts], dtype=torch.long).view(n, n_classes)
     cache = None
-    if use_prefix_cache:
+    if use_prefix_cache and n:
         cache = prefix_cache if prefix_cache is not None else PrefixCache(model, prefix)
-        if cache.length != len(prefix):
-            raise ValueError(f"prefix cache holds {cache.length} tokens, the prefix has {len(prefix)}")
+        if cache.unsupported:
+            _warn_once(model, cache.unsupported)
+            cache = None
+        else:
+            cache.shrink(_matching(cache.tokens, prefix[: len(prefix)]))
+    head = prefix[cache.length:] if cache is not None else prefix
+    order = sorted(range(n), key=lambda i: -(len(query_ids[i]) + sum(len(c) for c in conts[i])))
     with torch.no_grad():
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
+            batch_conts = [conts[i] for i in idx]
             if cache is not None:
-                ids, lengths = pad_right([query_ids[i] for i in idx], pad_id, device)
-                logits = last_token_logits(model, ids, lengths, cache.for_batch(len(idx)), cache.length)
+                logits, scores = _packed_forward(model, cache, [head + list(query_ids[i]) for i in idx], batch_conts,
+                                                 label_score)
             else:
-                ids, lengths = pad_right([prefix + list(query_ids[i]) for i in idx], pad_id, device)
-                logits = last_token_logits(model, ids, lengths)
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+                logits, scores = rows_forward(model, [prefix + list(query_ids[i]) for i in idx], batch_conts,
+                                              pad_id=pad_id, label_score=label_score)
             rows = torch.tensor(idx, dtype=torch.long)
-            label_logprobs[rows] = logprobs[:, label_index]
-            top_token[rows] = logprobs.argmax(dim=-1)
+            label_logprobs[rows] = scores.cpu()
+            top_token[rows] = logits.argmax(dim=-1).cpu()
             if topk:
-                values, indices = logprobs.topk(topk, dim=-1)
-                topk_lp[rows] = values
-                topk_ids[rows] = indices
+                values, indices = torch.log_softmax(logits.float(), dim=-1).topk(topk, dim=-1)
+                topk_lp[rows] = values.cpu()
+                topk_ids[rows] = indices.cpu()
             if on_batch is not None:
                 on_batch(len(idx))
     prompt_tokens = sum(len(prefix) + len(q) for q in query_ids)
-    return Scores(label_logprobs, top_token, topk_lp, topk_ids, prompt_tokens)
+    multi = any(len(c) > 1 for row in conts for c in row)
+    return Scores(label_logprobs, top_token, topk_lp, topk_ids, prompt_tokens, first_ids, multi)
 
 
 def score_queries_sharded(
     model: PreTrainedModel,
     prefix_ids: Sequence[int],
     query_ids: Sequence[Sequence[int]],
-    label_ids: Sequence[int],
+    label_ids: LabelIds,
     **kwargs,
 ) -> Scores:
     """``score_queries`` with the queries split across the ranks of a distributed run, gathered back in order.
 
     Each rank scores its ``distributed.shard`` with its own prefix cache, and every rank gets all rows
     (metrics are computed from the gathered arrays, identical on every rank). A query's scores do not
-    depend on which others share its batch (up to float rounding), so N processes give the numbers of
+    depend on which others share its pass (up to float rounding), so N processes give the numbers of
     one. In one process this is ``score_queries`` itself. ``on_batch`` counts this rank's queries.
     """
     if distributed.num_processes() == 1:
         return score_queries(model, prefix_ids, query_ids, label_ids, **kwargs)
     mine = distributed.shard(len(query_ids))
-    local = score_queries(model, prefix_ids, [query_ids[i] for i in mine], label_ids, **kwargs)
+    conts = _per_query(label_ids, len(query_ids))
+    local = score_queries(model, prefix_ids, [query_ids[i] for i in mine], [conts[i] for i in mine], **kwargs)
     label_logprobs, top_token, topk_lp, topk_ids = distributed.gather_rows(
         [local.label_logprobs, local.top_token, local.topk_logprobs, local.topk_ids], mine, len(query_ids))
     prompt_tokens = sum(len(prefix_ids) + len(q) for q in query_ids)
-    return Scores(label_logprobs, top_token, topk_lp, topk_ids, prompt_tokens)
+    first_ids = torch.tensor([[c[0] for c in row] for row in conts], dtype=torch.long).view(len(query_ids), -1)
+    multi = any(len(c) > 1 for row in conts for c in row)
+    return Scores(label_logprobs, top_token, topk_lp, topk_ids, prompt_tokens, first_ids, multi)

@@ -72,6 +72,10 @@ class CommonOptions:
     )
     cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
     output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
+    label_score: str = option(
+        "sum", "A class's score from its label word's tokens: sum (the word's log-probability, as lm-eval's "
+        "multiple choice) or mean (length-normalised). One-token words score the same either way.",
+        choices=("sum", "mean"))
     prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache scores every full prompt).")
     revision: str | None = option(
         None, "Hub models only: the branch, tag or commit to load (for distill: the student's; see --teacher-revision). "

@@ -112,7 +112,7 @@ def test_cli_config_file_and_override(tmp_path, data_dir, tiny_dirs, capsys):
     (["icl", "--pattern", "{premise} only"], "lacks {hypothesis}"),
     (["icl", "--limit", "0"], "positive number"),
     (["icl", "--model", "./no/such/dir"], "no such directory"),
-    (["icl", "--label-words", " great, No"], "single tokens"),
+    (["icl", "--label-words", " Yes, Yes"], "distinct"),
 ])
 def test_cli_bad_options_fail_clearly(argv, message, tmp_path, data_dir, tiny_dirs, capsys):
     base = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "x"), "--limit", "2", "--seeds", "0",

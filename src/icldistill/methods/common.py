@@ -14,7 +14,7 @@ from icldistill.config import CommonOptions, to_dict
 from icldistill.tasks.data import Example, LoadedData
 from icldistill.errors import ConfigError
 from icldistill.scoring.metrics import aggregate_seeds, hans_ood_accuracy
-from icldistill.scoring.evalsets import evaluate_examples
+from icldistill.scoring.evalsets import evaluate_sets
 from icldistill.models.loading import LoadedModel
 from icldistill.tasks.prompts import (
     Pattern,
@@ -50,6 +50,7 @@ class Setup:
     query_texts: frozenset[tuple[str, ...]]  # every evaluation query, never drawn as a demonstration
     demo_sampling: str = "balanced"
     fixed_demonstrations: LoadedData | None = None  # --demonstrations FILE: the same context for every seed
+    label_score: str = "sum"  # a class's score from its label word's tokens: sum or mean (--label-score)
 
     def demonstrations(self, seed: int, shots: int, context: int = 0,
                        exclude: frozenset[tuple[str, ...]] = frozenset()) -> list[Example]:
@@ -125,7 +126,7 @@ def prepare(config: CommonOptions) -> Setup:
             eval_examples[name] = kept
     query_texts = frozenset(ex.text_key() for exs in eval_examples.values() for ex in exs)
     return Setup(task, family, pattern, train, eval_specs, eval_data, eval_examples, query_texts,
-                 getattr(config, "demo_sampling", "balanced"), fixed)
+                 getattr(config, "demo_sampling", "balanced"), fixed, label_score=getattr(config, "label_score", "sum"))
 
 
 def load_demonstrations(task: Task, path: str) -> LoadedData:
@@ -156,13 +157,13 @@ def evaluate_on_sets(
     ``limit`` evaluates a seeded sample of each set (the quick evaluations during training).
     """
     metrics, predictions, tokens = {}, {}, 0
-    for name, examples in setup.eval_examples.items():
-        examples = data_mod.subsample(examples, limit)
-        m, preds, t = evaluate_examples(
-            model, setup.family, setup.pattern, demonstrations, examples, batch_size=batch_size,
-            use_prefix_cache=use_prefix_cache, meta_fields=setup.eval_specs[name].meta_fields,
-            desc=f"{label}{name}" if progress else None,
-        )
+    sets = {name: (data_mod.subsample(examples, limit), setup.eval_specs[name].meta_fields)
+            for name, examples in setup.eval_examples.items()}
+    # One prefix cache per context, shared by every set (scoring.evalsets.evaluate_sets).
+    results = evaluate_sets(model, setup.family, setup.pattern, demonstrations, sets, batch_size=batch_size,
+                            use_prefix_cache=use_prefix_cache, label_score=setup.label_score,
+                            desc=label if progress else None)
+    for name, (m, preds, t) in results.items():
         if name.startswith("hans"):
             m.update(hans_ood_accuracy(m))
         metrics[name], predictions[name], tokens = m, preds, tokens + t

@@ -23,14 +23,14 @@ from icldistill.runtime import distributed
 from icldistill.config import DistillOptions
 from icldistill.tasks.data import Example
 from icldistill.errors import ConfigError
-from icldistill.training.losses import (LossOutput, ce_loss, check_vocab_compatible, distillation_loss, label_log_probs,
+from icldistill.training.losses import (LossOutput, ce_loss, check_vocab_compatible, class_log_probs, distillation_loss,
                                        tempered_context_average, topk_vocab_kl)
 from icldistill.models.loading import LoadedModel, load_model, load_tokenizer, logit_width, model_identity
 from icldistill.runtime.paths import default_cache_dir
 from icldistill.runtime.records import measure
 from icldistill.training.teacher import OnlineTeacher, SignalCache, TeacherSignal, compute_signal, signal_key
 from icldistill.methods.common import Setup, dev_split, finish_record, model_record, prepare, start_record
-from icldistill.methods.finetune import student_logits, summarise_predictions, train_and_evaluate
+from icldistill.methods.finetune import student_label_scores, summarise_predictions, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +82,14 @@ def make_distill_loss(config: DistillOptions, signal_for: Callable[[dict[str, An
 
     def factory(label_ids: torch.Tensor):
         def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-            logits = student_logits(model, batch)
-            student_lp = label_log_probs(logits, label_ids)
+            # Class scores from whole label words (any length), as the teacher's: issue 10.
+            logits, class_scores = student_label_scores(model, batch)
+            student_lp = class_log_probs(class_scores)
             signal = signal_for(batch) if needs_teacher else None
             teacher = signal if alpha > 0 else None
             labels = batch["labels"] if config.ce_target == "gold" else signal.label_logprobs.argmax(-1).to(logits.device)
             if config.kl_space == "label":
-                student_T = label_log_probs(logits, label_ids, T)
+                student_T = class_log_probs(class_scores, T)
                 teacher_T = teacher_targets(config, teacher, T).to(logits.device) if teacher else None
                 return distillation_loss(student_T, teacher_T, student_lp, labels, alpha=alpha,
                                          temperature=T, reduction="sum")
@@ -147,12 +148,14 @@ def cached_signals(config: DistillOptions, setup: Setup, plan: dict[int, SeedPla
 
     def signal(contexts: Sequence[Sequence[Example]], queries: Sequence[Example], k: int) -> tuple[TeacherSignal, str, bool]:
         nonlocal teacher
-        key, description = signal_key(identity, setup.pattern, contexts, queries, setup.train.fingerprint, k)
+        key, description = signal_key(identity, setup.pattern, contexts, queries, setup.train.fingerprint, k,
+                                      label_score=setup.label_score)
         found = distributed.broadcast(cache.load(key, queries) if distributed.is_main() else None)
         if found is not None:
             return found, key, True
         teacher = teacher or _load_teacher(config)
         found = compute_signal(teacher, setup.pattern, contexts, queries, batch_size=config.batch_size, topk=k,
+                               label_score=setup.label_score,
                                use_prefix_cache=config.prefix_cache, progress=progress)
         if distributed.is_main():
             cache.save(key, found, description)
@@ -277,7 +280,8 @@ def run_distill(config: DistillOptions, *, progress: bool = True) -> dict[str, A
                 dev = {}
                 if p.dev:
                     dev = {name: signal_metrics(compute_signal(teacher, setup.pattern, contexts, p.dev,
-                                                               batch_size=config.batch_size, progress=False), p.dev)
+                                                               batch_size=config.batch_size, progress=False,
+                                                               label_score=setup.label_score), p.dev)
                            for name, contexts in (("teacher_icl", p.contexts), ("teacher_zero_shot", [[]]))}
                 per_seed[seed] = {"cache_hit": False, "dev": dev}
         record["teacher_pass"] = {"mode": "online", "teacher": model_record(teacher), **loading.as_dict(),
@@ -290,7 +294,7 @@ def run_distill(config: DistillOptions, *, progress: bool = True) -> dict[str, A
         else:
             # Online vocabulary KL: the teacher's whole next-token distribution, within its real vocabulary.
             width = teacher.model.get_output_embeddings().weight.shape[0] if config.kl_space == "vocab" else 0
-            signal_for = _from_teacher(OnlineTeacher(teacher, setup.pattern, p.contexts), p.queries, width,
+            signal_for = _from_teacher(OnlineTeacher(teacher, setup.pattern, p.contexts, setup.label_score), p.queries, width,
                                        vocab=len(teacher.tokenizer) if width else 0)
         seed_pass = per_seed.get(seed, {})
         extra = {"demonstration_contexts": [[d.id for d in c] for c in p.contexts],

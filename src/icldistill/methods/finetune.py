@@ -20,10 +20,11 @@ from icldistill.models.adapters import prepare_trainable
 from icldistill.config import CommonOptions, TrainOptions
 from icldistill.tasks.data import Example
 from icldistill.errors import ConfigError, IcldError
-from icldistill.training.losses import LossOutput, label_log_probs
+from icldistill.training.losses import LossOutput
 from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
-from icldistill.scoring.prefix_cache import encode_prefix, encode_queries, label_token_ids, last_token_logits, pad_right
+from icldistill.scoring.encoding import tokenize_prompts
+from icldistill.scoring.prefix_cache import label_word_tokens, last_token_logits, pad_right, rows_forward
 from icldistill.training.loop import fit
 from icldistill.methods.common import PREDICTIONS_FILE, Setup, evaluate_on_sets, model_record, prediction_rows
 
@@ -34,33 +35,56 @@ SEED_RESULT = "seed_result.json"
 
 @dataclasses.dataclass
 class StudentBatchBuilder:
-    """Right-padded batches of the student's inputs: the rendered query alone, no demonstrations."""
+    """Right-padded batches of the student's inputs: the rendered query alone, no demonstrations.
+
+    Each prompt is tokenized whole (start tokens + query text) and each class's label word as its
+    continuation, exactly as evaluation tokenizes a prompt with no demonstrations, so training and
+    evaluation score the same tokens.
+    """
 
     ids: list[list[int]]
     labels: torch.Tensor
     pad_id: int
     device: torch.device
+    continuations: list[list[list[int]]] = dataclasses.field(default_factory=list)
+    label_score: str = "sum"
 
     @classmethod
     def build(cls, model: LoadedModel, setup: Setup, examples: Sequence[Example]) -> "StudentBatchBuilder":
-        start = encode_prefix(model.tokenizer, "")  # the tokenizer's BOS, if it uses one: as in evaluation
-        queries = encode_queries(model.tokenizer, [setup.pattern.render(ex.fields) for ex in examples])
-        ids = [start + q for q in queries]
-        too_long = [ex.id for ex, row in zip(examples, ids) if len(row) > model.max_length]
+        texts = [setup.pattern.render(ex.fields) for ex in examples]
+        tokens = tokenize_prompts(model.tokenizer, "", texts, setup.pattern.label_words, model.name)
+        ids = [tokens.prefix_ids + q for q in tokens.query_ids]
+        longest = [len(row) + max(len(c) for c in conts) - 1 for row, conts in zip(ids, tokens.continuations)]
+        too_long = [ex.id for ex, n in zip(examples, longest) if n > model.max_length]
         if too_long:
             raise IcldError(f"Training examples {too_long[:5]} exceed {model.name}'s {model.max_length} tokens.")
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-        return cls(ids, torch.tensor([ex.label for ex in examples]), pad, model.device)
+        return cls(ids, torch.tensor([ex.label for ex in examples]), pad, model.device, tokens.continuations,
+                   getattr(setup, "label_score", "sum"))
 
     def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
         input_ids, lengths = pad_right([self.ids[i] for i in indices], self.pad_id, self.device)
         return {"input_ids": input_ids, "lengths": lengths, "labels": self.labels[list(indices)].to(self.device),
-                "indices": list(indices), "n_tokens": int(lengths.sum())}
+                "indices": list(indices), "n_tokens": int(lengths.sum()),
+                "prompts": [self.ids[i] for i in indices], "continuations": [self.continuations[i] for i in indices],
+                "label_score": self.label_score, "pad_id": self.pad_id}
 
 
 def student_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """(batch, vocab) logits at each row's last token: the student's answer position."""
     return last_token_logits(model, batch["input_ids"], batch["lengths"])
+
+
+def student_label_scores(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, vocab) answer-position logits and (batch, C) class scores of the student, differentiable.
+
+    A class's score is the sum (or mean, ``--label-score``) of its label word's token log-probabilities
+    after the query: the same scores evaluation and the teacher compute, so label-space losses work for
+    any label words and across tokenizers (``losses.class_log_probs`` turns them into a distribution).
+    Single-token words take one position per row (the fast path).
+    """
+    return rows_forward(model, batch["prompts"], batch["continuations"], pad_id=batch["pad_id"],
+                        label_score=batch["label_score"])
 
 
 LossFactory = Callable[[torch.Tensor], Callable[[torch.nn.Module, dict[str, Any]], LossOutput]]
@@ -152,7 +176,8 @@ def train_and_evaluate(
     loaded = load_model(model_name, dtype="fp32", device=config.device, cache_dir=config.cache_dir,
                         revision=revision, trust_remote_code=config.trust_remote_code)
     setup.check_tokenizer(loaded.tokenizer, loaded.name)
-    label_ids = torch.tensor(label_token_ids(loaded.tokenizer, setup.pattern.label_words, loaded.name),
+    # First token of each label word (the one-position uses, e.g. vocabulary KL); class scores use every token.
+    label_ids = torch.tensor([ids[0] for ids in label_word_tokens(loaded.tokenizer, setup.pattern.label_words, loaded.name)],
                              device=loaded.device)
     batches = StudentBatchBuilder.build(loaded, setup, train_examples)
     model, trainable = prepare_trainable(loaded.model, options)
@@ -260,10 +285,10 @@ def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOpt
 
 def ce_only(label_ids: torch.Tensor) -> Callable[[torch.nn.Module, dict[str, Any]], LossOutput]:
     """The PBFT loss: cross-entropy of the gold label word over the label words, summed over the batch."""
-    from icldistill.training.losses import ce_loss
+    from icldistill.training.losses import ce_loss, class_log_probs
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        lp = label_log_probs(student_logits(model, batch), label_ids)
+        lp = class_log_probs(student_label_scores(model, batch)[1])
         ce = ce_loss(lp, batch["labels"], reduction="sum")
         return LossOutput(ce, None, ce.detach())
 

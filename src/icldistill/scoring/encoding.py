@@ -96,6 +96,16 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_words: Sequence[st
     return [ids[0] for ids in tokens]
 
 
+def matching_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix shared by every row, at most the shortest row's length minus one.
 

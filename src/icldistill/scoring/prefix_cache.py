@@ -35,7 +35,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from icldistill.errors import ConfigError
 from icldistill.runtime import distributed
 # Re-exported: callers import the tokenization helpers from here as they always did.
-from icldistill.scoring.encoding import encode_text, label_token_ids, label_word_tokens  # noqa: F401
+from icldistill.scoring.encoding import encode_text, label_token_ids, label_word_tokens, matching_length  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -385,15 +385,6 @@ def _per_query(label_ids: LabelIds, n: int) -> list[list[list[int]]]:
     return [[list(c) for c in conts] for conts in ids]
 
 
-def _matching(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def score_queries(
     model: PreTrainedModel,
     prefix_ids: Sequence[int],
@@ -435,7 +426,7 @@ def score_queries(
             _warn_once(model, cache.unsupported)
             cache = None
         else:
-            cache.shrink(_matching(cache.tokens, prefix[: len(prefix)]))
+            cache.shrink(matching_length(cache.tokens, prefix))
     head = prefix[cache.length:] if cache is not None else prefix
     order = sorted(range(n), key=lambda i: -(len(query_ids[i]) + sum(len(c) for c in conts[i])))
     with torch.no_grad():

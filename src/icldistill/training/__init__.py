@@ -10,7 +10,7 @@ _EXPORTS = {
         "find_checkpoint", "fit",
     ),
     "losses": (
-        "LossOutput", "label_log_probs", "vocab_log_probs", "ce_loss", "kl_loss",
+        "LossOutput", "label_log_probs", "class_log_probs", "vocab_log_probs", "ce_loss", "kl_loss",
         "distillation_loss", "topk_vocab_kl", "check_vocab_compatible",
     ),
     "teacher": (

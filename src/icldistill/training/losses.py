@@ -26,6 +26,7 @@ __all__ = [
     "REDUCTIONS",
     "ce_loss",
     "check_vocab_compatible",
+    "class_log_probs",
     "distillation_loss",
     "kl_loss",
     "label_log_probs",
@@ -114,6 +115,27 @@ def label_log_probs(logits: Tensor, label_token_ids: Tensor, temperature: float 
         raise ValueError(f"label_token_ids must have shape (C,), got {tuple(label_token_ids.shape)}.")
     selected = logits.index_select(-1, label_token_ids.to(device=logits.device, dtype=torch.long))
     return torch.log_softmax(selected.float() / temperature, dim=-1)
+
+
+def class_log_probs(class_scores: Tensor, temperature: float = 1.0) -> Tensor:
+    """The answer distribution over C classes from their label-word scores, at temperature ``temperature``.
+
+    A class's score is the log-probability of its whole label word after the prompt (the sum, or the
+    mean, of its tokens' log-probabilities; issue 10). For single-token words the score is
+    ``log p(word) = logit - logsumexp(logits)``, and since a softmax ignores a shared shift this equals
+    :func:`label_log_probs` on the logits: one definition serves words of any length, across tokenizers.
+
+    Args:
+        class_scores: ``(batch, C)`` label-word log-probabilities (e.g. ``Scores.label_logprobs``).
+        temperature: softmax temperature T > 0; the scores are divided by T.
+
+    Returns:
+        ``(batch, C)`` float32 ``log_softmax(class_scores / T)``.
+    """
+    _check_temperature(temperature)
+    if class_scores.ndim != 2:
+        raise ValueError(f"class_scores must have shape (batch, C), got {tuple(class_scores.shape)}.")
+    return torch.log_softmax(_at_least_float32(class_scores) / temperature, dim=-1)
 
 
 def vocab_log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -32,13 +32,15 @@ from icldistill.scoring.evalsets import encode_prompts
 from icldistill.models.loading import LoadedModel
 from icldistill.tasks.prompts import Pattern
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_json
-from icldistill.scoring.prefix_cache import PrefixCache, Scores, encode_queries, label_token_ids, score_queries, score_queries_sharded
+from icldistill.scoring.encoding import encode_text, tokenize_prompts
+from icldistill.scoring.prefix_cache import PrefixCache, Scores, score_queries, score_queries_sharded
 
 logger = logging.getLogger(__name__)
 
 # The modules whose code computes a signal: a change to any of them changes the cache key, so a cached
 # entry is never reused after the code that made it changed (no hand-set version to forget to bump).
 SIGNAL_CODE = ("icldistill.training.teacher", "icldistill.scoring.prefix_cache", "icldistill.scoring.evalsets",
+               "icldistill.scoring.encoding",
                "icldistill.tasks.prompts")
 
 
@@ -52,6 +54,9 @@ def signal_code_version(modules: tuple[str, ...] = SIGNAL_CODE) -> str:
             raise IcldError(f"cannot find the source of {name} to key the teacher cache")
         digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
     return digest.hexdigest()[:16]
+
+
+TOKENIZATION = "whole-prompt"  # recorded in every cache key: how the teacher's prompts were tokenized
 
 
 @dataclass
@@ -108,6 +113,7 @@ def compute_signal(
     topk: int = 0,
     use_prefix_cache: bool = True,
     progress: bool = True,
+    label_score: str = "sum",
 ) -> TeacherSignal:
     """Score every query under every context with the teacher; queries that do not fit are an error.
 
@@ -122,20 +128,20 @@ def compute_signal(
         if encoded.dropped:
             raise IcldError(f"{encoded.dropped} training queries do not fit {teacher.name}'s context after "
                              f"{len(demos)} demonstrations; lower --shots.")
-        label_ids = label_token_ids(teacher.tokenizer, pattern.label_words, teacher.name)
         # Under N processes each rank scores its shard of the queries; every rank gets the whole signal.
         with tqdm(total=distributed.shard_size(len(queries)), desc=f"teacher context {j}", unit="q",
                   disable=not progress or not distributed.is_main(), leave=False) as bar:
-            scores = score_queries_sharded(teacher.model, encoded.prefix_ids, encoded.query_ids, label_ids,
+            scores = score_queries_sharded(teacher.model, encoded.prefix_ids, encoded.query_ids, encoded.continuations,
                                            batch_size=batch_size, use_prefix_cache=use_prefix_cache,
-                                           topk=topk if j == 0 else 0, on_batch=bar.update)
+                                           topk=topk if j == 0 else 0, on_batch=bar.update, label_score=label_score)
         per_context.append(scores)
     return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
                          [[d.id for d in demos] for demos in contexts], context_label_logprobs=_per_context(per_context))
 
 
 def signal_key(teacher: dict[str, Any], pattern: Pattern, contexts: Sequence[Sequence[Example]],
-               queries: Sequence[Example], data_fingerprint: str, topk: int) -> tuple[str, dict[str, Any]]:
+               queries: Sequence[Example], data_fingerprint: str, topk: int,
+               label_score: str = "sum") -> tuple[str, dict[str, Any]]:
     """A content hash of everything the signal depends on, and the description it was made from.
 
     ``teacher`` is the model's identity (``models.model_identity``: name, weights fingerprint, dtype).
@@ -149,6 +155,9 @@ def signal_key(teacher: dict[str, Any], pattern: Pattern, contexts: Sequence[Seq
         "n_queries": len(queries),
         "data": data_fingerprint,
         "topk": topk,
+        # Whole-prompt tokenization (issue 13): entries from the separately tokenized prompts are not reused.
+        "tokenization": TOKENIZATION,
+        "label_score": label_score,
     }
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
     return key, description
@@ -206,29 +215,32 @@ class OnlineTeacher:
     Each demonstration context's prefix cache is computed once and reused for every batch.
     """
 
-    def __init__(self, teacher: LoadedModel, pattern: Pattern, contexts: Sequence[Sequence[Example]]):
+    def __init__(self, teacher: LoadedModel, pattern: Pattern, contexts: Sequence[Sequence[Example]],
+                 label_score: str = "sum"):
         from icldistill.tasks.prompts import demonstration_prefix
-        from icldistill.scoring.prefix_cache import encode_prefix
 
         self.teacher = teacher
         self.pattern = pattern
-        self.label_ids = label_token_ids(teacher.tokenizer, pattern.label_words, teacher.name)
-        self.prefixes = [encode_prefix(teacher.tokenizer, demonstration_prefix(pattern, d)) for d in contexts]
-        self.caches = [PrefixCache(teacher.model, p) for p in self.prefixes]
+        self.label_score = label_score
+        self.prefix_texts = [demonstration_prefix(pattern, d) for d in contexts]
+        # The demonstrations tokenized alone start every whole prompt but for their last token or two;
+        # each batch's scoring shortens a cache to the part its prompts share (exact, see PrefixCache).
+        self.caches = [PrefixCache(teacher.model, encode_text(teacher.tokenizer, text)) for text in self.prefix_texts]
 
     def __call__(self, queries: Sequence[Example], topk: int = 0) -> TeacherSignal:
         texts = [self.pattern.render(q.fields) for q in queries]
-        ids = encode_queries(self.teacher.tokenizer, texts)
-        # As the cached pass does: every training query needs a target, so one too long is an error.
-        longest = max(len(p) for p in self.prefixes)
-        too_long = [q.id for q, row in zip(queries, ids) if longest + len(row) > self.teacher.max_length]
-        if too_long:
-            raise IcldError(f"{len(too_long)} training queries (e.g. {too_long[:3]}) do not fit {self.teacher.name}'s "
-                            f"{self.teacher.max_length} tokens after the demonstrations; lower --shots.")
-        per_context = [
-            score_queries(self.teacher.model, prefix, ids, self.label_ids, batch_size=len(ids),
-                          topk=topk if j == 0 else 0, prefix_cache=cache)
-            for j, (prefix, cache) in enumerate(zip(self.prefixes, self.caches))
-        ]
+        per_context = []
+        for j, (text, cache) in enumerate(zip(self.prefix_texts, self.caches)):
+            tokens = tokenize_prompts(self.teacher.tokenizer, text, texts, self.pattern.label_words, self.teacher.name)
+            # As the cached pass does: every training query needs a target, so one too long is an error.
+            too_long = [q.id for q, row, conts in zip(queries, tokens.query_ids, tokens.continuations)
+                        if len(tokens.prefix_ids) + len(row) + max(len(c) for c in conts) - 1 > self.teacher.max_length]
+            if too_long:
+                raise IcldError(f"{len(too_long)} training queries (e.g. {too_long[:3]}) do not fit "
+                                f"{self.teacher.name}'s {self.teacher.max_length} tokens after the demonstrations; "
+                                "lower --shots.")
+            per_context.append(score_queries(self.teacher.model, tokens.prefix_ids, tokens.query_ids, tokens.continuations,
+                                             batch_size=len(texts), topk=topk if j == 0 else 0, prefix_cache=cache,
+                                             label_score=self.label_score))
         return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
                              context_label_logprobs=_per_context(per_context))

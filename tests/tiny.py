@@ -95,3 +95,19 @@ def toy_training_problem(arch: str = "llama", seed: int = 0, tie: bool = False):
         return LossOutput(ce, None, ce.detach())
 
     return model.train(), make_batch, loss_fn
+
+
+def make_merging_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE that, like SmolLM2's, has a single token for a blank line at the end of a text.
+
+    Trained on texts that end in a blank line, so ``"...\\n\\n"`` alone ends in ``ĊĊ`` while the same
+    characters before a word split into ``Ċ``, ``Ċ``: the demonstrations tokenized alone then differ
+    from the whole prompt at the boundary, and queries that start with a space keep ``ĊĊ``.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([line.replace("\n\nquestion:", " question:") + "\n\n" for line in corpus()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

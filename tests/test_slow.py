@@ -5,14 +5,17 @@ Marked ``slow``; ``make test`` runs them too. The first run fetches and converts
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from icldistill.config import DistillOptions, IclOptions, build_config
-from icldistill.scoring.evalsets import encode_prompts
+from icldistill.scoring.evalsets import encode_prompts, score_prompts
+from icldistill.tasks.prompts import demonstration_prefix
 from icldistill.methods.common import prepare
 from icldistill.models.loading import load_model
-from icldistill.scoring.prefix_cache import label_token_ids, score_queries
+from icldistill.scoring.prefix_cache import score_queries
 
 pytestmark = pytest.mark.slow
 
@@ -26,28 +29,59 @@ def test_real_mnli_cached_scoring_equals_naive(smollm2, data_dir):
     setup = prepare(build_config(IclOptions, dict(eval=["mnli-m"], limit=12, data_dir=str(data_dir))))
     demos = setup.demonstrations(0, 8)
     enc = encode_prompts(smollm2, setup.pattern, demos, setup.eval_examples["mnli-m"])
-    labels = label_token_ids(smollm2.tokenizer, setup.pattern.label_words, "smollm2-135m")
-    naive = score_queries(smollm2.model, enc.prefix_ids, enc.query_ids, labels, batch_size=4, use_prefix_cache=False)
-    cached = score_queries(smollm2.model, enc.prefix_ids, enc.query_ids, labels, batch_size=5)
+    naive = score_queries(smollm2.model, enc.prefix_ids, enc.query_ids, enc.continuations, batch_size=4,
+                          use_prefix_cache=False)
+    cached = score_queries(smollm2.model, enc.prefix_ids, enc.query_ids, enc.continuations, batch_size=5)
     assert torch.allclose(cached.label_logprobs, naive.label_logprobs, atol=1e-4)
     assert torch.equal(cached.top_token, naive.top_token)
     # The demonstrations matter: scores differ from zero-shot ones.
     zero = encode_prompts(smollm2, setup.pattern, [], setup.eval_examples["mnli-m"])
-    zero_scores = score_queries(smollm2.model, zero.prefix_ids, zero.query_ids, labels)
+    zero_scores = score_queries(smollm2.model, zero.prefix_ids, zero.query_ids, zero.continuations)
     assert (zero_scores.label_logprobs - cached.label_logprobs).abs().mean() > 0.05
 
 
-def test_bpe_merges_across_the_demonstration_boundary(smollm2, data_dir):
-    """Why prefix and query are tokenized separately: SmolLM2's BPE merges across the blank line."""
+def test_scores_equal_plain_transformers_on_the_whole_prompt(smollm2, data_dir):
+    """What a user computes with ``model(**tokenizer(prompt))`` (and lm-eval's split for a longer word)."""
+    words = [" Yes", " No", " Maybe not"]
+    setup = prepare(build_config(IclOptions, dict(eval=["mnli-m"], limit=5, data_dir=str(data_dir))))
+    setup.pattern = dataclasses.replace(setup.pattern, label_words=tuple(words))
+    demos = setup.demonstrations(0, 4)
+    examples = setup.eval_examples["mnli-m"]
+    enc, scores, _ = score_prompts(smollm2, setup.pattern, demos, examples, batch_size=5)
+    tok, model = smollm2.tokenizer, smollm2.model
+    assert len(tok(words[2], add_special_tokens=False)["input_ids"]) > 1
+    for i, ex in enumerate(examples):
+        prompt = demonstration_prefix(setup.pattern, demos) + setup.pattern.render(ex.fields)
+        inputs = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            last = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
+        for c, word in enumerate(words):
+            whole = tok(prompt + word)["input_ids"]
+            cont = whole[inputs["input_ids"].shape[1]:]
+            if len(cont) == 1:
+                expected = last[cont[0]].item()
+            else:
+                with torch.no_grad():
+                    lp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), -1)
+                start = inputs["input_ids"].shape[1] - 1
+                expected = sum(lp[start + j, t].item() for j, t in enumerate(cont))
+            assert scores.label_logprobs[i, c].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_prompts_are_tokenized_whole(smollm2, data_dir):
+    """SmolLM2's BPE merges the blank line differently alone and before the query: prompts are tokenized whole."""
     setup = prepare(build_config(IclOptions, dict(eval=["mnli-m"], limit=4, data_dir=str(data_dir))))
-    prefix_text = "".join(setup.pattern.demonstration(d) + "\n\n" for d in setup.demonstrations(0, 2))
+    demos = setup.demonstrations(0, 2)
+    prefix_text = demonstration_prefix(setup.pattern, demos)
     tok = smollm2.tokenizer
+    enc = encode_prompts(smollm2, setup.pattern, demos, setup.eval_examples["mnli-m"])
     differs = 0
-    for ex in setup.eval_examples["mnli-m"]:
-        query = setup.pattern.render(ex.fields)
-        joint = tok(prefix_text + query, add_special_tokens=False)["input_ids"]
-        split = tok(prefix_text, add_special_tokens=False)["input_ids"] + tok(query, add_special_tokens=False)["input_ids"]
+    for ex, query in zip(setup.eval_examples["mnli-m"], enc.query_ids):
+        text = setup.pattern.render(ex.fields)
+        joint = tok(prefix_text + text)["input_ids"]
+        split = tok(prefix_text)["input_ids"] + tok(text, add_special_tokens=False)["input_ids"]
         differs += joint != split
+        assert enc.prefix_ids + query == joint
     assert differs > 0
 
 

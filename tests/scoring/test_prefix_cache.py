@@ -270,3 +270,40 @@ def test_hybrid_family_falls_back_to_naive_with_one_warning(caplog):
         for c, cont in enumerate(tokens.continuations[i]):
             assert first.label_logprobs[i, c].item() == pytest.approx(reference(model, tokens.prefix_ids + query, cont),
                                                                        abs=1e-4)
+
+
+def _more_families(name: str, vocab_size: int):
+    """Tiny models of the other families in ``PACKED_FAMILIES`` (and Mistral, which is not among them)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    configs = {
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=8,
+                                                            max_window_layers=1)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=8)),
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=8)),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=8, sliding_window=8)),  # eager
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**common)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=8)),
+    }
+    torch.manual_seed(0)
+    return configs[name]().eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma", "gemma2", "phi3", "mistral"])
+def test_other_families_packed_or_fallback_equal_naive(family):
+    tok = make_merging_tokenizer()
+    model = _more_families(family, len(tok))
+    tokens = tokenize_prompts(tok, DEMO * 3, QUERIES, MULTI)
+    assert (PrefixCache(model, tokens.prefix_ids).unsupported is None) == (family != "mistral")
+    naive = score_queries(model, tokens.prefix_ids, tokens.query_ids, tokens.continuations, use_prefix_cache=False)
+    cached = score_queries(model, tokens.prefix_ids, tokens.query_ids, tokens.continuations, batch_size=4)
+    assert torch.allclose(cached.label_logprobs, naive.label_logprobs, atol=1e-4)
+
+
+def test_a_sliding_window_without_layer_types_is_refused(monkeypatch):
+    """Mistral's window is not listed per layer: even if its family were allowed, packing would be refused."""
+    model = _more_families("mistral", 300)
+    monkeypatch.setattr(pc, "PACKED_FAMILIES", pc.PACKED_FAMILIES | {"mistral"})
+    assert "sliding window" in pc.packing_unsupported(model)

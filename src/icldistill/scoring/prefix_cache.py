@@ -42,8 +42,11 @@ logger = logging.getLogger(__name__)
 LABEL_SCORES = ("sum", "mean")
 """How a label word's token log-probabilities make its class score: their sum, or their mean."""
 
-PACKED_FAMILIES = frozenset({"llama", "opt", "gemma3_text"})
-"""Model types whose packed shared-prefix scoring is tested equal to naive scoring (tests/scoring)."""
+PACKED_FAMILIES = frozenset({"llama", "opt", "gemma3_text", "gemma", "gemma2", "qwen2", "qwen3", "phi3"})
+"""Model types whose packed shared-prefix scoring is tested equal to naive scoring (tests/scoring).
+
+Not Mistral: it applies a sliding window that its config does not list per layer (no ``layer_types``),
+and a packed row would see keys outside it."""
 
 _MASKED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 _warned: set[str] = set()
@@ -108,9 +111,12 @@ def packing_unsupported(model: torch.nn.Module) -> str | None:
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in ("sdpa", "eager"):
         return f"its attention implementation {impl!r} takes no custom 4-D mask (use sdpa or eager)"
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    listed = getattr(config, "layer_types", None)
+    layer_types = set(listed or ["full_attention"])
     if not layer_types <= _MASKED_LAYER_TYPES:
         return f"its layer types {sorted(layer_types - _MASKED_LAYER_TYPES)} are not attention over a KV cache"
+    if getattr(config, "sliding_window", None) and not listed:
+        return "it has a sliding window but no per-layer types to say where it applies"
     return None
 
 

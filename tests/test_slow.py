@@ -68,6 +68,23 @@ def test_scores_equal_plain_transformers_on_the_whole_prompt(smollm2, data_dir):
             assert scores.label_logprobs[i, c].item() == pytest.approx(expected, abs=1e-4)
 
 
+def test_gemma3_past_its_sliding_window_equals_plain_transformers(data_dir):
+    """Gemma3-270M (BOS, sliding window of 512) with a prompt longer than the window: packed == whole prompt."""
+    gemma = load_model("gemma3-270m", dtype="fp32", device="cpu")
+    setup = prepare(build_config(IclOptions, dict(eval=["mnli-m"], limit=3, data_dir=str(data_dir))))
+    demos = setup.demonstrations(0, 16)
+    examples = setup.eval_examples["mnli-m"]
+    enc, scores, _ = score_prompts(gemma, setup.pattern, demos, examples, batch_size=3)
+    assert len(enc.prefix_ids) > gemma.model.config.sliding_window
+    tok, words = gemma.tokenizer, setup.pattern.label_words
+    for i, ex in enumerate(examples):
+        inputs = tok(demonstration_prefix(setup.pattern, demos) + setup.pattern.render(ex.fields), return_tensors="pt")
+        with torch.no_grad():
+            last = torch.log_softmax(gemma.model(**inputs, logits_to_keep=1).logits[0, -1].float(), -1)
+        expected = [last[tok(w, add_special_tokens=False)["input_ids"][0]].item() for w in words]
+        assert scores.label_logprobs[i].tolist() == pytest.approx(expected, abs=1e-4)
+
+
 def test_prompts_are_tokenized_whole(smollm2, data_dir):
     """SmolLM2's BPE merges the blank line differently alone and before the query: prompts are tokenized whole."""
     setup = prepare(build_config(IclOptions, dict(eval=["mnli-m"], limit=4, data_dir=str(data_dir))))

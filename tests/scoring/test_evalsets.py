@@ -129,3 +129,14 @@ def test_training_with_multi_token_words_runs_and_learns(method, tmp_path, data_
     assert record["status"] == "complete"
     assert losses[-1] < losses[0], losses
     assert record["seeds"]["0"]["eval"]["mnli-m"]["full_vocab_basis"] in ("first_token", "not_applicable")
+
+
+def test_teacher_cache_key_names_the_tokenization_and_label_score(data_dir):
+    from icldistill.training.teacher import SIGNAL_VERSION, signal_key
+
+    setup = _setup(data_dir)
+    identity = {"name": "t", "fingerprint": "f", "dtype": "float32"}
+    demos, queries = setup.demonstrations(0, 2), setup.eval_examples["mnli-m"]
+    key, description = signal_key(identity, setup.pattern, [demos], queries, "data", 0)
+    assert description["tokenization"] == "whole-prompt" and SIGNAL_VERSION >= 2  # entries of 1 are not reused
+    assert signal_key(identity, setup.pattern, [demos], queries, "data", 0, label_score="mean")[0] != key

@@ -34,7 +34,9 @@ def start_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     for i in range(len(with_special) - len(without) + 1):
         if with_special[i : i + len(without)] == without:
             return with_special[:i]
-    return []
+    # The text itself encodes differently with special tokens (e.g. an added prefix space): keep a leading BOS.
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and with_special[:1] == [bos] else []
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -115,7 +115,8 @@ def dev_metrics(model: LoadedModel, setup: Setup, examples: Sequence[Example], d
     from icldistill.scoring.evalsets import evaluate_examples
 
     metrics, predictions, _ = evaluate_examples(model, setup.family, setup.pattern, list(demonstrations), examples,
-                                                batch_size=batch_size, use_prefix_cache=use_prefix_cache)
+                                                batch_size=batch_size, use_prefix_cache=use_prefix_cache,
+                                                label_score=setup.label_score)
     return {**summarise_predictions(predictions), "dropped": metrics["dropped"],
             "calibrated_accuracy": metrics.get("calibrated_accuracy")}
 

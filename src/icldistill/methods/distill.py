@@ -83,7 +83,7 @@ def make_distill_loss(config: DistillOptions, signal_for: Callable[[dict[str, An
     def factory(label_ids: torch.Tensor):
         def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
             # Class scores from whole label words (any length), as the teacher's: issue 10.
-            logits, class_scores = student_label_scores(model, batch)
+            logits, class_scores = student_label_scores(model, batch, label_ids)
             student_lp = class_log_probs(class_scores)
             signal = signal_for(batch) if needs_teacher else None
             teacher = signal if alpha > 0 else None

@@ -75,14 +75,19 @@ def student_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
     return last_token_logits(model, batch["input_ids"], batch["lengths"])
 
 
-def student_label_scores(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def student_label_scores(model: torch.nn.Module, batch: dict[str, Any],
+                         label_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, vocab) answer-position logits and (batch, C) class scores of the student, differentiable.
 
     A class's score is the sum (or mean, ``--label-score``) of its label word's token log-probabilities
     after the query: the same scores evaluation and the teacher compute, so label-space losses work for
     any label words and across tokenizers (``losses.class_log_probs`` turns them into a distribution).
-    Single-token words take one position per row (the fast path).
+    Single-token words take one position per row (the fast path). A batch without the builder's
+    continuations (right-padded ids only) is scored on one-token ``label_ids``.
     """
+    if "continuations" not in batch:
+        logits = student_logits(model, batch)
+        return logits, torch.log_softmax(logits.float(), -1)[:, label_ids.to(logits.device)]
     return rows_forward(model, batch["prompts"], batch["continuations"], pad_id=batch["pad_id"],
                         label_score=batch["label_score"])
 

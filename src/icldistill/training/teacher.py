@@ -225,7 +225,8 @@ class OnlineTeacher:
         self.prefix_texts = [demonstration_prefix(pattern, d) for d in contexts]
         # The demonstrations tokenized alone start every whole prompt but for their last token or two;
         # each batch's scoring shortens a cache to the part its prompts share (exact, see PrefixCache).
-        self.caches = [PrefixCache(teacher.model, encode_text(teacher.tokenizer, text)) for text in self.prefix_texts]
+        self.prefixes = [encode_text(teacher.tokenizer, text) for text in self.prefix_texts]
+        self.caches = [PrefixCache(teacher.model, p) for p in self.prefixes]
 
     def __call__(self, queries: Sequence[Example], topk: int = 0) -> TeacherSignal:
         texts = [self.pattern.render(q.fields) for q in queries]

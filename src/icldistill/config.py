@@ -196,6 +196,9 @@ class PredictOptions:
     shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations in each prompt (0 for a trained student; k for an "
                           "ICL teacher, drawn from the task's train split, balanced, with --seed).")
     seed: int = option(0, "Seed of the demonstration draw (with --shots).")
+    demonstrations: str | None = _same_as(CommonOptions, "demonstrations")
+    label_score: str = option("auto", "How a class's label word is scored: sum or mean of its tokens' log-probabilities; "
+                              "auto: as the model was trained (or exported), else sum.", choices=("auto", "sum", "mean"))
     batch_size: int = _same_as(CommonOptions, "batch_size")
     dtype: str = _same_as(CommonOptions, "dtype")
     device: str = _same_as(CommonOptions, "device")

@@ -198,6 +198,42 @@ def test_predict_with_shots_matches_icl_scoring(tiny_dirs, tmp_path, data_dir):
         assert np.allclose(predicted[r["id"]]["label_logprobs"], r["label_logprobs"], atol=1e-5)
 
 
+def test_predict_with_a_demonstrations_file_and_mean_scores_matches_icl(tiny_dirs, tmp_path, data_dir):
+    """--demonstrations and --label-score reach predict's scoring as they reach icl's."""
+    from icldistill.config import IclOptions
+    from icldistill.methods.icl import run_icl
+    from icldistill.methods.predict import run_predict
+    from icldistill.tasks import data as data_mod
+    from icldistill.tasks.registry import get_eval_set, get_task
+
+    task = get_task("mnli")
+    train = data_mod.load(task.train, data_dir).examples
+    demos = tmp_path / "demos.jsonl"
+    words = {0: "entailment", 1: "contradiction"}  # the raw labels of the two classes
+    demos.write_text("".join(json.dumps({**ex.fields, "label": words[ex.label]}) + "\n"
+                             for ex in [next(e for e in train if e.label == c) for c in (1, 0, 1, 0)]))
+    # A two-token word, so that mean and sum differ.
+    common = dict(data_dir=str(data_dir), device="cpu", dtype="fp32", demonstrations=str(demos), label_score="mean",
+                  label_words=[" the cat", " No"])
+    run_icl(build_config(IclOptions, dict(model=str(tiny_dirs["teacher"]), eval=["mnli-m"], seeds=[0], limit=5,
+                                          output_dir=str(tmp_path / "icl"), **common)), progress=False)
+    scored = _rows(tmp_path / "icl" / "predictions.jsonl")
+    examples = {ex.id: ex for ex in data_mod.load(get_eval_set("mnli-m", task), data_dir).examples}
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"id": r["id"], **examples[r["id"]].fields}) + "\n" for r in scored))
+    summary = run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["teacher"]), input=str(source),
+                                                            output=str(tmp_path / "p.jsonl"), **common)), progress=False)
+    assert summary["shots"] == 4 and summary["label_score"] == "mean"
+    predicted = {r["id"]: r for r in _rows(tmp_path / "p.jsonl")}
+    for r in scored:
+        assert np.allclose(predicted[r["id"]]["label_logprobs"], r["label_logprobs"], atol=1e-5)
+    run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["teacher"]), input=str(source),
+                                                  output=str(tmp_path / "s.jsonl"), **{**common, "label_score": "sum"})),
+                progress=False)
+    summed = {r["id"]: r for r in _rows(tmp_path / "s.jsonl")}
+    assert all(not np.allclose(summed[i]["label_logprobs"][0], predicted[i]["label_logprobs"][0]) for i in summed)
+
+
 def test_export_refuses_what_is_not_a_run(tiny_dirs, tmp_path):
     from icldistill.methods.export import export_run
 

@@ -103,6 +103,7 @@ def export_meta(source: ModelSource, notes: list[str]) -> dict[str, Any]:
         "format": EXPORT_FORMAT,
         "task": run.get("task"), "classes": run.get("classes"), "pattern": run.get("pattern"),
         "label_words": (run.get("pattern") or {}).get("label_words"),
+        "label_score": config.get("label_score", "sum"),
         "method": run.get("method"), "seed": source.seed, "base_model": (seed.get("student") or {}).get("name"),
         "base_fingerprint": (seed.get("student") or {}).get("fingerprint"),
         "teacher": config.get("teacher") if run.get("method") == "distill" else None,

@@ -62,12 +62,14 @@ def probabilities(label_logprobs: np.ndarray) -> np.ndarray:
 
 
 def answer(model: Any, family: Family, pattern: Pattern, demonstrations: Sequence[Example], rows: Sequence[Example],
-           *, batch_size: int, use_prefix_cache: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+           *, batch_size: int, use_prefix_cache: bool = True, label_score: str = "sum",
+           progress: bool = True) -> list[dict[str, Any]]:
     """One output row per input row, in input order; rows that do not fit the model carry ``skipped``."""
     from icldistill.scoring.evalsets import score_prompts
 
     encoded, scores, _ = score_prompts(model, pattern, demonstrations, rows, batch_size=batch_size,
-                                       use_prefix_cache=use_prefix_cache, desc="predict" if progress else None)
+                                       use_prefix_cache=use_prefix_cache, label_score=label_score,
+                                       desc="predict" if progress else None)
     logprobs = scores.label_logprobs.numpy().astype(np.float64)
     probs = probabilities(logprobs) if len(logprobs) else logprobs
     scored = {ex.id: i for i, ex in enumerate(encoded.examples)}
@@ -127,7 +129,12 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
     task, family, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
     rows = read_inputs(config.input, family.fields)
     demonstrations: list[Example] = []
-    if config.shots:
+    label_score = config.label_score if config.label_score != "auto" else (source.meta or {}).get("label_score") or "sum"
+    if config.demonstrations:  # fixed rows, in file order (as icl and distill take them)
+        from icldistill.methods.common import load_demonstrations
+
+        demonstrations = list(load_demonstrations(task, config.demonstrations).examples)
+    elif config.shots:
         train = data_mod.load(task.train, config.data_dir, config.data_source)
         demonstrations = sample_demonstrations(train.examples, config.shots, len(family.classes),
                                                context_rng(config.seed), exclude={ex.text_key() for ex in rows})
@@ -138,14 +145,15 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
         model = load_source(source, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
     with measure(model.device) as cost:
         out = answer(model, family, pattern, demonstrations, rows, batch_size=config.batch_size,
-                     use_prefix_cache=config.prefix_cache, progress=progress)
+                     use_prefix_cache=config.prefix_cache, label_score=label_score, progress=progress)
     scored = sum(r["pred"] is not None for r in out)
     if distributed.is_main():  # under N processes every rank holds every answer; one writes them
         write_rows(output, out, family.classes)
     counts = {c: sum(r["label"] == c for r in out) for c in family.classes}
     summary = {
         "model": config.model, "kind": source.kind, "task": task.name, "pattern": pattern.name,
-        "label_words": list(pattern.label_words), "shots": config.shots, "rows": len(out), "scored": scored,
+        "label_words": list(pattern.label_words), "shots": len(demonstrations), "label_score": label_score,
+        "rows": len(out), "scored": scored,
         "skipped": [{"id": r["id"], "why": r["skipped"]} for r in out if r.get("skipped")],
         "predicted": counts, "output": str(output), "load_time_s": round(loading.wall_time_s, 3),
         "inference": {**cost.as_dict(), "queries": scored,

@@ -77,6 +77,7 @@ def resolve_source(name: str) -> ModelSource:
         # A local directory or GGUF file is recorded by its resolved path; packaged names and hub ids by name.
         base = student.get("path") if student.get("source") in ("local", "gguf") else student.get("name")
         meta = {k: run_record.get(k) for k in ("task", "pattern", "classes")}
+        meta["label_score"] = (run_record.get("config") or {}).get("label_score")
         return ModelSource(name, "run", str(base), int(seed_record["seed"]), path, seed_record, run_record, meta)
     return ModelSource(name, "model", name)
 

@@ -34,9 +34,14 @@ demo: setup
 	$(VENV)/bin/icld report runs/demo-sst2
 	$(VENV)/bin/icld report runs/demo-agnews
 
+# Every benchmark, at the sizes BENCHMARKS.md reports (about an hour on 2 CPU cores). vs_lmeval creates
+# lm-eval's own virtual environment on first use; paper_scale saves two random OPT models (about 6 GB).
+# A benchmark exits non-zero when its results disagree with the reference (not when it is merely slow).
 bench: setup
 	$(PY) benchmarks/icl_prefix_cache.py --shots 2,8,16,32 --queries 64 --batch-size 16
 	$(PY) benchmarks/train_cost.py --shots 2,8,32
+	$(PY) benchmarks/paper_scale.py --shots 2,8,32 --steps 3 --queries 4
+	$(PY) benchmarks/vs_lmeval.py --shots 16 --queries 200 --dtypes fp32,bf16
 
 clean:
 	rm -rf $(VENV) .pytest_cache

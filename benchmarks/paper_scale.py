@@ -54,6 +54,7 @@ PAPER_MODELS: dict[str, dict[str, int]] = {
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12, word_embed_proj_dim=768),
 }
 TOKENIZER_FROM = "smollm2-135m"
+CONFIGURATIONS = ("icl", "teacher", "pbft-1.3b", "pbft-125m", "cd")
 _MARKER = "paper_scale.json"
 
 
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="examples per step (k=2 PBFT has only 2)")
     parser.add_argument("--queries", type=int, default=4, help="MNLI-m queries scored by each ICL configuration")
     parser.add_argument("--peft", default="lora,bitfit", help="what trains, comma-separated")
+    parser.add_argument("--only", default=",".join(CONFIGURATIONS),
+                        help=f"configurations to measure, comma-separated, of {', '.join(CONFIGURATIONS)} "
+                        "(CD always runs the teacher pass first, to fill the signal cache)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=2)
@@ -134,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="icld-paper-scale-"))
     common = ["--task", "mnli", "--eval", "mnli-m", "--seeds", "0", "--device", args.device, "--dtype", args.dtype]
     train = [*common, "--limit", "2", "--train-batch-size", str(args.batch), "--warmup-ratio", "0", "--lr", "1e-4",
-             "--eval-every", "-1", "--no-save-every-epoch"]
+             "--eval-every", "-1"]
     pefts = args.peft.split(",")
+    only = set(args.only.split(","))
+    if only - set(CONFIGURATIONS):
+        parser.error(f"--only: unknown {sorted(only - set(CONFIGURATIONS))}; choose from {', '.join(CONFIGURATIONS)}")
     rows: list[dict[str, Any]] = []
     header = f"{'k':>3} {'configuration':<24} {'time':>9} {'unit':<8} {'peak MB':>9} {'trainable':>11}"
     print(header)
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{trainable:>11}", flush=True)
 
     for k in [int(x) for x in args.shots.split(",")]:
-        for mode, flag in (("naive", "--no-prefix-cache"), ("cached", "--prefix-cache")):
+        for mode, flag in (("naive", "--no-prefix-cache"), ("cached", "--prefix-cache")) if "icl" in only else ():
             record = icld(["icl", "--model", teacher, "--shots", str(k), "--limit", str(args.queries), flag, *common],
                           work / f"icl-{mode}-{k}", env)
             scoring = record["resources"]["scoring"]
@@ -161,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                    "--teacher-dtype", args.dtype, "--train-queries", str(train_queries), "--epochs", "1",
                    "--cache-dir", str(work / "cache"), *train]
         # The first run fills the teacher-signal cache (the teacher pass); the measured CD runs hit it.
-        record = icld([*distill, "--peft", pefts[0]], work / f"teacher-{k}", env)
-        teacher_pass = record["teacher_pass"]
-        add(k, "teacher pass 1.3B", {"seconds": teacher_pass["wall_time_s"] / train_queries, "unit": "s/query",
-                                     "peak_memory_mb": teacher_pass["peak_memory_mb"]})
+        if only & {"teacher", "cd"}:
+            record = icld([*distill, "--peft", pefts[0]], work / f"teacher-{k}", env)
+            teacher_pass = record["teacher_pass"]
+            add(k, "teacher pass 1.3B", {"seconds": teacher_pass["wall_time_s"] / train_queries, "unit": "s/query",
+                                         "peak_memory_mb": teacher_pass["peak_memory_mb"]})
 
         # PBFT trains on the k support examples: enough epochs for the step budget, or --max-steps where it exists.
         if _has_option(PbftOptions, "max_steps"):
@@ -173,9 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             pbft_budget = ["--epochs", str(max(1, args.steps * args.batch // k))]
         for peft in pefts:
             for label, model in (("1.3B", teacher), ("125M", student)):
+                if f"pbft-{label.lower()}" not in only:
+                    continue
                 record = icld(["pbft", "--model", model, "--shots", str(k), "--peft", peft, *pbft_budget, *train],
                               work / f"pbft-{label}-{peft}-{k}", env)
                 add(k, f"PBFT {label} {peft}", _training(record))
+            if "cd" not in only:
+                continue
             cd_budget = ["--max-steps", str(args.steps)] if _has_option(DistillOptions, "max_steps") else []
             record = icld([*distill, "--peft", peft, *cd_budget], work / f"cd-{peft}-{k}", env)
             if record["teacher_pass"]["cache_hits"] != 1 or record["teacher_pass"]["teacher_loaded"]:
@@ -186,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     for peft in pefts:
         for k in sorted({r["k"] for r in rows}):
             by = {r["configuration"]: r for r in rows if r["k"] == k}
+            needed = [f"CD 125M {peft} (cached)", f"PBFT 1.3B {peft}", f"PBFT 125M {peft}", "ICL 1.3B cached", "ICL 1.3B naive"]
+            if any(name not in by for name in needed):
+                continue
             cd = by[f"CD 125M {peft} (cached)"]["peak_memory_mb"]
             print(f"k={k:<2} {peft:<6} CD-125M peak / PBFT-1.3B peak {cd / by[f'PBFT 1.3B {peft}']['peak_memory_mb']:.2f}, "
                   f"/ PBFT-125M peak {cd / by[f'PBFT 125M {peft}']['peak_memory_mb']:.2f}; "

@@ -22,6 +22,7 @@ Targets (issue 13): within 1e-4 in fp32 with identical predictions; icld >= 15x 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from icldistill.config import IclOptions, build_config
-from icldistill.methods.common import prepare
+from icldistill.methods.common import Setup, prepare
 from icldistill.models.packaged import fetch_packaged
 from icldistill.runtime.paths import default_cache_dir
 from icldistill.tasks.data import Example
@@ -186,17 +187,34 @@ def run_lmeval(python: Path, task_dir: Path, model_dir: Path, dtype: str, batch_
     return {"seconds": seconds, "scoring_seconds": scoring, "per_query": per_query}
 
 
-def run_icld(model: str, dtype: str, shots: int, queries: int, demonstrations: Sequence[Example],
+def write_demonstrations_file(path: Path, setup: Setup, demonstrations: Sequence[Example]) -> None:
+    """The demonstrations as a data file of the task's columns and raw labels, for ``--demonstrations``."""
+    spec = setup.train.spec
+    raw: dict[int, str] = {}
+    for value, cls in spec.label_map.items():
+        if cls is not None:
+            raw.setdefault(cls, value)
+    id_column = spec.id_column or "id"
+    path.write_text("".join(json.dumps({id_column: d.id, **d.fields, spec.label_column: raw[d.label]}) + "\n"
+                            for d in demonstrations))
+
+
+def run_icld(model: str, dtype: str, setup: Setup, demonstrations: Sequence[Example],
              query_examples: Sequence[Example], threads: int, out: Path) -> dict[str, Any]:
     """``icld icl`` on the same prompts; wall time and, per query id, its label log-probabilities.
 
-    The one place that knows how the icld side is run. Today the command line draws the same
-    demonstrations (seed 0) and the same queries (``--limit``) from the same code this script read them
-    from; both are checked against the results below, so a change in either fails loudly here.
+    The one place that knows how the icld side is run: the public command line, with the
+    demonstrations fixed by ``--demonstrations FILE`` (in file order) where the command has it, else
+    seed 0's draw, which is what this script read them from. Demonstrations and queries are checked
+    against the run's records, so a difference fails loudly here.
     """
     command = [sys.executable, "-m", "icldistill.cli", "-q", "icl", "--model", model, "--task", "mnli",
-               "--eval", "mnli-m", "--shots", str(shots), "--seeds", "0", "--limit", str(queries),
-               "--dtype", dtype, "--device", "cpu", "--output-dir", str(out)]
+               "--eval", "mnli-m", "--shots", str(len(demonstrations)), "--seeds", "0",
+               "--limit", str(len(query_examples)), "--dtype", dtype, "--device", "cpu", "--output-dir", str(out)]
+    if any(f.name == "demonstrations" for f in dataclasses.fields(IclOptions)):
+        demo_file = out.with_name(out.name + "-demonstrations.jsonl")
+        write_demonstrations_file(demo_file, setup, demonstrations)
+        command += ["--demonstrations", str(demo_file)]
     seconds = _timed(command, _offline_env(threads), out.with_suffix(".log"))
     record = json.loads((out / "results.json").read_text())
     used = record["seeds"]["0"]["demonstrations"]
@@ -270,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for dtype in args.dtypes.split(","):
-        icld = run_icld(args.model, dtype, args.shots, args.queries, demonstrations, queries, args.threads,
-                        work / f"icld-{dtype}")
+        icld = run_icld(args.model, dtype, setup, demonstrations, queries, args.threads, work / f"icld-{dtype}")
         lm = run_lmeval(python, work / "task", model_dir, dtype, args.lmeval_batch_size, args.shots, args.threads,
                         work / f"lmeval-{dtype}")
         row = {"dtype": dtype, **compare(lm, icld, expected, gold)}

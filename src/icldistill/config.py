@@ -33,6 +33,10 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, k
     return field(default=default, metadata=meta)
 
 
+# Trackers accelerate integrates (``Accelerator(log_with=...)``); training/tracking.py knows their packages.
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive")
+
+
 @dataclass
 class CommonOptions:
     """Options shared by every method: what to run on, how to prompt, where to write."""
@@ -136,6 +140,10 @@ class TrainOptions:
     merge: bool = option(False, "Also save a merged plain model (LoRA only).")
     resume: bool = option(False, "Continue from the last checkpoint in output_dir.")
     save_every_epoch: bool = option(True, "Write a resumable checkpoint at the end of every epoch.")
+    report_to: str = option(
+        "none", "Log training curves (loss, KL/CE, lr, grad norm, dev metrics) through accelerate's trackers to: "
+        "none, tensorboard, mlflow, wandb, aim, comet_ml, clearml or dvclive; logs in OUTPUT_DIR/seed-N/logs.",
+        choices=TRACKERS)
 
 
 @dataclass

@@ -24,6 +24,7 @@ over ranks, so the history reads the same for any number of processes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -43,6 +44,7 @@ from icldistill.runtime import distributed
 from icldistill.config import TrainOptions
 from icldistill.errors import IcldError
 from icldistill.models.adapters import copy_parameters
+from icldistill.training import tracking
 from icldistill.training.losses import LossOutput
 from icldistill.runtime.records import atomic_write_json, read_json
 
@@ -245,7 +247,12 @@ def fit(
     _use_device(next(model.parameters()).device)
     # One scheduler step per optimiser step: accelerate would otherwise step it once per process,
     # assuming a dataloader sharded across ranks (here every rank walks the same global steps).
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
+                              **tracking.accelerator_kwargs(options.report_to, checkpoint_dir))
+    if options.report_to != "none":
+        run_name = checkpoint_dir.parent.name if checkpoint_dir is not None else "run"
+        accelerator.init_trackers(f"{run_name}-{checkpoint_dir.name}" if checkpoint_dir else run_name,
+                                  config=tracking.hyperparameters(dataclasses.asdict(options)))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     _register_checkpoint_hooks(accelerator, names)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -299,6 +306,7 @@ def fit(
             # Every rank takes part (FSDP gathers collectively); the copy lives on the CPU.
             # (Cloned: on the CPU the "copy" would otherwise share storage with the live parameters.)
             best_state = {n: t.clone() for n, t in gathered_trainable_state(accelerator, model, names).items()}
+        accelerator.log(tracking.eval_values(metrics, prefix="dev"), step=result.steps)
         if on_evaluate is not None:
             on_evaluate(epoch, metrics)  # may raise StopTraining
 
@@ -354,10 +362,16 @@ def fit(
                 sums["ce"] += ce_sum
                 result.train_tokens += int(tokens)
                 sums["n"] += len(step_indices)
+                grad_norm = None
                 if options.max_grad_norm > 0:
                     # All of the model's parameters (frozen ones have no gradient): under FSDP accelerate only
                     # computes the global norm when it is handed exactly the prepared model's parameters.
-                    accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+                n_step = len(step_indices)
+                accelerator.log(tracking.step_values(
+                    loss_sum / n_step, kl_sum / n_step if out.kl is not None else None,
+                    ce_sum / n_step if out.ce is not None else None, scheduler.get_last_lr()[0],
+                    float(grad_norm) if grad_norm is not None else None), step=result.steps + 1)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -394,6 +408,7 @@ def fit(
         result.stopped_early = True
         logger.info("training stopped by on_evaluate after step %d", result.steps)
     bar.close()
+    accelerator.end_training()  # flushes and closes the trackers (a no-op without them)
     if select == "best" and best_state is not None:
         _load_trainable(accelerator.unwrap_model(model), best_state)
         result.selected = {"rule": "best", "metric": f"dev_{select_metric}", **best}

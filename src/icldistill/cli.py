@@ -243,11 +243,67 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if summary.finished else 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from icldistill.experiments.tune import TuneEvent, finish, load_tuning, run_study
+    from icldistill.report.tuning import write_tuning_report
+
+    plan = load_tuning(args.experiment, output_dir=args.output_dir,
+                       overrides={"trials": args.trials, "timeout_s": args.timeout})
+    print(f"tune {plan.name}: {plan.method}, {plan.settings.trials} trials, objective {plan.settings.objective} "
+          f"on the dev split -> {plan.output_dir}")
+    for dimension in plan.space.dimensions:
+        print(f"  {dimension.describe()}")
+
+    def on_event(event: TuneEvent) -> None:
+        where = f"[{event.finished}/{event.total}]"
+        if event.kind == "start":
+            print(f"{where} finished before; {max(event.total - event.finished, 0)} to run", flush=True)
+        elif event.kind == "trial_start":
+            params = ", ".join(f"{k}={_short(v)}" for k, v in event.params.items())
+            print(f"{where} trial {event.trial}: {params}", flush=True)
+        elif event.kind == "trial_end":
+            value = "-" if event.value is None else f"{event.value:.4f}"
+            best = "-" if event.best_value is None else f"{event.best_value:.4f} (trial {event.best_trial})"
+            print(f"{where} trial {event.trial}: {event.state}, {plan.settings.objective} {value}; best {best} "
+                  f"({_duration(event.elapsed_s)}, ~{_duration(event.remaining_s)} left)", flush=True)
+            if event.error:
+                print(f"    {event.error.splitlines()[0]}")
+        elif event.kind == "wait":
+            print(f"{where} the remaining trials run in other workers; waiting", flush=True)
+
+    if not args.finish_only:
+        run_study(plan, storage=args.storage, on_event=on_event, progress=not args.quiet)
+    if args.no_finish:
+        print(f"trials: icld results {plan.output_dir}")
+        return 0
+    print("re-training the best configuration and the defaults with seeds "
+          f"{','.join(map(str, plan.seeds))}; each is evaluated once on the evaluation sets", flush=True)
+    finish(plan, storage=args.storage, progress=not args.quiet)
+    paths = write_tuning_report(plan.output_dir)
+    print(f"tuning report: {paths['markdown']}")
+    return 0
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from icldistill.experiments.grid import validate_file
 
+    from icldistill.experiments.tune import load_tuning
+
     status = 0
     for path in args.files:
+        if Path(path).is_file() and "search" in (load_yaml(path) or {}):
+            try:
+                plan = load_tuning(path)
+                print(f"{path}: OK: tuning {plan.method}, {len(plan.space.dimensions)} searched options, "
+                      f"{plan.settings.trials} trials -> {plan.output_dir}")
+            except IcldError as exc:
+                status = 1
+                print(f"{path}: {exc}")
+            continue
         report = validate_file(path)
         if report.ok:
             print(f"{path}: OK: {report.summary}")
@@ -267,6 +323,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     from icldistill.experiments.grid import model_label
     from icldistill.experiments.results import aggregate, collect, collect_subcases
 
+    from icldistill.experiments.tune import is_study_dir
+
+    if is_study_dir(args.directory):
+        return _print_trials(args.directory)
     runs = collect(args.directory)
     if args.csv:
         runs.to_csv(args.csv, index=False)
@@ -294,6 +354,24 @@ def cmd_results(args: argparse.Namespace) -> int:
                      ood, num(r.labelled_examples_mean, 0), num(r.steps_mean, 0), num(r.peak_memory_mb_mean, 0),
                      str(r.n_seeds) + (f" ({r.n_failed} failed)" if r.n_failed else "")])
     print(format_table(rows))
+    return 0
+
+
+def _print_trials(directory: str) -> int:
+    """A tuning study's trials, best first (``icld results STUDY_DIR``)."""
+    from icldistill.experiments.tune import trials_table
+
+    rows = trials_table(directory)
+    if not rows:
+        print(f"{directory}: no trials yet")
+        return 0
+    names = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    table = [["trial", "state", "value", "seconds", *names]]
+    for r in rows:
+        table.append([str(r["trial"]), r["state"], "-" if r["value"] is None else f"{r['value']:.4f}",
+                      "-" if r["duration_s"] is None else f"{r['duration_s']:.0f}",
+                      *(_short(r["params"][n]) if n in r["params"] else "-" for n in names)])
+    print(format_table(table))
     return 0
 
 
@@ -424,6 +502,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--retry-failed", action="store_true", help="Run failed cells again (once each).")
     sweep.add_argument("--dry-run", action="store_true", help="List the cells and stop.")
     sweep.set_defaults(func=cmd_sweep)
+    tune = sub.add_parser("tune", help="Search hyperparameters with Optuna on the dev split (resumable; workers may share it).",
+                          description="Run an Optuna study over a tuning file's `search:` space (one method, distill or "
+                                      "pbft; `tune:` sets trials, timeout_s, objective, seed). Trials score only the dev "
+                                      "split; at the end the best configuration and the defaults are re-trained with the "
+                                      "file's seeds, evaluated once, and a tuning report is written.")
+    tune.add_argument("experiment", help="Tuning YAML file (see configs/tune-sst2.yaml).")
+    tune.add_argument("--output-dir", default=None, help="Study directory (default: the file's output_dir, else runs/NAME).")
+    tune.add_argument("--trials", type=int, default=None, help="Finished trials the study should hold (overrides tune.trials).")
+    tune.add_argument("--timeout", type=float, default=None, help="Seconds after which this worker starts no new trial.")
+    tune.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///DIR/study.db); e.g. "
+                                                      "postgresql://... for workers on several machines.")
+    tune.add_argument("--no-finish", action="store_true", help="Run trials only; no re-training, no report.")
+    tune.add_argument("--finish-only", action="store_true", help="Skip the search: re-train the best trial's "
+                                                                  "configuration and the defaults, write the report.")
+    tune.set_defaults(func=cmd_tune)
     check = sub.add_parser("validate", help="Check experiment or options files and explain what is wrong.")
     check.add_argument("files", nargs="+", help="YAML files: experiments (with grid/method) or options for --config.")
     check.set_defaults(func=cmd_validate)
@@ -445,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", default=None, help="Also write the comparison as JSON here.")
     compare.set_defaults(func=cmd_compare)
     results = sub.add_parser("results", help="Table of a sweep's results, aggregated over seeds.")
-    results.add_argument("directory", help="Sweep directory (the experiment's output_dir).")
+    results.add_argument("directory", help="Sweep directory (the experiment's output_dir), or a tuning study's.")
     results.add_argument("--csv", default=None, help="Also write the per-run table (one row per run and eval set) here.")
     results.add_argument("--subcases", default=None, help="Also write the HANS per-subcase table here.")
     results.set_defaults(func=cmd_results)
@@ -472,11 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        if args.command == "sweep" and distributed.launched():
+        if args.command in ("sweep", "tune") and distributed.launched():
             # Each cell is a whole run: N launched processes would each take different cells and then wait
             # for one another in collectives that never match.
-            raise IcldError("icld sweep runs each cell in one process: start it without accelerate launch "
-                            "(several `icld sweep` workers on one directory share the cells).")
+            raise IcldError(f"icld {args.command} runs each cell or trial in one process: start it without accelerate "
+                            f"launch (several `icld {args.command}` workers on one directory share the work).")
         return args.func(args)
     except IcldError as exc:
         if distributed.is_main():  # raised alike on every rank (same inputs); said once

@@ -1,0 +1,202 @@
+"""icld tune: Optuna studies on tiny models and real SST-2 rows, scored on the dev split only.
+
+What is asserted: trial parameters are a function of the sampler seed; trials score the dev split and
+never the evaluation sets (which only the final re-runs score); a bad tuning file fails before any
+trial; a killed study resumes with no trial lost or run twice; two workers finish exactly the
+requested number of trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from icldistill.cli import main
+from icldistill.errors import IcldError
+from icldistill.experiments.grid import ExperimentError
+from icldistill.experiments.tune import PLAN_FILE, STUDY_FILE, finish, load_tuning, open_study, plan_from_spec, run_study, trials_table
+from icldistill.runtime.records import read_json
+
+optuna = pytest.importorskip("optuna")
+
+
+def _spec(tiny_dirs, data_dir, cache, **over):
+    spec = {
+        "name": "tiny-tune", "method": "pbft", "task": "sst2", "eval": ["sst2"], "student": str(tiny_dirs["student"]),
+        "data_dir": str(data_dir), "cache_dir": str(cache), "shots": 4, "seeds": [0, 1], "dev_queries": 8,
+        "limit": 8, "epochs": 2, "train_batch_size": 2, "batch_size": 8, "dtype": "fp32", "device": "cpu",
+        "warmup_ratio": 0.0,
+        "search": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}, "lora_r": [2, 4]},
+        "tune": {"trials": 3, "seed": 7, "startup_trials": 2, "heartbeat_s": 1},
+    }
+    spec.update(over)
+    return spec
+
+
+def _write(tmp_path, spec, name="tune.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, tiny_dirs, data_dir):
+    root = tmp_path_factory.mktemp("tune")
+    plan = plan_from_spec(_spec(tiny_dirs, data_dir, root / "cache"), source="tiny.yaml", output_dir=root / "study")
+    study = run_study(plan)
+    return plan, study
+
+
+def test_trials_score_the_dev_split_only(tiny_study):
+    plan, study = tiny_study
+    finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3
+    for t in finished:
+        record = read_json(Path(t.user_attrs["directory"]) / "results.json")
+        assert record["config"]["seeds"] == [0]  # trials train on the first seed
+        assert not record.get("aggregate"), "a trial scored an evaluation set"
+        seed = record["seeds"]["0"]
+        assert all(h.get("dev_accuracy") is not None for h in seed["history"])
+        assert len(seed["dev_examples"]) == 8
+        if t.state.name == "COMPLETE":  # the objective is the dev accuracy the trial's record holds
+            assert t.value == seed["history"][-1]["dev_accuracy"]
+
+
+def test_trial_parameters_are_a_function_of_the_seed(tiny_study, tiny_dirs, data_dir, tmp_path):
+    plan, study = tiny_study
+    again = plan_from_spec(_spec(tiny_dirs, data_dir, plan.base["cache_dir"]), source="tiny.yaml",
+                           output_dir=tmp_path / "again")
+    other = run_study(again)
+    assert [t.params for t in other.get_trials()] == [t.params for t in study.get_trials()]
+    assert [t.value for t in other.get_trials()] == [t.value for t in study.get_trials()]  # fp32 CPU is deterministic
+
+
+def test_finish_evaluates_best_and_defaults_once_with_every_seed(tiny_study):
+    plan, study = tiny_study
+    records = finish(plan)
+    for name in ("best", "defaults"):
+        record = records[name]
+        assert record["config"]["seeds"] == [0, 1]
+        assert set(record["aggregate"]) == {"sst2"} and record["aggregate"]["sst2"]["accuracy"]["n_seeds"] == 2
+    assert records["best"]["config"]["lr"] == pytest.approx(study.best_params["lr"])
+    assert records["defaults"]["config"]["lr"] == 1e-5 and records["defaults"]["config"]["lora_r"] == 8  # untuned
+    from icldistill.report.tuning import write_tuning_report
+
+    paths = write_tuning_report(plan.output_dir)
+    text = paths["markdown"].read_text()
+    assert f"Trial {study.best_trial.number}" in text and "untuned defaults" in text
+    assert paths["trial_history"].read_bytes()[:4] == b"\x89PNG"
+    rows = trials_table(plan.output_dir)
+    values = [r["value"] for r in rows if r["state"] == "complete"]
+    assert values == sorted(values, reverse=True)  # dev accuracy: best first
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"search": {"lr": {"low": 1, "high": 0}}}, "low 1 is greater than high 0"),
+    ({"search": {"nope": [1, 2]}}, "has no option 'nope'"),
+    ({"search": {"lora_r": ["a", 4]}}, "choice 'a' is not a valid value"),
+    ({"method": "icl-teacher"}, "'method' must be one of distill, pbft"),
+    ({"tune": {"trials": 0}}, "trials must be >= 1"),
+    ({"tune": {"objective": "eval_accuracy"}}, "choose dev_accuracy or dev_loss"),
+    ({"tune": {"trails": 3}}, "unknown key(s) trails"),
+    ({"dev_queries": 0}, "tuning needs a dev split"),
+    ({"lr": 1e-3}, "'lr' is both fixed at the top level and searched"),
+    ({"grid": {"shots": [2, 4]}}, "'search:' instead of 'grid:'"),
+])
+def test_a_bad_tuning_file_fails_before_any_trial(tmp_path, tiny_dirs, data_dir, capsys, change, message):
+    spec = _spec(tiny_dirs, data_dir, tmp_path / "cache", output_dir=str(tmp_path / "study"))
+    spec.update(change)
+    path = _write(tmp_path, spec)
+    with pytest.raises(ExperimentError, match="problem") as info:
+        load_tuning(path)
+    assert any(message in p for p in info.value.problems), info.value.problems
+    assert main(["-q", "tune", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "study" / STUDY_FILE).exists()  # nothing started
+
+
+def test_validate_accepts_a_tuning_file(tmp_path, tiny_dirs, data_dir, capsys):
+    path = _write(tmp_path, _spec(tiny_dirs, data_dir, tmp_path / "cache"))
+    assert main(["validate", str(path)]) == 0
+    assert "OK: tuning pbft, 2 searched options, 3 trials" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ, ICLDISTILL_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _tune(path: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "icldistill.cli", "-q", "tune", str(path), "--no-finish", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _states(directory: Path) -> list[tuple[int, str, dict]]:
+    meta = read_json(directory / PLAN_FILE)
+    study = optuna.load_study(study_name=meta["name"], storage=meta["storage"])
+    return [(t.number, t.state.name, t.params) for t in study.get_trials()]
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_with_no_trial_lost_or_run_twice(tmp_path, tiny_dirs, data_dir):
+    study_dir = tmp_path / "study"
+    spec = _spec(tiny_dirs, data_dir, tmp_path / "cache", output_dir=str(study_dir), epochs=3,
+                 tune={"trials": 4, "seed": 3, "startup_trials": 4, "heartbeat_s": 1})
+    path = _write(tmp_path, spec)
+    env = _env(tmp_path / "cache")
+    proc = _tune(path, env)
+    deadline = time.monotonic() + 300
+    # Kill it while its second trial runs (the first one finished).
+    while time.monotonic() < deadline:
+        if (study_dir / STUDY_FILE).exists():
+            states = [s for _, s, _ in _states(study_dir)]
+            if states.count("COMPLETE") >= 1 and "RUNNING" in states:
+                break
+        if proc.poll() is not None:
+            pytest.fail("tune ended before it could be killed: " + proc.communicate()[1][-2000:])
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _states(study_dir)
+    killed = [(n, p) for n, s, p in before if s == "RUNNING"]
+    assert len(killed) == 1
+    out, err = _tune(path, env).communicate(timeout=600)
+    assert "Traceback" not in err, err[-3000:]
+    after = _states(study_dir)
+    finished = [(n, p) for n, s, p in after if s in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4  # the requested number: none lost
+    # The killed trial was failed and retried once with the same parameters; nothing ran twice to the end.
+    states = {n: s for n, s, _ in after}
+    assert states[killed[0][0]] == "FAIL"
+    assert [p for _, p in finished].count(killed[0][1]) == 1
+    assert len({json.dumps(p, sort_keys=True) for _, p in finished}) == 4
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_sqlite_study_finish_the_requested_trials(tmp_path, tiny_dirs, data_dir):
+    study_dir = tmp_path / "study"
+    spec = _spec(tiny_dirs, data_dir, tmp_path / "cache", output_dir=str(study_dir),
+                 tune={"trials": 5, "seed": 0, "startup_trials": 5, "heartbeat_s": 1})
+    path = _write(tmp_path, spec)
+    env = _env(tmp_path / "cache")
+    workers = [_tune(path, env) for _ in range(2)]
+    results = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [r[1][-2000:] for r in results]
+    after = _states(study_dir)
+    assert sum(s in ("COMPLETE", "PRUNED") for _, s, _ in after) == 5  # exactly, not 5 + the other worker's last
+    assert not [s for _, s, _ in after if s in ("RUNNING", "FAIL")]
+    started = [sum(" trial " in line and "=" in line for line in out.splitlines()) for out, _ in results]
+    assert all(n >= 1 for n in started), started  # both took part

@@ -54,20 +54,21 @@ def test_tensorboard_scalars_read_back_equal_the_logged_losses(tmp_path):
     model, _ = prepare_trainable(model, opts)
     seed_dir = tmp_path / "run" / "seed-0"
     result = fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=seed_dir,
-                 evaluate=lambda m: {"dev": {"accuracy": 0.625, "n": 8}}, progress=False)
+                 evaluate=lambda m: {"accuracy": 0.625, "loss": 0.5, "n": 8}, progress=False)
     scalars = _scalars(seed_dir / tracking.LOG_DIR)
     for tag in ("train/loss", "train/kl", "train/ce", "train/lr", "train/grad_norm"):
         assert [s for s, _ in scalars[tag]] == [1, 2, 3, 4], tag
     # Two steps of 4 examples per epoch: the epoch's mean loss is the mean of its two logged steps.
-    for epoch, entry in enumerate(result.history):
+    for epoch, entry in enumerate(h for h in result.history if "train_loss" in h):
         steps = [v for s, v in scalars["train/loss"] if 2 * epoch < s <= 2 * epoch + 2]
         assert math.isclose(sum(steps) / 2, entry["train_loss"], rel_tol=1e-5)
         kl = [v for s, v in scalars["train/kl"] if 2 * epoch < s <= 2 * epoch + 2]
         assert math.isclose(sum(kl) / 2, entry["train_kl"], rel_tol=1e-5)
     # No warm-up, linear decay over 4 steps: the rate each step used, not the one after it.
     assert [v for _, v in scalars["train/lr"]] == pytest.approx([5e-3, 3.75e-3, 2.5e-3, 1.25e-3])
-    # The evaluation after epoch 1 (the last epoch's is the caller's) at its optimiser step.
-    assert scalars["eval/dev/accuracy"] == [(2, pytest.approx(0.625))]
+    # The dev evaluations after each epoch, at their optimiser steps.
+    assert scalars["dev/accuracy"] == [(2, pytest.approx(0.625)), (4, pytest.approx(0.625))]
+    assert scalars["dev/loss"] == [(2, pytest.approx(0.5)), (4, pytest.approx(0.5))]
 
 
 def test_no_tracker_writes_no_logs(tmp_path):

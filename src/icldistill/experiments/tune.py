@@ -25,6 +25,7 @@ import dataclasses
 import fcntl
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -202,6 +203,8 @@ def _optuna():
     except ImportError:  # a core dependency; only a broken install lacks it
         raise IcldError("icld tune needs optuna: pip install optuna") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats and retries are marked experimental (since Optuna 2.8); they are what resuming relies on.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
 
@@ -372,7 +375,8 @@ def _objective(plan: TuningPlan, trial: Any, emit: Callable[[TuneEvent], None], 
 
     params = plan.space.suggest(trial)
     # A retry of a trial whose worker died continues in the first attempt's directory, from its checkpoint.
-    original = RetryFailedTrialCallback.retried_trial_number(trial)
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    original = RetryFailedTrialCallback.retried_trial_number(frozen)
     number = trial.number if original is None else _first_attempt(trial.study, original)
     directory = trial_dir(plan, number)
     trial.set_user_attr("directory", str(directory))

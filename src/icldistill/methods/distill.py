@@ -29,6 +29,7 @@ from icldistill.models.loading import LoadedModel, load_model, load_tokenizer, l
 from icldistill.runtime.paths import default_cache_dir
 from icldistill.runtime.records import measure
 from icldistill.training.teacher import OnlineTeacher, SignalCache, TeacherSignal, compute_signal, signal_key
+from icldistill.training.loop import OnEvaluate
 from icldistill.methods.common import Setup, dev_split, finish_record, model_record, prepare, start_record
 from icldistill.methods.finetune import student_label_scores, summarise_predictions, train_and_evaluate
 
@@ -260,8 +261,11 @@ def plan_seed(config: DistillOptions, setup: Setup, seed: int) -> SeedPlan:
     return SeedPlan(contexts, training_queries(setup, seed, config.train_queries, contexts, exclude=dev), dev)
 
 
-def run_distill(config: DistillOptions, *, progress: bool = True) -> dict[str, Any]:
-    """Distil ``config.teacher`` (with k demonstrations) into ``config.student`` for each seed."""
+def run_distill(config: DistillOptions, *, progress: bool = True, on_evaluate: OnEvaluate | None = None,
+                score_eval_sets: bool = True) -> dict[str, Any]:
+    """Distil ``config.teacher`` (with k demonstrations) into ``config.student`` for each seed.
+
+    ``on_evaluate`` and ``score_eval_sets`` are for tuning trials (see ``finetune.train_and_evaluate``)."""
     setup = prepare(config)
     setup.check_tokenizer(load_tokenizer(config.teacher, cache_dir=config.cache_dir), config.teacher)  # before the teacher pass
     record, out = start_record("distill", config, setup)
@@ -306,6 +310,7 @@ def run_distill(config: DistillOptions, *, progress: bool = True) -> dict[str, A
             out / f"seed-{seed}", dev_examples=p.dev, labelled_examples=labelled_examples(config, p.contexts),
             before_training=lambda student_dev, s=seed: icl_gain(per_seed.get(s, {}).get("dev", {}), student_dev, s),
             other_peaks_mb={"teacher_pass": teacher_peak} if teacher_peak is not None else None,
-            revision=config.revision, extra_record=extra, progress=progress,
+            revision=config.revision, extra_record=extra, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets,
+            progress=progress,
         )
     return finish_record(record, out)

@@ -25,7 +25,7 @@ from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
 from icldistill.scoring.encoding import tokenize_prompts
 from icldistill.scoring.prefix_cache import label_word_tokens, last_token_logits, pad_right, rows_forward
-from icldistill.training.loop import fit
+from icldistill.training.loop import OnEvaluate, fit
 from icldistill.methods.common import PREDICTIONS_FILE, Setup, evaluate_on_sets, model_record, prediction_rows
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,8 @@ def train_and_evaluate(
     other_peaks_mb: dict[str, float] | None = None,
     revision: str | None = None,
     extra_record: dict[str, Any] | None = None,
+    on_evaluate: OnEvaluate | None = None,
+    score_eval_sets: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``model_name`` on ``train_examples`` with the loss from ``make_loss(label_ids)``; evaluate; save.
@@ -163,7 +165,9 @@ def train_and_evaluate(
     selected state. ``before_training(student_dev_metrics)`` returns fields for the record (distillation's
     ICL-gain check). ``labelled_examples`` is the method's label budget without the dev split (which is
     added when ``--select best`` uses its labels). ``other_peaks_mb`` are peaks paid outside this function
-    (the teacher pass) that enter the run's overall peak.
+    (the teacher pass) that enter the run's overall peak. ``on_evaluate`` goes to ``fit`` (a tuner's
+    pruning hook); ``score_eval_sets=False`` scores the dev split only (tuning trials never look at the
+    evaluation sets).
 
     Returns the seed's record (also written to ``seed_dir/seed_result.json``, which a resumed run reuses).
     Under N processes every rank trains and evaluates its share and holds the same record; rank 0 writes.
@@ -211,12 +215,15 @@ def train_and_evaluate(
     with measure(student.device) as training:
         result = fit(model, len(train_examples), batches, make_loss(label_ids), options, seed=seed,
                      mixed_precision=precision, cpu=student.device.type == "cpu", checkpoint_dir=seed_dir,
-                     evaluate=evaluate_dev if dev_examples else None, progress=progress)
+                     evaluate=evaluate_dev if dev_examples else None, on_evaluate=on_evaluate, progress=progress)
     # The evaluation sets, scored once on the selected state; also the measurement of the inference cost.
     model.eval()
+    final: dict[str, Any] = {}
+    final_predictions: dict[str, list[dict[str, Any]]] = {}
     with measure(student.device) as cost, autocast():
-        final, final_predictions, _ = evaluate_on_sets(student, setup, [], batch_size=config.batch_size, progress=False,
-                                                       use_prefix_cache=config.prefix_cache)
+        if score_eval_sets:
+            final, final_predictions, _ = evaluate_on_sets(student, setup, [], batch_size=config.batch_size,
+                                                           progress=False, use_prefix_cache=config.prefix_cache)
     queries = sum(v["n"] for v in final.values())
     inference = {**cost.as_dict(), "queries": queries, "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}
     artefacts = save_trained(model, student, options, seed_dir, gathered=result.final_trainable_state)

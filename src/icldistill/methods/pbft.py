@@ -11,10 +11,14 @@ from typing import Any
 from icldistill.config import PbftOptions
 from icldistill.methods.common import dev_split, finish_record, prepare, start_record
 from icldistill.methods.finetune import ce_only, train_and_evaluate
+from icldistill.training.loop import OnEvaluate
 
 
-def run_pbft(config: PbftOptions, *, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``config.model`` on each seed's k support examples; write and return the results record."""
+def run_pbft(config: PbftOptions, *, progress: bool = True, on_evaluate: OnEvaluate | None = None,
+             score_eval_sets: bool = True) -> dict[str, Any]:
+    """Fine-tune ``config.model`` on each seed's k support examples; write and return the results record.
+
+    ``on_evaluate`` and ``score_eval_sets`` are for tuning trials (see ``finetune.train_and_evaluate``)."""
     setup = prepare(config)
     record, out = start_record("pbft", config, setup)
     for seed in config.seeds:
@@ -22,6 +26,6 @@ def run_pbft(config: PbftOptions, *, progress: bool = True) -> dict[str, Any]:
         record["seeds"][str(seed)] = train_and_evaluate(
             "pbft", config, config, setup, config.model, support, ce_only, seed, out / f"seed-{seed}",
             dev_examples=dev_split(setup, seed, config.dev_queries, support), labelled_examples=len(support),
-            revision=config.revision, progress=progress,
+            revision=config.revision, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets, progress=progress,
         )
     return finish_record(record, out)

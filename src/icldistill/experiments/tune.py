@@ -216,13 +216,25 @@ def open_study(plan: TuningPlan, storage: str | None = None) -> Any:
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     url = storage or plan.storage_url
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    rdb = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=max(1, int(plan.settings.heartbeat_s)),
-                     grace_period=max(3, int(3 * plan.settings.heartbeat_s)),
-                     failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
-    sampler = optuna.samplers.TPESampler(seed=plan.settings.seed, n_startup_trials=plan.settings.startup_trials)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=plan.settings.startup_trials, n_warmup_steps=0)
-    return optuna.create_study(study_name=plan.name, storage=rdb, sampler=sampler, pruner=pruner,
-                               direction=plan.settings.direction, load_if_exists=True)
+    # Workers starting together would race to create the storage's tables and the study.
+    with _TrialSlot(plan.output_dir / LOCK_FILE):
+        rdb = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=max(1, int(plan.settings.heartbeat_s)),
+                         grace_period=max(3, int(3 * plan.settings.heartbeat_s)),
+                         failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        return optuna.create_study(study_name=plan.name, storage=rdb, sampler=sampler_for(plan, 0), pruner=pruner,
+                                   direction=plan.settings.direction, load_if_exists=True)
+
+
+def sampler_for(plan: TuningPlan, trial_number: int) -> Any:
+    """The TPE sampler that draws trial ``trial_number``, seeded by (sampler seed, trial number).
+
+    A sampler seeded once per process would repeat its random start after a resume or in a second
+    worker (each would draw trial 0's parameters again); seeding per trial number keeps a study's
+    parameters a function of its seed and its history, whoever runs the trial."""
+    optuna = _optuna()
+    return optuna.samplers.TPESampler(seed=plan.settings.seed * 1_000_003 + trial_number,
+                                      n_startup_trials=plan.settings.startup_trials)
 
 
 @dataclass
@@ -306,6 +318,7 @@ def run_study(plan: TuningPlan, *, storage: str | None = None, on_event: Callabl
                 time.sleep(max(1.0, plan.settings.heartbeat_s))
                 continue
             t0 = time.monotonic()
+            study.sampler = sampler_for(plan, len(study.get_trials(deepcopy=False)))  # the next trial's number
 
             def objective(trial: Any) -> float:
                 slot.release()  # the trial exists (RUNNING) now, so the other workers count it

@@ -161,8 +161,11 @@ def test_a_killed_study_resumes_with_no_trial_lost_or_run_twice(tmp_path, tiny_d
     deadline = time.monotonic() + 300
     # Kill it while its second trial runs (the first one finished).
     while time.monotonic() < deadline:
-        if (study_dir / STUDY_FILE).exists():
-            states = [s for _, s, _ in _states(study_dir)]
+        if (study_dir / PLAN_FILE).exists() and (study_dir / STUDY_FILE).exists():
+            try:
+                states = [s for _, s, _ in _states(study_dir)]
+            except KeyError:  # the database file exists a moment before the study is created in it
+                states = []
             if states.count("COMPLETE") >= 1 and "RUNNING" in states:
                 break
         if proc.poll() is not None:

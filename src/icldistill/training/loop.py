@@ -408,7 +408,10 @@ def fit(
         result.stopped_early = True
         logger.info("training stopped by on_evaluate after step %d", result.steps)
     bar.close()
-    accelerator.end_training()  # flushes and closes the trackers (a no-op without them)
+    # Flush and close the trackers; not accelerator.end_training(), which also destroys the process group
+    # that the final evaluation and the teacher pass of the next seed still need.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if select == "best" and best_state is not None:
         _load_trainable(accelerator.unwrap_model(model), best_state)
         result.selected = {"rule": "best", "metric": f"dev_{select_metric}", **best}

@@ -390,3 +390,27 @@ def test_a_task_records_a_reference_that_finds_it_again(user_task: Path, tmp_pat
     assert task.ref == str(user_task.resolve())
     monkeypatch.chdir(tmp_path.parent)
     assert family_of(get_task(task.ref)) == family_of(task)  # icld eval / predict re-resolve it from the record
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_text_is_kept_as_the_data_has_it_unless_the_task_strips(tmp_path: Path, suffix: str) -> None:
+    """Outer whitespace stays (issue 13: the lineage and lm-eval see it); ``strip_fields: true`` removes it."""
+    rows = [{"ticket": f"  The service {i} is down  ", "queue": c} for i, c in enumerate(CLASSES * 2)]
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["ticket", "queue"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    base = TASK.replace("tickets.csv", path.name).replace("tickets-test.csv", path.name)
+    for strip, expected in ((None, "  The service 0 is down  "), (True, "The service 0 is down")):
+        text = base + ("strip_fields: true\n" if strip else "")
+        (tmp_path / "t.yaml").write_text(text, encoding="utf-8")
+        task = load_task_file(tmp_path / "t.yaml")
+        loaded = data.load(task.train, None, "local").examples
+        assert loaded[0].fields["ticket"] == expected
+    (tmp_path / "t.yaml").write_text(base + "strip_fields: yes please\n", encoding="utf-8")
+    with pytest.raises(TaskFileError, match="strip_fields: true or false"):
+        load_task_file(tmp_path / "t.yaml")

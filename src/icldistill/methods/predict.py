@@ -127,7 +127,7 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
         raise ConfigError(f"--output {output}: unknown format; use .jsonl, .csv or .parquet.")
     source = resolve_source(config.model)
     task, family, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
-    rows = read_inputs(config.input, family.fields)
+    rows = read_inputs(config.input, family.fields, strip=task.train.strip)
     demonstrations: list[Example] = []
     label_score = config.label_score if config.label_score != "auto" else (source.meta or {}).get("label_score") or "sum"
     if config.demonstrations:  # fixed rows, in file order (as icl and distill take them)

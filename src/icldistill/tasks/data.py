@@ -162,6 +162,8 @@ def _load_local_cached(key: _SpecKey, path: str, mtime_ns: int, size: int) -> Lo
     spec = key.spec
     raw = _read_bytes(Path(path))
     fingerprint = hashlib.sha256(raw).hexdigest()[:16]  # of the file's bytes, as SOURCES.md lists them
+    if spec.strip:  # other text from the same bytes: caches keyed by the fingerprint must not mix the two
+        fingerprint += "+strip"
     if path.endswith((".csv", ".tsv", ".parquet")):
         rows = _iter_table(Path(path))
     else:
@@ -286,7 +288,7 @@ def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], wh
             value = row[name]
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{where}:{lineno}: field '{name}' must be a non-empty string, got {value!r}; fill it in or remove the row.")
-            texts[name] = value.strip()
+            texts[name] = value.strip() if spec.strip else value  # as the data has it, unless the task asks
         row_id = str(row[spec.id_column]) if spec.id_column and spec.id_column in row else str(lineno)
         if row_id in seen:
             raise DataError(f"{where}:{lineno}: duplicate id {row_id!r} (first on line {seen[row_id]}); ids must be unique.")

@@ -50,10 +50,10 @@ def _parquet_rows(path: Path, fields: Sequence[str]) -> Iterable[tuple[int, dict
         yield i, row
 
 
-def read_inputs(path: str | Path, fields: Sequence[str]) -> list[Example]:
+def read_inputs(path: str | Path, fields: Sequence[str], *, strip: bool = False) -> list[Example]:
     """The rows of ``path`` as unlabelled examples (label :data:`UNLABELLED`), in file order.
 
-    Text is used as the file has it (as the training data: stripped of outer whitespace). A missing
+    Text is used as the file has it, as the training data is (``strip``: the task's ``strip_fields``). A missing
     or empty field, a non-text value or a duplicate id is an error naming the row ("line" for
     JSON Lines and CSV, "row" for Parquet).
     """
@@ -77,7 +77,7 @@ def read_inputs(path: str | Path, fields: Sequence[str]) -> list[Example]:
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{path}, {where} {number}: field '{name}' must be non-empty text, got {value!r}; "
                                 "fill it in or remove the row.")
-            texts[name] = value.strip()
+            texts[name] = value.strip() if strip else value
         row_id = str(row["id"]) if row.get("id") not in (None, "") else str(len(examples))
         if row_id in seen:
             raise DataError(f"{path}, {where} {number}: duplicate id {row_id!r} (first at {where} {seen[row_id]}).")

@@ -70,6 +70,9 @@ class DataSpec:
     base_dir: str | None = None
     carve: Carve | None = None
     origin: str = ""  # the task file and key that defined this set, for messages
+    # Text is used as the data has it (the lineage keeps trailing spaces, and lm-eval sees them); a task
+    # file's `strip_fields: true` strips outer whitespace from every input field.
+    strip: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from icldistill.errors import ConfigError
 from icldistill.tasks.registry import BUILTIN_DIR, Carve, DataSpec, Family, HubSource, PatternSpec, Task, task_files
 
 TOP_KEYS = ("name", "base", "description", "inputs", "label_column", "id_column", "classes", "drop",
-            "content_free", "patterns", "default_pattern", "train", "eval", "default_eval")
+            "content_free", "patterns", "default_pattern", "train", "eval", "default_eval", "strip_fields")
 SOURCE_KEYS = ("path", "hub", "filter", "meta_columns", "carve", "description", "classes", "drop")
 HUB_KEYS = ("path", "name", "split", "revision", "rename")
 CARVE_KEYS = ("part", "eval_rows", "seed")
@@ -162,8 +162,12 @@ def build_task(d: Mapping[str, Any], path: Path) -> Task:
                             f"e.g. {{{', '.join(f'{c}: N/A' for c in inputs)}}}.")
     family = Family(name, tuple(inputs), tuple(classes), MappingProxyType(patterns),
                     MappingProxyType({k: str(v) for k, v in content_free.items()}))
+    strip = d.get("strip_fields", False)
+    if not isinstance(strip, bool):
+        raise TaskFileError(f"{where}: strip_fields: true or false (strip outer whitespace from the input fields), "
+                            f"got {strip!r}.")
     common = {"fields": tuple(inputs), "label_column": label_column, "id_column": id_column,
-              "id_required": "id_column" in d}
+              "id_required": "id_column" in d, "strip": strip}
     if not isinstance(d.get("train"), Mapping):
         raise TaskFileError(f"{where}: train: give the training data as a mapping with a path (or hub).")
     train = _source(d["train"], f"{name}-train", name, classes, label_map, common, "train")

@@ -67,8 +67,9 @@ def test_real_sst2_train_keeps_only_full_sentences(data_dir: Path) -> None:
     loaded = data.load(TASKS["sst2"].train, data_dir, "local")
     # SOURCES.md: 6,871 of the 67,349 train rows are full sentences
     assert len(loaded.examples) == 6871
-    # every SST-2 sentence ends in one space in the file; the loader strips it
-    assert all(ex.fields["sentence"] == ex.fields["sentence"].strip() for ex in loaded.examples)
+    # every SST-2 sentence ends in one space in the file; the loader keeps it (text as the data has it)
+    assert all(ex.fields["sentence"].endswith(" ") and not ex.fields["sentence"].endswith("  ")
+               for ex in loaded.examples)
     assert {tuple(ex.fields) for ex in loaded.examples} == {("sentence",)}
 
 
@@ -147,14 +148,14 @@ def test_filter_keeps_matching_rows_and_meta(tmp_path: Path) -> None:
         ("1", 0, "ln_subject/object_swap"), ("3", 1, "ln_passive")]
 
 
-def test_texts_are_stripped_and_line_separators_inside_strings_are_kept(tmp_path: Path) -> None:
+def test_texts_are_kept_whole_and_line_separators_inside_strings_are_kept(tmp_path: Path) -> None:
     # json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw; they are not line breaks in JSON Lines
     rows = [_row("a", premise="  one\u2028two\x85three  "), _row("b", hypothesis="x\u2029y\x0cz\t")]
     (tmp_path / "rows.jsonl").write_bytes(_jsonl(rows).replace("\n", "\r\n").encode("utf-8"))
     loaded = data.load(_spec("rows.jsonl"), tmp_path, "local")
     assert [ex.fields for ex in loaded.examples] == [
-        {"premise": "one\u2028two\x85three", "hypothesis": "A person rests."},
-        {"premise": "A man sleeps.", "hypothesis": "x\u2029y\x0cz"},
+        {"premise": "  one\u2028two\x85three  ", "hypothesis": "A person rests."},  # outer spaces kept (issue 13)
+        {"premise": "A man sleeps.", "hypothesis": "x\u2029y\x0cz\t"},
     ]
 
 
@@ -254,7 +255,7 @@ def test_valid_rows_round_trip_through_parse_rows(raw: list[tuple[str, str, str,
         for i, (premise, hypothesis, label, lead, trail) in enumerate(raw)
     ]
     expected = [
-        (row["id"], {"premise": row["premise"].strip(), "hypothesis": row["hypothesis"].strip()}, spec.label_map[row["label"]])
+        (row["id"], {"premise": row["premise"], "hypothesis": row["hypothesis"]}, spec.label_map[row["label"]])
         for _, row in rows
         if spec.label_map[row["label"]] is not None
     ]
@@ -277,7 +278,7 @@ def test_any_unicode_text_round_trips_through_a_file(tmp_path_factory: pytest.Te
     rows = [_row(str(i), premise=p, hypothesis=h) for i, (p, h) in enumerate(pairs)]
     (directory / "rows.jsonl").write_text(_jsonl(rows), encoding="utf-8")
     loaded = data.load(_spec("rows.jsonl"), directory, "local")
-    assert [dict(ex.fields) for ex in loaded.examples] == [{"premise": p.strip(), "hypothesis": h.strip()} for p, h in pairs]
+    assert [dict(ex.fields) for ex in loaded.examples] == [{"premise": p, "hypothesis": h} for p, h in pairs]
 
 
 # ---------------------------------------------------------------------------------------------

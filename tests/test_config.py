@@ -202,3 +202,19 @@ def test_load_yaml_unreadable_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_yaml(path)
     assert str(path) in str(info.value)
+
+
+def test_cli_output_into_a_closed_pipe_is_not_a_traceback():
+    """`icld tasks | head -0`: the reader closes the pipe before any output; the command ends quietly."""
+    import subprocess
+    import sys
+
+    code = ("import subprocess, sys\n"
+            "p = subprocess.Popen([sys.executable, '-m', 'icldistill.cli', 'tasks'], stdout=subprocess.PIPE, "
+            "stderr=subprocess.PIPE)\n"
+            "p.stdout.close()\n"  # before the command writes anything
+
+            "err = p.stderr.read().decode(); p.wait()\n"
+            "print(p.returncode, 'Traceback' in err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == ["0", "False"], out

@@ -575,6 +575,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.is_main():  # raised alike on every rank (same inputs); said once
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`icld tasks | head`): no traceback; stdout is pointed at /dev/null so that
+        # the interpreter's final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         # Results are only ever written whole, and every finished epoch, seed and sweep cell is kept.
         print("interrupted: finished epochs, seeds and sweep cells are saved; run the same command "

@@ -213,7 +213,6 @@ def test_cli_output_into_a_closed_pipe_is_not_a_traceback():
             "p = subprocess.Popen([sys.executable, '-m', 'icldistill.cli', 'tasks'], stdout=subprocess.PIPE, "
             "stderr=subprocess.PIPE)\n"
             "p.stdout.close()\n"  # before the command writes anything
-
             "err = p.stderr.read().decode(); p.wait()\n"
             "print(p.returncode, 'Traceback' in err)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from icldistill.config import TRACKERS, TrainOptions, build_config
 from icldistill.errors import ConfigError
@@ -13,26 +12,19 @@ from icldistill.models.adapters import prepare_trainable
 from icldistill.training import tracking
 from icldistill.training.loop import fit
 from icldistill.training.losses import LossOutput
-from tiny import make_model, make_tokenizer
+from tiny import toy_training_problem
 
 
 def _problem():
-    tok = make_tokenizer()
-    model = make_model("llama", len(tok), seed=0).train()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, len(tok), (8, 6), generator=g)
-    labels = torch.tensor([0, 1] * 4)
+    """tiny.toy_training_problem with a second loss term (half the CE, as a stand-in KL), so both terms are logged."""
+    model, make_batch, loss_fn = toy_training_problem()
 
-    def make_batch(indices):
-        return {"input_ids": ids[list(indices)], "labels": labels[list(indices)], "n_tokens": 6 * len(indices)}
-
-    def loss_fn(m, batch):
-        logits = m(input_ids=batch["input_ids"], logits_to_keep=1).logits[:, -1, 5:7].float()
-        ce = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-        kl = 0.5 * ce  # a second term, so that both are logged separately
+    def two_terms(m, batch):
+        ce = loss_fn(m, batch).loss
+        kl = 0.5 * ce
         return LossOutput(ce + kl, kl.detach(), ce.detach())
 
-    return model, make_batch, loss_fn
+    return model, make_batch, two_terms
 
 
 def _scalars(log_dir):

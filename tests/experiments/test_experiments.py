@@ -93,14 +93,15 @@ def test_paper_preset_is_the_protocol():
 
 def test_demo_and_alpha_presets():
     demo = load_experiment(CONFIGS / "demo.yaml")
-    assert _by_method(demo) == {"icl-teacher": 2, "icl-student": 2, "pbft-teacher": 2, "pbft": 2, "distill": 4}
+    assert _by_method(demo) == {"icl-teacher": 2, "icl-student": 2, "pbft-teacher": 2, "pbft": 2, "distill": 2}
     distill = [c.config for c in demo.cells if c.method == "distill"]
     assert {c.teacher for c in distill} <= set(PACKAGED_MODELS) and {c.student for c in distill} <= set(PACKAGED_MODELS)
     assert {c.shots for c in distill} == {2, 8} and {c.seeds[0] for c in distill} == {0}
-    assert {c.ce_target for c in distill} == {"gold", "teacher"}  # the demo compares both label budgets
+    sst2 = [c.config for c in load_experiment(CONFIGS / "demo-sst2.yaml").cells if c.method == "distill"]
+    assert {c.ce_target for c in sst2} == {"gold", "teacher"}  # the SST-2 demo compares both label budgets
     trained = [c.config for c in demo.cells if c.method in ("pbft", "pbft-teacher", "distill")]
-    assert all(c.limit == 100 and c.max_steps == 12 for c in trained)  # equal step budgets
-    assert all(c.train_queries == 32 for c in distill)
+    assert all(c.limit == 60 and c.max_steps == 8 for c in trained)  # equal step budgets
+    assert all(c.train_queries == 16 for c in distill + sst2)
 
     alpha = load_experiment(CONFIGS / "alpha.yaml")
     assert _by_method(alpha) == {"distill": 25}
@@ -154,7 +155,7 @@ def test_validate_command(tmp_path, capsys):
     bad.write_text("grid:\n  method: [distill]\n  alpah: [0.5]\n")
     assert cli.main(["validate", str(CONFIGS / "demo.yaml"), str(bad)]) == 1
     out = capsys.readouterr().out
-    assert "demo.yaml: OK: 12 cells (icl-teacher 2, icl-student 2, pbft-teacher 2, pbft 2, distill 4)" in out
+    assert "demo.yaml: OK: 10 cells (icl-teacher 2, icl-student 2, pbft-teacher 2, pbft 2, distill 2)" in out
     assert "bad.yaml: 1 problem" in out and "Did you mean: alpha" in out
     options = tmp_path / "options.yaml"
     options.write_text("shots: 4\nalpha: 0.5\n")

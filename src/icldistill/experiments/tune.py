@@ -263,12 +263,21 @@ def objective_value(record: Mapping[str, Any], plan: TuningPlan) -> tuple[float,
     """A trial's objective (the selected state's dev metric) and its per-evaluation curve (step, value)."""
     key = OBJECTIVES[plan.settings.objective][1]
     seed_record = next(iter(record["seeds"].values()))
+    value = selected_dev_value(seed_record, key)
+    if value is None:
+        raise IcldError(f"trial record has no '{key}' in its history: is the dev split empty?")
+    history = [h for h in seed_record.get("history", []) if h.get(key) is not None]
+    return value, [(int(h["step"]), float(h[key])) for h in history]
+
+
+def selected_dev_value(seed_record: Mapping[str, Any], key: str) -> float | None:
+    """A seed's dev metric ``key`` at the state it kept (``selected``), else at its last dev evaluation."""
     history = [h for h in seed_record.get("history", []) if h.get(key) is not None]
     if not history:
-        raise IcldError(f"trial record has no '{key}' in its history: is the dev split empty?")
+        return None
     selected = seed_record.get("selected") or {}
     chosen = next((h for h in history if h.get("step") == selected.get("step")), history[-1])
-    return float(chosen[key]), [(int(h["step"]), float(h[key])) for h in history]
+    return float(chosen[key])
 
 
 def run_trial_config(method: str, config: Any, *, on_evaluate: Callable[[int, Mapping[str, Any]], None] | None,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from icldistill.errors import IcldError
-from icldistill.experiments.tune import FINAL_RUNS, PLAN_FILE, trials_table
+from icldistill.experiments.tune import FINAL_RUNS, PLAN_FILE, selected_dev_value, trials_table
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
@@ -89,14 +89,8 @@ def _eval_accuracies(record: Mapping[str, Any]) -> dict[str, tuple[float | None,
 
 
 def _dev_values(record: Mapping[str, Any], key: str) -> list[float]:
-    values = []
-    for seed_record in (record.get("seeds") or {}).values():
-        history = [h for h in seed_record.get("history", []) if h.get(key) is not None]
-        selected = seed_record.get("selected") or {}
-        chosen = next((h for h in history if h.get("step") == selected.get("step")), history[-1] if history else None)
-        if chosen is not None:
-            values.append(float(chosen[key]))
-    return values
+    values = [selected_dev_value(s, key) for s in (record.get("seeds") or {}).values()]
+    return [v for v in values if v is not None]
 
 
 def write_tuning_report(directory: str | Path, output_dir: str | Path | None = None) -> dict[str, Path]:

@@ -564,13 +564,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    finished = False  # the ranks meet before leaving the process group only after a normal end
     try:
         if args.command in ("sweep", "tune") and distributed.launched():
             # Each cell is a whole run: N launched processes would each take different cells and then wait
             # for one another in collectives that never match.
             raise IcldError(f"icld {args.command} runs each cell or trial in one process: start it without accelerate "
                             f"launch (several `icld {args.command}` workers on one directory share the work).")
-        return args.func(args)
+        code = args.func(args)
+        finished = True
+        return code
     except IcldError as exc:
         if distributed.is_main():  # raised alike on every rank (same inputs); said once
             print(f"error: {exc}", file=sys.stderr)
@@ -588,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "with --resume (training) or again (sweeps) to continue.", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=finished)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,18 @@ def sum_across(values: Sequence[float]) -> list[float]:
     return reduce(tensor, reduction="sum").cpu().tolist()
 
 
-def shutdown() -> None:
-    """Leave the process group cleanly at the end of a launched run (torch warns otherwise)."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group cleanly at the end of a launched run (torch warns otherwise).
+
+    With ``wait`` (a run that ended normally on every rank) the ranks meet first: a rank that tore its
+    group down (rank 0 also hosts the rendezvous store) while another was still in its last collective
+    could kill that one's communication threads mid-use, which ends the process with "terminate called
+    without an active exception" and a non-zero exit code although every result was written. After an
+    error there is no waiting: the other ranks may sit in a collective that a barrier would not match.
+    """
     if launched() and torch.distributed.is_initialized():
-        _state().destroy_process_group()
+        try:
+            if wait:
+                torch.distributed.barrier()
+        finally:
+            _state().destroy_process_group()

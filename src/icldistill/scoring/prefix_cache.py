@@ -3,20 +3,22 @@
 Prompts are tokenized whole (``encoding``); the prompts of a context share a long token prefix (the
 demonstrations), whose key/value cache is computed once and never copied per row. A pass packs a batch of
 queries into *one* row after the prefix (issue 13): each query's tokens, and each multi-token label
-word's tokens after it, form segments of that row with their own position ids, and a 4-D mask lets a
-segment see the prefix, its parent query and its own earlier tokens, nothing else (a tree mask, as in
-speculative decoding). The cost then approaches that of scoring the queries alone. Only the logits at the
-scored positions are computed (``logits_to_keep``), never the full (seq, vocab) tensor.
+word's tokens after it, form segments of that row with their own position ids; a segment sees the
+prefix, its parent query and its own earlier tokens, nothing else (a tree, as in speculative decoding).
+The attention itself is ``shared_attention``'s: every packed token against the prefix in one product,
+each query's block against its own tokens, merged exactly by log-sum-exp, so that no query is scored
+against another's tokens. The cost then approaches that of scoring the queries alone. Only the logits at
+the scored positions are computed (``logits_to_keep``), never the full (seq, vocab) tensor.
 
 The traps, and how they are met:
 
 * OPT computes positions from the attention mask unless ``position_ids`` are given: they always are.
 * Gemma3's sliding-window layers: the prefix cache is a plain ``DynamicCache`` (every layer keeps all
-  prefix keys, a sliding layer's default cache would keep only the last window), and the model gets
-  one mask per layer type, the sliding one limited by position distance as transformers' own mask is.
-* Families not verified here, attention kernels that take no custom mask, and cache layers that are not
-  plain key/value tensors (linear attention, recurrent or hybrid state updated in place) fall back to the
-  naive path (each whole prompt, right-padded) with one warning.
+  prefix keys, a sliding layer's default cache would keep only the last window), and the shared
+  attention limits a sliding layer's keys by position distance as transformers' own mask does.
+* Families not verified here and cache layers that are not plain key/value tensors (linear attention,
+  recurrent or hybrid state updated in place) fall back to the naive path (each whole prompt,
+  right-padded) with one warning.
 
 The naive path (``use_prefix_cache=False``) is also the reference of the equality tests.
 """
@@ -34,6 +36,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from icldistill.errors import ConfigError
 from icldistill.runtime import distributed
+from icldistill.scoring import shared_attention
 # Re-exported: callers import the tokenization helpers from here as they always did.
 from icldistill.scoring.encoding import encode_text, label_token_ids, label_word_tokens, matching_length  # noqa: F401
 
@@ -108,9 +111,6 @@ def packing_unsupported(model: torch.nn.Module) -> str | None:
     if kind not in PACKED_FAMILIES:
         return (f"the {kind} family is not among those verified for packed shared-prefix scoring "
                 f"({', '.join(sorted(PACKED_FAMILIES))})")
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager"):
-        return f"its attention implementation {impl!r} takes no custom 4-D mask (use sdpa or eager)"
     listed = getattr(config, "layer_types", None)
     layer_types = set(listed or ["full_attention"])
     if not layer_types <= _MASKED_LAYER_TYPES:
@@ -241,27 +241,6 @@ def _class_scores(logits: torch.Tensor, targets: _Targets, n: int, n_classes: in
     return answers, scores.view(n, n_classes)
 
 
-def _layer_masks(model: torch.nn.Module, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor):
-    """The attention mask argument: one (1, 1, L, P + L) mask, or one per layer type (sliding windows)."""
-    config = model.config
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    dtype = next(model.parameters()).dtype
-
-    def finish(mask: torch.Tensor) -> torch.Tensor:
-        mask = mask[None, None]
-        if impl == "sdpa":
-            return mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-    layer_types = getattr(config, "layer_types", None)
-    if not layer_types or "sliding_attention" not in layer_types:
-        return finish(allowed)
-    window = config.sliding_window
-    # transformers' sliding overlay: a key is visible when q - k < window (in positions, here exact).
-    sliding = allowed & ((query_pos[:, None] - key_pos[None, :]) < window)
-    return {kind: finish(sliding if kind == "sliding_attention" else allowed) for kind in set(layer_types)}
-
-
 def _packed_forward(model: torch.nn.Module, cache: PrefixCache | None, queries: Sequence[Sequence[int]],
                     continuations: Sequence[Sequence[Sequence[int]]], label_score: str
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,8 +254,10 @@ def _packed_forward(model: torch.nn.Module, cache: PrefixCache | None, queries: 
     parent: list[int] = []
     targets = _Targets([], [], [], [])
     n_segments = 0
+    starts: list[int] = []  # where each query's block (the query, then its branches) starts in the row
     for i, (query, conts) in enumerate(zip(queries, continuations)):
         q_seg, n_segments = n_segments, n_segments + 1
+        starts.append(len(ids))
         ids += query
         positions += range(prefix_length, prefix_length + len(query))
         segment += [q_seg] * len(query)
@@ -299,18 +280,18 @@ def _packed_forward(model: torch.nn.Module, cache: PrefixCache | None, queries: 
     pos = torch.tensor(positions, dtype=torch.long, device=device)
     seg = torch.tensor(segment, dtype=torch.long, device=device)
     par = torch.tensor(parent, dtype=torch.long, device=device)
-    # Within the row: a token sees its own segment's earlier tokens and its parent query's tokens.
-    own = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
-    allowed = torch.cat([torch.ones((len(ids), prefix_length), dtype=torch.bool, device=device),
-                         own | (par[:, None] == seg[None, :])], dim=1)
-    key_pos = torch.cat([torch.arange(prefix_length, device=device), pos])
-    mask = _layer_masks(model, allowed, pos, key_pos)
+    # Within the row: a token sees its own segment's earlier tokens and its parent query's tokens, so each
+    # query with its branches is a block that sees nothing of the others (shared_attention never scores them).
+    within = ((seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])) | (par[:, None] == seg[None, :])
+    layout = shared_attention.Layout.build(prefix_length, starts, [b - a for a, b in zip(starts, starts[1:] + [len(ids)])],
+                                           pos, within)
     keep = sorted(set(targets.rows))
     where = {row: k for k, row in enumerate(keep)}
     past = cache.for_pass() if cache is not None else None
-    out = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device), position_ids=pos[None],
-                attention_mask=mask, cache=past, use_cache=past is not None,
-                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device))
+    with shared_attention.use_layout(model, layout):
+        out = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device), position_ids=pos[None],
+                    cache=past, use_cache=past is not None,
+                    logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device))
     kept = _Targets([where[r] for r in targets.rows], targets.tokens, targets.slots,
                     [where[r] for r in targets.answer_rows])
     return _class_scores(out.logits[0], kept, n, n_classes, label_score)

@@ -22,7 +22,18 @@ import yaml
 from icldistill.cli import main
 from icldistill.errors import IcldError
 from icldistill.experiments.grid import ExperimentError
-from icldistill.experiments.tune import PLAN_FILE, STUDY_FILE, finish, load_tuning, open_study, plan_from_spec, run_study, trials_table
+from icldistill.experiments.tune import (
+    PLAN_FILE,
+    STUDY_FILE,
+    _storage,
+    finish,
+    load_study,
+    load_tuning,
+    open_study,
+    plan_from_spec,
+    run_study,
+    trials_table,
+)
 from icldistill.runtime.records import read_json
 
 optuna = pytest.importorskip("optuna")
@@ -145,8 +156,7 @@ def _tune(path: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
 
 
 def _states(directory: Path) -> list[tuple[int, str, dict]]:
-    meta = read_json(directory / PLAN_FILE)
-    study = optuna.load_study(study_name=meta["name"], storage=meta["storage"])
+    study = load_study(directory)  # as `icld results` reads a running study (it may be creating its tables)
     return [(t.number, t.state.name, t.params) for t in study.get_trials()]
 
 
@@ -203,3 +213,25 @@ def test_two_workers_on_one_sqlite_study_finish_the_requested_trials(tmp_path, t
     assert not [s for _, s, _ in after if s in ("RUNNING", "FAIL")]
     started = [sum(" trial " in line and "=" in line for line in out.splitlines()) for out, _ in results]
     assert all(n >= 1 for n in started), started  # both took part
+
+
+def test_opening_a_storage_that_another_process_is_creating_is_tried_again(monkeypatch):
+    """A reader racing a worker's schema creation gets the database's unique-constraint error: tried again."""
+    from sqlalchemy.exc import IntegrityError
+
+    monkeypatch.setattr("icldistill.experiments.tune.time.sleep", lambda s: None)
+    calls = []
+
+    def racing():
+        calls.append(1)
+        if len(calls) < 3:
+            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return "storage"
+
+    assert _storage(racing) == "storage" and len(calls) == 3
+
+    def always():
+        raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+
+    with pytest.raises(IntegrityError):
+        _storage(always, attempts=2)

@@ -11,7 +11,7 @@ The study lives in Optuna's RDB storage, an SQLite file ``study.db`` in the outp
 default (``--storage`` takes any database URL, e.g. PostgreSQL, for workers on several machines):
 a killed ``tune`` resumes, and several ``icld tune`` processes share one study. Workers heart-beat
 their running trial; a trial whose worker died is failed after a grace period and retried with the
-same parameters (``RetryFailedTrialCallback``), in its own directory, resuming from its checkpoint.
+same parameters (``RetryHeartbeatStaleTrialCallback``), in its own directory, resuming from its checkpoint.
 A file lock around "count the trials, start one" makes the workers stop at exactly the requested
 number of finished (complete or pruned) trials.
 
@@ -211,7 +211,7 @@ def _optuna():
 def open_study(plan: TuningPlan, storage: str | None = None) -> Any:
     """The plan's study (created on first use), with heartbeats and retries of trials whose worker died."""
     optuna = _optuna()
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     url = storage or plan.storage_url
@@ -219,11 +219,40 @@ def open_study(plan: TuningPlan, storage: str | None = None) -> Any:
     pruner = optuna.pruners.MedianPruner(n_startup_trials=plan.settings.startup_trials, n_warmup_steps=0)
     # Workers starting together would race to create the storage's tables and the study.
     with _TrialSlot(plan.output_dir / LOCK_FILE):
-        rdb = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=max(1, int(plan.settings.heartbeat_s)),
-                         grace_period=max(3, int(3 * plan.settings.heartbeat_s)),
-                         failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        rdb = _storage(lambda: RDBStorage(url, engine_kwargs=engine, heartbeat_interval=max(1, int(plan.settings.heartbeat_s)),
+                                          grace_period=max(3, int(3 * plan.settings.heartbeat_s)),
+                                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2)))
         return optuna.create_study(study_name=plan.name, storage=rdb, sampler=sampler_for(plan, 0), pruner=pruner,
                                    direction=plan.settings.direction, load_if_exists=True)
+
+
+def _storage(make: Callable[[], Any], attempts: int = 5) -> Any:
+    """``make()`` an RDB storage, again if another process was creating the same database's tables.
+
+    The workers of one study take the study lock for this, but a reader does not (``icld results`` on a
+    running study, a test polling it, optuna-dashboard): opening a storage whose schema is half made
+    fails in one of the two with a unique-constraint or locked-database error, and succeeds once the
+    other has finished."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def load_study(directory: str | Path) -> Any:
+    """The study of the tuning directory ``directory``, for reading (results, reports)."""
+    meta = read_json(Path(directory) / PLAN_FILE)
+    optuna = _optuna()
+    from optuna.storages import RDBStorage
+
+    storage = _storage(lambda: RDBStorage(meta["storage"]))
+    return optuna.load_study(study_name=meta["name"], storage=storage)
 
 
 def sampler_for(plan: TuningPlan, trial_number: int) -> Any:
@@ -393,12 +422,12 @@ class _TrialSlot:
 def _objective(plan: TuningPlan, trial: Any, emit: Callable[[TuneEvent], None], done: int, total: int,
                progress: bool) -> float:
     optuna = _optuna()
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     params = plan.space.suggest(trial)
     # A retry of a trial whose worker died continues in the first attempt's directory, from its checkpoint.
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    original = RetryFailedTrialCallback.retried_trial_number(frozen)
+    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     number = trial.number if original is None else _first_attempt(trial.study, original)
     directory = trial_dir(plan, number)
     trial.set_user_attr("directory", str(directory))
@@ -427,11 +456,11 @@ def _objective(plan: TuningPlan, trial: Any, emit: Callable[[TuneEvent], None], 
 
 def _first_attempt(study: Any, number: int) -> int:
     """Follow a chain of retries back to the first attempt's number (its directory holds the checkpoint)."""
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     while number in trials:
-        earlier = RetryFailedTrialCallback.retried_trial_number(trials[number])
+        earlier = RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[number])
         if earlier is None:
             break
         number = earlier
@@ -445,8 +474,7 @@ def trials_table(directory: str | Path) -> list[dict[str, Any]]:
     """The trials of the study in ``directory``, best first (finished ones by objective, then the others)."""
     directory = Path(directory)
     meta = read_json(directory / PLAN_FILE)
-    optuna = _optuna()
-    study = optuna.load_study(study_name=meta["name"], storage=meta["storage"])
+    study = load_study(directory)
     maximize = meta["settings"]["objective"] == "dev_accuracy"
     rows = []
     for t in study.get_trials(deepcopy=False):

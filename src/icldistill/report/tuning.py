@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from icldistill.errors import IcldError
-from icldistill.experiments.tune import FINAL_RUNS, PLAN_FILE, selected_dev_value, trials_table
+from icldistill.experiments.tune import FINAL_RUNS, PLAN_FILE, load_study, selected_dev_value, trials_table
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _history_figure(rows: list[dict[str, Any]], maximize: bool, objective: str) 
 def _importances(directory: Path, meta: Mapping[str, Any]) -> dict[str, float]:
     import optuna
 
-    study = optuna.load_study(study_name=meta["name"], storage=meta["storage"])
+    study = load_study(directory)
     try:
         return dict(optuna.importance.get_param_importances(study))
     except (ValueError, RuntimeError) as exc:  # too few complete trials, or no parameter varied
@@ -116,7 +116,7 @@ def write_tuning_report(directory: str | Path, output_dir: str | Path | None = N
     paths: dict[str, Path] = {}
     if complete:
         best = complete[0]
-        lines += ["## Best parameters", "", f"Trial {best['trial']}, dev {objective} {_fmt(best['value'])}.", ""]
+        lines += ["## Best parameters", "", f"Trial {best['trial']}, {objective} {_fmt(best['value'])} on the dev split.", ""]
         lines += _table(["parameter", "value"], [[k, v] for k, v in best["params"].items()]) + [""]
         figure = out / "trial_history.png"
         atomic_write_bytes(figure, _history_figure(rows, maximize, objective))
@@ -140,7 +140,7 @@ def write_tuning_report(directory: str | Path, output_dir: str | Path | None = N
                   f"Both re-trained with seeds {summary['seeds']}; each evaluated once on the evaluation sets.", ""]
         dev = {name: _dev_values(records[name], key) for name in FINAL_RUNS}
         rows_dev = [[name, sum(v) / len(v) if v else None, len(v)] for name, v in dev.items()]
-        lines += _table(["configuration", f"dev {objective} (mean over seeds)", "seeds"], rows_dev) + [""]
+        lines += _table(["configuration", f"{objective} on the dev split (mean over seeds)", "seeds"], rows_dev) + [""]
         acc = {name: _eval_accuracies(records[name]) for name in FINAL_RUNS}
         sets = list(dict.fromkeys(s for a in acc.values() for s in a))
         table = []

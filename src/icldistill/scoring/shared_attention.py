@@ -11,11 +11,12 @@ much attention as the prefix itself. This attention function, registered in tran
 * each query block (a query and its branches) against its own tokens, under the block's tree mask;
 
 and merges the two softmaxes with their log-sum-exps (as in Hydragen, Juravsky et al. 2024), which gives
-the softmax over the union of the keys. Scores and softmax are computed in float32 whatever the model's
-dtype. The layout of a pass (prefix length, blocks, positions) is set by ``use_layout`` around the
-model call; the model's attention modules find this function through ``config._attn_implementation``,
-which ``use_layout`` switches and restores. Logit soft-capping (Gemma 2) is applied as the model's
-eager attention applies it.
+the softmax over the union of the keys. On the CPU each part runs in PyTorch's flash-attention kernel
+(which returns the log-sum-exp); elsewhere, and with soft-capping, in plain float32 tensor operations; the
+merge is in float32 whatever the model's dtype. The layout of a pass (prefix length, blocks, positions)
+is set by ``use_layout`` around the model call; the model's attention modules find this function
+through ``config._attn_implementation``, which ``use_layout`` switches and restores. Logit soft-capping
+(Gemma 2) is applied as the model's eager attention applies it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Layout:
 
     index (B, W): for each block, the row positions of its tokens, padded by repeating its last one;
     valid (B, W): which of those are real; allowed (B, W, W): which of its block's tokens each token sees;
-    positions (M,): each packed token's absolute position (for sliding windows).
+    positions (M,): each packed token's absolute position (for sliding windows); last: the largest of them.
     """
 
     prefix: int
@@ -46,6 +47,7 @@ class Layout:
     valid: torch.Tensor
     allowed: torch.Tensor
     positions: torch.Tensor
+    last: int
 
     @classmethod
     def build(cls, prefix: int, starts: Sequence[int], lengths: Sequence[int], positions: torch.Tensor,
@@ -61,7 +63,7 @@ class Layout:
         index = start[:, None] + torch.minimum(offsets[None, :], length[:, None] - 1)
         allowed = allowed_rows[index[:, :, None], index[:, None, :]] & valid[:, None, :] & valid[:, :, None]
         allowed |= torch.eye(width, dtype=torch.bool, device=device)[None] & ~valid[:, :, None]  # padding sees itself
-        return cls(prefix, index, valid, allowed, positions)
+        return cls(prefix, index, valid, allowed, positions, int(positions.max()))
 
 
 _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("icldistill_shared_prefix_layout", default=None)
@@ -146,7 +148,7 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     # Every packed token against the shared prefix: one product for all, a key group's heads side by side.
     if p:
         bias = None
-        if window is not None and int(layout.positions.max()) >= window:
+        if window is not None and layout.last >= window:
             far = (layout.positions[:, None] - torch.arange(p, device=device)[None, :]) >= window  # (M, P)
             bias = _bias(~far.repeat(per_group, 1))[None, None]
         prefix_out, prefix_lse = _attend(query.reshape(1, groups, per_group * m, dim), key[:, :, :p], value[:, :, :p],

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -48,6 +48,7 @@ class Layout:
     allowed: torch.Tensor
     positions: torch.Tensor
     last: int
+    _memo: dict = field(default_factory=dict, repr=False)  # the masks, built once per pass, not per layer
 
     @classmethod
     def build(cls, prefix: int, starts: Sequence[int], lengths: Sequence[int], positions: torch.Tensor,
@@ -64,6 +65,35 @@ class Layout:
         allowed = allowed_rows[index[:, :, None], index[:, None, :]] & valid[:, None, :] & valid[:, :, None]
         allowed |= torch.eye(width, dtype=torch.bool, device=device)[None] & ~valid[:, :, None]  # padding sees itself
         return cls(prefix, index, valid, allowed, positions, int(positions.max()))
+
+    def prefix_bias(self, per_group: int, window: int | None, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The additive mask of the prefix part (None: every token sees every prefix key) and its empty rows."""
+        if window is None or self.last < window:
+            return None, None
+        key = ("prefix", per_group, window, dtype)
+        if key not in self._memo:
+            device = self.positions.device
+            far = (self.positions[:, None] - torch.arange(self.prefix, device=device)[None, :]) >= window  # (M, P)
+            far = far.repeat(per_group, 1)  # a key group's heads side by side, as the queries are
+            bias = _bias(~far, dtype)[None, None]
+            self._memo[key] = (bias, far.all(dim=-1, keepdim=True)[None, None])
+        return self._memo[key]
+
+    def own_bias(self, per_group: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask of the blocks' own part, (B, 1, g * W, W)."""
+        key = ("own", per_group, window, dtype)
+        if key not in self._memo:
+            seen = self.allowed
+            if window is not None:
+                pos = self.positions[self.index]
+                seen = seen & ((pos[:, :, None] - pos[:, None, :]) < window)
+            self._memo[key] = _bias(seen.repeat(1, per_group, 1), dtype)[:, None]
+        return self._memo[key]
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("icldistill_shared_prefix_layout", default=None)
@@ -107,26 +137,21 @@ def _fused_usable(q: torch.Tensor) -> bool:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
-            softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+            softcap: float | None, empty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale + bias) v and each row's log-sum-exp, both float32.
 
-    q (B, G, N, D); k, v (B, G, S, D); bias (B or 1, 1, N, S), 0 or -inf, or None. A row whose keys are
-    all masked has log-sum-exp -inf (and an output that the merge weighs by zero).
+    q (B, G, N, D); k, v (B, G, S, D); bias (B or 1, 1, N, S), 0 or -inf in q's dtype, or None; empty
+    (B or 1, 1, N, 1): the rows whose keys are all masked (their log-sum-exp is -inf, their output
+    weighed by zero in the merge).
     """
     if softcap is None and _fused_usable(q):
-        out, lse = _FUSED(q.contiguous(), k.contiguous(), v.contiguous(),
-                          attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
+        out, lse = _FUSED(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=bias, scale=scale)
         out, lse = out.float(), lse.float().unsqueeze(-1)
-        if bias is not None:  # the kernel's value for a row with no visible key is not -inf: make it so
-            empty = torch.isneginf(bias).all(dim=-1, keepdim=True).expand_as(lse)
+        if empty is not None:  # the kernel's value for a row with no visible key is not -inf: make it so
             lse = lse.masked_fill(empty, float("-inf"))
             out = out.masked_fill(empty, 0.0)
         return out, lse
     return _attend_math(q, k, v, bias, scale, softcap)
-
-
-def _bias(allowed: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -147,12 +172,9 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
 
     # Every packed token against the shared prefix: one product for all, a key group's heads side by side.
     if p:
-        bias = None
-        if window is not None and layout.last >= window:
-            far = (layout.positions[:, None] - torch.arange(p, device=device)[None, :]) >= window  # (M, P)
-            bias = _bias(~far.repeat(per_group, 1))[None, None]
+        bias, empty = layout.prefix_bias(per_group, window, query.dtype)
         prefix_out, prefix_lse = _attend(query.reshape(1, groups, per_group * m, dim), key[:, :, :p], value[:, :, :p],
-                                         bias, scale, softcap)
+                                         bias, scale, softcap, empty)
         prefix_out = prefix_out.view(groups, per_group, m, dim)
         prefix_lse = prefix_lse.view(groups, per_group, m, 1)
 
@@ -162,11 +184,7 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     own_q = own_q.permute(2, 0, 1, 3, 4).reshape(blocks, groups, per_group * width, dim)
     own_k = key[0, :, p:][:, layout.index].transpose(0, 1)  # (B, G, W, D)
     own_v = value[0, :, p:][:, layout.index].transpose(0, 1)
-    seen = layout.allowed
-    if window is not None:
-        pos = layout.positions[layout.index]
-        seen = seen & ((pos[:, :, None] - pos[:, None, :]) < window)
-    own_out, own_lse = _attend(own_q, own_k, own_v, _bias(seen.repeat(1, per_group, 1))[:, None], scale, softcap)
+    own_out, own_lse = _attend(own_q, own_k, own_v, layout.own_bias(per_group, window, query.dtype), scale, softcap)
     own_out = own_out.view(blocks, groups, per_group, width, dim).permute(1, 2, 0, 3, 4)[:, :, layout.valid]
     own_lse = own_lse.view(blocks, groups, per_group, width, 1).permute(1, 2, 0, 3, 4)[:, :, layout.valid]
 

@@ -263,7 +263,8 @@ def test_bitfit_add_bias_exports_as_a_plain_llama(tmp_path, data_dir, tiny_dirs)
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_bitfit_on_native_biases_exports_and_unmergeable_biases_are_refused(tmp_path, data_dir, tiny_dirs):
+@pytest.mark.parametrize("save_every_epoch", [True, False])  # without per-epoch checkpoints too (seed dir not yet made)
+def test_bitfit_on_native_biases_exports_and_unmergeable_biases_are_refused(tmp_path, data_dir, tiny_dirs, save_every_epoch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from icldistill.errors import ModelError
@@ -272,9 +273,10 @@ def test_bitfit_on_native_biases_exports_and_unmergeable_biases_are_refused(tmp_
     from icldistill.methods.trained import ModelSource, load_source, resolve_source
 
     values = _train_values(tmp_path, data_dir, model=str(tiny_dirs["opt"]), peft="bitfit", seeds=[0], epochs=1,
-                           eval=["mnli-m"])
+                           eval=["mnli-m"], save_every_epoch=save_every_epoch)
     run_pbft(build_config(PbftOptions, values), progress=False)
     seed_dir = tmp_path / "run" / "seed-0"
+    assert (seed_dir / "checkpoint").exists() == save_every_epoch
     export_run(str(seed_dir), tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")

@@ -276,6 +276,8 @@ def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOpt
 
     out: dict[str, str] = {}
     write = distributed.is_main()
+    if write:  # without per-epoch checkpoints nothing has made the seed's directory yet
+        seed_dir.mkdir(parents=True, exist_ok=True)
     if options.peft == "lora":
         adapter = seed_dir / "adapter"
         if write:

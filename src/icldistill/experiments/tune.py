@@ -235,14 +235,12 @@ def _storage(make: Callable[[], Any], attempts: int = 5) -> Any:
     other has finished."""
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             return make()
         except (IntegrityError, OperationalError):
-            if attempt == attempts - 1:
-                raise
             time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return make()  # the last attempt's error is the caller's
 
 
 def load_study(directory: str | Path) -> Any:

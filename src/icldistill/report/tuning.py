@@ -69,7 +69,7 @@ def _history_figure(rows: list[dict[str, Any]], maximize: bool, objective: str) 
     return buffer.getvalue()
 
 
-def _importances(directory: Path, meta: Mapping[str, Any]) -> dict[str, float]:
+def _importances(directory: Path) -> dict[str, float]:
     import optuna
 
     study = load_study(directory)
@@ -126,7 +126,7 @@ def write_tuning_report(directory: str | Path, output_dir: str | Path | None = N
         lines += _table(["trial", "state", objective, "seconds", *best["params"]],
                         [[r["trial"], r["state"], r["value"], r["duration_s"], *(r["params"].get(k) for k in best["params"])]
                          for r in top]) + [""]
-    importances = _importances(directory, meta)
+    importances = _importances(directory)
     if importances:
         lines += ["## Parameter importances", "",
                   "Optuna's default evaluator over the complete trials; with few trials these are rough.", ""]

@@ -193,9 +193,8 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     out = torch.empty((groups, per_group, m, dim), dtype=torch.float32, device=device)
     lse = torch.empty((groups, per_group, m, 1), dtype=torch.float32, device=device)
     out[:, :, flat], lse[:, :, flat] = own_out, own_lse
-    if p:
-        total = torch.logaddexp(prefix_lse, lse)
-        out = prefix_out * torch.exp(prefix_lse - total) + out * torch.exp(lse - total)
+    if p:  # weights exp(prefix_lse) : exp(lse), i.e. sigmoid(prefix_lse - lse) for the prefix (0 where it saw nothing)
+        out = torch.lerp(out, prefix_out, torch.sigmoid(prefix_lse - lse))
     return out.reshape(heads, m, dim).transpose(0, 1)[None].to(query.dtype), None
 
 

@@ -235,3 +235,28 @@ def test_opening_a_storage_that_another_process_is_creating_is_tried_again(monke
 
     with pytest.raises(IntegrityError):
         _storage(always, attempts=2)
+
+
+@pytest.mark.parametrize("objective, direction", [("dev_accuracy", "maximize"), ("dev_loss", "minimize")])
+def test_trials_table_shows_no_value_for_a_trial_that_did_not_finish(tmp_path, objective, direction):
+    storage = f"sqlite:///{tmp_path / STUDY_FILE}"
+    (tmp_path / PLAN_FILE).write_text(json.dumps({"name": "t", "storage": storage, "settings": {"objective": objective}}))
+    study = optuna.create_study(study_name="t", storage=storage, direction=direction)
+    distributions = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)}
+    made = optuna.trial.create_trial
+
+    def trial(state, value=None, reports=None):
+        study.add_trial(made(state=state, value=value, params={"lr": 1e-3}, distributions=distributions,
+                             intermediate_values=reports or {}))
+
+    trial(optuna.trial.TrialState.COMPLETE, 0.3, {0: 0.2, 1: 0.3})
+    trial(optuna.trial.TrialState.COMPLETE, 0.7, {0: 0.7})
+    trial(optuna.trial.TrialState.PRUNED, None, {0: 0.6, 1: 0.1})  # stopped at epoch 1, where it had 0.1
+    trial(optuna.trial.TrialState.FAIL, None, {0: 0.9})  # killed: its one report is of a run that did not finish
+    trial(optuna.trial.TrialState.RUNNING, None, {0: 0.8})
+    rows = trials_table(tmp_path)
+    value = {r["trial"]: r["value"] for r in rows}
+    assert value == {0: 0.3, 1: 0.7, 2: 0.1, 3: None, 4: None}
+    complete = [r["trial"] for r in rows if r["state"] == "complete"]
+    assert complete == ([1, 0] if direction == "maximize" else [0, 1])  # best first
+    assert [r["state"] for r in rows][:3] == ["complete", "complete", "pruned"]

@@ -261,6 +261,11 @@ def test_bitfit_add_bias_exports_as_a_plain_llama(tmp_path, data_dir, tiny_dirs)
     a = _label_logprobs(exported, tokenizer, texts, [" Yes", " No"])
     b = _label_logprobs(trained, tokenizer, texts, [" Yes", " No"])
     assert torch.allclose(a, b, atol=1e-5)
+    from icldistill.errors import ModelError
+    from icldistill.methods.trained import apply_trained
+
+    with pytest.raises(ModelError, match=r"trainable.safetensors does not fit this model.*base model"):  # wrong base
+        apply_trained(AutoModelForCausalLM.from_pretrained(tiny_dirs["opt"]), resolve_source(str(seed_dir)))
 
 
 @pytest.mark.parametrize("save_every_epoch", [True, False])  # without per-epoch checkpoints too (seed dir not yet made)

@@ -469,7 +469,12 @@ def _first_attempt(study: Any, number: int) -> int:
 
 
 def trials_table(directory: str | Path) -> list[dict[str, Any]]:
-    """The trials of the study in ``directory``, best first (finished ones by objective, then the others)."""
+    """The trials of the study in ``directory``, best first (finished ones by objective, then the others).
+
+    ``value`` is a complete trial's objective, and a pruned trial's dev value at the epoch it was stopped
+    (what the pruner judged); a failed or running trial has none (its reports are of a run that did not
+    finish), so that no table or figure shows it as if it had a result.
+    """
     directory = Path(directory)
     meta = read_json(directory / PLAN_FILE)
     study = load_study(directory)
@@ -477,9 +482,11 @@ def trials_table(directory: str | Path) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        value = t.value if t.value is not None else (max(t.intermediate_values.values()) if maximize and t.intermediate_values
-                                                      else min(t.intermediate_values.values()) if t.intermediate_values else None)
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "value": value, "params": dict(t.params),
+        state = t.state.name.lower()
+        value = t.value if state == "complete" else None
+        if state == "pruned" and t.intermediate_values:
+            value = t.intermediate_values[max(t.intermediate_values)]
+        rows.append({"trial": t.number, "state": state, "value": value, "params": dict(t.params),
                      "duration_s": duration, "directory": t.user_attrs.get("directory")})
     order = {"complete": 0, "pruned": 1}
     rows.sort(key=lambda r: (order.get(r["state"], 2), -(r["value"] or 0) if maximize else (r["value"] or float("inf"))))

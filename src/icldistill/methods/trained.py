@@ -105,27 +105,11 @@ def apply_trained(model: Any, source: ModelSource) -> Any:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, artefacts["adapter"])
-    if "trainable" in artefacts:
-        from safetensors.torch import load_file
+    if "trainable" in artefacts:  # BitFit or full fine-tuning: the one loader training's own tests check
+        from icldistill.models.adapters import load_trainable
 
-        state = load_file(artefacts["trainable"])
-        names = dict(model.named_parameters())
-        added = [k for k in state if k not in names]
-        if added:
-            config = source.run_record.get("config", {})
-            if config.get("bitfit_fallback") != "add-bias" or not all(k.endswith(".bias") for k in added):
-                raise ModelError(f"{artefacts['trainable']} holds parameters the base model lacks ({added[:3]}...).")
-            from icldistill.models.adapters import DEFAULT_LORA_TARGETS, _add_zero_biases
-
-            _add_zero_biases(model, list(config.get("lora_targets") or DEFAULT_LORA_TARGETS))
-            names = dict(model.named_parameters())
-        missing = [k for k in state if k not in names]
-        if missing:
-            raise ModelError(f"{artefacts['trainable']}: parameters {missing[:3]} do not exist in {source.base}.")
-        import torch
-
-        with torch.no_grad():
-            for key, value in state.items():
-                names[key].copy_(value.to(names[key].device, names[key].dtype))
-        return model
+        try:
+            return load_trainable(model, artefacts["trainable"])
+        except ConfigError as exc:
+            raise ModelError(f"{exc} (base model {source.base})") from None
     raise ModelError(f"{source.seed_dir}: the seed record names no adapter or trained parameters to load.")

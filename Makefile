@@ -38,7 +38,7 @@ demo: setup
 # lm-eval's own virtual environment on first use; paper_scale saves two random OPT models (about 6 GB).
 # A benchmark exits non-zero when its results disagree with the reference (not when it is merely slow).
 bench: setup
-	$(PY) benchmarks/icl_prefix_cache.py --shots 2,8,16,32 --queries 64 --batch-size 16
+	$(PY) benchmarks/icl_prefix_cache.py --shots 2,8,16,32 --queries 64 --batch-size 16 --repeats 5
 	$(PY) benchmarks/train_cost.py --shots 2,8,32
 	$(PY) benchmarks/paper_scale.py --shots 2,8,32 --steps 3 --queries 4
 	$(PY) benchmarks/vs_lmeval.py --shots 16 --queries 200 --dtypes fp32,bf16

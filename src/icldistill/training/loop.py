@@ -11,8 +11,9 @@ Each dev evaluation appends a history entry with ``dev_accuracy`` and ``dev_loss
 hook a tuner's pruner uses, issue 14). The evaluation sets are never seen here: the caller scores them
 once, on the selected state, after ``fit`` returns.
 
-Checkpoints use ``Accelerator.save_state`` with a pre-hook that stores only the trainable parameters:
-the frozen base model is already on disk, and a LoRA checkpoint is then megabytes, not the model.
+``fit`` reads as its steps: set up (``_Loop.start``), resume, then per epoch one optimiser step at a time
+(``_Loop.step``, whose sums are a :class:`StepSums`), dev evaluation and selection (``_Loop.evaluate``)
+and one checkpoint (``_Loop.checkpoint``; what a checkpoint holds is in ``training.checkpoint``).
 
 Under N processes (``accelerate launch``) the loop is data-parallel: each optimiser step's examples
 (the same global order as in one process) are split across ranks, and each rank's summed loss is
@@ -27,32 +28,42 @@ import contextlib
 import dataclasses
 import logging
 import math
-import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from icldistill.runtime import distributed
 from icldistill.config import TrainOptions
 from icldistill.errors import IcldError
-from icldistill.models.adapters import copy_parameters
+from icldistill.runtime import distributed
+from icldistill.runtime.records import read_json
 from icldistill.training import tracking
+from icldistill.training.checkpoint import (
+    BEST_FILE,
+    CHECKPOINT,
+    STATE_FILE,
+    TRAINABLE_FILE,
+    find_checkpoint,
+    gathered_trainable_state,
+    load_trainable,
+    register_checkpoint_hooks,
+    save_checkpoint,
+    shards_parameters,
+    trainable_state,
+)
 from icldistill.training.losses import LossOutput
-from icldistill.runtime.records import atomic_write_json, read_json
+
+__all__ = ["BEST_FILE", "CHECKPOINT", "STATE_FILE", "TRAINABLE_FILE", "StepSums", "StopTraining", "TrainResult",
+           "TrainingDiverged", "find_checkpoint", "fit", "gathered_trainable_state", "trainable_state"]
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint"
-TRAINABLE_FILE = "trainable.safetensors"
-STATE_FILE = "trainer_state.json"
 
 
 class TrainingDiverged(IcldError):
@@ -86,13 +97,62 @@ class TrainResult:
     final_trainable_state: dict[str, torch.Tensor] | None = None
 
 
-# A batch is whatever the method's ``make_batch`` returns; ``loss_fn`` must return SUMMED losses.
-MakeBatch = Callable[[Sequence[int]], dict[str, Any]]
-LossFn = Callable[[torch.nn.Module, dict[str, Any]], LossOutput]
+@dataclass
+class StepSums:
+    """Loss terms SUMMED over examples (one rank's share of a step, a whole step, or an epoch).
+
+    ``terms`` names the loss terms the method computes (PBFT has no KL), so a missing term logs as None,
+    not as 0. ``n`` counts examples (filled in per step; the loop divides by it).
+    """
+
+    loss: float = 0.0
+    kl: float = 0.0
+    ce: float = 0.0
+    tokens: float = 0.0
+    n: int = 0
+    terms: set[str] = field(default_factory=set)
+
+    def add_output(self, out: LossOutput, tokens: int) -> None:
+        """Add one micro-batch's (summed) loss output."""
+        self.loss += out.loss.item()
+        self.kl += out.kl.item() if out.kl is not None else 0.0
+        self.ce += out.ce.item() if out.ce is not None else 0.0
+        self.terms |= {name for name, value in (("kl", out.kl), ("ce", out.ce)) if value is not None}
+        self.tokens += tokens
+
+    def across_ranks(self, n: int) -> "StepSums":
+        """The sums over every rank's share of a step of ``n`` examples (the values themselves in one process)."""
+        loss, kl, ce, tokens = distributed.sum_across([self.loss, self.kl, self.ce, self.tokens])
+        return StepSums(loss, kl, ce, tokens, n, set(self.terms))
+
+    def add(self, step: "StepSums") -> None:
+        """Add a whole step to an epoch's sums."""
+        self.loss += step.loss
+        self.kl += step.kl
+        self.ce += step.ce
+        self.n += step.n
+        self.terms |= step.terms
+
+    def mean(self, term: str) -> float | None:
+        """The per-example mean of ``term`` ("loss", "kl", "ce"), None for a term the method does not compute."""
+        if term != "loss" and term not in self.terms:
+            return None
+        return getattr(self, term) / max(self.n, 1)
+
+
+# A batch is whatever the method's ``make_batch`` returns (a dataclass or a mapping); ``loss_fn`` must return
+# SUMMED losses. Its ``n_tokens`` (attribute or key), where present, is counted in ``train_tokens``.
+MakeBatch = Callable[[Sequence[int]], Any]
+LossFn = Callable[[torch.nn.Module, Any], LossOutput]
 Evaluate = Callable[[torch.nn.Module], dict[str, Any]]
 """Dev metrics of the model; must hold ``accuracy`` and ``loss`` (mean log-loss) for selection."""
 OnEvaluate = Callable[[int, dict[str, Any]], None]
-BEST_FILE = "best.safetensors"
+
+
+def _batch_tokens(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        return int(batch.get("n_tokens", 0))
+    return int(getattr(batch, "n_tokens", 0))
 
 
 def _use_device(device: torch.device) -> None:
@@ -114,105 +174,255 @@ def _better(metric: str, value: float | None, best: float | None) -> bool:
     return value > best if metric == "accuracy" else value < best
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+@dataclass
+class _Budget:
+    """How long the run is: ``total`` optimiser steps over ``epochs`` epochs of ``per_epoch`` steps."""
+
+    per_epoch: int
+    total: int
+    epochs: int
+
+    @classmethod
+    def of(cls, options: TrainOptions, n_examples: int) -> "_Budget":
+        per_epoch = math.ceil(n_examples / options.train_batch_size)
+        max_steps = getattr(options, "max_steps", None)
+        total = max_steps if max_steps else per_epoch * options.epochs
+        return cls(per_epoch, total, math.ceil(total / per_epoch))
 
 
-def _shards_parameters(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+@dataclass
+class _Loop:
+    """The state the loop's steps share: the prepared model and optimiser, the result so far, the best state."""
 
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    options: TrainOptions
+    budget: _Budget
+    names: set[str]
+    checkpoint_dir: Path | None
+    evaluate_fn: Evaluate | None
+    on_evaluate: OnEvaluate | None
+    result: TrainResult
+    best: dict[str, Any] = field(default_factory=dict)  # {"value", "epoch", "step"} of the best dev evaluation
+    best_state: dict[str, torch.Tensor] | None = None
 
-def gathered_trainable_state(accelerator: Accelerator, model: torch.nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    """The trainable tensors of the prepared ``model``, whole, on rank 0 (other ranks may get an empty dict).
+    @property
+    def select(self) -> str:
+        return getattr(self.options, "select", "last")
 
-    With sharded parameters (FSDP, DeepSpeed) every rank must call this: accelerate gathers the state
-    dict collectively. Otherwise the unwrapped model's parameters are read directly.
-    """
-    if _shards_parameters(accelerator):
-        full = accelerator.get_state_dict(model)
-        return {n: t.detach().cpu().contiguous() for n, t in full.items() if n in names}
-    return trainable_state(accelerator.unwrap_model(model))
+    @property
+    def select_metric(self) -> str:
+        return getattr(self.options, "select_metric", "accuracy")
 
+    @classmethod
+    def start(cls, model: torch.nn.Module, n_examples: int, options: TrainOptions, *, mixed_precision: str, cpu: bool,
+              checkpoint_dir: Path | None, evaluate: Evaluate | None, on_evaluate: OnEvaluate | None) -> "_Loop":
+        """The accelerator, optimiser and schedule, prepared; the trackers started; the checkpoint hooks set."""
+        _use_device(next(model.parameters()).device)
+        # One scheduler step per optimiser step: accelerate would otherwise step it once per process,
+        # assuming a dataloader sharded across ranks (here every rank walks the same global steps).
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
+                                  **tracking.accelerator_kwargs(options.report_to, checkpoint_dir))
+        if options.report_to != "none":
+            run_name = checkpoint_dir.parent.name if checkpoint_dir is not None else "run"
+            accelerator.init_trackers(f"{run_name}-{checkpoint_dir.name}" if checkpoint_dir else run_name,
+                                      config=tracking.hyperparameters(dataclasses.asdict(options)))
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        register_checkpoint_hooks(accelerator, names)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr,
+                                      weight_decay=options.weight_decay)
+        budget = _Budget.of(options, n_examples)
+        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(options.warmup_ratio * budget.total),
+                                                    budget.total)
+        if getattr(options, "select", "last") == "best" and shards_parameters(accelerator):
+            raise IcldError("--select best is not available with sharded parameters (FSDP, DeepSpeed): the selected "
+                            "state could not be restored into the sharded model; use --select last.")
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        return cls(accelerator, model, optimizer, scheduler, options, budget, names, checkpoint_dir, evaluate,
+                   on_evaluate, TrainResult(planned_steps=budget.total))
 
-def _register_checkpoint_hooks(accelerator: Accelerator, names: set[str]) -> None:
-    """Make save_state/load_state store only the trainable parameters of the (single) model.
+    def resume(self) -> int:
+        """Continue from the latest checkpoint under ``--resume``; returns the first epoch still to run."""
+        if not (self.options.resume and self.checkpoint_dir):
+            return 0
+        # Rank 0 picks the checkpoint and every rank loads that one.
+        ckpt = distributed.broadcast(find_checkpoint(self.checkpoint_dir))
+        if ckpt is None:
+            return 0
+        self.accelerator.load_state(str(ckpt))
+        state = read_json(ckpt / STATE_FILE)
+        self.result = TrainResult(state["history"], state["steps"], state["epochs_done"], state["train_examples_seen"],
+                                  state["train_tokens"], resumed_from_epoch=state["epochs_done"],
+                                  train_seconds=state["train_seconds"], planned_steps=self.budget.total)
+        self.best = state.get("best") or {}
+        if self.best and (ckpt / BEST_FILE).exists():
+            self.best_state = load_file(str(ckpt / BEST_FILE))
+        logger.info("resumed from %s after epoch %d", ckpt, state["epochs_done"])
+        return state["epochs_done"]
 
-    ``save_state`` runs on every rank (it writes per-rank RNG states, and FSDP shards); the trainable
-    file is written by rank 0 alone. Under FSDP accelerate restores the model itself and hands the
-    load hook no models.
-    """
+    def _forward_backward(self, step_indices: list[int], make_batch: MakeBatch, loss_fn: LossFn) -> StepSums:
+        """Every micro-batch of this rank's share of one step, forward and backward; this rank's sums.
 
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for model in models:
-            state = gathered_trainable_state(accelerator, model, names)
-            if accelerator.is_main_process:
-                save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
-        weights.clear()
+        Each micro-batch's summed loss is divided by the GLOBAL number of examples in the step (times the
+        number of ranks, which DDP averages over), so the gradient is the single-process one.
+        """
+        micro = self.options.train_batch_size // self.options.grad_accum
+        world = distributed.num_processes()
+        local, share = distributed.split_step(step_indices)
+        n_micro = math.ceil(share / micro)  # the same on every rank
+        sums = StepSums()
+        for m in range(n_micro):
+            chunk = local[m * micro : (m + 1) * micro]
+            # A rank whose share runs out still runs every forward/backward the others run (DDP and FSDP
+            # synchronise inside them), on a stand-in example whose loss counts zero.
+            batch = make_batch(chunk or step_indices[:1])
+            # Gradients are all-reduced once per step, in the last micro-batch's backward.
+            with contextlib.nullcontext() if m == n_micro - 1 else self.accelerator.no_sync(self.model):
+                out = loss_fn(self.model, batch)
+                loss = out.loss / len(step_indices) if chunk else out.loss * 0.0
+                if world > 1:
+                    loss = loss * world  # DDP averages over ranks; the sum over ranks is what is wanted
+                self.accelerator.backward(loss)
+            if chunk:
+                sums.add_output(out, _batch_tokens(batch))
+        return sums
 
-    def load_hook(models: list, input_dir: str) -> None:
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            state = load_file(str(Path(input_dir) / TRAINABLE_FILE))
-            params = dict(model.named_parameters())
-            unknown = [n for n in state if n not in params]
-            if unknown:
-                raise IcldError(f"Checkpoint {input_dir} does not match the model (unknown {unknown[:3]}); "
-                                "start without --resume or use another --output-dir.")
-            copy_parameters(params, state)
+    def step(self, step_indices: list[int], make_batch: MakeBatch, loss_fn: LossFn, epoch: int) -> StepSums:
+        """One optimiser step over ``step_indices``; returns its sums over every rank."""
+        step_start = time.perf_counter()
+        sums = self._forward_backward(step_indices, make_batch, loss_fn).across_ranks(len(step_indices))
+        # Checked on the sum over ranks, so every rank stops at the same step (a rank raising alone
+        # would leave the others waiting in a collective); the optimiser has not stepped yet.
+        if not math.isfinite(sums.loss):
+            kept = (f"The last good checkpoint is kept in {self.checkpoint_dir / CHECKPOINT}. "
+                    if self.checkpoint_dir else "")
+            raise TrainingDiverged(
+                f"The training loss became {sums.loss / len(step_indices)} at epoch {epoch + 1}, "
+                f"step {self.result.steps + 1}. " + kept
+                + "Lower --lr, or use --dtype bf16 or fp32 (fp16 overflows; the paper saw NaN with it)."
+            )
+        self.result.train_tokens += int(sums.tokens)
+        grad_norm = None
+        if self.options.max_grad_norm > 0:
+            # All of the model's parameters (frozen ones have no gradient): under FSDP accelerate only
+            # computes the global norm when it is handed exactly the prepared model's parameters.
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.options.max_grad_norm)
+        self.accelerator.log(tracking.step_values(
+            sums.loss / sums.n, sums.mean("kl"), sums.mean("ce"), self.scheduler.get_last_lr()[0],
+            float(grad_norm) if grad_norm is not None else None), step=self.result.steps + 1)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.result.steps += 1
+        self.result.train_examples_seen += len(step_indices)
+        self.result.train_seconds += time.perf_counter() - step_start
+        return sums
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    def evaluate(self, epoch: int, extra: dict[str, Any]) -> None:
+        """A history entry for ``epoch``; with an ``evaluate`` function, the dev metrics and the selection.
 
+        The callback ``on_evaluate`` runs last and may raise :class:`StopTraining`.
+        """
+        result = self.result
+        if self.evaluate_fn is None:
+            result.history.append({"epoch": epoch, "step": result.steps, **extra})
+            return
+        self.model.eval()
+        metrics = self.evaluate_fn(self.accelerator.unwrap_model(self.model))
+        self.model.train()
+        entry = {"epoch": epoch, "step": result.steps, **extra, "dev_accuracy": metrics.get("accuracy"),
+                 "dev_loss": metrics.get("loss"), "dev": metrics}
+        result.history.append(entry)
+        value = entry["dev_accuracy"] if self.select_metric == "accuracy" else entry["dev_loss"]
+        if self.select == "best" and _better(self.select_metric, value, self.best.get("value")):
+            self.best = {"value": value, "epoch": epoch, "step": result.steps}
+            # Every rank takes part (FSDP gathers collectively); the copy lives on the CPU.
+            # (Cloned: on the CPU the "copy" would otherwise share storage with the live parameters.)
+            state = gathered_trainable_state(self.accelerator, self.model, self.names)
+            self.best_state = {n: t.clone() for n, t in state.items()}
+        self.accelerator.log(tracking.eval_values(metrics, prefix="dev"), step=result.steps)
+        if self.on_evaluate is not None:
+            self.on_evaluate(epoch, metrics)  # may raise StopTraining
 
-def _save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, Any],
-                     extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-    """Write the checkpoint next to the old one, then swap, so a kill leaves one complete checkpoint.
+    def checkpoint(self) -> None:
+        """The end-of-epoch checkpoint, with the best dev state so far (so a resumed run selects the same one)."""
+        if self.checkpoint_dir is None or not self.options.save_every_epoch:
+            return
+        r = self.result
+        save_checkpoint(self.accelerator, self.checkpoint_dir, {
+            "epochs_done": r.epochs_done, "steps": r.steps, "history": r.history,
+            "train_examples_seen": r.train_examples_seen, "train_tokens": r.train_tokens,
+            "train_seconds": r.train_seconds, "best": self.best or None,
+        }, extra_files={BEST_FILE: self.best_state} if self.best_state is not None else None)
 
-    Every rank takes part in ``save_state``; the clean-up, the state file and the swap are rank 0's,
-    between barriers, so no rank writes into a directory that is being renamed.
-    """
-    final, tmp, old = directory / CHECKPOINT, directory / f"{CHECKPOINT}.tmp", directory / f"{CHECKPOINT}.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name, tensors in (extra_files or {}).items():
-            save_file(tensors, str(tmp / name))
-        atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    def epoch(self, epoch: int, n_examples: int, seed: int, make_batch: MakeBatch, loss_fn: LossFn, bar: Any) -> None:
+        """One epoch's optimiser steps (in an order that depends only on seed and epoch), then its end."""
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        sums = StepSums()
+        evaluated_at = -1
+        for start in range(0, n_examples, self.options.train_batch_size):
+            if self.result.steps >= self.budget.total:  # the step budget ends part-way through this epoch
+                break
+            sums.add(self.step(order[start : start + self.options.train_batch_size], make_batch, loss_fn, epoch))
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums.loss / sums.n:.4f}")
+            if self.options.eval_every > 0 and self.result.steps % self.options.eval_every == 0:
+                evaluated_at = self.result.steps
+                self.evaluate(epoch + 1, {"lr": self.scheduler.get_last_lr()[0]})
+        self.end_epoch(epoch, sums, evaluated_at)
 
+    def end_epoch(self, epoch: int, sums: StepSums, evaluated_at: int) -> None:
+        """The epoch's log line and history entry (with a dev evaluation where due), then the checkpoint.
 
-def _maybe_checkpoint(accelerator: Accelerator, checkpoint_dir: Path | None, options: TrainOptions, result: TrainResult,
-                      best: dict[str, Any], best_state: dict[str, torch.Tensor] | None) -> None:
-    """The end-of-epoch checkpoint, with the best dev state so far (so a resumed run selects the same one)."""
-    if checkpoint_dir is None or not options.save_every_epoch:
-        return
-    _save_checkpoint(accelerator, checkpoint_dir, {
-        "epochs_done": result.epochs_done, "steps": result.steps, "history": result.history,
-        "train_examples_seen": result.train_examples_seen, "train_tokens": result.train_tokens,
-        "train_seconds": result.train_seconds, "best": best or None,
-    }, extra_files={BEST_FILE: best_state} if best_state is not None else None)
+        Dev evaluation after every epoch (eval_every 0), and always after the last step, so that the
+        selection sees the final state; -1 never evaluates. A :class:`StopTraining` from the evaluation
+        still leaves this epoch's checkpoint.
+        """
+        stats = {"train_loss": sums.mean("loss"), "train_kl": sums.mean("kl"), "train_ce": sums.mean("ce"),
+                 "lr": self.scheduler.get_last_lr()[0]}
+        parts = ", ".join(f"{t} {stats['train_' + t]:.4f}" for t in ("kl", "ce") if t in sums.terms)
+        logger.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, self.budget.epochs, stats["train_loss"], parts)
+        self.result.epochs_done = epoch + 1
+        last = self.result.steps >= self.budget.total
+        eval_every = self.options.eval_every
+        stopped: StopTraining | None = None
+        if eval_every == 0 or (eval_every > 0 and last and evaluated_at != self.result.steps):
+            try:
+                self.evaluate(epoch + 1, stats)
+            except StopTraining as exc:
+                stopped = exc
+        else:
+            self.result.history.append({"epoch": epoch + 1, "step": self.result.steps, **stats})
+        self.checkpoint()
+        if stopped is not None:
+            raise stopped
 
-
-def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable tensors back into ``model`` (the selected checkpoint)."""
-    copy_parameters(dict(model.named_parameters()), state)
-
-
-def find_checkpoint(directory: Path) -> Path | None:
-    """The latest complete checkpoint in ``directory`` (also one left mid-swap by a kill), or None."""
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
-        path = directory / name
-        if (path / STATE_FILE).exists() and (path / TRAINABLE_FILE).exists():
-            return path
-    return None
+    def finish(self) -> TrainResult:
+        """Close the trackers, put the selected state in the model, and free the training memory."""
+        # Flush and close the trackers; not accelerator.end_training(), which also destroys the process group
+        # that the final evaluation and the teacher pass of the next seed still need.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        result, metric = self.result, self.select_metric
+        if self.select == "best" and self.best_state is not None:
+            load_trainable(self.accelerator.unwrap_model(self.model), self.best_state)
+            result.selected = {"rule": "best", "metric": f"dev_{metric}", **self.best}
+        else:
+            last_dev = next((h for h in reversed(result.history) if "dev_accuracy" in h), None)
+            result.selected = {"rule": "last", "metric": f"dev_{metric}", "epoch": result.epochs_done,
+                               "step": result.steps,
+                               "value": None if last_dev is None or last_dev["step"] != result.steps
+                               else last_dev[f"dev_{metric}"]}
+        if shards_parameters(self.accelerator):
+            result.final_trainable_state = gathered_trainable_state(self.accelerator, self.model, self.names)
+        self.accelerator.unwrap_model(self.model).eval()
+        # Drop the optimiser state and the accelerator's references, so that what follows (the final
+        # evaluation, measured as the inference cost) does not carry the training memory.
+        self.optimizer = self.scheduler = None
+        self.accelerator.free_memory()
+        return result
 
 
 def fit(
@@ -244,188 +454,19 @@ def fit(
     """
     if n_examples < 1:
         raise IcldError("No training examples: check --shots / --train-queries.")
-    _use_device(next(model.parameters()).device)
-    # One scheduler step per optimiser step: accelerate would otherwise step it once per process,
-    # assuming a dataloader sharded across ranks (here every rank walks the same global steps).
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
-                              **tracking.accelerator_kwargs(options.report_to, checkpoint_dir))
-    if options.report_to != "none":
-        run_name = checkpoint_dir.parent.name if checkpoint_dir is not None else "run"
-        accelerator.init_trackers(f"{run_name}-{checkpoint_dir.name}" if checkpoint_dir else run_name,
-                                  config=tracking.hyperparameters(dataclasses.asdict(options)))
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    _register_checkpoint_hooks(accelerator, names)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    steps_per_epoch = math.ceil(n_examples / options.train_batch_size)
-    max_steps = getattr(options, "max_steps", None)
-    total_steps = max_steps if max_steps else steps_per_epoch * options.epochs
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    select = getattr(options, "select", "last")
-    select_metric = getattr(options, "select_metric", "accuracy")
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(options.warmup_ratio * total_steps), total_steps)
-    if select == "best" and _shards_parameters(accelerator):
-        raise IcldError("--select best is not available with sharded parameters (FSDP, DeepSpeed): the selected "
-                        "state could not be restored into the sharded model; use --select last.")
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    micro = options.train_batch_size // options.grad_accum
-    world = distributed.num_processes()
-
-    result = TrainResult(planned_steps=total_steps)
-    best: dict[str, Any] = {}  # {"value", "epoch", "step"} of the best dev evaluation so far
-    best_state: dict[str, torch.Tensor] | None = None
-    start_epoch = 0
-    # Rank 0 picks the checkpoint and every rank loads that one.
-    ckpt = distributed.broadcast(find_checkpoint(checkpoint_dir)) if options.resume and checkpoint_dir else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = read_json(ckpt / STATE_FILE)
-        start_epoch = state["epochs_done"]
-        result = TrainResult(state["history"], state["steps"], state["epochs_done"], state["train_examples_seen"],
-                             state["train_tokens"], resumed_from_epoch=start_epoch, train_seconds=state["train_seconds"],
-                             planned_steps=total_steps)
-        best = state.get("best") or {}
-        if best and (ckpt / BEST_FILE).exists():
-            best_state = load_file(str(ckpt / BEST_FILE))
-        logger.info("resumed from %s after epoch %d", ckpt, start_epoch)
-
-    def run_eval(epoch: int, extra: dict[str, Any]) -> None:
-        nonlocal best, best_state
-        if evaluate is None:
-            result.history.append({"epoch": epoch, "step": result.steps, **extra})
-            return
-        model.eval()
-        metrics = evaluate(accelerator.unwrap_model(model))
-        model.train()
-        entry = {"epoch": epoch, "step": result.steps, **extra, "dev_accuracy": metrics.get("accuracy"),
-                 "dev_loss": metrics.get("loss"), "dev": metrics}
-        result.history.append(entry)
-        value = entry["dev_accuracy"] if select_metric == "accuracy" else entry["dev_loss"]
-        if select == "best" and _better(select_metric, value, best.get("value")):
-            best = {"value": value, "epoch": epoch, "step": result.steps}
-            # Every rank takes part (FSDP gathers collectively); the copy lives on the CPU.
-            # (Cloned: on the CPU the "copy" would otherwise share storage with the live parameters.)
-            best_state = {n: t.clone() for n, t in gathered_trainable_state(accelerator, model, names).items()}
-        accelerator.log(tracking.eval_values(metrics, prefix="dev"), step=result.steps)
-        if on_evaluate is not None:
-            on_evaluate(epoch, metrics)  # may raise StopTraining
-
-    bar = tqdm(total=total_steps, initial=result.steps, desc="train", unit="step",
+    loop = _Loop.start(model, n_examples, options, mixed_precision=mixed_precision, cpu=cpu,
+                       checkpoint_dir=checkpoint_dir, evaluate=evaluate, on_evaluate=on_evaluate)
+    start_epoch = loop.resume()
+    bar = tqdm(total=loop.budget.total, initial=loop.result.steps, desc="train", unit="step",
                disable=not progress or not distributed.is_main(), leave=False)
-    model.train()
+    loop.model.train()
     try:
-        for epoch in range(start_epoch, n_epochs):
-            if result.steps >= total_steps:
+        for epoch in range(start_epoch, loop.budget.epochs):
+            if loop.result.steps >= loop.budget.total:
                 break
-            order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-            sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "n": 0}
-            terms: set[str] = set()  # the loss terms the method computes (PBFT has no KL)
-            evaluated_at = -1
-            for start in range(0, n_examples, options.train_batch_size):
-                if result.steps >= total_steps:  # the step budget ends part-way through this epoch
-                    break
-                step_start = time.perf_counter()
-                step_indices = order[start : start + options.train_batch_size]
-                local, share = distributed.split_step(step_indices)
-                n_micro = math.ceil(share / micro)  # the same on every rank
-                local_sums = [0.0, 0.0, 0.0, 0.0]  # loss, kl, ce, tokens of this rank's examples
-                for m in range(n_micro):
-                    chunk = local[m * micro : (m + 1) * micro]
-                    # A rank whose share runs out still runs every forward/backward the others run (DDP and FSDP
-                    # synchronise inside them), on a stand-in example whose loss counts zero.
-                    batch = make_batch(chunk or step_indices[:1])
-                    # Gradients are all-reduced once per step, in the last micro-batch's backward.
-                    with contextlib.nullcontext() if m == n_micro - 1 else accelerator.no_sync(model):
-                        out = loss_fn(model, batch)
-                        loss = out.loss / len(step_indices) if chunk else out.loss * 0.0
-                        if world > 1:
-                            loss = loss * world  # DDP averages over ranks; the sum over ranks is what is wanted
-                        accelerator.backward(loss)
-                    if chunk:
-                        local_sums[0] += out.loss.item()
-                        local_sums[1] += out.kl.item() if out.kl is not None else 0.0
-                        local_sums[2] += out.ce.item() if out.ce is not None else 0.0
-                        terms |= {name for name, value in (("kl", out.kl), ("ce", out.ce)) if value is not None}
-                        local_sums[3] += int(batch.get("n_tokens", 0))
-                loss_sum, kl_sum, ce_sum, tokens = distributed.sum_across(local_sums)
-                # Checked on the sum over ranks, so every rank stops at the same step (a rank raising alone
-                # would leave the others waiting in a collective); the optimiser has not stepped yet.
-                if not math.isfinite(loss_sum):
-                    raise TrainingDiverged(
-                        f"The training loss became {loss_sum / len(step_indices)} at epoch {epoch + 1}, "
-                        f"step {result.steps + 1}. "
-                        + (f"The last good checkpoint is kept in {checkpoint_dir / CHECKPOINT}. " if checkpoint_dir else "")
-                        + "Lower --lr, or use --dtype bf16 or fp32 (fp16 overflows; the paper saw NaN with it)."
-                    )
-                sums["loss"] += loss_sum
-                sums["kl"] += kl_sum
-                sums["ce"] += ce_sum
-                result.train_tokens += int(tokens)
-                sums["n"] += len(step_indices)
-                grad_norm = None
-                if options.max_grad_norm > 0:
-                    # All of the model's parameters (frozen ones have no gradient): under FSDP accelerate only
-                    # computes the global norm when it is handed exactly the prepared model's parameters.
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
-                n_step = len(step_indices)
-                accelerator.log(tracking.step_values(
-                    loss_sum / n_step, kl_sum / n_step if out.kl is not None else None,
-                    ce_sum / n_step if out.ce is not None else None, scheduler.get_last_lr()[0],
-                    float(grad_norm) if grad_norm is not None else None), step=result.steps + 1)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                result.steps += 1
-                result.train_examples_seen += len(step_indices)
-                result.train_seconds += time.perf_counter() - step_start
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}")
-                if options.eval_every > 0 and result.steps % options.eval_every == 0:
-                    evaluated_at = result.steps
-                    run_eval(epoch + 1, {"lr": scheduler.get_last_lr()[0]})
-            n = max(sums["n"], 1)
-            epoch_stats = {"train_loss": sums["loss"] / n,
-                           "train_kl": sums["kl"] / n if "kl" in terms else None,
-                           "train_ce": sums["ce"] / n if "ce" in terms else None,
-                           "lr": scheduler.get_last_lr()[0]}
-            parts = ", ".join(f"{t} {epoch_stats['train_' + t]:.4f}" for t in ("kl", "ce") if t in terms)
-            logger.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, n_epochs, epoch_stats["train_loss"], parts)
-            result.epochs_done = epoch + 1
-            last = result.steps >= total_steps
-            # Dev evaluation after every epoch (eval_every 0), and always after the last step, so that the
-            # selection sees the final state; -1 never evaluates.
-            if options.eval_every == 0 or (options.eval_every > 0 and last and evaluated_at != result.steps):
-                try:
-                    run_eval(epoch + 1, epoch_stats)
-                except StopTraining:
-                    _maybe_checkpoint(accelerator, checkpoint_dir, options, result, best, best_state)
-                    raise
-                _maybe_checkpoint(accelerator, checkpoint_dir, options, result, best, best_state)
-            else:
-                result.history.append({"epoch": epoch + 1, "step": result.steps, **epoch_stats})
-                _maybe_checkpoint(accelerator, checkpoint_dir, options, result, best, best_state)
+            loop.epoch(epoch, n_examples, seed, make_batch, loss_fn, bar)
     except StopTraining:
-        result.stopped_early = True
-        logger.info("training stopped by on_evaluate after step %d", result.steps)
+        loop.result.stopped_early = True
+        logger.info("training stopped by on_evaluate after step %d", loop.result.steps)
     bar.close()
-    # Flush and close the trackers; not accelerator.end_training(), which also destroys the process group
-    # that the final evaluation and the teacher pass of the next seed still need.
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    if select == "best" and best_state is not None:
-        _load_trainable(accelerator.unwrap_model(model), best_state)
-        result.selected = {"rule": "best", "metric": f"dev_{select_metric}", **best}
-    else:
-        last_dev = next((h for h in reversed(result.history) if "dev_accuracy" in h), None)
-        result.selected = {"rule": "last", "metric": f"dev_{select_metric}", "epoch": result.epochs_done,
-                           "step": result.steps,
-                           "value": None if last_dev is None or last_dev["step"] != result.steps
-                           else last_dev[f"dev_{select_metric}"]}
-    if _shards_parameters(accelerator):
-        result.final_trainable_state = gathered_trainable_state(accelerator, model, names)
-    accelerator.unwrap_model(model).eval()
-    # Drop the optimiser state and the accelerator's references, so that what follows (the final
-    # evaluation, measured as the inference cost) does not carry the training memory.
-    del optimizer, scheduler
-    accelerator.free_memory()
-    return result
+    return loop.finish()

@@ -1,0 +1,115 @@
+"""The loop's checkpoints: what is saved (the trainable tensors only), how it is swapped in, and how it is found.
+
+Checkpoints use ``Accelerator.save_state`` with a pre-hook that stores only the trainable parameters:
+the frozen base model is already on disk, and a LoRA checkpoint is then megabytes, not the model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
+
+from icldistill.errors import IcldError
+from icldistill.models.adapters import copy_parameters
+from icldistill.runtime.records import atomic_write_json
+
+CHECKPOINT = "checkpoint"
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "trainer_state.json"
+BEST_FILE = "best.safetensors"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def gathered_trainable_state(accelerator: Accelerator, model: torch.nn.Module,
+                             names: set[str]) -> dict[str, torch.Tensor]:
+    """The trainable tensors of the prepared ``model``, whole, on rank 0 (other ranks may get an empty dict).
+
+    With sharded parameters (FSDP, DeepSpeed) every rank must call this: accelerate gathers the state
+    dict collectively. Otherwise the unwrapped model's parameters are read directly.
+    """
+    if shards_parameters(accelerator):
+        full = accelerator.get_state_dict(model)
+        return {n: t.detach().cpu().contiguous() for n, t in full.items() if n in names}
+    return trainable_state(accelerator.unwrap_model(model))
+
+
+def register_checkpoint_hooks(accelerator: Accelerator, names: set[str]) -> None:
+    """Make save_state/load_state store only the trainable parameters of the (single) model.
+
+    ``save_state`` runs on every rank (it writes per-rank RNG states, and FSDP shards); the trainable
+    file is written by rank 0 alone. Under FSDP accelerate restores the model itself and hands the
+    load hook no models.
+    """
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for model in models:
+            state = gathered_trainable_state(accelerator, model, names)
+            if accelerator.is_main_process:
+                save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            state = load_file(str(Path(input_dir) / TRAINABLE_FILE))
+            params = dict(model.named_parameters())
+            unknown = [n for n in state if n not in params]
+            if unknown:
+                raise IcldError(f"Checkpoint {input_dir} does not match the model (unknown {unknown[:3]}); "
+                                "start without --resume or use another --output-dir.")
+            copy_parameters(params, state)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, Any],
+                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write the checkpoint next to the old one, then swap, so a kill leaves one complete checkpoint.
+
+    Every rank takes part in ``save_state``; the clean-up, the state file and the swap are rank 0's,
+    between barriers, so no rank writes into a directory that is being renamed.
+    """
+    final, tmp, old = directory / CHECKPOINT, directory / f"{CHECKPOINT}.tmp", directory / f"{CHECKPOINT}.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name, tensors in (extra_files or {}).items():
+            save_file(tensors, str(tmp / name))
+        atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors back into ``model`` (the selected checkpoint)."""
+    copy_parameters(dict(model.named_parameters()), state)
+
+
+def find_checkpoint(directory: Path) -> Path | None:
+    """The latest complete checkpoint in ``directory`` (also one left mid-swap by a kill), or None."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        path = directory / name
+        if (path / STATE_FILE).exists() and (path / TRAINABLE_FILE).exists():
+            return path
+    return None

@@ -257,6 +257,8 @@ def test_temperature_is_applied_per_context_before_averaging(contexts, T, seed):
 
 def test_ce_target_teacher_uses_the_teachers_class_not_the_gold_label():
     from icldistill.methods.distill import make_distill_loss
+    from icldistill.methods.finetune import StudentBatch, student_logits
+    from icldistill.training.losses import ce_loss, label_log_probs
     from icldistill.training.teacher import TeacherSignal
 
     tok = make_tokenizer()
@@ -265,16 +267,14 @@ def test_ce_target_teacher_uses_the_teachers_class_not_the_gold_label():
     gold = torch.tensor([0, 0, 0, 0])
     teacher_lp = torch.log_softmax(torch.tensor([[0.0, 3.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]]), -1)
     signal = TeacherSignal(["a", "b", "c", "d"], teacher_lp)
-    batch = {"input_ids": ids, "lengths": torch.tensor([5] * 4), "labels": gold, "indices": [0, 1, 2, 3]}
     label_ids = torch.tensor([5, 6])
-    from icldistill.methods.finetune import student_logits
-    from icldistill.training.losses import ce_loss, label_log_probs
+    batch = StudentBatch(ids, torch.tensor([5] * 4), gold, [0, 1, 2, 3], ids.tolist(), [[[5], [6]]] * 4, 0, 20)
 
     student_lp = label_log_probs(student_logits(model, batch), label_ids)
     losses = {}
     for target in ("gold", "teacher"):
         config = build_config(DistillOptions, {"alpha": 0.0, "ce_target": target})
-        losses[target] = make_distill_loss(config, lambda b: signal)(label_ids)(model, batch).loss
+        losses[target] = make_distill_loss(config, lambda b: signal)(model, batch).loss
     assert torch.allclose(losses["gold"], ce_loss(student_lp, gold, reduction="sum"))
     assert torch.allclose(losses["teacher"], ce_loss(student_lp, torch.tensor([1, 0, 1, 1]), reduction="sum"))
 

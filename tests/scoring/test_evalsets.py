@@ -87,7 +87,7 @@ def test_student_class_scores_equal_zero_shot_evaluation(data_dir, tiny_dirs):
         _, evaluated, _ = score_prompts(model, setup.pattern, [], examples, batch_size=4)
         assert torch.allclose(scores.detach(), evaluated.label_logprobs, atol=1e-4)
         if words is None:  # one token per class: the old definition, on the answer-position logits
-            first = torch.tensor([c[0] for c in batch["continuations"][0]])
+            first = torch.tensor([c[0] for c in batch.continuations[0]])
             assert torch.allclose(class_log_probs(scores, 2.0), label_log_probs(student_logits(model.model, batch),
                                                                                 first, 2.0), atol=1e-5)
             assert torch.allclose(logits, student_logits(model.model, batch), atol=1e-5)

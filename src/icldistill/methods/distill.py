@@ -31,7 +31,8 @@ from icldistill.runtime.records import measure
 from icldistill.training.teacher import OnlineTeacher, SignalCache, TeacherSignal, compute_signal, signal_key
 from icldistill.training.loop import OnEvaluate
 from icldistill.methods.common import Setup, dev_split, finish_record, model_record, prepare, start_record
-from icldistill.methods.finetune import student_label_scores, summarise_predictions, train_and_evaluate
+from icldistill.methods.finetune import (SeedJob, StudentBatch, student_label_scores, summarise_predictions,
+                                         train_and_evaluate)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def teacher_targets(config: DistillOptions, teacher: TeacherSignal, T: float) ->
     return torch.log_softmax(teacher.label_logprobs / T, -1)
 
 
-def make_distill_loss(config: DistillOptions, signal_for: Callable[[dict[str, Any]], TeacherSignal]):
+def make_distill_loss(config: DistillOptions, signal_for: Callable[[Any], TeacherSignal], label_score: str = "sum"):
     """The CD loss over a batch; ``signal_for(batch)`` gives the teacher's answers for the batch's rows.
 
     With ``--ce-target teacher`` the CE term's target is the teacher's predicted class (the argmax of its
@@ -81,28 +82,25 @@ def make_distill_loss(config: DistillOptions, signal_for: Callable[[dict[str, An
     T, alpha = config.temperature, config.alpha
     needs_teacher = alpha > 0 or config.ce_target == "teacher"
 
-    def factory(label_ids: torch.Tensor):
-        def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-            # Class scores from whole label words (any length), as the teacher's: issue 10.
-            logits, class_scores = student_label_scores(model, batch, label_ids)
-            student_lp = class_log_probs(class_scores)
-            signal = signal_for(batch) if needs_teacher else None
-            teacher = signal if alpha > 0 else None
-            labels = batch["labels"] if config.ce_target == "gold" else signal.label_logprobs.argmax(-1).to(logits.device)
-            if config.kl_space == "label":
-                student_T = class_log_probs(class_scores, T)
-                teacher_T = teacher_targets(config, teacher, T).to(logits.device) if teacher else None
-                return distillation_loss(student_T, teacher_T, student_lp, labels, alpha=alpha,
-                                         temperature=T, reduction="sum")
-            kl = topk_vocab_kl(teacher.topk_logprobs.to(logits.device), teacher.topk_ids.to(logits.device), logits, T,
-                               reduction="sum") if teacher else None
-            ce = ce_loss(student_lp, labels, reduction="sum") if alpha < 1 else None
-            loss = kl if ce is None else ce if kl is None else alpha * kl + (1 - alpha) * ce
-            return LossOutput(loss, None if kl is None else kl.detach(), None if ce is None else ce.detach())
+    def loss_fn(model: torch.nn.Module, batch: StudentBatch) -> LossOutput:
+        # Class scores from whole label words (any length), as the teacher's: issue 10.
+        logits, class_scores = student_label_scores(model, batch, label_score)
+        student_lp = class_log_probs(class_scores)
+        signal = signal_for(batch) if needs_teacher else None
+        teacher = signal if alpha > 0 else None
+        labels = batch.labels if config.ce_target == "gold" else signal.label_logprobs.argmax(-1).to(logits.device)
+        if config.kl_space == "label":
+            student_T = class_log_probs(class_scores, T)
+            teacher_T = teacher_targets(config, teacher, T).to(logits.device) if teacher else None
+            return distillation_loss(student_T, teacher_T, student_lp, labels, alpha=alpha,
+                                     temperature=T, reduction="sum")
+        kl = topk_vocab_kl(teacher.topk_logprobs.to(logits.device), teacher.topk_ids.to(logits.device), logits, T,
+                           reduction="sum") if teacher else None
+        ce = ce_loss(student_lp, labels, reduction="sum") if alpha < 1 else None
+        loss = kl if ce is None else ce if kl is None else alpha * kl + (1 - alpha) * ce
+        return LossOutput(loss, None if kl is None else kl.detach(), None if ce is None else ce.detach())
 
-        return loss_fn
-
-    return factory
+    return loss_fn
 
 
 def _signal_cache(config: DistillOptions) -> SignalCache:
@@ -215,7 +213,7 @@ def _from_cache(signal: TeacherSignal, queries: Sequence[Example]) -> Callable[[
     index = {qid: i for i, qid in enumerate(signal.query_ids)}
 
     def signal_for(batch: dict[str, Any]) -> TeacherSignal:
-        return signal.rows(torch.tensor([index[queries[i].id] for i in batch["indices"]]))
+        return signal.rows(torch.tensor([index[queries[i].id] for i in batch.indices]))
 
     return signal_for
 
@@ -241,7 +239,7 @@ def _from_teacher(online: OnlineTeacher, queries: Sequence[Example], topk: int,
 
     def signal_for(batch: dict[str, Any]) -> TeacherSignal:
         with torch.no_grad():
-            found = online([queries[i] for i in batch["indices"]], topk=topk)
+            found = online([queries[i] for i in batch.indices], topk=topk)
         return _within_vocab(found, vocab) if vocab else found
 
     return signal_for
@@ -305,12 +303,12 @@ def run_distill(config: DistillOptions, *, progress: bool = True, on_evaluate: O
                  "teacher_signal": config.teacher_signal, "teacher_key": seed_pass.get("key"),
                  "teacher_pass": {k: v for k, v in seed_pass.items() if k != "dev"}, "ce_target": config.ce_target}
         teacher_peak = seed_pass.get("peak_memory_mb")
-        record["seeds"][str(seed)] = train_and_evaluate(
-            "distill", config, config, setup, config.student, p.queries, make_distill_loss(config, signal_for), seed,
-            out / f"seed-{seed}", dev_examples=p.dev, labelled_examples=labelled_examples(config, p.contexts),
+        job = SeedJob(
+            "distill", seed, out / f"seed-{seed}", config.student, p.queries,
+            make_distill_loss(config, signal_for, setup.label_score), dev_examples=p.dev,
+            labelled_examples=labelled_examples(config, p.contexts),
             before_training=lambda student_dev, s=seed: icl_gain(per_seed.get(s, {}).get("dev", {}), student_dev, s),
-            other_peaks_mb={"teacher_pass": teacher_peak} if teacher_peak is not None else None,
-            revision=config.revision, extra_record=extra, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets,
-            progress=progress,
-        )
+            other_peaks_mb={"teacher_pass": teacher_peak} if teacher_peak is not None else None, extra_record=extra)
+        record["seeds"][str(seed)] = train_and_evaluate(config, setup, job, on_evaluate=on_evaluate,
+                                                        score_eval_sets=score_eval_sets, progress=progress)
     return finish_record(record, out)

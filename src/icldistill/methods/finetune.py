@@ -15,22 +15,39 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from icldistill.runtime import distributed
-from icldistill.models.adapters import prepare_trainable
-from icldistill.config import CommonOptions, TrainOptions
-from icldistill.tasks.data import Example
+from icldistill.config import DistillOptions, PbftOptions, TrainOptions
 from icldistill.errors import ConfigError, IcldError
-from icldistill.training.losses import LossOutput
+from icldistill.methods.common import PREDICTIONS_FILE, Setup, evaluate_on_sets, model_record, prediction_rows
+from icldistill.models.adapters import TrainableSummary, prepare_trainable
 from icldistill.models.loading import LoadedModel, load_model
+from icldistill.runtime import distributed
 from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
 from icldistill.scoring.encoding import tokenize_prompts
-from icldistill.scoring.prefix_cache import label_word_tokens, last_token_logits, pad_right, rows_forward
-from icldistill.training.loop import OnEvaluate, fit
-from icldistill.methods.common import PREDICTIONS_FILE, Setup, evaluate_on_sets, model_record, prediction_rows
+from icldistill.scoring.prefix_cache import last_token_logits, pad_right, rows_forward
+from icldistill.tasks.data import Example
+from icldistill.training.loop import LossFn, OnEvaluate, TrainResult, fit
+from icldistill.training.losses import LossOutput
 
 logger = logging.getLogger(__name__)
 
 SEED_RESULT = "seed_result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentBatch:
+    """One training micro-batch of the student: its rows' prompts (right-padded too) and each class's label word.
+
+    Data only; how a class is scored from its word's tokens (``--label-score``) is the loss's setting.
+    """
+
+    input_ids: torch.Tensor  # (batch, longest) right-padded prompts
+    lengths: torch.Tensor  # (batch,) each prompt's length
+    labels: torch.Tensor  # (batch,) gold classes
+    indices: list[int]  # the rows' positions in the training examples (the teacher signal's rows)
+    prompts: list[list[int]]  # the prompts unpadded
+    continuations: list[list[list[int]]]  # per row, per class: the label word's tokens after the prompt
+    pad_id: int
+    n_tokens: int  # prompt tokens in the batch (the loop counts them)
 
 
 @dataclasses.dataclass
@@ -46,8 +63,7 @@ class StudentBatchBuilder:
     labels: torch.Tensor
     pad_id: int
     device: torch.device
-    continuations: list[list[list[int]]] = dataclasses.field(default_factory=list)
-    label_score: str = "sum"
+    continuations: list[list[list[int]]]
 
     @classmethod
     def build(cls, model: LoadedModel, setup: Setup, examples: Sequence[Example]) -> "StudentBatchBuilder":
@@ -59,40 +75,30 @@ class StudentBatchBuilder:
         if too_long:
             raise IcldError(f"Training examples {too_long[:5]} exceed {model.name}'s {model.max_length} tokens.")
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-        return cls(ids, torch.tensor([ex.label for ex in examples]), pad, model.device, tokens.continuations,
-                   getattr(setup, "label_score", "sum"))
+        return cls(ids, torch.tensor([ex.label for ex in examples]), pad, model.device, tokens.continuations)
 
-    def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def __call__(self, indices: Sequence[int]) -> StudentBatch:
         input_ids, lengths = pad_right([self.ids[i] for i in indices], self.pad_id, self.device)
-        return {"input_ids": input_ids, "lengths": lengths, "labels": self.labels[list(indices)].to(self.device),
-                "indices": list(indices), "n_tokens": int(lengths.sum()),
-                "prompts": [self.ids[i] for i in indices], "continuations": [self.continuations[i] for i in indices],
-                "label_score": self.label_score, "pad_id": self.pad_id}
+        return StudentBatch(input_ids, lengths, self.labels[list(indices)].to(self.device), list(indices),
+                            [self.ids[i] for i in indices], [self.continuations[i] for i in indices], self.pad_id,
+                            int(lengths.sum()))
 
 
-def student_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def student_logits(model: torch.nn.Module, batch: StudentBatch) -> torch.Tensor:
     """(batch, vocab) logits at each row's last token: the student's answer position."""
-    return last_token_logits(model, batch["input_ids"], batch["lengths"])
+    return last_token_logits(model, batch.input_ids, batch.lengths)
 
 
-def student_label_scores(model: torch.nn.Module, batch: dict[str, Any],
-                         label_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def student_label_scores(model: torch.nn.Module, batch: StudentBatch,
+                         label_score: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, vocab) answer-position logits and (batch, C) class scores of the student, differentiable.
 
     A class's score is the sum (or mean, ``--label-score``) of its label word's token log-probabilities
     after the query: the same scores evaluation and the teacher compute, so label-space losses work for
     any label words and across tokenizers (``losses.class_log_probs`` turns them into a distribution).
-    Single-token words take one position per row (the fast path). A batch without the builder's
-    continuations (right-padded ids only) is scored on one-token ``label_ids``.
+    Single-token words take one position per row (the fast path).
     """
-    if "continuations" not in batch:
-        logits = student_logits(model, batch)
-        return logits, torch.log_softmax(logits.float(), -1)[:, label_ids.to(logits.device)]
-    return rows_forward(model, batch["prompts"], batch["continuations"], pad_id=batch["pad_id"],
-                        label_score=batch["label_score"])
-
-
-LossFactory = Callable[[torch.Tensor], Callable[[torch.nn.Module, dict[str, Any]], LossOutput]]
+    return rows_forward(model, batch.prompts, batch.continuations, pad_id=batch.pad_id, label_score=label_score)
 
 
 def mixed_precision_for(dtype: str, device: torch.device) -> str:
@@ -137,125 +143,167 @@ def summarise_predictions(predictions: Sequence[dict[str, Any]]) -> dict[str, An
             "loss": float(-lp[torch.arange(len(gold)), gold].mean())}
 
 
-def train_and_evaluate(
-    method: str,
-    config: CommonOptions,
-    options: TrainOptions,
-    setup: Setup,
-    model_name: str,
-    train_examples: Sequence[Example],
-    make_loss: LossFactory,
-    seed: int,
-    seed_dir: Path,
-    *,
-    dev_examples: Sequence[Example] = (),
-    labelled_examples: int | None = None,
-    before_training: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    other_peaks_mb: dict[str, float] | None = None,
-    revision: str | None = None,
-    extra_record: dict[str, Any] | None = None,
-    on_evaluate: OnEvaluate | None = None,
-    score_eval_sets: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train ``model_name`` on ``train_examples`` with the loss from ``make_loss(label_ids)``; evaluate; save.
+@dataclasses.dataclass
+class SeedJob:
+    """What one seed's training needs beyond the run's config: what differs between the methods and the seeds.
 
     ``dev_examples`` (rows of the train split, disjoint from everything else) are scored before training,
-    during training and for ``--select``; the evaluation sets are scored once, after training, on the
-    selected state. ``before_training(student_dev_metrics)`` returns fields for the record (distillation's
-    ICL-gain check). ``labelled_examples`` is the method's label budget without the dev split (which is
-    added when ``--select best`` uses its labels). ``other_peaks_mb`` are peaks paid outside this function
-    (the teacher pass) that enter the run's overall peak. ``on_evaluate`` goes to ``fit`` (a tuner's
-    pruning hook); ``score_eval_sets=False`` scores the dev split only (tuning trials never look at the
-    evaluation sets).
+    during training and for ``--select``. ``before_training(student_dev_metrics)`` returns fields for the
+    record (distillation's ICL-gain check). ``labelled_examples`` is the method's label budget without the
+    dev split (which is added when ``--select best`` uses its labels). ``other_peaks_mb`` are peaks paid
+    outside the seed's training (the teacher pass) that enter the run's overall peak; ``extra_record`` is
+    added to the seed's record as is.
+    """
+
+    method: str
+    seed: int
+    seed_dir: Path
+    model_name: str
+    train_examples: Sequence[Example]
+    loss_fn: LossFn
+    dev_examples: Sequence[Example] = ()
+    labelled_examples: int | None = None
+    before_training: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    other_peaks_mb: dict[str, float] | None = None
+    extra_record: dict[str, Any] | None = None
+
+
+TrainedConfig = PbftOptions | DistillOptions
+"""A training method's options: the common ones (model loading, evaluation) and the training ones."""
+
+
+def train_and_evaluate(config: TrainedConfig, setup: Setup, job: SeedJob, *, on_evaluate: OnEvaluate | None = None,
+                       score_eval_sets: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train ``job.model_name`` on ``job.train_examples`` with ``job.loss_fn``; evaluate; save.
+
+    The evaluation sets are scored once, after training, on the selected state. ``on_evaluate`` goes to
+    ``fit`` (a tuner's pruning hook); ``score_eval_sets=False`` scores the dev split only (tuning trials
+    never look at the evaluation sets).
 
     Returns the seed's record (also written to ``seed_dir/seed_result.json``, which a resumed run reuses).
     Under N processes every rank trains and evaluates its share and holds the same record; rank 0 writes.
     """
-    done = seed_dir / SEED_RESULT
+    done = job.seed_dir / SEED_RESULT
     # Rank 0 decides (and reads) for all ranks, so they all skip the seed or all train it.
-    finished = distributed.broadcast(read_json(done) if options.resume and distributed.is_main() and done.exists() else None)
+    finished = distributed.broadcast(read_json(done) if config.resume and distributed.is_main() and done.exists()
+                                     else None)
     if finished is not None:
-        logger.info("seed %d already complete in %s", seed, seed_dir)
+        logger.info("seed %d already complete in %s", job.seed, job.seed_dir)
         return finished
-    if options.merge and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    if config.merge and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         raise ConfigError("--merge is not available under FSDP (the parameters are sharded across processes): "
                           "train without it and merge the saved adapter afterwards in one process.")
-    torch.manual_seed(seed)
-    # Weights load in fp32; bf16 is applied by autocast in the training loop.
-    loaded = load_model(model_name, dtype="fp32", device=config.device, cache_dir=config.cache_dir,
-                        revision=revision, trust_remote_code=config.trust_remote_code)
-    setup.check_tokenizer(loaded.tokenizer, loaded.name)
-    # First token of each label word (the one-position uses, e.g. vocabulary KL); class scores use every token.
-    label_ids = torch.tensor([ids[0] for ids in label_word_tokens(loaded.tokenizer, setup.pattern.label_words, loaded.name)],
-                             device=loaded.device)
-    batches = StudentBatchBuilder.build(loaded, setup, train_examples)
-    model, trainable = prepare_trainable(loaded.model, options)
-    student = dataclasses.replace(loaded, model=model)
-
-    precision = mixed_precision_for(config.dtype, student.device)
-
-    def autocast():
-        return torch.autocast(device_type=student.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def evaluate_dev(m: torch.nn.Module) -> dict[str, Any]:
-        """The student on the dev split, without demonstrations (what distillation is for)."""
-        with autocast():
-            return dev_metrics(dataclasses.replace(student, model=m), setup, dev_examples, batch_size=config.batch_size,
-                               use_prefix_cache=config.prefix_cache)
-
-    extra: dict[str, Any] = {}
-    if dev_examples:
-        model.eval()
-        before = evaluate_dev(model)
-        extra["dev_before_training"] = before
-        if before_training is not None:
-            extra.update(before_training(before))
-
-    with measure(student.device) as training:
-        result = fit(model, len(train_examples), batches, make_loss(label_ids), options, seed=seed,
-                     mixed_precision=precision, cpu=student.device.type == "cpu", checkpoint_dir=seed_dir,
-                     evaluate=evaluate_dev if dev_examples else None, on_evaluate=on_evaluate, progress=progress)
-    # The evaluation sets, scored once on the selected state; also the measurement of the inference cost.
-    model.eval()
-    final: dict[str, Any] = {}
-    final_predictions: dict[str, list[dict[str, Any]]] = {}
-    with measure(student.device) as cost, autocast():
-        if score_eval_sets:
-            final, final_predictions, _ = evaluate_on_sets(student, setup, [], batch_size=config.batch_size,
-                                                           progress=False, use_prefix_cache=config.prefix_cache)
-    queries = sum(v["n"] for v in final.values())
-    inference = {**cost.as_dict(), "queries": queries, "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}
-    artefacts = save_trained(model, student, options, seed_dir, gathered=result.final_trainable_state)
+    torch.manual_seed(job.seed)
+    student, trainable = _load_student(config, setup, job)
+    trained = _Trained(student, trainable, mixed_precision_for(config.dtype, student.device))
+    trained.train(config, setup, job, on_evaluate, progress)
+    final, predictions, inference = trained.final_evaluation(config, setup, score_eval_sets)
+    artefacts = save_trained(student.model, student, config, job.seed_dir,
+                             gathered=trained.result.final_trainable_state)
     if distributed.is_main():  # per-query answers of the final evaluation, rows as icl's (issue 11)
-        atomic_write_jsonl(seed_dir / PREDICTIONS_FILE, prediction_rows(seed, final_predictions))
-    training_record = training.as_dict()
-    peaks = {"training": training_record["peak_memory_mb"], "inference": inference["peak_memory_mb"],
-             **(other_peaks_mb or {})}
-    selection_labels = len(dev_examples) if options.select == "best" else 0
-    record = {
-        "seed": seed, "method": method, "status": "complete", "student": model_record(student),
-        "trainable": trainable.as_dict(), "train_examples": [ex.id for ex in train_examples],
-        "dev_examples": [ex.id for ex in dev_examples],
-        "labelled_examples": None if labelled_examples is None else labelled_examples + selection_labels,
-        "history": result.history, "selected": result.selected, "stopped_early": result.stopped_early,
-        "eval": final, "artefacts": artefacts,
-        "resources": {"training": training_record, "steps": result.steps, "planned_steps": result.planned_steps,
-                      "epochs_done": result.epochs_done, "examples_seen": result.train_examples_seen,
-                      "train_tokens": result.train_tokens,
-                      "train_seconds": round(result.train_seconds, 4),
-                      "train_tokens_per_s": _rate(result.train_tokens, result.train_seconds),
-                      "seconds_per_step": result.train_seconds / max(result.steps, 1),
-                      "resumed_from_epoch": result.resumed_from_epoch, "inference": inference,
-                      # What a user pays: the largest of the run's parts, each also given on its own.
-                      "peak_memory_mb": {"overall": max(v for v in peaks.values() if v is not None), **peaks},
-                      "memory_kind": training_record["memory_kind"]},
-        **extra,
-        **(extra_record or {}),
-    }
+        atomic_write_jsonl(job.seed_dir / PREDICTIONS_FILE, prediction_rows(job.seed, predictions))
+    record = trained.record(config, job, final, artefacts, inference)
     if distributed.is_main():
         atomic_write_json(done, record)
     return record
+
+
+def _load_student(config: TrainedConfig, setup: Setup, job: SeedJob) -> tuple[LoadedModel, TrainableSummary]:
+    """The student, loaded in fp32 (bf16 is applied by autocast in the loop) and made trainable."""
+    loaded = load_model(job.model_name, dtype="fp32", device=config.device, cache_dir=config.cache_dir,
+                        revision=config.revision, trust_remote_code=config.trust_remote_code)
+    setup.check_tokenizer(loaded.tokenizer, loaded.name)
+    model, trainable = prepare_trainable(loaded.model, config)
+    return dataclasses.replace(loaded, model=model), trainable
+
+
+@dataclasses.dataclass
+class _Trained:
+    """One seed's student through training and its final evaluation, and what each part measured."""
+
+    student: LoadedModel
+    trainable: TrainableSummary
+    precision: str
+    result: TrainResult = dataclasses.field(default_factory=TrainResult)
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)  # the training part's time and memory
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # dev metrics before training, ICL gain
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.student.device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
+
+    def train(self, config: TrainedConfig, setup: Setup, job: SeedJob, on_evaluate: OnEvaluate | None,
+              progress: bool) -> None:
+        """Score the dev split before training (and the method's check on it), then run the loop."""
+        batches = StudentBatchBuilder.build(self.student, setup, job.train_examples)
+
+        def evaluate_dev(m: torch.nn.Module) -> dict[str, Any]:
+            """The student on the dev split, without demonstrations (what distillation is for)."""
+            with self.autocast():
+                return dev_metrics(dataclasses.replace(self.student, model=m), setup, job.dev_examples,
+                                   batch_size=config.batch_size, use_prefix_cache=config.prefix_cache)
+
+        model = self.student.model
+        if job.dev_examples:
+            model.eval()
+            before = evaluate_dev(model)
+            self.extra["dev_before_training"] = before
+            if job.before_training is not None:
+                self.extra.update(job.before_training(before))
+        with measure(self.student.device) as training:
+            self.result = fit(model, len(job.train_examples), batches, job.loss_fn, config, seed=job.seed,
+                              mixed_precision=self.precision, cpu=self.student.device.type == "cpu",
+                              checkpoint_dir=job.seed_dir, evaluate=evaluate_dev if job.dev_examples else None,
+                              on_evaluate=on_evaluate, progress=progress)
+        self.training = training.as_dict()
+
+    def final_evaluation(self, config: TrainedConfig, setup: Setup, score_eval_sets: bool
+                         ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        """The evaluation sets, scored once on the selected state; also the measurement of the inference cost."""
+        self.student.model.eval()
+        final: dict[str, Any] = {}
+        predictions: dict[str, list[dict[str, Any]]] = {}
+        with measure(self.student.device) as cost, self.autocast():
+            if score_eval_sets:
+                final, predictions, _ = evaluate_on_sets(self.student, setup, [], batch_size=config.batch_size,
+                                                         progress=False, use_prefix_cache=config.prefix_cache)
+        queries = sum(v["n"] for v in final.values())
+        inference = {**cost.as_dict(), "queries": queries,
+                     "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}
+        return final, predictions, inference
+
+    def record(self, config: TrainedConfig, job: SeedJob, final: dict[str, Any], artefacts: dict[str, str],
+               inference: dict[str, Any]) -> dict[str, Any]:
+        """The seed's record (``seed_result.json``)."""
+        result, training = self.result, self.training
+        selection_labels = len(job.dev_examples) if config.select == "best" else 0
+        return {
+            "seed": job.seed, "method": job.method, "status": "complete", "student": model_record(self.student),
+            "trainable": self.trainable.as_dict(), "train_examples": [ex.id for ex in job.train_examples],
+            "dev_examples": [ex.id for ex in job.dev_examples],
+            "labelled_examples": None if job.labelled_examples is None else job.labelled_examples + selection_labels,
+            "history": result.history, "selected": result.selected, "stopped_early": result.stopped_early,
+            "eval": final, "artefacts": artefacts,
+            "resources": _resources(result, training, inference, job.other_peaks_mb),
+            **self.extra,
+            **(job.extra_record or {}),
+        }
+
+
+def _resources(result: TrainResult, training: dict[str, Any], inference: dict[str, Any],
+               other_peaks_mb: dict[str, float] | None) -> dict[str, Any]:
+    """The seed's cost: steps, tokens and time of training, the inference pass, and the peaks of each part."""
+    peaks = {"training": training["peak_memory_mb"], "inference": inference["peak_memory_mb"], **(other_peaks_mb or {})}
+    return {"training": training, "steps": result.steps, "planned_steps": result.planned_steps,
+            "epochs_done": result.epochs_done, "examples_seen": result.train_examples_seen,
+            "train_tokens": result.train_tokens,
+            "train_seconds": round(result.train_seconds, 4),
+            "train_tokens_per_s": _rate(result.train_tokens, result.train_seconds),
+            "seconds_per_step": result.train_seconds / max(result.steps, 1),
+            "resumed_from_epoch": result.resumed_from_epoch, "inference": inference,
+            # What a user pays: the largest of the run's parts, each also given on its own.
+            "peak_memory_mb": {"overall": max(v for v in peaks.values() if v is not None), **peaks},
+            "memory_kind": training["memory_kind"]}
 
 
 def _rate(amount: float, seconds: float) -> float | None:
@@ -298,13 +346,13 @@ def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOpt
     return out
 
 
-def ce_only(label_ids: torch.Tensor) -> Callable[[torch.nn.Module, dict[str, Any]], LossOutput]:
+def ce_only(label_score: str = "sum") -> LossFn:
     """The PBFT loss: cross-entropy of the gold label word over the label words, summed over the batch."""
     from icldistill.training.losses import ce_loss, class_log_probs
 
-    def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        lp = class_log_probs(student_label_scores(model, batch)[1])
-        ce = ce_loss(lp, batch["labels"], reduction="sum")
+    def loss_fn(model: torch.nn.Module, batch: StudentBatch) -> LossOutput:
+        lp = class_log_probs(student_label_scores(model, batch, label_score)[1])
+        ce = ce_loss(lp, batch.labels, reduction="sum")
         return LossOutput(ce, None, ce.detach())
 
     return loss_fn

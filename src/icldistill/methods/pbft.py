@@ -10,7 +10,7 @@ from typing import Any
 
 from icldistill.config import PbftOptions
 from icldistill.methods.common import dev_split, finish_record, prepare, start_record
-from icldistill.methods.finetune import ce_only, train_and_evaluate
+from icldistill.methods.finetune import SeedJob, ce_only, train_and_evaluate
 from icldistill.training.loop import OnEvaluate
 
 
@@ -23,9 +23,8 @@ def run_pbft(config: PbftOptions, *, progress: bool = True, on_evaluate: OnEvalu
     record, out = start_record("pbft", config, setup)
     for seed in config.seeds:
         support = setup.demonstrations(seed, config.shots)
-        record["seeds"][str(seed)] = train_and_evaluate(
-            "pbft", config, config, setup, config.model, support, ce_only, seed, out / f"seed-{seed}",
-            dev_examples=dev_split(setup, seed, config.dev_queries, support), labelled_examples=len(support),
-            revision=config.revision, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets, progress=progress,
-        )
+        job = SeedJob("pbft", seed, out / f"seed-{seed}", config.model, support, ce_only(setup.label_score),
+                      dev_examples=dev_split(setup, seed, config.dev_queries, support), labelled_examples=len(support))
+        record["seeds"][str(seed)] = train_and_evaluate(config, setup, job, on_evaluate=on_evaluate,
+                                                        score_eval_sets=score_eval_sets, progress=progress)
     return finish_record(record, out)

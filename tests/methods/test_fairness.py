@@ -280,12 +280,12 @@ def test_ce_target_teacher_uses_the_teachers_class_not_the_gold_label():
 
 
 def test_online_vocab_kl_keeps_only_the_real_vocabulary():
-    from icldistill.methods.distill import _within_vocab
+    from icldistill.training.signals import within_vocab
     from icldistill.training.teacher import TeacherSignal
 
     ids = torch.tensor([[7, 1, 5, 0, 6, 2, 3, 4]])  # a whole-width top-k of 8 logits; the tokenizer has 5
     lp = torch.log_softmax(torch.randn(1, 8), -1)
-    kept = _within_vocab(TeacherSignal(["q"], torch.zeros(1, 2), lp.clone(), ids.clone()), 5)
+    kept = within_vocab(TeacherSignal(["q"], torch.zeros(1, 2), lp.clone(), ids.clone()), 5)
     assert kept.topk_ids.shape == (1, 5) and int(kept.topk_ids.max()) < 5
     assert set(kept.topk_ids[0].tolist()) == {0, 1, 2, 3, 4}
     assert torch.equal(kept.topk_logprobs[0], lp[0][ids[0] < 5])

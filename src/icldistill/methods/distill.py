@@ -6,33 +6,55 @@ examples of a seed are the teacher's demonstrations; a disjoint sample of traini
 student trains on. The teacher's signal is cached by default: computed once before training (and
 reused by any later run with the same teacher, pattern, demonstrations and queries), so training runs
 without the teacher in memory and costs what plain student fine-tuning costs.
+
+Where the signal comes from (cache or online teacher) and the teacher's identity live in
+``training.signals``; this module keeps what is the method's own: the plan of each seed (contexts, dev
+rows, training queries), the loss over a batch, and the teacher's dev check (the ICL gain).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from icldistill.runtime import distributed
 from icldistill.config import DistillOptions
-from icldistill.tasks.data import Example
 from icldistill.errors import ConfigError
-from icldistill.training.losses import (LossOutput, ce_loss, check_vocab_compatible, class_log_probs, distillation_loss,
-                                       tempered_context_average, topk_vocab_kl)
-from icldistill.models.loading import LoadedModel, load_model, load_tokenizer, logit_width, model_identity
-from icldistill.runtime.paths import default_cache_dir
-from icldistill.runtime.records import measure
-from icldistill.training.teacher import OnlineTeacher, SignalCache, TeacherSignal, compute_signal, signal_key
-from icldistill.training.loop import OnEvaluate
 from icldistill.methods.common import Setup, dev_split, finish_record, model_record, prepare, start_record
-from icldistill.methods.finetune import (SeedJob, StudentBatch, student_label_scores, summarise_predictions,
-                                         train_and_evaluate)
+from icldistill.methods.finetune import (
+    SeedJob,
+    StudentBatch,
+    student_label_scores,
+    summarise_predictions,
+    train_and_evaluate,
+)
+from icldistill.models.loading import LoadedModel, load_tokenizer, logit_width
+from icldistill.runtime.records import measure
+from icldistill.tasks.data import Example
+from icldistill.training.loop import OnEvaluate
+from icldistill.training.losses import (
+    LossOutput,
+    ce_loss,
+    check_vocab_compatible,
+    class_log_probs,
+    distillation_loss,
+    mix_terms,
+    topk_vocab_kl,
+)
+from icldistill.training.signals import (
+    CachedSource,
+    CachedTeacherPass,
+    OnlineSource,
+    SignalSource,
+    TeacherPrompts,
+    TeacherSpec,
+    signal_cache,
+    tempered_targets,
+)
+from icldistill.training.teacher import TeacherSignal, compute_signal
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +62,8 @@ logger = logging.getLogger(__name__)
 def training_queries(setup: Setup, seed: int, n: int, contexts: Sequence[Sequence[Example]],
                      exclude: Sequence[Example] = ()) -> list[Example]:
     """n training queries from the train split, disjoint from every demonstration, dev row and evaluation query."""
-    taken = {ex.text_key() for demos in contexts for ex in demos} | setup.query_texts | {ex.text_key() for ex in exclude}
+    taken = ({ex.text_key() for demos in contexts for ex in demos} | setup.query_texts
+             | {ex.text_key() for ex in exclude})
     pool = [ex for ex in setup.train.examples if ex.text_key() not in taken]
     if len(pool) < n:
         raise ConfigError(f"--train-queries {n} exceeds the {len(pool)} training rows left after the demonstrations"
@@ -48,15 +71,17 @@ def training_queries(setup: Setup, seed: int, n: int, contexts: Sequence[Sequenc
     return random.Random(f"icldistill-train-queries-{seed}").sample(pool, n)
 
 
-def _check_vocab(config: DistillOptions) -> None:
-    """Full-vocabulary KL needs one tokenizer and one logit width for both models (read without the weights)."""
-    t = load_tokenizer(config.teacher, cache_dir=config.cache_dir, revision=config.teacher_revision,
-                       trust_remote_code=config.trust_remote_code)
+def _check_vocab(config: DistillOptions, teacher: TeacherSpec) -> None:
+    """Full-vocabulary KL needs one tokenizer and one logit width for both models (read without the weights);
+    a cached top-k no wider than the teacher's vocabulary."""
     s = load_tokenizer(config.student, cache_dir=config.cache_dir, revision=config.revision,
                        trust_remote_code=config.trust_remote_code)
-    widths = [logit_width(name, cache_dir=config.cache_dir, revision=rev, trust_remote_code=config.trust_remote_code)
-              for name, rev in ((config.teacher, config.teacher_revision), (config.student, config.revision))]
-    check_vocab_compatible(widths[0], widths[1], config.teacher, config.student, t.get_vocab() == s.get_vocab())
+    width = logit_width(config.student, cache_dir=config.cache_dir, revision=config.revision,
+                        trust_remote_code=config.trust_remote_code)
+    check_vocab_compatible(teacher.logit_width(), width, config.teacher, config.student,
+                           teacher.tokenizer().get_vocab() == s.get_vocab())
+    if config.teacher_signal == "cached":
+        teacher.check_topk(config.teacher_topk)
 
 
 def labelled_examples(config: DistillOptions, contexts: Sequence[Sequence[Example]]) -> int:
@@ -66,15 +91,8 @@ def labelled_examples(config: DistillOptions, contexts: Sequence[Sequence[Exampl
     return demos + (config.train_queries if uses_gold else 0)
 
 
-def teacher_targets(config: DistillOptions, teacher: TeacherSignal, T: float) -> torch.Tensor:
-    """(batch, C) the teacher's tempered label distribution, each context tempered before averaging."""
-    if teacher.context_label_logprobs is not None and teacher.context_label_logprobs.shape[0] > 1:
-        return tempered_context_average(teacher.context_label_logprobs, T)
-    return torch.log_softmax(teacher.label_logprobs / T, -1)
-
-
-def make_distill_loss(config: DistillOptions, signal_for: Callable[[Any], TeacherSignal], label_score: str = "sum"):
-    """The CD loss over a batch; ``signal_for(batch)`` gives the teacher's answers for the batch's rows.
+def make_distill_loss(config: DistillOptions, source: SignalSource, label_score: str = "sum"):
+    """The CD loss over a batch; ``source(batch.indices)`` gives the teacher's answers for the batch's rows.
 
     With ``--ce-target teacher`` the CE term's target is the teacher's predicted class (the argmax of its
     context-averaged label distribution), so no gold label beyond the demonstrations is used.
@@ -86,31 +104,20 @@ def make_distill_loss(config: DistillOptions, signal_for: Callable[[Any], Teache
         # Class scores from whole label words (any length), as the teacher's: issue 10.
         logits, class_scores = student_label_scores(model, batch, label_score)
         student_lp = class_log_probs(class_scores)
-        signal = signal_for(batch) if needs_teacher else None
+        signal = source(batch.indices) if needs_teacher else None
         teacher = signal if alpha > 0 else None
         labels = batch.labels if config.ce_target == "gold" else signal.label_logprobs.argmax(-1).to(logits.device)
         if config.kl_space == "label":
             student_T = class_log_probs(class_scores, T)
-            teacher_T = teacher_targets(config, teacher, T).to(logits.device) if teacher else None
+            teacher_T = tempered_targets(teacher, T).to(logits.device) if teacher else None
             return distillation_loss(student_T, teacher_T, student_lp, labels, alpha=alpha,
                                      temperature=T, reduction="sum")
         kl = topk_vocab_kl(teacher.topk_logprobs.to(logits.device), teacher.topk_ids.to(logits.device), logits, T,
                            reduction="sum") if teacher else None
         ce = ce_loss(student_lp, labels, reduction="sum") if alpha < 1 else None
-        loss = kl if ce is None else ce if kl is None else alpha * kl + (1 - alpha) * ce
-        return LossOutput(loss, None if kl is None else kl.detach(), None if ce is None else ce.detach())
+        return mix_terms(kl, ce, alpha)
 
     return loss_fn
-
-
-def _signal_cache(config: DistillOptions) -> SignalCache:
-    base = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-    return SignalCache(base / "teacher")
-
-
-def _load_teacher(config: DistillOptions) -> LoadedModel:
-    return load_model(config.teacher, dtype=config.teacher_dtype, device=config.device, cache_dir=config.cache_dir,
-                      revision=config.teacher_revision, trust_remote_code=config.trust_remote_code)
 
 
 @dataclass
@@ -128,53 +135,55 @@ def signal_metrics(signal: TeacherSignal, examples: Sequence[Example]) -> dict[s
     return summarise_predictions([{"gold": ex.label, "label_logprobs": row.tolist()} for ex, row in zip(examples, lp)])
 
 
+def _prompts(setup: Setup) -> TeacherPrompts:
+    return TeacherPrompts(setup.pattern, setup.label_score, setup.train.fingerprint)
+
+
 def cached_signals(config: DistillOptions, setup: Setup, plan: dict[int, SeedPlan], topk: int,
                    progress: bool) -> tuple[dict[int, TeacherSignal], dict[int, dict[str, Any]], dict[str, Any]]:
-    """The teacher pass: each seed's signal from the cache, or computed once and stored there.
+    """The cached teacher pass over every seed (see ``signals.CachedTeacherPass``), and the teacher's dev check.
 
-    Also the teacher on the seed's dev rows, with its demonstrations and zero-shot (the ICL-gain check),
-    cached the same way. The key needs the teacher's identity, not its weights, so a run whose signals are
-    all cached never loads the teacher. The teacher is released before training starts. Under N processes
-    rank 0 reads the cache and hands the signal to every rank; on a miss every rank loads the teacher,
-    scores its share of the queries, and rank 0 stores the gathered signal. Returns the signals, each
-    seed's teacher pass (peak, time, cache hit, dev metrics) and the whole pass's record.
+    The teacher on each seed's dev rows, with its demonstrations and zero-shot (the ICL-gain check), is
+    cached the same way. The teacher is released before training starts. Returns the signals, each seed's
+    teacher pass (peak, time, cache hit, dev metrics) and the whole pass's record.
     """
-    cache = _signal_cache(config)
-    identity = model_identity(config.teacher, dtype=config.teacher_dtype, device=config.device,
-                              cache_dir=config.cache_dir, revision=config.teacher_revision)
-    teacher: LoadedModel | None = None
+    cache = signal_cache(config.cache_dir)
+    teacher = CachedTeacherPass(TeacherSpec.from_options(config), _prompts(setup), cache,
+                                batch_size=config.batch_size, use_prefix_cache=config.prefix_cache, progress=progress)
     signals, per_seed, keys, hits = {}, {}, {}, 0
-
-    def signal(contexts: Sequence[Sequence[Example]], queries: Sequence[Example], k: int) -> tuple[TeacherSignal, str, bool]:
-        nonlocal teacher
-        key, description = signal_key(identity, setup.pattern, contexts, queries, setup.train.fingerprint, k,
-                                      label_score=setup.label_score)
-        found = distributed.broadcast(cache.load(key, queries) if distributed.is_main() else None)
-        if found is not None:
-            return found, key, True
-        teacher = teacher or _load_teacher(config)
-        found = compute_signal(teacher, setup.pattern, contexts, queries, batch_size=config.batch_size, topk=k,
-                               label_score=setup.label_score,
-                               use_prefix_cache=config.prefix_cache, progress=progress)
-        if distributed.is_main():
-            cache.save(key, found, description)
-        return found, key, False
-
     with measure(config.device) as teacher_pass:
         for seed, p in plan.items():
             with measure(config.device) as seed_pass:
-                signals[seed], keys[str(seed)], hit = signal(p.contexts, p.queries, topk)
+                signals[seed], keys[str(seed)], hit = teacher.signal(p.contexts, p.queries, topk)
                 hits += hit
                 dev = {}
                 if p.dev:
-                    dev = {"teacher_icl": signal_metrics(signal(p.contexts, p.dev, 0)[0], p.dev),
-                           "teacher_zero_shot": signal_metrics(signal([[]], p.dev, 0)[0], p.dev)}
+                    dev = {"teacher_icl": signal_metrics(teacher.signal(p.contexts, p.dev, 0)[0], p.dev),
+                           "teacher_zero_shot": signal_metrics(teacher.signal([[]], p.dev, 0)[0], p.dev)}
             per_seed[seed] = {**seed_pass.as_dict(), "cache_hit": bool(hit), "key": keys[str(seed)], "dev": dev}
     record = {**teacher_pass.as_dict(), "keys": keys, "cache_hits": hits, "cache_dir": str(cache.directory),
-              "teacher": identity, "teacher_loaded": teacher is not None}
-    del teacher
-    gc.collect()
+              "teacher": teacher.identity, "teacher_loaded": teacher.loaded}
+    teacher.release()
     return signals, per_seed, record
+
+
+def online_teacher(config: DistillOptions, setup: Setup, plan: dict[int, SeedPlan]
+                   ) -> tuple[LoadedModel, dict[int, dict[str, Any]], dict[str, Any]]:
+    """The online teacher, loaded for the whole run, and its dev check on each seed's dev rows."""
+    per_seed: dict[int, dict[str, Any]] = {}
+    with measure(config.device) as loading:
+        teacher = TeacherSpec.from_options(config).load()
+        for seed, p in plan.items():
+            dev = {}
+            if p.dev:
+                dev = {name: signal_metrics(compute_signal(teacher, setup.pattern, contexts, p.dev,
+                                                           batch_size=config.batch_size, progress=False,
+                                                           label_score=setup.label_score), p.dev)
+                       for name, contexts in (("teacher_icl", p.contexts), ("teacher_zero_shot", [[]]))}
+            per_seed[seed] = {"cache_hit": False, "dev": dev}
+    record = {"mode": "online", "teacher": model_record(teacher), **loading.as_dict(),
+              "note": "the teacher stays loaded during training: its memory is in the training peak"}
+    return teacher, per_seed, record
 
 
 def is_better(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -208,43 +217,6 @@ def icl_gain(teacher_dev: dict[str, Any], student_dev: dict[str, Any], seed: int
     return {"teacher_icl_gain": gain}
 
 
-def _from_cache(signal: TeacherSignal, queries: Sequence[Example]) -> Callable[[dict[str, Any]], TeacherSignal]:
-    """The rows of a cached signal that belong to a training batch."""
-    index = {qid: i for i, qid in enumerate(signal.query_ids)}
-
-    def signal_for(batch: dict[str, Any]) -> TeacherSignal:
-        return signal.rows(torch.tensor([index[queries[i].id] for i in batch.indices]))
-
-    return signal_for
-
-
-def _within_vocab(signal: TeacherSignal, vocab: int) -> TeacherSignal:
-    """Keep only the token ids below ``vocab`` (the tokenizer's real vocabulary) of a whole-width top-k.
-
-    Embedding matrices are often padded past the tokenizer; those rows are no token, and a KL that gave
-    them mass would teach the student nothing real. The loss renormalises over what is kept.
-    """
-    if signal.topk_ids is None or signal.topk_ids.shape[-1] == vocab:
-        return signal
-    keep = signal.topk_ids < vocab
-    n = signal.topk_ids.shape[0]
-    signal.topk_logprobs = signal.topk_logprobs[keep].view(n, vocab)
-    signal.topk_ids = signal.topk_ids[keep].view(n, vocab)
-    return signal
-
-
-def _from_teacher(online: OnlineTeacher, queries: Sequence[Example], topk: int,
-                  vocab: int = 0) -> Callable[[dict[str, Any]], TeacherSignal]:
-    """The online teacher's answers for a training batch (its prefix caches are kept across batches)."""
-
-    def signal_for(batch: dict[str, Any]) -> TeacherSignal:
-        with torch.no_grad():
-            found = online([queries[i] for i in batch.indices], topk=topk)
-        return _within_vocab(found, vocab) if vocab else found
-
-    return signal_for
-
-
 def plan_seed(config: DistillOptions, setup: Setup, seed: int) -> SeedPlan:
     """The seed's demonstration contexts, dev rows and training queries, all disjoint.
 
@@ -259,56 +231,47 @@ def plan_seed(config: DistillOptions, setup: Setup, seed: int) -> SeedPlan:
     return SeedPlan(contexts, training_queries(setup, seed, config.train_queries, contexts, exclude=dev), dev)
 
 
+def _seed_job(config: DistillOptions, setup: Setup, seed: int, p: SeedPlan, source: SignalSource, out: Any,
+              seed_pass: dict[str, Any]) -> SeedJob:
+    """The seed's training: the student on the training queries, with the teacher's signal from ``source``."""
+    extra = {"demonstration_contexts": [[d.id for d in c] for c in p.contexts],
+             "teacher_signal": config.teacher_signal, "teacher_key": seed_pass.get("key"),
+             "teacher_pass": {k: v for k, v in seed_pass.items() if k != "dev"}, "ce_target": config.ce_target}
+    teacher_peak = seed_pass.get("peak_memory_mb")
+    return SeedJob(
+        "distill", seed, out / f"seed-{seed}", config.student, p.queries,
+        make_distill_loss(config, source, setup.label_score), dev_examples=p.dev,
+        labelled_examples=labelled_examples(config, p.contexts),
+        before_training=lambda student_dev: icl_gain(seed_pass.get("dev", {}), student_dev, seed),
+        other_peaks_mb={"teacher_pass": teacher_peak} if teacher_peak is not None else None, extra_record=extra)
+
+
 def run_distill(config: DistillOptions, *, progress: bool = True, on_evaluate: OnEvaluate | None = None,
                 score_eval_sets: bool = True) -> dict[str, Any]:
     """Distil ``config.teacher`` (with k demonstrations) into ``config.student`` for each seed.
 
     ``on_evaluate`` and ``score_eval_sets`` are for tuning trials (see ``finetune.train_and_evaluate``)."""
     setup = prepare(config)
-    setup.check_tokenizer(load_tokenizer(config.teacher, cache_dir=config.cache_dir), config.teacher)  # before the teacher pass
+    spec = TeacherSpec.from_options(config)
+    setup.check_tokenizer(spec.tokenizer(), config.teacher)  # before the teacher pass
     record, out = start_record("distill", config, setup)
     plan = {seed: plan_seed(config, setup, seed) for seed in config.seeds}
     if config.kl_space == "vocab":
-        _check_vocab(config)
+        _check_vocab(config, spec)
     teacher: LoadedModel | None = None
-    per_seed: dict[int, dict[str, Any]] = {}
     if config.teacher_signal == "cached":
         signals, per_seed, record["teacher_pass"] = cached_signals(
             config, setup, plan, config.teacher_topk if config.kl_space == "vocab" else 0, progress)
     else:
-        with measure(config.device) as loading:
-            teacher = _load_teacher(config)
-            for seed, p in plan.items():
-                dev = {}
-                if p.dev:
-                    dev = {name: signal_metrics(compute_signal(teacher, setup.pattern, contexts, p.dev,
-                                                               batch_size=config.batch_size, progress=False,
-                                                               label_score=setup.label_score), p.dev)
-                           for name, contexts in (("teacher_icl", p.contexts), ("teacher_zero_shot", [[]]))}
-                per_seed[seed] = {"cache_hit": False, "dev": dev}
-        record["teacher_pass"] = {"mode": "online", "teacher": model_record(teacher), **loading.as_dict(),
-                                  "note": "the teacher stays loaded during training: its memory is in the training peak"}
+        teacher, per_seed, record["teacher_pass"] = online_teacher(config, setup, plan)
     record["teacher_pass"].update(mode=config.teacher_signal, contexts=config.teacher_contexts)
 
     for seed, p in plan.items():
         if teacher is None:
-            signal_for = _from_cache(signals[seed], p.queries)
+            source: SignalSource = CachedSource(signals[seed], p.queries)
         else:
-            # Online vocabulary KL: the teacher's whole next-token distribution, within its real vocabulary.
-            width = teacher.model.get_output_embeddings().weight.shape[0] if config.kl_space == "vocab" else 0
-            signal_for = _from_teacher(OnlineTeacher(teacher, setup.pattern, p.contexts, setup.label_score), p.queries, width,
-                                       vocab=len(teacher.tokenizer) if width else 0)
-        seed_pass = per_seed.get(seed, {})
-        extra = {"demonstration_contexts": [[d.id for d in c] for c in p.contexts],
-                 "teacher_signal": config.teacher_signal, "teacher_key": seed_pass.get("key"),
-                 "teacher_pass": {k: v for k, v in seed_pass.items() if k != "dev"}, "ce_target": config.ce_target}
-        teacher_peak = seed_pass.get("peak_memory_mb")
-        job = SeedJob(
-            "distill", seed, out / f"seed-{seed}", config.student, p.queries,
-            make_distill_loss(config, signal_for, setup.label_score), dev_examples=p.dev,
-            labelled_examples=labelled_examples(config, p.contexts),
-            before_training=lambda student_dev, s=seed: icl_gain(per_seed.get(s, {}).get("dev", {}), student_dev, s),
-            other_peaks_mb={"teacher_pass": teacher_peak} if teacher_peak is not None else None, extra_record=extra)
+            source = OnlineSource.start(teacher, _prompts(setup), p.contexts, p.queries, config.kl_space == "vocab")
+        job = _seed_job(config, setup, seed, p, source, out, per_seed.get(seed, {}))
         record["seeds"][str(seed)] = train_and_evaluate(config, setup, job, on_evaluate=on_evaluate,
                                                         score_eval_sets=score_eval_sets, progress=progress)
     return finish_record(record, out)

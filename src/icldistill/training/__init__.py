@@ -1,5 +1,6 @@
 """Training: the loss functions (``losses``, pure torch), the one training loop on accelerate (``loop``),
-and where the teacher's signal comes from, online or cached (``teacher``).
+how the teacher's signal is computed and cached (``teacher``), and where a batch's signal comes from, with
+the teacher's identity (``signals``).
 """
 
 from icldistill._lazy import lazy_exports
@@ -11,7 +12,11 @@ _EXPORTS = {
     ),
     "losses": (
         "LossOutput", "label_log_probs", "class_log_probs", "vocab_log_probs", "ce_loss", "kl_loss",
-        "distillation_loss", "topk_vocab_kl", "check_vocab_compatible",
+        "distillation_loss", "mix_terms", "topk_vocab_kl", "check_vocab_compatible",
+    ),
+    "signals": (
+        "TeacherSpec", "TeacherPrompts", "SignalSource", "CachedSource", "OnlineSource", "CachedTeacherPass",
+        "within_vocab", "tempered_targets", "signal_cache",
     ),
     "teacher": (
         "TeacherSignal", "compute_signal", "signal_key", "SignalCache", "OnlineTeacher",

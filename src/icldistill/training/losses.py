@@ -30,6 +30,7 @@ __all__ = [
     "distillation_loss",
     "kl_loss",
     "label_log_probs",
+    "mix_terms",
     "topk_vocab_kl",
     "vocab_log_probs",
 ]
@@ -299,11 +300,21 @@ def distillation_loss(
                 "(student_label_logprobs_1, labels); got None."
             )
         ce = ce_loss(student_label_logprobs_1, labels, reduction=reduction)
+    return mix_terms(kl, ce, alpha)
+
+
+def mix_terms(kl: Tensor | None, ce: Tensor | None, alpha: float) -> LossOutput:
+    """The one alpha mix: ``alpha * kl + (1 - alpha) * ce``, or the one term computed when the other is None.
+
+    Exactly one term is returned as it is (no ``0 * term``, no ``1.0 *`` rounding); the terms come back
+    detached for logging.
+    """
     if kl is not None and ce is not None:
         loss = alpha * kl + (1.0 - alpha) * ce
     else:
-        loss = kl if kl is not None else ce  # exactly one term: no 0 * term, no 1.0 * rounding
-    assert loss is not None  # alpha is in [0, 1], so at least one term was computed
+        loss = kl if kl is not None else ce
+    if loss is None:
+        raise ValueError("mix_terms needs the KL term, the CE term or both; got neither.")
     return LossOutput(
         loss=loss,
         kl=None if kl is None else kl.detach(),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_losses import label_log_probs
 
 from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_config
 from icldistill.methods.common import evaluate_on_sets, prepare
 from icldistill.models.loading import load_model
 from icldistill.scoring import evalsets
 from icldistill.scoring.evalsets import encode_prompts, score_prompts
-from icldistill.training.losses import class_log_probs, label_log_probs
+from icldistill.training.losses import class_log_probs
 
 MULTI = [" Yes indeed", " No"]  # several tokens and one token
 

@@ -11,7 +11,7 @@ _EXPORTS = {
         "find_checkpoint", "fit",
     ),
     "losses": (
-        "LossOutput", "label_log_probs", "class_log_probs", "vocab_log_probs", "ce_loss", "kl_loss",
+        "LossOutput", "class_log_probs", "ce_loss", "kl_loss",
         "distillation_loss", "mix_terms", "topk_vocab_kl", "check_vocab_compatible",
     ),
     "signals": (

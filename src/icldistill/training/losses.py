@@ -1,4 +1,4 @@
-"""Distillation losses as small pure functions: label-word and vocabulary log-probabilities, CE, KL, their mix.
+"""Distillation losses as small pure functions: label-word log-probabilities, CE, KL, their mix.
 
 Every function takes and returns tensors and imports nothing but torch, so that the training loop,
 the offline teacher cache and the tests all score the same way (cf. torchtune ``kd_losses``).
@@ -29,10 +29,8 @@ __all__ = [
     "class_log_probs",
     "distillation_loss",
     "kl_loss",
-    "label_log_probs",
     "mix_terms",
     "topk_vocab_kl",
-    "vocab_log_probs",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -91,40 +89,15 @@ def _at_least_float32(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def label_log_probs(logits: Tensor, label_token_ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-softmax over the label words only, at temperature ``temperature``.
-
-    The answer distribution of a verbalised classifier is the softmax of the next-token logits
-    restricted to the label words (e.g. " Yes" / " No"); this is the distribution that the teacher
-    and the student are compared on in label space, and it works across tokenizers because only the
-    label words' ids need to be known in each.
-
-    Args:
-        logits: ``(batch, vocab)`` next-token logits at the answer position, any float dtype.
-        label_token_ids: ``(C,)`` integer ids of the label words, in class order.
-        temperature: softmax temperature T > 0; the logits are divided by T.
-
-    Returns:
-        ``(batch, C)`` float32 log-probabilities, ``log_softmax(logits[:, ids] / T)``. The upcast
-        happens before the division and the softmax: bf16 keeps only 8 mantissa bits, and a
-        log-softmax computed in bf16 is off by up to ~1e-2 (the paper trains in BF16).
-    """
-    _check_temperature(temperature)
-    if logits.ndim != 2:
-        raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}.")
-    if label_token_ids.ndim != 1:
-        raise ValueError(f"label_token_ids must have shape (C,), got {tuple(label_token_ids.shape)}.")
-    selected = logits.index_select(-1, label_token_ids.to(device=logits.device, dtype=torch.long))
-    return torch.log_softmax(selected.float() / temperature, dim=-1)
-
-
 def class_log_probs(class_scores: Tensor, temperature: float = 1.0) -> Tensor:
     """The answer distribution over C classes from their label-word scores, at temperature ``temperature``.
 
     A class's score is the log-probability of its whole label word after the prompt (the sum, or the
     mean, of its tokens' log-probabilities; issue 10). For single-token words the score is
     ``log p(word) = logit - logsumexp(logits)``, and since a softmax ignores a shared shift this equals
-    :func:`label_log_probs` on the logits: one definition serves words of any length, across tokenizers.
+    a log-softmax of the logits restricted to the label words: one definition serves words of any length,
+    across tokenizers. The upcast to float32 happens before the division and the softmax: bf16 keeps only 8
+    mantissa bits, and a log-softmax computed in bf16 is off by up to ~1e-2 (the paper trains in BF16).
 
     Args:
         class_scores: ``(batch, C)`` label-word log-probabilities (e.g. ``Scores.label_logprobs``).
@@ -137,21 +110,6 @@ def class_log_probs(class_scores: Tensor, temperature: float = 1.0) -> Tensor:
     if class_scores.ndim != 2:
         raise ValueError(f"class_scores must have shape (batch, C), got {tuple(class_scores.shape)}.")
     return torch.log_softmax(_at_least_float32(class_scores) / temperature, dim=-1)
-
-
-def vocab_log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Full-vocabulary log-softmax at temperature ``temperature``, in float32.
-
-    Args:
-        logits: ``(batch, V)`` next-token logits at the answer position, any float dtype.
-        temperature: softmax temperature T > 0.
-
-    Returns:
-        ``(batch, V)`` float32 log-probabilities ``log_softmax(logits / T)`` (upcast first, as in
-        :func:`label_log_probs`).
-    """
-    _check_temperature(temperature)
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +129,7 @@ def ce_loss(
     log-probability of the gold label word, usually over the label words at T = 1.
 
     Args:
-        student_label_logprobs: ``(batch, C)`` log-probabilities (e.g. from :func:`label_log_probs`).
+        student_label_logprobs: ``(batch, C)`` log-probabilities (e.g. from :func:`class_log_probs`).
         labels: ``(batch,)`` integer gold classes in ``[0, C)``.
         weight: optional ``(C,)`` class weights; example i's loss is multiplied by
             ``weight[labels[i]]``. Unlike ``torch.nn.functional.cross_entropy``, "mean" divides by the

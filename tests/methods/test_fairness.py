@@ -21,7 +21,7 @@ from icldistill.config import DistillOptions, IclOptions, PbftOptions, TrainOpti
 from icldistill.errors import ConfigError, IcldError, ModelError
 from icldistill.models.adapters import embeddings_tied, load_trainable, prepare_trainable
 from icldistill.training.loop import StopTraining, fit, trainable_state
-from icldistill.training.losses import LossOutput, tempered_context_average
+from icldistill.training.losses import tempered_context_average
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -452,7 +452,8 @@ def test_pbft_label_budget_dev_split_and_evaluation_sets_scored_once(tmp_path, d
     assert not set(seed["dev_examples"]) & set(seed["train_examples"])
     res = seed["resources"]
     assert res["steps"] == 3 and res["examples_seen"] == 12 and res["planned_steps"] == 3
-    assert res["peak_memory_mb"]["overall"] == max(res["peak_memory_mb"]["training"], res["peak_memory_mb"]["inference"])
+    peaks = res["peak_memory_mb"]
+    assert peaks["overall"] == max(peaks["training"], peaks["inference"])
 
 
 def test_distill_label_budget_gain_check_memory_and_shared_dev(tmp_path, data_dir, tiny_dirs, cache_dir, caplog):
@@ -503,7 +504,8 @@ def test_gain_check_warns_only_when_the_teacher_is_no_better(caplog):
     for icl, worth in cases:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="icldistill.methods.distill"):
-            gain = icl_gain({"teacher_icl": icl, "teacher_zero_shot": {"n": 8, "accuracy": 0.5, "loss": 0.7}}, student, 0)
+            zero_shot = {"n": 8, "accuracy": 0.5, "loss": 0.7}
+            gain = icl_gain({"teacher_icl": icl, "teacher_zero_shot": zero_shot}, student, 0)
         assert gain["teacher_icl_gain"]["worth_distilling"] is worth
         assert gain["teacher_icl_gain"]["vs_student_zero_shot"]["accuracy"] == pytest.approx(icl["accuracy"] - 0.5)
         assert any("no better than the student alone" in r.message for r in caplog.records) is (not worth)
@@ -552,3 +554,20 @@ def test_collect_reads_budgets_and_memory_parts(tmp_path):
     assert row["teacher_peak_memory_mb"] == 900.0 and row["teacher_cache_hit"] == 0.0
     assert (row["labelled_examples"], row["steps"], row["examples_seen"]) == (4, 6, 48)
     assert row["ce_target"] == "teacher" and row["ood_accuracy"] == 0.5
+
+
+def test_teacher_topk_above_the_vocabulary_fails_before_the_teacher_loads(tmp_path, data_dir, tiny_dirs, cache_dir,
+                                                                         monkeypatch):
+    from icldistill.methods.distill import run_distill
+    from icldistill.models.loading import logit_width
+    from icldistill.training import signals
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the teacher's weights were loaded")
+
+    monkeypatch.setattr(signals, "load_model", no_weights)
+    width = logit_width(str(tiny_dirs["teacher"]))
+    values = _common(tmp_path, data_dir, teacher=str(tiny_dirs["teacher"]), student=str(tiny_dirs["teacher"]),
+                     kl_space="vocab", train_queries=4, teacher_topk=width + 1)
+    with pytest.raises(ConfigError, match=f"--teacher-topk {width + 1} exceeds .* vocabulary of {width}"):
+        run_distill(build_config(DistillOptions, values), progress=False)

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from tiny import make_model, toy_training_problem
 
-from icldistill.models.adapters import prepare_trainable
 from icldistill.config import DistillOptions, PbftOptions, TrainOptions, build_config
-from icldistill.errors import ConfigError
-from icldistill.training.losses import LossOutput
+from icldistill.errors import ConfigError, IcldError
+from icldistill.models.adapters import prepare_trainable
 from icldistill.training.loop import TrainingDiverged, find_checkpoint, fit
-from tiny import make_model, make_tokenizer, toy_training_problem
+from icldistill.training.losses import LossOutput
 
 
 def _opts(**kw) -> TrainOptions:
@@ -177,7 +177,8 @@ def test_distill_kl_falls_and_teacher_cache_is_reused(tmp_path, data_dir, tiny_d
     seed = first["seeds"]["0"]
     kls = [h["train_kl"] for h in seed["history"]]
     assert kls[-1] < 0.7 * kls[0], kls
-    assert len(seed["demonstration_contexts"]) == 2 and seed["demonstration_contexts"][0] != seed["demonstration_contexts"][1]
+    contexts = seed["demonstration_contexts"]
+    assert len(contexts) == 2 and contexts[0] != contexts[1]
     assert first["teacher_pass"]["cache_hits"] == 0 and first["teacher_pass"]["teacher_loaded"]
     assert not set(seed["train_examples"]) & set(seed["demonstration_contexts"][0])
 
@@ -245,3 +246,84 @@ def test_merge_saves_a_plain_model_equal_to_the_adapter(tmp_path, data_dir, tiny
         assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
         base = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])(input_ids=ids).logits
     assert not torch.allclose(merged(input_ids=ids).logits, base, atol=1e-5)  # training changed something
+
+
+# ------------------------------------------------------------------------------------ unreadable files on --resume
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _run_until(opts, directory, die_at_eval):
+    """A run killed during its ``die_at_eval``-th dev evaluation (every earlier epoch is checkpointed)."""
+    calls = {"n": 0}
+
+    def dying_eval(m):
+        calls["n"] += 1
+        if calls["n"] == die_at_eval:
+            raise KeyboardInterrupt
+        return {"ok": 1}
+
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=directory, evaluate=dying_eval,
+            progress=False)
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "trainer_state.json"])
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one_and_resumes_exactly(tmp_path, caplog, name):
+    import shutil
+
+    opts = _opts(peft="lora", epochs=3)
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=tmp_path / "a", evaluate=lambda m: {"ok": 1},
+        progress=False)
+    reference = _trainable(model)
+
+    run = tmp_path / "b"
+    _run_until(opts, run, die_at_eval=2)  # checkpoint after epoch 1
+    shutil.copytree(run / "checkpoint", tmp_path / "epoch-1")
+    _run_until(_opts(peft="lora", epochs=3, resume=True), run, die_at_eval=2)  # now after epoch 2
+    # A kill during the swap leaves the previous checkpoint as checkpoint.old; the new one is then damaged.
+    shutil.copytree(tmp_path / "epoch-1", run / "checkpoint.old")
+    _truncate(run / "checkpoint" / name)
+
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    with caplog.at_level("WARNING", logger="icldistill.training.loop"):
+        resumed = fit(model, 8, make_batch, loss_fn, _opts(peft="lora", epochs=3, resume=True), seed=0,
+                      checkpoint_dir=run, evaluate=lambda m: {"ok": 1}, progress=False)
+    assert str(run / "checkpoint" / name) in caplog.text and "skipped" in caplog.text
+    assert resumed.resumed_from_epoch == 1
+    for key, value in reference.items():
+        assert torch.equal(value, _trainable(model)[key]), key
+
+
+def test_a_corrupt_checkpoint_with_no_previous_one_names_the_file_and_what_to_delete(tmp_path):
+    opts = _opts(peft="lora", epochs=3)
+    _run_until(opts, tmp_path, die_at_eval=2)
+    _truncate(tmp_path / "checkpoint" / "trainable.safetensors")
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    with pytest.raises(IcldError) as caught:
+        fit(model, 8, make_batch, loss_fn, _opts(peft="lora", epochs=3, resume=True), seed=0, checkpoint_dir=tmp_path,
+            evaluate=lambda m: {"ok": 1}, progress=False)
+    message = str(caught.value)
+    assert str(tmp_path / "checkpoint" / "trainable.safetensors") in message
+    assert f"Delete {tmp_path / 'checkpoint'}" in message and "--resume" in message
+
+
+def test_a_truncated_seed_result_on_resume_names_its_file(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from icldistill.methods.pbft import run_pbft
+
+    values = _common(tmp_path, data_dir, model=str(tiny_dirs["student"]), epochs=1, resume=True)
+    run_pbft(build_config(PbftOptions, values), progress=False)
+    done = tmp_path / "out" / "seed-0" / "seed_result.json"
+    _truncate(done)
+    with pytest.raises(IcldError) as caught:
+        run_pbft(build_config(PbftOptions, values), progress=False)
+    assert str(done) in str(caught.value) and "Delete it" in str(caught.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiny import toy_training_problem
 
 from icldistill.config import TRACKERS, TrainOptions, build_config
 from icldistill.errors import ConfigError
@@ -12,7 +13,6 @@ from icldistill.models.adapters import prepare_trainable
 from icldistill.training import tracking
 from icldistill.training.loop import fit
 from icldistill.training.losses import LossOutput
-from tiny import toy_training_problem
 
 
 def _problem():

@@ -185,8 +185,7 @@ def train_and_evaluate(config: TrainedConfig, setup: Setup, job: SeedJob, *, on_
     """
     done = job.seed_dir / SEED_RESULT
     # Rank 0 decides (and reads) for all ranks, so they all skip the seed or all train it.
-    finished = distributed.broadcast(read_json(done) if config.resume and distributed.is_main() and done.exists()
-                                     else None)
+    finished = distributed.broadcast(_finished_record(done) if config.resume and distributed.is_main() else None)
     if finished is not None:
         logger.info("seed %d already complete in %s", job.seed, job.seed_dir)
         return finished
@@ -206,6 +205,18 @@ def train_and_evaluate(config: TrainedConfig, setup: Setup, job: SeedJob, *, on_
     if distributed.is_main():
         atomic_write_json(done, record)
     return record
+
+
+def _finished_record(done: Path) -> dict[str, Any] | None:
+    """The record of a seed a previous run completed, or None; a truncated or corrupt one names its file."""
+    if not done.exists():
+        return None
+    try:
+        return read_json(done)
+    except (OSError, ValueError) as exc:
+        raise IcldError(f"Cannot resume: {done} is unreadable ({exc}); it was truncated or corrupted. Delete it and "
+                        "run again with --resume (the seed's checkpoint resumes), or delete "
+                        f"{done.parent} to train the seed from the start.") from None
 
 
 def _load_student(config: TrainedConfig, setup: Setup, job: SeedJob) -> tuple[LoadedModel, TrainableSummary]:

@@ -6,6 +6,8 @@ the frozen base model is already on disk, and a LoRA checkpoint is then megabyte
 
 from __future__ import annotations
 
+import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from icldistill.errors import IcldError
@@ -106,10 +109,36 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
     copy_parameters(dict(model.named_parameters()), state)
 
 
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in ``directory``, latest first: the checkpoint, and one left mid-swap by a kill."""
+    paths = [directory / name for name in (CHECKPOINT, f"{CHECKPOINT}.old")]
+    return [p for p in paths if (p / STATE_FILE).exists() and (p / TRAINABLE_FILE).exists()]
+
+
 def find_checkpoint(directory: Path) -> Path | None:
     """The latest complete checkpoint in ``directory`` (also one left mid-swap by a kill), or None."""
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
-        path = directory / name
-        if (path / STATE_FILE).exists() and (path / TRAINABLE_FILE).exists():
+    found = complete_checkpoints(directory)
+    return found[0] if found else None
+
+
+# What reading a truncated or corrupt checkpoint file raises (json, safetensors, torch.load / pickle).
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError,
+              SafetensorError)
+
+
+def unreadable_file(checkpoint: Path) -> Path:
+    """The first file of ``checkpoint`` that cannot be read back (the directory itself when each file reads).
+
+    Called after loading failed, to name the file: accelerate's own errors often name none.
+    """
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                load_file(str(path))
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                torch.load(path, map_location="cpu", weights_only=False)
+        except UNREADABLE:
             return path
-    return None
+    return checkpoint

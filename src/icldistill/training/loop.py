@@ -50,6 +50,8 @@ from icldistill.training.checkpoint import (
     CHECKPOINT,
     STATE_FILE,
     TRAINABLE_FILE,
+    UNREADABLE,
+    complete_checkpoints,
     find_checkpoint,
     gathered_trainable_state,
     load_trainable,
@@ -57,6 +59,7 @@ from icldistill.training.checkpoint import (
     save_checkpoint,
     shards_parameters,
     trainable_state,
+    unreadable_file,
 )
 from icldistill.training.losses import LossOutput
 
@@ -244,21 +247,38 @@ class _Loop:
                    on_evaluate, TrainResult(planned_steps=budget.total))
 
     def resume(self) -> int:
-        """Continue from the latest checkpoint under ``--resume``; returns the first epoch still to run."""
+        """Continue from the latest readable checkpoint under ``--resume``; returns the first epoch still to run.
+
+        A truncated or corrupt checkpoint is skipped (with a warning naming its unreadable file) for the
+        previous one where a kill left one; with none left, the error names the file and what to delete.
+        """
         if not (self.options.resume and self.checkpoint_dir):
             return 0
-        # Rank 0 picks the checkpoint and every rank loads that one.
-        ckpt = distributed.broadcast(find_checkpoint(self.checkpoint_dir))
-        if ckpt is None:
-            return 0
+        # Rank 0 picks the checkpoints and every rank loads the same one.
+        candidates = distributed.broadcast(complete_checkpoints(self.checkpoint_dir))
+        for i, ckpt in enumerate(candidates):
+            try:
+                return self._load(ckpt)
+            except UNREADABLE as exc:
+                bad = unreadable_file(ckpt)
+                if i + 1 < len(candidates):
+                    logger.warning("checkpoint file %s is unreadable (%s); skipped, resuming from %s instead",
+                                   bad, exc, candidates[i + 1])
+                    continue
+                raise IcldError(f"Cannot resume: the checkpoint file {bad} is unreadable ({type(exc).__name__}: "
+                                f"{exc}); it was truncated or corrupted. Delete {ckpt} to train this seed from the "
+                                "start, or run without --resume.") from None
+        return 0
+
+    def _load(self, ckpt: Path) -> int:
+        """Restore the model, optimiser, schedule, RNG, result so far and best state from ``ckpt``."""
         self.accelerator.load_state(str(ckpt))
         state = read_json(ckpt / STATE_FILE)
         self.result = TrainResult(state["history"], state["steps"], state["epochs_done"], state["train_examples_seen"],
                                   state["train_tokens"], resumed_from_epoch=state["epochs_done"],
                                   train_seconds=state["train_seconds"], planned_steps=self.budget.total)
         self.best = state.get("best") or {}
-        if self.best and (ckpt / BEST_FILE).exists():
-            self.best_state = load_file(str(ckpt / BEST_FILE))
+        self.best_state = load_file(str(ckpt / BEST_FILE)) if self.best and (ckpt / BEST_FILE).exists() else None
         logger.info("resumed from %s after epoch %d", ckpt, state["epochs_done"])
         return state["epochs_done"]
 

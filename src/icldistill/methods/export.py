@@ -180,7 +180,8 @@ def _task_definition(run: dict[str, Any]) -> dict[str, Any]:
     return {"name": Path(ref).stem if ref.endswith((".yaml", ".yml")) else ref, "fields": fields,
             "classes": list(run.get("classes") or []), "id_column": "id", "strip": False, "label_column": "label",
             "content_free": {f: "N/A" for f in fields},
-            "pattern": {"name": resolved.name, "template": resolved.template, "label_words": list(resolved.label_words)}}
+            "pattern": {"name": resolved.name, "template": resolved.template,
+                        "label_words": list(resolved.label_words)}}
 
 
 # Where a packaged model's weights come from, for specs without an ``upstream`` field (helper "qwen" adds one).

@@ -128,7 +128,8 @@ def resolve_prompting(source: ModelSource, task: str | None, pattern: str | None
                            list(own.label_words), task)
         return resolved_task, family, own
     resolved = resolve_pattern(family, pattern if pattern is not None else recorded["template"], label_words)
-    if (resolved.template, list(resolved.label_words)) != (recorded["template"], list(recorded.get("label_words") or [])):
+    own = (recorded["template"], list(recorded.get("label_words") or []))
+    if (resolved.template, list(resolved.label_words)) != own:
         logger.warning("%s was trained with the pattern %r and label words %s; prompting it with %r and %s as asked",
                        source.name, recorded["template"], recorded.get("label_words"), resolved.template,
                        list(resolved.label_words))

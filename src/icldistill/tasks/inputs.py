@@ -1,4 +1,4 @@
-"""Unlabelled rows for ``icld predict``: a ``.jsonl``, ``.csv``, ``.tsv`` or ``.parquet`` file with the task's input columns.
+"""Unlabelled rows for ``icld predict``: a ``.jsonl``, ``.csv``, ``.tsv`` or ``.parquet`` file with the task's inputs.
 
 Rows are read by the task loader's one reader (:func:`icldistill.tasks.data.read_rows`: BOM-safe CSV, the
 same messages), so a file the task accepts is a file ``predict`` accepts. Every row needs each input

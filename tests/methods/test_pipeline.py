@@ -40,6 +40,9 @@ def test_training_runs_write_predictions_like_icl(pbft_run):
     rows = _rows(run_dir / "predictions.jsonl")
     assert {"seed", "eval", "id", "gold", "pred", "label_logprobs"} <= set(rows[0])
     assert {r["seed"] for r in rows} == {0, 1}
+    # issue 23 item 12: a boolean, and the class whose first token it is kept beside it
+    assert all(isinstance(r["top_token_is_label"], bool) for r in rows)
+    assert all((r["top_token_label"] is not None) == r["top_token_is_label"] for r in rows)
     for seed in ("0", "1"):
         for name in ("mnli-m", "hans-lo"):
             mine = [r for r in rows if r["seed"] == int(seed) and r["eval"] == name]

@@ -227,7 +227,8 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
     elif config.shots:
         train = data_mod.load(task.train, config.data_dir, config.data_source)
         demonstrations = sample_demonstrations(train.examples, config.shots, len(family.classes),
-                                               context_rng(config.seed), exclude={ex.text_key() for ex in rows})
+                                               context_rng(config.seed), exclude={ex.text_key() for ex in rows},
+                                               classes=family.classes)
     elif source.kind == "model":
         logger.info("%s answers zero-shot (no --shots): right for a trained student, weak for a plain model",
                     config.model)

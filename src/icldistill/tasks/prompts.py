@@ -167,7 +167,8 @@ def _plural(n: int, word: str) -> str:
     return word if n == 1 else word + "s"
 
 
-def check_demonstrations_cover_classes(demonstrations: Sequence[Example], classes: Sequence[str], where: str) -> list[str]:
+def check_demonstrations_cover_classes(demonstrations: Sequence[Example], classes: Sequence[str],
+                                       where: str) -> list[str]:
     """The classes no fixed demonstration shows; warned about, since ICL without an example of a class
     is rarely meant (a balanced draw always shows each). Returns the missing class names."""
     shown = {ex.label for ex in demonstrations}

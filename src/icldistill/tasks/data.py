@@ -158,6 +158,8 @@ def _carved(loaded: LoadedData, spec: DataSpec) -> LoadedData:
         return loaded
     keep = carve_indices(len(loaded.examples), spec.carve)
     c = spec.carve
+    logger.info("%s: carve part %s keeps %d of the file's %d usable rows", spec.name, c.part, len(keep),
+                len(loaded.examples))
     return LoadedData(spec, tuple(loaded.examples[i] for i in keep), loaded.source,
                       f"{loaded.fingerprint}/{c.part}-{c.eval_rows}-{c.seed}")
 

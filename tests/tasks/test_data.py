@@ -327,7 +327,8 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_first_column(tmp_path: Path) -> 
     text = "id,premise,hypothesis,label\nr1,A cat.,A pet.,entailment\nr2,A dog.,A cat.,contradiction\n"
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     loaded = data.load(_spec("bom.csv"), tmp_path, "local")
-    assert [(ex.id, ex.fields["premise"], ex.label) for ex in loaded.examples] == [("r1", "A cat.", 0), ("r2", "A dog.", 1)]
+    found = [(ex.id, ex.fields["premise"], ex.label) for ex in loaded.examples]
+    assert found == [("r1", "A cat.", 0), ("r2", "A dog.", 1)]
 
 
 def test_overlapping_carves_are_refused(tmp_path: Path) -> None:
@@ -337,19 +338,21 @@ def test_overlapping_carves_are_refused(tmp_path: Path) -> None:
 
     rows = "".join(json.dumps({"id": str(i), "text": f"row {i}", "label": "ab"[i % 2]}) + "\n" for i in range(40))
     (tmp_path / "rows.jsonl").write_text(rows)
+    pattern = "patterns:\n  p: {template: '{text}:', label_words: [' a', ' b']}\n"
 
     def task(train_carve: str, eval_carve: str) -> Path:
         path = tmp_path / f"t{abs(hash((train_carve, eval_carve)))}.yaml"
-        path.write_text("inputs: [text]\nclasses: [a, b]\npatterns:\n  p: {template: '{text}:', label_words: [' a', ' b']}\n"
-                        f"train: {{path: rows.jsonl{train_carve}}}\neval:\n  test: {{path: rows.jsonl{eval_carve}}}\n")
+        path.write_text("inputs: [text]\nclasses: [a, b]\n" + pattern
+                        + f"train: {{path: rows.jsonl{train_carve}}}\neval:\n  test: {{path: rows.jsonl{eval_carve}}}\n")
         return path
 
-    same = load_task_file(task(", carve: {part: train, eval_rows: 10, seed: 0}", ", carve: {part: eval, eval_rows: 10, seed: 0}"))
+    def carve(part: str, rows: int = 10, seed: int = 0) -> str:
+        return f", carve: {{part: {part}, eval_rows: {rows}, seed: {seed}}}"
+
+    same = load_task_file(task(carve("train"), carve("eval")))
     train_ids = {ex.id for ex in data.load(same.train).examples}
     assert not train_ids & {ex.id for ex in data.load(same.eval_sets["test"]).examples}
-    for train_carve, eval_carve in [(", carve: {part: train, eval_rows: 10, seed: 0}", ", carve: {part: eval, eval_rows: 10, seed: 1}"),
-                                    (", carve: {part: train, eval_rows: 10, seed: 0}", ", carve: {part: eval, eval_rows: 12, seed: 0}"),
-                                    (", carve: {part: train, eval_rows: 10, seed: 0}", ""),
-                                    ("", ", carve: {part: eval, eval_rows: 10, seed: 0}")]:
+    for train_carve, eval_carve in [(carve("train"), carve("eval", seed=1)), (carve("train"), carve("eval", 12)),
+                                    (carve("train"), ""), ("", carve("eval"))]:
         with pytest.raises(ConfigError, match="evaluation rows can be training rows"):
             load_task_file(task(train_carve, eval_carve))

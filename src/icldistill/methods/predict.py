@@ -243,6 +243,7 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
     counts = {c: sum(r["label"] == c for r in out) for c in family.classes}
     summary = {
         "model": config.model, "kind": source.kind, "task": task.name, "pattern": pattern.name,
+        "id_column": task.train.id_column or "id",
         "label_words": list(pattern.label_words), "shots": len(demonstrations), "label_score": label_score,
         "rows": len(out), "scored": scored,
         "skipped": [{"id": r["id"], "why": r["skipped"]} for r in out if r.get("skipped")],

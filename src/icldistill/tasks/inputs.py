@@ -42,8 +42,8 @@ def read_inputs(path: str | Path, fields: Sequence[str], *, strip: bool = False,
     """The rows of ``path`` as unlabelled examples (label :data:`UNLABELLED`), in file order.
 
     Text is used as the file has it, as the training data is (``strip``: the task's ``strip_fields``).
-    ``id_column`` (the task's) gives each row its id, else the row's position (0, 1, ...). A missing or
-    empty field, a non-text value, an invalid character or a duplicate id is an error naming the row
+    ``id_column`` (the task's) gives each row its id, else an ``id`` column, else the row's position (0, 1, ...).
+    A missing or empty field, a non-text value, an invalid character or a duplicate id is an error naming the row
     (``FILE:LINE``; the header of a CSV is line 1, a Parquet file counts rows from 1).
     """
     path = Path(path).expanduser()
@@ -65,7 +65,7 @@ def read_inputs(path: str | Path, fields: Sequence[str], *, strip: bool = False,
                                 f"{', '.join(fields)} (the task's input fields).")
             value = check_text(row[name], str(path), number, name)
             texts[name] = value.strip() if strip else value
-        given = row.get(id_column) if id_column else None
+        given = next((row[c] for c in (id_column, "id") if c and row.get(c) not in (None, "")), None)
         row_id = str(given) if given not in (None, "") else str(len(examples))
         if row_id in seen:
             raise DataError(f"{path}:{number}: duplicate id {row_id!r} (first at line {seen[row_id]}); ids must "

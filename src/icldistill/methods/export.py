@@ -99,7 +99,7 @@ def export_run(run: str, output: str | Path, *, push_to_hub: str | None = None, 
     meta = export_meta(source, notes)
     staging = _staging_dir(out)
     try:
-        with writing(staging, "the export"):
+        with writing(out, "the export"):
             model.save_pretrained(str(staging))
             tokenizer.save_pretrained(str(staging))
         share_files(staging)  # safetensors writes 0600; a shared export must be readable by a serving user

@@ -223,6 +223,8 @@ def writing(path: str | Path, what: str = "model files") -> Iterator[None]:
     """
     try:
         yield
+    except IcldError:
+        raise
     except OSError as exc:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         raise IcldError(f"Writing {what} to {path} failed: {exc.strerror or exc}. "

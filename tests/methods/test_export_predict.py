@@ -6,6 +6,7 @@ tiny student with its non-default pattern; the export must answer with that patt
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import json
@@ -87,6 +88,12 @@ def test_an_export_keeps_its_pattern_travels_and_joins_back(trained, tmp_path, c
     # item 5: the task's id column (behind a BOM) and the input text join the answers back
     assert [(r["id"], r["text"]) for r in answers] == [("T-1", "my card was charged twice"),
                                                        ("T-2", "the app crashes on start")]
+    _predict(out, rows, tmp_path / "a.csv")  # CSV answers carry the same id and input columns
+    with (tmp_path / "a.csv").open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["id"], r["text"]) for r in table] == [("T-1", "my card was charged twice"),
+                                                     ("T-2", "the app crashes on start")]
+    assert list(table[0])[:3] == ["id", "text", "pred"] and "p_billing" in table[0]
     # item 2: --task gives columns and data; the pattern stays the trained one, and the log says so
     with caplog.at_level("WARNING"):
         again = _predict(out, rows, tmp_path / "b.jsonl", task=str(trained / "tiny.yaml"))

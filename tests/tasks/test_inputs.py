@@ -20,13 +20,14 @@ texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters
 @given(st.lists(st.tuples(texts, texts), min_size=1, max_size=6))
 def test_any_text_round_trips_through_csv_and_jsonl(tmp_path_factory, rows):
     directory = tmp_path_factory.mktemp("rows")
-    with (directory / "rows.csv").open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["premise", "hypothesis"])
-        writer.writerows(rows)
+    for name, encoding in (("rows.csv", "utf-8"), ("rows-bom.csv", "utf-8-sig")):  # utf-8-sig: Excel's BOM
+        with (directory / name).open("w", encoding=encoding, newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["premise", "hypothesis"])
+            writer.writerows(rows)
     (directory / "rows.jsonl").write_text("".join(json.dumps({"premise": p, "hypothesis": h}) + "\n" for p, h in rows),
                                           encoding="utf-8")
-    for name in ("rows.csv", "rows.jsonl"):
+    for name in ("rows.csv", "rows-bom.csv", "rows.jsonl"):
         examples = read_inputs(directory / name, ("premise", "hypothesis"))
         assert [(ex.fields["premise"], ex.fields["hypothesis"]) for ex in examples] == [
             (p, h) for p, h in rows]  # as the file has it (issue 13)

@@ -108,12 +108,20 @@ def test_an_export_keeps_its_pattern_travels_and_joins_back(trained, tmp_path, c
     # item 3: moved elsewhere, its task files gone, it still answers with its own pattern
     moved = tmp_path / "elsewhere" / "student"
     shutil.move(str(out), moved)
-    gone = tmp_path / "gone"
-    shutil.copytree(trained, gone, ignore=shutil.ignore_patterns("run"))
+    gone = tmp_path / "gone"  # the task files are moved away for the duration (the module's run shares them)
+    gone.mkdir()
     for name in ("tiny.yaml", "tickets.yaml"):
         (trained / name).rename(gone / (name + ".away"))
     try:
         travelled = _predict(moved, rows, tmp_path / "e.jsonl")
+        with pytest.raises(IcldError, match="carries its task 'tiny' but not its data.*--task NAME_OR_FILE"):
+            _predict(moved, rows, tmp_path / "f.jsonl", shots=3)
+        from icldistill.config import EvalOptions
+        from icldistill.methods.evaluate import run_eval
+
+        with pytest.raises(IcldError, match="not its data.*icld eval reads its evaluation sets"):
+            run_eval(build_config(EvalOptions, dict(model=str(moved), device="cpu", output_dir=str(tmp_path / "ev"))),
+                     progress=False, write=False)
     finally:
         for name in ("tiny.yaml", "tickets.yaml"):
             (gone / (name + ".away")).rename(trained / name)

@@ -81,6 +81,14 @@ def _recorded_task(source: ModelSource) -> Task:
                           "or re-export the run with this version, whose exports carry their task.") from None
 
 
+def require_data(task: Task, model: str, why: str) -> None:
+    """Refuse, in one line, to use the data of a task that an export carries without it (its file is not here)."""
+    if task.train.local is None and task.train.hub is None and not task.eval_sets:
+        raise ConfigError(f"{model} carries its task '{task.name}' but not its data, and the task file is not found "
+                          f"here; {why}. Pass --task NAME_OR_FILE with the same inputs and classes (the model keeps "
+                          "its own pattern).")
+
+
 def _own_pattern(source: ModelSource, task: Task, recorded: dict[str, Any]) -> Pattern:
     """The pattern the model was trained with, checked against ``task``'s inputs and classes."""
     family = family_of(task)
@@ -216,9 +224,8 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
     task, family, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
     rows = read_inputs(config.input, family.fields, strip=task.train.strip, id_column=task.train.id_column or "id")
     demonstrations: list[Example] = []
-    if (config.demonstrations or config.shots) and task.train.local is None and task.train.hub is None:
-        raise ConfigError(f"--shots/--demonstrations draw from task '{task.name}''s training data, which "
-                          f"{config.model} does not carry; pass --task NAME_OR_FILE (the model keeps its pattern).")
+    if config.demonstrations or config.shots:
+        require_data(task, config.model, "--shots/--demonstrations draw demonstrations from its training data")
     label_score = config.label_score if config.label_score != "auto" else (source.meta or {}).get("label_score") or "sum"
     if config.demonstrations:  # fixed rows, in file order (as icl and distill take them)
         from icldistill.methods.common import load_demonstrations

@@ -265,7 +265,7 @@ def test_the_default_shots_that_cannot_be_balanced_say_what_to_do() -> None:
         sample_demonstrations(_pool(20, 3), 16, 3, random.Random(0))
     message = str(info.value)
     assert "--shots 16 (--shots is 16 by default) cannot be balanced over 3 classes" in message
-    assert "--shots 15 or 18" in message and "--demo-sampling random" in message
+    assert "here --shots 15 or 18" in message and "--demo-sampling random" in message
     with pytest.raises(PromptError, match="--shots 12 or 18"):
         sample_demonstrations(_pool(20, 6), 16, 6, random.Random(0))
 

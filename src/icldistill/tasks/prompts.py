@@ -141,9 +141,11 @@ def sample_demonstrations(
         below, above = (k // n_classes) * n_classes, (k // n_classes + 1) * n_classes
         nearest = " or ".join(str(n) for n in (below, above) if n > 0)
         default = f" (--shots is {DEFAULT_SHOTS} by default)" if k == DEFAULT_SHOTS else ""
+        works = ", ".join(str(n_classes * i) for i in range(1, 5))
         raise PromptError(
-            f"--shots {k}{default} cannot be balanced over {n_classes} classes: give a multiple of {n_classes}, "
-            f"e.g. --shots {nearest} (also in a sweep's grid), or --demo-sampling random for an unbalanced draw."
+            f"--shots {k}{default} cannot be balanced over {n_classes} classes; use a multiple of {n_classes} "
+            f"({works}, ...), here --shots {nearest} (also in a sweep's grid), or --demo-sampling random for an "
+            "unbalanced draw."
         )
     per_class = k // n_classes
     by_class: list[list[Example]] = [[] for _ in range(n_classes)]

@@ -88,12 +88,16 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
 
 def results_table(record: dict[str, Any]) -> str:
     """A per-evaluation-set table of the aggregated metrics (mean±std over seeds)."""
-    header = ["eval", "n", "dropped", "accuracy", "calibrated", "auc", "full_vocab", "non_label", "ood(HANS-LO)"]
+    aggregates = record.get("aggregate", {})
+    ood = any(agg.get("ood_accuracy") is not None for agg in aggregates.values())  # only where a HANS set is
+    header = ["eval", "n", "dropped", "accuracy", "majority", "calibrated", "auc", "full_vocab", "non_label",
+              *(["ood(HANS-LO)"] if ood else [])]
     rows = [header]
-    for name, agg in record.get("aggregate", {}).items():
+    for name, agg in aggregates.items():
         rows.append([name, _fmt(agg.get("n"), 0), _fmt(agg.get("dropped"), 0), _fmt(agg.get("accuracy")),
-                     _fmt(agg.get("calibrated_accuracy")), _fmt(agg.get("auc")), _fmt(agg.get("accuracy_full_vocab")),
-                     _fmt(agg.get("non_label_rate")), _fmt(agg.get("ood_accuracy"))])
+                     _fmt(agg.get("majority_rate")), _fmt(agg.get("calibrated_accuracy")), _fmt(agg.get("auc")),
+                     _fmt(agg.get("accuracy_full_vocab")), _fmt(agg.get("non_label_rate")),
+                     *([_fmt(agg.get("ood_accuracy"))] if ood else [])])
     return format_table(rows)
 
 

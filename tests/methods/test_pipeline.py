@@ -40,6 +40,9 @@ def test_training_runs_write_predictions_like_icl(pbft_run):
     rows = _rows(run_dir / "predictions.jsonl")
     assert {"seed", "eval", "id", "gold", "pred", "label_logprobs"} <= set(rows[0])
     assert {r["seed"] for r in rows} == {0, 1}
+    # issue 23 item 12: a boolean, and the class whose first token it is kept beside it
+    assert all(isinstance(r["top_token_is_label"], bool) for r in rows)
+    assert all((r["top_token_label"] is not None) == r["top_token_is_label"] for r in rows)
     for seed in ("0", "1"):
         for name in ("mnli-m", "hans-lo"):
             mine = [r for r in rows if r["seed"] == int(seed) and r["eval"] == name]
@@ -153,9 +156,9 @@ def test_predict_reports_bad_and_long_rows(tiny_dirs, tmp_path):
 
     with pytest.raises(IcldError, match=r"rows.csv: no column 'hypothesis'"):
         predict("rows.csv", "id,premise\n1,a cat\n")
-    with pytest.raises(IcldError, match=r"rows.jsonl, line 2: missing field 'hypothesis'"):
+    with pytest.raises(IcldError, match=r"rows.jsonl:2: missing field 'hypothesis'"):
         predict("rows.jsonl", '{"premise": "a", "hypothesis": "b"}\n{"premise": "a"}\n')
-    with pytest.raises(IcldError, match=r"empty.csv, line 3: field 'premise' must be non-empty"):
+    with pytest.raises(IcldError, match=r"empty.csv:3: field 'premise' must be non-empty"):
         predict("empty.csv", "premise,hypothesis\na cat,a dog\n  ,a dog\n")
     with pytest.raises(IcldError, match=r"unknown input format"):
         predict("rows.txt", "x")
@@ -308,7 +311,7 @@ def test_predict_reads_and_writes_parquet(tiny_dirs, tmp_path):
     assert summary["scored"] == 2 and list(out["id"]) == ["0", "1"]
     assert np.allclose(out["p_entailment"] + out["p_non-entailment"], 1.0)
     pd.DataFrame({"premise": ["a cat ran"], "hypothesis": [None]}).to_parquet(tmp_path / "bad.parquet")
-    with pytest.raises(IcldError, match=r"bad.parquet, row 1: missing field 'hypothesis'"):
+    with pytest.raises(IcldError, match=r"bad.parquet:1: missing field 'hypothesis'"):
         run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["student"]), input=str(tmp_path / "bad.parquet"),
                                                       device="cpu")), progress=False)
 

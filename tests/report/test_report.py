@@ -455,3 +455,71 @@ def test_confusion_figure_only_for_more_than_two_classes(results, tmp_path):
     assert figure_unsupported_reason("confusion", make_confusions(results)) is None
     path = plots.plot_confusions(make_confusions(results), tmp_path / "confusion.png")
     _assert_png(path)
+
+
+# ------------------------------------------------------------------------------------------
+# A 3-class sweep without an OOD set (issue 23 item 6)
+
+
+def _three_class_results() -> pd.DataFrame:
+    df = make_results(evals=("tickets",)).assign(task="tickets", chance_rate=1 / 3, majority_rate=0.4)
+    zero = df[(df["method"] == "icl-student") & (df["shots"] == KS[0])].copy()
+    zero["shots"], zero["cell"] = 0, "icl-student-k0"  # the untrained student answering zero-shot
+    return pd.concat([df, zero], ignore_index=True)
+
+
+def _paired_for(table: pd.DataFrame) -> pd.DataFrame:
+    """sweep_paired()-shaped rows for every CD configuration and baseline at the same k (sentences are markers)."""
+    from icldistill.experiments.compare import config_key
+
+    rows = []
+    for _, cd in table[table["method"] == "distill"].iterrows():
+        same_k = table[table["method"].isin(["icl-student", "pbft"]) & (table["shots"] == cd["shots"])]
+        for _, base in same_k.iterrows():
+            rows.append({"cd_key": config_key(cd.to_dict()), "baseline_key": config_key(base.to_dict()),
+                         "eval": "tickets", "metric": "accuracy", "difference": 0.04, "ci95_low": -0.01,
+                         "ci95_high": 0.09, "queries": 100, "n_seeds": 2, "a_only": 9, "b_only": 5, "mcnemar_p": 0.4,
+                         "sentence": f"PAIRED-{base['method']}-k{int(cd['shots'])}"})
+    return pd.DataFrame(rows)
+
+
+def _estimated_width_px(headers, rows, align) -> float:
+    """The table's width as the report's CSS lays it out: headers wrap at spaces, right-aligned cells do not,
+    left-aligned ones wrap at spaces; about 7 px per character at 0.8em, plus padding and borders."""
+    total = 0.0
+    for i, (header, a) in enumerate(zip(headers, align)):
+        words = [len(w) for w in header.split()]
+        cells = [len(r[i]) if a == "r" else max(len(w) for w in (r[i].split() or [""])) for r in rows]
+        total += 7.0 * max(words + cells) + 2 * 5 + 1
+    return total
+
+
+def test_a_three_class_sweep_without_ood_reports_chance_and_in_domain_paired_claims(tmp_path):
+    df = _three_class_results()
+    table = comparison_table(df)
+    paired = _paired_for(table)
+    markdown = render_markdown(df, [], paired=paired)
+    assert "chance is 1/C = 0.333 (C = 3 classes)" in markdown and "majority class scores 0.400" in markdown
+    assert "Chance is 0.5" not in markdown and "' Yes' / ' No'" not in markdown and "HANS-LO" not in markdown
+    claims = {c.topic: c for c in headline_claims(table, paired)}
+    in_domain = claims["CD vs ICL at the student's size: in-domain accuracy"]
+    assert in_domain.values and all("paired" in v for v in in_domain.values.values())
+    assert f"paired difference PAIRED-icl-student-k{KS[0]}" in in_domain.measured
+    assert "paired difference PAIRED-pbft-k8" in claims["CD vs PBFT: in-domain accuracy"].measured
+    assert claims["CD vs PBFT: OOD accuracy"].measured.startswith("Not measurable: the sweep has no out-of-domain")
+    # what was found comes before the table, and the untrained student has its own row
+    assert markdown.index("Headline claims") < markdown.index("## Results")
+    assert "ICL student (zero-shot)" in comparison_markdown(table)
+    # the HTML table wraps instead of scrolling, and its columns fit a 1400 px window (body padding aside)
+    text = render_html(df, [], paired=paired)
+    assert "overflow-x" not in text and "white-space: nowrap; }" not in text.split("th, td")[1].split("\n")[0]
+    headers, rows, align = _table_view(table)
+    assert _estimated_width_px(headers, rows, align) <= 1360, headers
+
+
+def test_the_binary_hans_sweep_keeps_its_ood_notes(results, table):
+    markdown = render_markdown(results, [])
+    assert "chance is 0.5" in markdown and "HANS-LO" in markdown
+    claims = {c.topic for c in headline_claims(table)}
+    topic = "CD vs ICL at the student's size"
+    assert {f"{topic}: in-domain accuracy", f"{topic}: OOD accuracy"} <= claims

@@ -192,6 +192,11 @@ BAD_INPUTS = [
     ("empty-file", "bad.jsonl", b"", None, "one JSON object per line"),
     ("blank-lines-only", "bad.jsonl", b"\n  \n\n", None, "one JSON object per line"),
     ("empty-gzip", "bad.jsonl.gz", gzip.compress(b"", mtime=0), None, "one JSON object per line"),
+    # issue 21 case 14: a JSON escape of a lone surrogate decodes to text no tokenizer can encode
+    ("lone-surrogate", "bad.jsonl", (_GOOD + _GOOD.replace('"a"', '"b"').replace("A man sleeps.", "\\ud800")).encode(),
+     2, "lone surrogate"),
+    # issue 23 item 4: a header alone, not `Instruction "train" corresponds to no data!`
+    ("header-only-csv", "bad.csv", b"id,premise,hypothesis,label\n", None, "holds no rows (a header alone"),
     ("all-rows-dropped", "bad.jsonl", _jsonl([_row("a", label="neutral"), _row("b", label="neutral")]).encode(), None,
      "none of its 2 rows"),
 ]
@@ -315,3 +320,39 @@ def test_subsample_properties(n: int, limit: int, seed: int) -> None:
     positions = [int(ex.id[2:]) for ex in sample]
     assert positions == sorted(set(positions))
     assert sample == subsample(pool, limit, seed)
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_first_column(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM: the id column (first) is still found (issue 21 case 6, 23 item 4)."""
+    text = "id,premise,hypothesis,label\nr1,A cat.,A pet.,entailment\nr2,A dog.,A cat.,contradiction\n"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    loaded = data.load(_spec("bom.csv"), tmp_path, "local")
+    found = [(ex.id, ex.fields["premise"], ex.label) for ex in loaded.examples]
+    assert found == [("r1", "A cat.", 0), ("r2", "A dog.", 1)]
+
+
+def test_overlapping_carves_are_refused(tmp_path: Path) -> None:
+    """Issue 21 case 5: an evaluation carve with another seed or size than the train carve shares rows with it."""
+    from icldistill.errors import ConfigError
+    from icldistill.tasks.taskfile import load_task_file
+
+    rows = "".join(json.dumps({"id": str(i), "text": f"row {i}", "label": "ab"[i % 2]}) + "\n" for i in range(40))
+    (tmp_path / "rows.jsonl").write_text(rows)
+    pattern = "patterns:\n  p: {template: '{text}:', label_words: [' a', ' b']}\n"
+
+    def task(train_carve: str, eval_carve: str) -> Path:
+        path = tmp_path / f"t{abs(hash((train_carve, eval_carve)))}.yaml"
+        path.write_text("inputs: [text]\nclasses: [a, b]\n" + pattern
+                        + f"train: {{path: rows.jsonl{train_carve}}}\neval:\n  test: {{path: rows.jsonl{eval_carve}}}\n")
+        return path
+
+    def carve(part: str, rows: int = 10, seed: int = 0) -> str:
+        return f", carve: {{part: {part}, eval_rows: {rows}, seed: {seed}}}"
+
+    same = load_task_file(task(carve("train"), carve("eval")))
+    train_ids = {ex.id for ex in data.load(same.train).examples}
+    assert not train_ids & {ex.id for ex in data.load(same.eval_sets["test"]).examples}
+    for train_carve, eval_carve in [(carve("train"), carve("eval", seed=1)), (carve("train"), carve("eval", 12)),
+                                    (carve("train"), ""), ("", carve("eval"))]:
+        with pytest.raises(ConfigError, match="evaluation rows can be training rows"):
+            load_task_file(task(train_carve, eval_carve))

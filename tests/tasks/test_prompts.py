@@ -254,3 +254,47 @@ def test_prefix_holds_each_demonstration_in_order(seed: int, k: int) -> None:
     assert prefix.endswith(SEPARATOR)
     assert prefix.split(SEPARATOR)[:-1] == [pattern.demonstration(d) for d in demos]
     assert prefix.split(SEPARATOR)[-1] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 23 items 11-12: what was silently accepted, and classes named by their names
+
+
+def test_the_default_shots_that_cannot_be_balanced_say_what_to_do() -> None:
+    with pytest.raises(PromptError) as info:
+        sample_demonstrations(_pool(20, 3), 16, 3, random.Random(0))
+    message = str(info.value)
+    assert "--shots 16 (--shots is 16 by default) cannot be balanced over 3 classes" in message
+    assert "here --shots 15 or 18" in message and "--demo-sampling random" in message
+    with pytest.raises(PromptError, match="--shots 12 or 18"):
+        sample_demonstrations(_pool(20, 6), 16, 6, random.Random(0))
+
+
+def test_a_short_class_is_named_by_its_name() -> None:
+    pool = [ex for ex in _pool(10) if ex.label == 0] + [ex for ex in _pool(10) if ex.label == 1][:1]
+    with pytest.raises(PromptError) as info:
+        sample_demonstrations(pool, 8, 2, random.Random(0), classes=("entailment", "non-entailment"))
+    assert "Class 'non-entailment' has only 1 usable training example," in str(info.value)
+
+
+def test_label_words_without_a_leading_space_are_warned_about(caplog) -> None:
+    family = family_of(get_task("mnli"))
+    template = "{premise} question: {hypothesis} answer:"
+    with caplog.at_level("WARNING", logger="icldistill.tasks.prompts"):
+        resolve_pattern(family, template, ["Yes", "No"])
+    assert "follow" in caplog.text and "with no space" in caplog.text and "' Yes'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="icldistill.tasks.prompts"):
+        resolve_pattern(family, template, [" Yes", " No"])
+        resolve_pattern(family, template + "\n", ["Yes", "No"])  # a line break before the word is a space
+    assert caplog.text == ""
+
+
+def test_fixed_demonstrations_missing_a_class_are_warned_about(caplog) -> None:
+    from icldistill.tasks.prompts import check_demonstrations_cover_classes
+
+    demos = [ex for ex in _pool(3, 3) if ex.label != 1]
+    with caplog.at_level("WARNING", logger="icldistill.tasks.prompts"):
+        assert check_demonstrations_cover_classes(demos, ("a", "b", "c"), "--demonstrations d.jsonl") == ["b"]
+    assert "no demonstration of class 'b'" in caplog.text
+    assert check_demonstrations_cover_classes(_pool(1, 3), ("a", "b", "c"), "x") == []

@@ -62,7 +62,7 @@ class Setup:
             return list(self.fixed_demonstrations.examples)
         return sample_demonstrations(self.train.examples, shots, len(self.family.classes),
                                      context_rng(seed, context), exclude=self.query_texts | exclude,
-                                     mode=self.demo_sampling)
+                                     mode=self.demo_sampling, classes=self.family.classes)
 
     def check_tokenizer(self, tokenizer: Any, model_name: str) -> None:
         """Checks that need a model's tokenizer: the classes' label words must tokenize apart."""
@@ -138,6 +138,9 @@ def load_demonstrations(task: Task, path: str) -> LoadedData:
     loaded = data_mod.load(spec, None, "local")
     if not loaded.examples:
         raise ConfigError(f"--demonstrations {path} holds no usable rows.")
+    from icldistill.tasks.prompts import check_demonstrations_cover_classes
+
+    check_demonstrations_cover_classes(loaded.examples, family_of(task).classes, f"--demonstrations {path}")
     return loaded
 
 

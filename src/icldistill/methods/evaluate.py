@@ -25,7 +25,7 @@ from icldistill.methods.common import (
     prediction_rows,
     prepare,
 )
-from icldistill.methods.predict import resolve_prompting
+from icldistill.methods.predict import require_data, resolve_prompting
 from icldistill.methods.trained import SEED_RESULT, ModelSource, load_source, resolve_source
 from icldistill.runtime import distributed
 from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
@@ -48,6 +48,7 @@ def sources_of(name: str) -> list[ModelSource]:
 def eval_setup(config: EvalOptions, source: ModelSource) -> tuple[EvalOptions, Setup]:
     """The config with task and evaluation sets resolved from the model's record, and its setup."""
     task, _, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
+    require_data(task, config.model, "icld eval reads its evaluation sets")
     resolved = dataclasses.replace(config, task=task.ref, eval=list(config.eval or task.default_eval))
     setup = prepare(resolved)
     return resolved, dataclasses.replace(setup, pattern=pattern)

@@ -329,8 +329,7 @@ def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOpt
     Rank 0 writes; every rank returns the same paths. ``gathered`` is the trained state where the
     parameters are sharded across ranks (``TrainResult.final_trainable_state``), read instead of the model.
     """
-    from safetensors.torch import save_file
-
+    from icldistill.models.adapters import save_tensors, share_files
     from icldistill.training.loop import trainable_state
 
     out: dict[str, str] = {}
@@ -341,6 +340,7 @@ def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOpt
         adapter = seed_dir / "adapter"
         if write:
             model.save_pretrained(str(adapter), **({"state_dict": gathered} if gathered is not None else {}))
+            share_files(adapter)  # safetensors writes 0600; the umask's mode like every other file
         out["adapter"] = str(adapter)
         if options.merge:
             merged_dir = seed_dir / "merged"
@@ -348,11 +348,12 @@ def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOpt
                 merged = model.merge_and_unload()
                 merged.save_pretrained(str(merged_dir))
                 student.tokenizer.save_pretrained(str(merged_dir))
+                share_files(merged_dir)
             out["merged"] = str(merged_dir)
     else:
         path = seed_dir / "trainable.safetensors"
         if write:
-            save_file(gathered if gathered is not None else trainable_state(model), str(path))
+            save_tensors(gathered if gathered is not None else trainable_state(model), path)
         out["trainable"] = str(path)
     return out
 

@@ -7,18 +7,21 @@ record: the number of trainable parameters and the names of the trainable groups
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from icldistill.config import TrainOptions
-from icldistill.errors import ConfigError
+from icldistill.errors import ConfigError, IcldError
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +191,58 @@ def prepare_trainable(model: nn.Module, options: TrainOptions) -> tuple[nn.Modul
     logger.info("%s: %d of %d parameters train (%.3f%%)", method, summary.trainable, summary.total,
                 100 * summary.trainable / summary.total)
     return model, summary
+
+
+def shared_mode() -> int:
+    """The mode every other result file gets (0644 under the usual umask 022): readable by a serving user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def share_files(path: str | Path) -> None:
+    """Give ``path`` (a file, or every file below a directory) the umask's mode.
+
+    safetensors writes its files 0600, so an export, adapter or checkpoint written by one user would be
+    unreadable to another (a serving user, a group sharing a cache); every other file follows the umask.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    mode = shared_mode()
+    for file in files:
+        if file.suffix == ".safetensors" and (file.stat().st_mode & 0o777) != mode:
+            file.chmod(mode)
+
+
+@contextmanager
+def writing(path: str | Path, what: str = "model files") -> Iterator[None]:
+    """Turn a failed write of ``path`` (disk full, read-only, missing directory) into one line naming it.
+
+    safetensors raises ``SafetensorError`` and torch a ``RuntimeError`` from its C++ writer; both
+    hide which file and which condition. Other errors pass through unchanged.
+    """
+    try:
+        yield
+    except IcldError:
+        raise
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise IcldError(f"Writing {what} to {path} failed: {exc.strerror or exc}. "
+                        + ("Free disk space and run the command again." if full else
+                           "Check that the directory is writable, or choose another output directory.")) from None
+    except Exception as exc:  # SafetensorError, RuntimeError from torch's writer: only the I/O ones
+        text = str(exc)
+        if type(exc).__name__ == "SafetensorError" or "No space left" in text or "inline_container" in text \
+                or "StorageFull" in text:
+            raise IcldError(f"Writing {what} to {path} failed ({text.strip()[:200]}). Free disk space or check "
+                            "that the directory is writable, and run the command again.") from None
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``safetensors.torch.save_file`` with the umask's mode and a failed write named by its path."""
+    from safetensors.torch import save_file
+
+    with writing(path, "tensors"):
+        save_file(tensors, str(path))
+    share_files(path)

@@ -24,7 +24,7 @@ from icldistill.report.plots import FigureResult, make_figures
 from icldistill.runtime.records import atomic_write_text
 from icldistill.report.tables import (
     _FAILED,
-    CHANCE,
+    OOD_CHANCE,
     METHOD_LABELS,
     _first_series,
     _fmt_alpha,
@@ -35,6 +35,7 @@ from icldistill.report.tables import (
     _table_from_runs,
     _table_view,
     _values,
+    chance_levels,
     comparison_table,
     in_domain_and_ood,
     markdown_table,
@@ -54,24 +55,34 @@ _STATUS_WORDS = {"partial": "partly failed"}
 
 DEFAULT_TITLE = "ICL distillation report"
 
-READING_NOTES = (
-    "Accuracy is restricted accuracy: the prediction is the more probable of the label words "
-    "(e.g. ' Yes' / ' No'), whatever else the model would have said. Full-vocabulary accuracy "
-    "(in the per-run results) also requires the label word to be the model's top token overall; tiny models "
-    "often score near 0 there. Calibrated accuracy applies contextual calibration (Zhao et al. 2021) "
-    "against a content-free input; it is empty for runs that did not score one. "
-    f"OOD accuracy is, on every HANS set (lexical overlap HANS-LO by preference), the mean of the entailment and "
-    f"non-entailment accuracies, as in the lineage (Mosbach et al. 2023); never the pooled accuracy. Chance is "
-    f"{CHANCE} for these binary tasks. "
-    "Labelled examples is each run's label budget: ICL and PBFT use the k demonstrations; CD uses them plus its "
-    "training queries' gold labels when its CE term targets them (--ce-target gold, the paper's), and only the k "
-    "with --ce-target teacher; a run that chose its checkpoint on the dev split (--select best) counts the dev "
-    "labels too. Steps and examples seen are the training budget. "
-    "Small models are strongly label-biased: a model that answers 'Yes' to everything scores about 0.5 "
-    "on HANS-LO (1.0 on entailment, 0.0 on non-entailment) and near the majority rate in-domain, so "
-    "numbers close to 0.5 mean no measurable skill, and a relative gain over a near-chance baseline "
-    "says little on its own. Std is the sample standard deviation over seeds (none with one seed)."
-)
+def reading_notes(table: pd.DataFrame) -> str:
+    """How to read the report, for the classes and sets this sweep has (no binary wording on a C-class sweep)."""
+    chance, majority = chance_levels(table) if not table.empty else (None, None)
+    has_ood = not table.empty and table["ood_accuracy_mean"].notna().any()
+    if chance is not None:
+        classes = round(1 / chance) if chance > 0 else 0
+        level = (f"In domain, chance is 1/C = {chance:.3f} (C = {classes} classes)"
+                 + (f" and always answering the majority class scores {majority:.3f}" if majority is not None else "")
+                 + "; accuracies near these show no measurable skill. ")
+    else:
+        level = "In domain, chance is 1/C for C classes (see the chance / majority-class rates above). "
+    ood = (f"OOD accuracy is, on every HANS set (lexical overlap HANS-LO by preference), the mean of the entailment "
+           f"and non-entailment accuracies, as in the lineage (Mosbach et al. 2023); never the pooled accuracy; its "
+           f"chance is {OOD_CHANCE}, and a model that answers 'entailment' to everything scores about 0.5 on it. "
+           if has_ood else "This sweep has no out-of-domain set, so every claim is in domain. ")
+    return (
+        "Accuracy is restricted accuracy: the prediction is the most probable of the pattern's label words (one per "
+        "class), whatever else the model would have said. Full-vocabulary accuracy (in the per-run results) also "
+        "requires the label word to be the model's top token overall; tiny models often score near 0 there. "
+        "Calibrated accuracy applies contextual calibration (Zhao et al. 2021) against a content-free input; it is "
+        "empty for runs that did not score one. " + level + ood +
+        "Labelled examples is each run's label budget: ICL and PBFT use the k demonstrations; CD uses them plus its "
+        "training queries' gold labels when its CE term targets them (--ce-target gold, the paper's), and only the k "
+        "with --ce-target teacher; a run that chose its checkpoint on the dev split (--select best) counts the dev "
+        "labels too. Steps and examples seen are the training budget. Small models are strongly label-biased: one "
+        "that answers one class to everything scores the majority rate, so a relative gain over a near-chance "
+        "baseline says little on its own. Std is the sample standard deviation over seeds (none with one seed)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,12 +173,13 @@ def _comparison_claim(topic: str, paper: str, table: pd.DataFrame, baseline: str
         return Claim(topic, paper, f"Not measurable: CD and {name} share no k with {column} results.", {})
     values = {k: {"cd": a, "baseline": b, "change_percent": _relative_percent(a, b)} for k, (a, b) in pairs.items()}
     accuracy = "accuracy" in column
+    chance = OOD_CHANCE if column == "ood_accuracy" else (chance_levels(table)[0] or OOD_CHANCE)
     for k, v in values.items():  # accuracy claims: the paired interval over queries and seeds (issue 11)
         if accuracy and (hit := _paired(paired, cd, base, k, column)) is not None:
             v["paired"] = hit
     # Each pair names its label budgets: CD with gold CE labels uses its training queries' labels too.
     parts = [f"k={k}: {v['cd']:.{digits}f} vs {v['baseline']:.{digits}f}{unit} ({_signed(v['change_percent'])}"
-             + (", both within 0.05 of chance or below" if accuracy and max(v["cd"], v["baseline"]) < CHANCE + 0.05
+             + (", both within 0.05 of chance or below" if accuracy and max(v["cd"], v["baseline"]) < chance + 0.05
                 else "") + (f"; paired difference {v['paired']['sentence']}" if "paired" in v else "")
              + f"; labelled examples {_labels_at(cd, k)} vs {_labels_at(base, k)})"
              for k, v in values.items()]
@@ -197,6 +209,29 @@ def _paired(paired: pd.DataFrame | None, cd: pd.DataFrame, base: pd.DataFrame, k
                          "ood_accuracy" if column == "ood_accuracy" else "accuracy")
 
 
+IN_DOMAIN_PAPER = "its headline is out of domain; in domain CD is expected to stay close to the baseline"
+
+
+def _accuracy_claims(topic: str, paper: str, table: pd.DataFrame, baseline: str,
+                     paired: pd.DataFrame | None) -> list[Claim]:
+    """The in-domain and the out-of-domain accuracy claim against ``baseline``, each with its paired interval.
+
+    A sweep without an OOD set still gets the in-domain claim (with the paired interval `icld compare`
+    computes) for any number of classes; its OOD claim says what is missing.
+    """
+    claims = [_comparison_claim(f"{topic}: in-domain accuracy", IN_DOMAIN_PAPER, table, baseline, "id_accuracy",
+                                "", 3, paired=paired)]
+    if table["ood_accuracy_mean"].notna().any():
+        claims.append(_comparison_claim(f"{topic}: OOD accuracy", paper, table, baseline, "ood_accuracy", "", 3,
+                                        paired=paired))
+    else:
+        claims.append(Claim(f"{topic}: OOD accuracy", paper,
+                            "Not measurable: the sweep has no out-of-domain evaluation set (add one with --eval, or "
+                            "later with `icld eval --model SWEEP_DIR --eval SET`); the in-domain claim above carries "
+                            "the paired interval.", {}))
+    return claims
+
+
 def headline_claims(table: pd.DataFrame, paired: pd.DataFrame | None = None) -> list[Claim]:
     """The paper's headline claims (PROTOCOL.md) checked against the comparison table.
 
@@ -204,11 +239,9 @@ def headline_claims(table: pd.DataFrame, paired: pd.DataFrame | None = None) -> 
     configuration whose alpha is nearest :data:`REFERENCE_ALPHA`; baselines run on the CD student's
     model (PBFT with the same PEFT where the sweep has it).
     """
-    claims = [
-        _comparison_claim("CD vs ICL at the student's size: OOD accuracy",
-                          "CD gives nearly 50% better out-of-domain accuracy than ICL on a model of similar size",
-                          table, "icl-student", "ood_accuracy", "", 3, paired=paired),
-    ]
+    claims = _accuracy_claims("CD vs ICL at the student's size",
+                              "CD gives nearly 50% better out-of-domain accuracy than ICL on a model of similar size",
+                              table, "icl-student", paired)
     # Against PBFT of the student's model and of the teacher's: the paper's memory claim only makes sense
     # against fine-tuning the large model, so both rows are compared, each named with its model.
     for baseline in ("pbft-teacher", "pbft"):
@@ -219,9 +252,8 @@ def headline_claims(table: pd.DataFrame, paired: pd.DataFrame | None = None) -> 
             _comparison_claim(f"CD vs {which}: peak memory",
                               "CD needs up to 60% less peak memory than PBFT",
                               table, baseline, "peak_memory_mb", " MB", 0, lower_is_better=True),
-            _comparison_claim(f"CD vs {which}: OOD accuracy",
-                              "CD gives 20% better out-of-domain accuracy than PBFT",
-                              table, baseline, "ood_accuracy", "", 3, paired=paired),
+            *_accuracy_claims(f"CD vs {which}", "CD gives 20% better out-of-domain accuracy than PBFT", table,
+                              baseline, paired),
         ]
     for claim in claims:
         if "peak memory" in claim.topic and claim.values:
@@ -346,6 +378,14 @@ def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str,
     runs = in_domain_and_ood(df)
     table = _table_from_runs(runs)
     blocks: list[tuple[str, Any]] = [("h1", title), ("h2", "What ran"), ("ul", _header_lines(df, runs, table))]
+    # What was found comes first (in domain and out, with paired intervals); the table and figures follow.
+    blocks.append(("h2", "Headline claims of the paper, as measured here"))
+    blocks.append(("p", "Each line quotes the paper (arXiv 2412.13243) and gives what this sweep measured; relative "
+                        "changes are (CD − baseline) / baseline of the seed means. Accuracy differences also carry a "
+                        "paired bootstrap 95% interval over the queries both scored and the seeds (paired by seed); "
+                        "where it covers 0 the difference is not distinguishable from 0 (`icld compare`)."))
+    blocks.append(("ul", [f"**{c.topic}** (paper: {c.paper}). Measured: {c.measured}"
+                          for c in headline_claims(table, paired)]))
     blocks.append(("h2", "Results"))
     if table.empty:
         blocks.append(("p", "No results to tabulate."))
@@ -364,15 +404,8 @@ def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str,
             blocks.append(("figure", figure))
         else:
             blocks.append(("p", f"Not drawn: {figure.reason or 'no data'}."))
-    blocks.append(("h2", "Headline claims of the paper, as measured here"))
-    blocks.append(("p", "Each line quotes the paper (arXiv 2412.13243) and gives what this sweep measured; relative "
-                        "changes are (CD − baseline) / baseline of the seed means. Accuracy differences also carry a "
-                        "paired bootstrap 95% interval over the queries both scored and the seeds (paired by seed); "
-                        "where it covers 0 the difference is not distinguishable from 0 (`icld compare`)."))
-    blocks.append(("ul", [f"**{c.topic}** (paper: {c.paper}). Measured: {c.measured}"
-                          for c in headline_claims(table, paired)]))
     blocks.append(("h2", "Reading this report"))
-    blocks.append(("p", READING_NOTES))
+    blocks.append(("p", reading_notes(table)))
     return blocks
 
 
@@ -399,11 +432,12 @@ def render_markdown(df: pd.DataFrame, figures: Sequence[FigureResult] = (), *, t
 
 
 _CSS = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto;
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1360px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.5; }
 h1, h2, h3 { line-height: 1.25; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; display: block; overflow-x: auto; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; white-space: nowrap; }
+table { border-collapse: collapse; font-size: 0.8em; margin: 1em 0; width: 100%; }
+th, td { border: 1px solid #ccc; padding: .25em .4em; } th { vertical-align: bottom; }
+td.r { white-space: nowrap; }
 th { background: #f3f3f3; } td.r, th.r { text-align: right; } tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-style: italic; color: #444; } .missing { color: #777; font-style: italic; }

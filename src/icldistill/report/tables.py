@@ -35,7 +35,8 @@ SUBCASE_COLUMNS = ("cell", "method", "model", "shots", "seed", "alpha", "eval", 
 # Columns added by issue 12 (label and step budgets, the parts of the peak memory); a frame without them
 # (older code) gets them empty rather than being refused.
 OPTIONAL_COLUMNS = ("ce_target", "labelled_examples", "steps", "examples_seen", "train_peak_memory_mb",
-                    "teacher_peak_memory_mb", "teacher_cache_hit", "select", "ood_metric")
+                    "teacher_peak_memory_mb", "teacher_cache_hit", "select", "ood_metric", "chance_rate",
+                    "majority_rate")
 _OPTIONAL_TEXT = ("ce_target", "select", "ood_metric")
 
 # A row of the comparison table is one configuration; seeds are what it aggregates over.
@@ -43,13 +44,16 @@ KEY_COLUMNS = ("task", "method", "model", "teacher", "student", "shots", "alpha"
 # A line in a figure is one configuration traced over k.
 SERIES_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "shots")
 # Per-run values that the table aggregates over seeds (mean and sample std).
-RUN_METRICS = (
+_BASE_METRICS = (
     "id_accuracy", "ood_accuracy", "id_calibrated_accuracy", "id_accuracy_full_vocab", "id_non_label_rate", "id_auc",
     "peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
     "inference_latency_ms", "inference_peak_memory_mb", "labelled_examples", "steps", "examples_seen",
     "train_peak_memory_mb", "teacher_peak_memory_mb", "teacher_cache_hit",
 )  # fmt: skip
-_COST_COLUMNS = RUN_METRICS[6:]
+# What no skill scores in domain: 1 / C (uniform guessing) and the majority class's share of the queries.
+_ID_LEVELS = ("id_chance_rate", "id_majority_rate")
+RUN_METRICS = (*_BASE_METRICS, *_ID_LEVELS)
+_COST_COLUMNS = _BASE_METRICS[6:]
 # A run's peak is the max over its eval sets. ``peak_memory_mb`` is the run's overall peak: for CD the
 # largest of the teacher pass, the training and the final evaluation (what a user pays).
 _PEAK_COLUMNS = ("peak_memory_mb", "inference_peak_memory_mb", "train_peak_memory_mb", "teacher_peak_memory_mb")
@@ -66,7 +70,8 @@ OOD_PREFIX = "hans"
 # When a run has several HANS sets, the lineage's number (lexical overlap, both labels averaged) wins.
 OOD_PREFERENCE = ("hans-lo", "hans")
 
-CHANCE = 0.5  # binary tasks, and HANS is balanced between its labels
+CHANCE = 0.5  # of HANS (two labels, balanced); in domain chance is 1 / C, from each run's chance_rate
+OOD_CHANCE = CHANCE
 
 # Claims compare the CD runs whose alpha is nearest the paper's (and this project's) default.
 REFERENCE_ALPHA = {f.name: f.default for f in dataclasses.fields(DistillOptions)}["alpha"]
@@ -126,14 +131,15 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
 
     done = df[complete.to_numpy()].copy()
     for column in ("accuracy", "calibrated_accuracy", "accuracy_full_vocab", "non_label_rate", "auc",
-                   "ood_accuracy", *_COST_COLUMNS):
+                   "ood_accuracy", "chance_rate", "majority_rate", *_COST_COLUMNS):
         done[column] = pd.to_numeric(done[column], errors="coerce")
     done["eval"] = done["eval"].astype(str)
     is_ood = np.array([is_ood_eval(name) for name in done["eval"]], dtype=bool)
 
     in_domain = done[~is_ood].groupby(run_key, dropna=False)
     runs["id_eval"] = in_domain["eval"].agg(lambda names: "+".join(sorted(set(names))))
-    id_metrics = in_domain[["accuracy", "calibrated_accuracy", "accuracy_full_vocab", "non_label_rate", "auc"]].mean()
+    id_metrics = in_domain[["accuracy", "calibrated_accuracy", "accuracy_full_vocab", "non_label_rate", "auc",
+                            "chance_rate", "majority_rate"]].mean()
     runs = runs.join(id_metrics.add_prefix("id_"))
 
     ood = done[is_ood].copy()
@@ -319,7 +325,7 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
     if optional[0][4]:
         spec.append(("task", optional[0][2], "l"))
     spec += [
-        ("method", lambda r: METHOD_LABELS.get(r["method"], str(r["method"])), "l"),
+        ("method", _method_label, "l"),
         ("model(s)", lambda r: r["models"], "l"),
         ("k", lambda r: str(int(r["shots"])) if not _missing(r["shots"]) else "—", "r"),
     ]
@@ -333,16 +339,17 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
                      lambda r: _fmt_mean_std(r["ood_accuracy_mean"], r["ood_accuracy_std"]), "r"))
     # The budgets each row was given: labels it saw, optimiser steps and examples it trained on.
     spec.append(("labelled examples", lambda r: _fmt(r["labelled_examples_mean"], 0), "r"))
-    if table["steps_mean"].notna().any():
-        spec += [("steps", lambda r: _fmt(r["steps_mean"], 0), "r"),
-                 ("examples seen", lambda r: _fmt(r["examples_seen_mean"], 0), "r")]
+    if table["steps_mean"].notna().any():  # one column: the table fits 1400 px without scrolling (issue 23)
+        spec.append(("steps / examples seen",
+                     lambda r: f"{_fmt(r['steps_mean'], 0)} / {_fmt(r['examples_seen_mean'], 0)}", "r"))
     spec += [
         ("calibrated acc", lambda r: _fmt(r["id_calibrated_accuracy_mean"], 3), "r"),
         ("overall peak memory (MB)", lambda r: _fmt(r["peak_memory_mb_mean"], 0), "r"),
     ]
     if table["teacher_peak_memory_mb_mean"].notna().any():  # the parts of CD's peak, where it has them
-        spec += [("training peak (MB)", lambda r: _fmt(r["train_peak_memory_mb_mean"], 0), "r"),
-                 ("teacher pass peak (MB)", lambda r: _fmt(r["teacher_peak_memory_mb_mean"], 0), "r")]
+        spec.append(("training / teacher pass peak (MB)",
+                     lambda r: f"{_fmt(r['train_peak_memory_mb_mean'], 0)} / "
+                               f"{_fmt(r['teacher_peak_memory_mb_mean'], 0)}", "r"))
     spec += [
         ("train time (s)", lambda r: _fmt(r["train_time_s_mean"]), "r"),
         ("inference latency (ms/query)", lambda r: _fmt(r["inference_latency_ms_mean"]), "r"),
@@ -352,6 +359,24 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
     headers = [h for h, _, _ in spec]
     rows = [[fn(row) for _, fn, _ in spec] for _, row in table.iterrows()]
     return headers, rows, [a for _, _, a in spec]
+
+
+def _method_label(row: Any) -> str:
+    """The method as the table names it; ICL at k = 0 is the model answering zero-shot (the untrained baseline)."""
+    label = METHOD_LABELS.get(row["method"], str(row["method"]))
+    if str(row["method"]).startswith("icl") and not _missing(row["shots"]) and int(row["shots"]) == 0:
+        return f"{label} (zero-shot)"
+    return label
+
+
+def chance_levels(table: pd.DataFrame) -> tuple[float | None, float | None]:
+    """(chance, majority-class rate) in domain over the table's configurations: 1 / C, and always answering
+    the most frequent class; ``None`` where the results do not carry them (older records)."""
+    def mean(column: str) -> float | None:
+        values = pd.to_numeric(table[column], errors="coerce").dropna() if column in table else pd.Series(dtype=float)
+        return float(values.mean()) if len(values) else None
+
+    return mean("id_chance_rate_mean"), mean("id_majority_rate_mean")
 
 
 def _seeds_cell(row: Any) -> str:

@@ -180,7 +180,9 @@ def evaluate_examples(
         metrics["accuracy_full_vocab"] = metrics["non_label_rate"] = None
     predictions = [
         {"id": ex.id, "gold": int(ex.label), "pred": int(np.argmax(lp)), "label_logprobs": [round(float(v), 6) for v in lp],
-         "top_token_is_label": int(t), **{k: ex.meta.get(k) for k in meta_fields}}
+         # whether the full-vocabulary argmax is a label word's first token, and whose (None: no label's)
+         "top_token_is_label": bool(t >= 0), "top_token_label": int(t) if t >= 0 else None,
+         **{k: ex.meta.get(k) for k in meta_fields}}
         for ex, lp, t in zip(encoded.examples, logprobs, top_is_label)
     ]
     return metrics, predictions, scores.prompt_tokens

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from icldistill.errors import DataError
+from icldistill.errors import ConfigError, DataError
 from icldistill.runtime.paths import DATA_ENV, default_data_dir
 from icldistill.tasks.registry import Carve, DataSpec
 
@@ -130,12 +130,36 @@ def carve_indices(n: int, carve: Carve) -> list[int]:
     return sorted(chosen)
 
 
+def check_carves(train: DataSpec, eval_sets: Mapping[str, DataSpec], origin: str) -> None:
+    """Refuse an evaluation set that can share rows with the train set through a carve of the same file.
+
+    A carve is disjoint only as the two halves of one partition: the train entry ``part: train`` and the
+    evaluation entry ``part: eval`` with the same ``eval_rows`` and ``seed``. Another seed or size (or one
+    side uncarved) would evaluate on training rows, so the task file is refused, naming both entries.
+    """
+    for name, spec in eval_sets.items():
+        if (spec.local is None or spec.local != train.local or spec.base_dir != train.base_dir
+                or dict(spec.filter) != dict(train.filter) or (spec.carve is None and train.carve is None)):
+            continue
+        t, e = train.carve, spec.carve
+        if (t is not None and e is not None and t.part == "train" and e.part == "eval"
+                and (t.eval_rows, t.seed) == (e.eval_rows, e.seed)):
+            continue
+        carve = lambda c: "no carve" if c is None else f"carve {{part: {c.part}, eval_rows: {c.eval_rows}, seed: {c.seed}}}"  # noqa: E731
+        raise ConfigError(
+            f"{origin}: evaluation set '{name}' and train both read {spec.local} (train: {carve(t)}; '{name}': "
+            f"{carve(e)}), so evaluation rows can be training rows. Give both the same eval_rows and seed, with "
+            "part: train for train and part: eval for the evaluation set.")
+
+
 def _carved(loaded: LoadedData, spec: DataSpec) -> LoadedData:
     """The carve part of the rows (the cache holds the whole file; both parts share it)."""
     if spec.carve is None:
         return loaded
     keep = carve_indices(len(loaded.examples), spec.carve)
     c = spec.carve
+    logger.info("%s: carve part %s keeps %d of the file's %d usable rows", spec.name, c.part, len(keep),
+                len(loaded.examples))
     return LoadedData(spec, tuple(loaded.examples[i] for i in keep), loaded.source,
                       f"{loaded.fingerprint}/{c.part}-{c.eval_rows}-{c.seed}")
 
@@ -164,10 +188,8 @@ def _load_local_cached(key: _SpecKey, path: str, mtime_ns: int, size: int) -> Lo
     fingerprint = hashlib.sha256(raw).hexdigest()[:16]  # of the file's bytes, as SOURCES.md lists them
     if spec.strip:  # other text from the same bytes: caches keyed by the fingerprint must not mix the two
         fingerprint += "+strip"
-    if path.endswith((".csv", ".tsv", ".parquet")):
-        rows = _iter_table(Path(path))
-    else:
-        rows = _iter_lines(_decompress(raw, Path(path)), path)
+    rows = (_iter_table(Path(path)) if path.lower().endswith((".csv", ".tsv", ".parquet"))
+            else _iter_lines(_decompress(raw, Path(path)), path))
     examples = parse_rows(spec, rows, path)
     logger.info("loaded %d rows of %s from %s", len(examples), spec.name, path)
     return LoadedData(spec, tuple(examples), path, fingerprint)
@@ -209,6 +231,19 @@ def _iter_lines(raw: bytes, path: str) -> Iterable[tuple[int, dict[str, Any]]]:
         yield lineno, row
 
 
+def read_rows(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(line or row number, row) of any data file, labelled (the task loader) or not (``icld predict``).
+
+    The one reader: JSON Lines line by line (plain or gzipped), CSV / TSV / Parquet through ``datasets``;
+    every message names the file and the line. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is
+    dropped, so the first column keeps its name.
+    """
+    path = Path(path)
+    if path.name.lower().endswith((".csv", ".tsv", ".parquet")):
+        return _iter_table(path)
+    return _iter_lines(_decompress(_read_bytes(path), path), str(path))
+
+
 def _iter_table(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     """Rows of a CSV, TSV or Parquet file through ``datasets``; row numbers count the header as line 1.
 
@@ -220,37 +255,63 @@ def _iter_table(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     except ImportError:
         raise DataError(f"Reading {path.suffix} files needs the 'datasets' package: pip install datasets.") from None
     datasets.disable_progress_bars()
-    kind = "parquet" if path.suffix == ".parquet" else "csv"
+    kind = "parquet" if path.suffix.lower() == ".parquet" else "csv"
     kwargs: dict[str, Any] = {}
     if kind == "csv":
-        delimiter = "\t" if path.suffix == ".tsv" else ","
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         header = _csv_header(path, delimiter)
-        kwargs = {"delimiter": delimiter, "keep_default_na": False, "na_filter": False,
+        kwargs = {"delimiter": delimiter, "keep_default_na": False, "na_filter": False, "encoding": "utf-8-sig",
                   "features": datasets.Features({name: datasets.Value("string") for name in header})}
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
     except Exception as exc:  # pandas / pyarrow parse errors come in many types; each names the line
         cause = exc.__cause__ or exc
+        if "corresponds to no data" in str(cause):
+            raise DataError(f"{path} holds no rows (a header alone); add one row per example below it.") from None
         raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({str(cause).strip()}); "
                         "fix the row it names (quotes, column count) and try again.") from None
     first = 2 if kind == "csv" else 1
-    for i, row in enumerate(ds):
-        yield i + first, {k: v for k, v in row.items() if k is not None}
+    return ((i + first, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(ds))
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
+    """The header's column names (a byte-order mark dropped); a header alone is an error that says so."""
     import csv
 
     try:
-        with path.open(encoding="utf-8", newline="") as f:
-            header = next(csv.reader(f, delimiter=delimiter), [])
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, [])
+            has_rows = any(row for row in reader)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8.") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: cannot be read as CSV ({exc}); fix the quotes of the row it names.") from None
     if not header:
         raise DataError(f"{path} is empty; it must hold a header line and one row per line.")
     if len(set(header)) != len(header) or any(not h.strip() for h in header):
         raise DataError(f"{path}:1: the header must name every column once, got {header}.")
+    if not has_rows:
+        raise DataError(f"{path} holds no rows (a header alone: {delimiter.join(header)}); add one row per example "
+                        "below it.")
     return header
+
+
+def check_text(value: Any, where: str, lineno: int, name: str) -> str:
+    """``value`` as a row's text field: a non-empty string that is valid Unicode, else an error naming the row.
+
+    A JSON escape such as ``"\\ud800"`` decodes to a lone surrogate, which no tokenizer can encode.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}:{lineno}: field '{name}' must be non-empty text, got {value!r}; "
+                        "fill it in or remove the row.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}:{lineno}: field '{name}' holds an invalid character {value[exc.start]!r} at "
+                        f"position {exc.start} (a lone surrogate, e.g. a JSON \\ud800 escape); fix or remove "
+                        "the row.") from None
+    return value
 
 
 def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], where: str) -> list[Example]:
@@ -285,9 +346,7 @@ def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], wh
             continue
         texts = {}
         for name in spec.fields:
-            value = row[name]
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{where}:{lineno}: field '{name}' must be a non-empty string, got {value!r}; fill it in or remove the row.")
+            value = check_text(row[name], where, lineno, name)
             texts[name] = value.strip() if spec.strip else value  # as the data has it, unless the task asks
         row_id = str(row[spec.id_column]) if spec.id_column and spec.id_column in row else str(lineno)
         if row_id in seen:

@@ -1,86 +1,75 @@
-"""Unlabelled rows for ``icld predict``: a ``.jsonl``, ``.csv`` or ``.parquet`` file with the task's input columns.
+"""Unlabelled rows for ``icld predict``: a ``.jsonl``, ``.csv``, ``.tsv`` or ``.parquet`` file with the task's inputs.
 
-Every row needs each input field of the task's family as a non-empty string; an ``id`` column is
-used when present (else the row number). Problems name the file, the row and the fix. No torch here.
+Rows are read by the task loader's one reader (:func:`icldistill.tasks.data.read_rows`: BOM-safe CSV, the
+same messages), so a file the task accepts is a file ``predict`` accepts. Every row needs each input
+field of the task as non-empty text; the task's id column (``id`` by default) is used where present,
+else the row's position. Problems name the file, the row and the fix. No torch here.
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from icldistill.errors import DataError
-from icldistill.tasks.data import Example, _iter_lines, _read_bytes
+from icldistill.tasks.data import Example, check_text, read_rows
 
 UNLABELLED = -1  # the label of a row that has none
-FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+FORMATS = (".jsonl", ".json", ".jsonl.gz", ".csv", ".tsv", ".parquet")
+TABLES = (".csv", ".tsv", ".parquet")
 
 
-def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    """(line number, object) per non-blank line, validated as the labelled data files are."""
-    yield from _iter_lines(_read_bytes(path), str(path))
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((f for f in FORMATS if name.endswith(f)), path.suffix.lower())
 
 
-def _csv_rows(path: Path, fields: Sequence[str]) -> Iterable[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [f for f in fields if f not in (reader.fieldnames or [])]
+def _checked_columns(path: Path, rows: Iterable[tuple[int, dict[str, Any]]],
+                     fields: Sequence[str]) -> Iterable[tuple[int, dict[str, Any]]]:
+    """A table's columns are the same on every row: a missing input column is one error naming the columns."""
+    for number, row in rows:
+        missing = [f for f in fields if f not in row]
         if missing:
-            raise DataError(f"{path}: no column {', '.join(repr(m) for m in missing)} (columns: {reader.fieldnames}); "
+            raise DataError(f"{path}: no column {', '.join(repr(m) for m in missing)} (columns: {list(row)}); "
                             f"the task needs {', '.join(fields)}. Rename the columns or choose the task with --task.")
-        for row in reader:
-            yield reader.line_num, row  # the header is line 1
+        yield number, row
+        yield from rows
+        return
 
 
-def _parquet_rows(path: Path, fields: Sequence[str]) -> Iterable[tuple[int, dict[str, Any]]]:
-    import pandas as pd
-
-    try:
-        frame = pd.read_parquet(path)
-    except ImportError:
-        raise DataError(f"Reading {path} needs pyarrow: pip install pyarrow (or convert the file to .jsonl).") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable Parquet file ({exc}).") from None
-    missing = [f for f in fields if f not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: no column {', '.join(repr(m) for m in missing)} (columns: {list(frame.columns)}); "
-                        f"the task needs {', '.join(fields)}.")
-    for i, row in enumerate(frame.to_dict(orient="records"), start=1):
-        yield i, row
-
-
-def read_inputs(path: str | Path, fields: Sequence[str], *, strip: bool = False) -> list[Example]:
+def read_inputs(path: str | Path, fields: Sequence[str], *, strip: bool = False,
+                id_column: str | None = "id") -> list[Example]:
     """The rows of ``path`` as unlabelled examples (label :data:`UNLABELLED`), in file order.
 
-    Text is used as the file has it, as the training data is (``strip``: the task's ``strip_fields``). A missing
-    or empty field, a non-text value or a duplicate id is an error naming the row ("line" for
-    JSON Lines and CSV, "row" for Parquet).
+    Text is used as the file has it, as the training data is (``strip``: the task's ``strip_fields``).
+    ``id_column`` (the task's) gives each row its id, else an ``id`` column, else the row's position (0, 1, ...).
+    A missing or empty field, a non-text value, an invalid character or a duplicate id is an error naming the row
+    (``FILE:LINE``; the header of a CSV is line 1, a Parquet file counts rows from 1).
     """
     path = Path(path).expanduser()
-    suffix = path.suffix.lower()
+    suffix = _suffix(path)
     if suffix not in FORMATS:
         raise DataError(f"{path}: unknown input format {suffix or '(none)'}; use {', '.join(FORMATS)}.")
     if not path.is_file():
         raise DataError(f"Input file {path} does not exist.")
-    rows = (_csv_rows(path, fields) if suffix == ".csv" else _parquet_rows(path, fields) if suffix == ".parquet"
-            else _jsonl_rows(path))
-    where = "row" if suffix == ".parquet" else "line"
-    examples, seen = [], {}
+    rows = iter(read_rows(path))
+    if suffix in TABLES:
+        rows = _checked_columns(path, rows, fields)
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
     for number, row in rows:
         texts = {}
         for name in fields:
-            value = row.get(name)
-            if name not in row or value is None:
-                raise DataError(f"{path}, {where} {number}: missing field '{name}'; every row needs "
+            if row.get(name) is None:
+                raise DataError(f"{path}:{number}: missing field '{name}'; every row needs "
                                 f"{', '.join(fields)} (the task's input fields).")
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{path}, {where} {number}: field '{name}' must be non-empty text, got {value!r}; "
-                                "fill it in or remove the row.")
+            value = check_text(row[name], str(path), number, name)
             texts[name] = value.strip() if strip else value
-        row_id = str(row["id"]) if row.get("id") not in (None, "") else str(len(examples))
+        given = next((row[c] for c in (id_column, "id") if c and row.get(c) not in (None, "")), None)
+        row_id = str(given) if given not in (None, "") else str(len(examples))
         if row_id in seen:
-            raise DataError(f"{path}, {where} {number}: duplicate id {row_id!r} (first at {where} {seen[row_id]}).")
+            raise DataError(f"{path}:{number}: duplicate id {row_id!r} (first at line {seen[row_id]}); ids must "
+                            "be unique.")
         seen[row_id] = number
         examples.append(Example(row_id, texts, UNLABELLED))
     if not examples:

@@ -7,16 +7,21 @@ as separate strings because they must be tokenized separately (see ``scoring``).
 
 from __future__ import annotations
 
+import logging
 import random
 import string
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 from icldistill.tasks.data import Example
 from icldistill.errors import PromptError
 from icldistill.tasks.registry import Family
 
+logger = logging.getLogger(__name__)
+
 SEPARATOR = "\n\n"
+DEFAULT_SHOTS = 16  # config.py's default --shots, named in the message when it cannot be balanced
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,23 @@ def resolve_pattern(family: Family, pattern: str, label_words: Sequence[str] | N
         )
     if len(set(words)) != len(words) or any(not w.strip() for w in words):
         raise PromptError(f"Label words must be distinct and non-empty, got {list(words)}.")
+    _warn_if_glued(name, template, tuple(words))
     return Pattern(name, template, tuple(words))
+
+
+@lru_cache(maxsize=64)
+def _warn_if_glued(name: str, template: str, words: tuple[str, ...]) -> None:
+    """Warn (once per pattern) when label words follow the prompt with no space: ``answer:Yes``.
+
+    Tokenizers split ``:Yes`` unlike ``: Yes``, so such words are rarely what a model expects; most tasks
+    write them with their leading space (``" Yes"``). Accepted, as a deliberate choice may need it.
+    """
+    if template and not template[-1].isspace():
+        glued = [w for w in words if w and not w[0].isspace()]
+        if glued:
+            logger.warning("pattern '%s': the label words %s follow %r with no space (the prompt reads %r); "
+                           "write them with their leading space (' %s') unless that is meant", name, glued,
+                           template[-12:], template[-12:] + glued[0], glued[0])
 
 
 def _placeholders(template: str) -> set[str]:
@@ -98,12 +119,14 @@ def sample_demonstrations(
     rng: random.Random,
     exclude: set[tuple[str, ...]] | frozenset[tuple[str, ...]] = frozenset(),
     mode: str = "balanced",
+    classes: Sequence[str] | None = None,
 ) -> list[Example]:
     """Draw k demonstrations: ``balanced`` takes k / n_classes per class, then shuffles them; ``random``
     takes k rows regardless of class (lm-evaluation-harness's draw, which may miss a class).
 
     ``exclude`` holds text keys (``Example.text_key``) that must not be drawn, so that demonstrations
     never repeat a query. Candidates are taken in pool order, so the draw depends only on the seed.
+    ``classes`` (the class names) name a class in messages; without them it is named by its index.
     """
     if mode not in DEMO_SAMPLING:
         raise PromptError(f"Unknown --demo-sampling {mode!r}; use {' or '.join(DEMO_SAMPLING)}.")
@@ -115,10 +138,14 @@ def sample_demonstrations(
             raise PromptError(f"Only {len(candidates)} usable training examples for --shots {k}; lower --shots.")
         return rng.sample(candidates, k)
     if k % n_classes:
+        below, above = (k // n_classes) * n_classes, (k // n_classes + 1) * n_classes
+        nearest = " or ".join(str(n) for n in (below, above) if n > 0)
+        default = f" (--shots is {DEFAULT_SHOTS} by default)" if k == DEFAULT_SHOTS else ""
         works = ", ".join(str(n_classes * i) for i in range(1, 5))
         raise PromptError(
-            f"--shots {k} cannot be balanced over {n_classes} classes; use a multiple of {n_classes} ({works}, ...), "
-            "or --demo-sampling random for an unbalanced draw."
+            f"--shots {k}{default} cannot be balanced over {n_classes} classes; use a multiple of {n_classes} "
+            f"({works}, ...), here --shots {nearest} (also in a sweep's grid), or --demo-sampling random for an "
+            "unbalanced draw."
         )
     per_class = k // n_classes
     by_class: list[list[Example]] = [[] for _ in range(n_classes)]
@@ -128,13 +155,30 @@ def sample_demonstrations(
     chosen: list[Example] = []
     for cls, candidates in enumerate(by_class):
         if len(candidates) < per_class:
+            named = f"'{classes[cls]}'" if classes is not None and cls < len(classes) else str(cls)
             raise PromptError(
-                f"Class {cls} has only {len(candidates)} usable training examples, fewer than the {per_class} "
-                f"needed for --shots {k}; lower --shots."
+                f"Class {named} has only {len(candidates)} usable training {_plural(len(candidates), 'example')}, "
+                f"fewer than the {per_class} needed for --shots {k}; lower --shots or add rows of that class."
             )
         chosen.extend(rng.sample(candidates, per_class))
     rng.shuffle(chosen)
     return chosen
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else word + "s"
+
+
+def check_demonstrations_cover_classes(demonstrations: Sequence[Example], classes: Sequence[str],
+                                       where: str) -> list[str]:
+    """The classes no fixed demonstration shows; warned about, since ICL without an example of a class
+    is rarely meant (a balanced draw always shows each). Returns the missing class names."""
+    shown = {ex.label for ex in demonstrations}
+    missing = [name for c, name in enumerate(classes) if c not in shown]
+    if missing:
+        logger.warning("%s: no demonstration of class %s (of %s); the model sees no example of it",
+                       where, ", ".join(repr(m) for m in missing), ", ".join(classes))
+    return missing
 
 
 def check_label_words_tokenize_apart(tokenizer: Any, pattern: Pattern, classes: Sequence[str], model_name: str) -> None:

@@ -47,7 +47,11 @@ def load_task_file(path: str | Path) -> Task:
 @lru_cache(maxsize=64)
 def _load_cached(path: str, _stamp: int) -> Task:
     resolved = resolve_mapping(Path(path))
-    return build_task(resolved, Path(path))
+    task = build_task(resolved, Path(path))
+    from icldistill.tasks.data import check_carves  # carves that overlap would evaluate on training rows
+
+    check_carves(task.train, task.eval_sets, str(path))
+    return task
 
 
 def resolve_mapping(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:

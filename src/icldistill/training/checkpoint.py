@@ -16,10 +16,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from icldistill.errors import IcldError
-from icldistill.models.adapters import copy_parameters
+from icldistill.models.adapters import copy_parameters, save_tensors
 from icldistill.runtime.records import atomic_write_json
 
 CHECKPOINT = "checkpoint"
@@ -61,7 +61,7 @@ def register_checkpoint_hooks(accelerator: Accelerator, names: set[str]) -> None
         for model in models:
             state = gathered_trainable_state(accelerator, model, names)
             if accelerator.is_main_process:
-                save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
+                save_tensors(state, Path(output_dir) / TRAINABLE_FILE)
         weights.clear()
 
     def load_hook(models: list, input_dir: str) -> None:
@@ -94,7 +94,7 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, tensors in (extra_files or {}).items():
-            save_file(tensors, str(tmp / name))
+            save_tensors(tensors, tmp / name)
         atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -549,11 +549,22 @@ def _field_problem(f: dataclasses.Field, value: Any) -> str | None:
     return _range_problem(meta, value)
 
 
+class _Bound(float):
+    """A declared bound that prints as written in a message: [0, 1], not [0.0, 1.0]."""
+
+    def __str__(self) -> str:
+        return f"{float(self):g}"
+
+
+def _shown(bound: float | None) -> float | None:
+    return _Bound(bound) if isinstance(bound, float) else bound
+
+
 def _range_problem(meta: Mapping[str, Any], value: Any) -> str | None:
     """The declared range (``min``, ``max``, ``above``) that a number breaks, or None. NaN breaks any range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
+    low, high, above = (_shown(meta.get(k)) for k in ("min", "max", "above"))
     if isinstance(value, int) and abs(value) > MAX_INT and high is None:
         return f"is too large ({value}); at most {MAX_INT}."
     if isinstance(value, float) and not math.isfinite(value):

@@ -346,6 +346,17 @@ def test_icld_tasks_show_prints_the_resolved_definition_and_a_prompt(user_task: 
     assert " billing question" in prompt and " service outage" in prompt and " feature request" in prompt
 
 
+def test_icld_tasks_show_fails_when_the_data_cannot_be_read(user_task: Path, capsys) -> None:
+    """Issue 23 item 10: the README's check of a task file exits non-zero when its data is unreadable."""
+    from icldistill.cli import main
+
+    (user_task.parent / "tickets.csv").unlink()
+    assert main(["tasks", "show", str(user_task)]) == 1
+    captured = capsys.readouterr()
+    assert "content-free input" in captured.out  # the definition and a prompt are still shown
+    assert "error: the task's data cannot be read" in captured.err and "tickets.csv" in captured.err
+
+
 def test_hub_source_with_config_split_revision_and_renamed_label(tmp_path: Path, monkeypatch) -> None:
     import datasets
 

@@ -1,4 +1,4 @@
-"""Reading a task file (YAML) into a :class:`~icldistill.tasks.registry.Task`, with one clear error per mistake.
+"""Reading a task file (YAML) into a :class:`~icldistill.tasks.spec.Task`, with one clear error per mistake.
 
 Every problem names the file and the key (``trec.yaml: patterns.question.label_words: ...``): an
 unknown key or column, a raw label value given to two classes, a class with no label word, duplicate
@@ -9,7 +9,6 @@ train set's. A variant (``base: mnli``) starts from the base's resolved mapping;
 
 from __future__ import annotations
 
-import difflib
 import string
 from functools import lru_cache
 from pathlib import Path
@@ -18,8 +17,18 @@ from typing import Any, Mapping
 
 import yaml
 
-from icldistill.errors import ConfigError
-from icldistill.tasks.registry import BUILTIN_DIR, Carve, DataSpec, Family, HubSource, PatternSpec, Task, task_files
+from icldistill.errors import ConfigError, did_you_mean
+from icldistill.tasks.spec import (
+    BUILTIN_DIR,
+    DATA_SUFFIXES,
+    Carve,
+    DataSpec,
+    Family,
+    HubSource,
+    PatternSpec,
+    Task,
+    task_files,
+)
 
 TOP_KEYS = ("name", "base", "description", "inputs", "label_column", "id_column", "classes", "drop",
             "content_free", "patterns", "default_pattern", "train", "eval", "default_eval", "strip_fields")
@@ -58,7 +67,7 @@ def resolve_mapping(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     raw = _read_yaml(path)
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
-        raise TaskFileError(f"{path}: unknown key '{unknown[0]}'.{_suggest(unknown[0], TOP_KEYS)}")
+        raise TaskFileError(f"{path}: unknown key '{unknown[0]}'.{did_you_mean(unknown[0], TOP_KEYS, or_list='Valid keys')}")
     own_dir = None if path.parent == BUILTIN_DIR.resolve() else str(path.parent)
     raw = _annotate_dirs(raw, own_dir, path)
     raw = {"name": path.stem, **raw}  # first, so that `icld tasks show` prints it first
@@ -93,7 +102,7 @@ def _find_base(name: str, path: Path) -> Path:
     if name in files:
         return files[name].resolve()
     raise TaskFileError(
-        f"{path}: base: task '{name}' does not exist. Known tasks: {', '.join(files)} "
+        f"{path}: base: task '{name}' does not exist.{did_you_mean(name, files)} Known tasks: {', '.join(files)} "
         "(or give a task file path relative to this file)."
     )
 
@@ -193,13 +202,13 @@ def _source(entry: Mapping[str, Any], name: str, task: str, classes: list[str], 
     where = origin.rsplit(": ", 1)[0]
     unknown = [k for k in entry if not str(k).startswith("_") and k not in SOURCE_KEYS]
     if unknown:
-        raise TaskFileError(f"{origin}: unknown key '{unknown[0]}'.{_suggest(unknown[0], SOURCE_KEYS)}")
+        raise TaskFileError(f"{origin}: unknown key '{unknown[0]}'.{did_you_mean(unknown[0], SOURCE_KEYS, or_list='Valid keys')}")
     local = entry.get("path")
     hub = _hub(entry.get("hub"), origin)
     if local is None and hub is None:
         raise TaskFileError(f"{origin}: give a data file (path: rows.csv) or a hub dataset (hub: {{path: ..., split: ...}}).")
-    if local is not None and not str(local).endswith(DATA_FILE_SUFFIXES):
-        raise TaskFileError(f"{origin}: path: '{local}' is not a {', '.join(DATA_FILE_SUFFIXES)} file.")
+    if local is not None and not str(local).endswith(DATA_SUFFIXES):
+        raise TaskFileError(f"{origin}: path: '{local}' is not a {', '.join(DATA_SUFFIXES)} file.")
     label_map = task_map
     if "classes" in entry or "drop" in entry:
         own, label_map = _classes(entry.get("classes", _names_only(classes, task_map)), entry.get("drop"),
@@ -217,7 +226,6 @@ def _source(entry: Mapping[str, Any], name: str, task: str, classes: list[str], 
                     carve=_carve(entry.get("carve"), origin), origin=origin, **common)
 
 
-DATA_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv", ".tsv", ".parquet")
 
 
 def _names_only(classes: list[str], task_map: dict[str, int | None]) -> dict[str, list[str]]:
@@ -336,7 +344,7 @@ def _hub(value: Any, origin: str) -> HubSource | None:
         raise TaskFileError(f"{origin}: hub: give at least the dataset id, e.g. hub: {{path: fancyzhx/ag_news, split: test}}.")
     unknown = [k for k in value if k not in HUB_KEYS]
     if unknown:
-        raise TaskFileError(f"{origin}: hub: unknown key '{unknown[0]}'.{_suggest(unknown[0], HUB_KEYS)}")
+        raise TaskFileError(f"{origin}: hub: unknown key '{unknown[0]}'.{did_you_mean(unknown[0], HUB_KEYS, or_list='Valid keys')}")
     rename = value.get("rename") or {}
     return HubSource(str(value["path"]), None if value.get("name") is None else str(value["name"]),
                      str(value.get("split", "train")), MappingProxyType({str(k): str(v) for k, v in rename.items()}),
@@ -370,8 +378,3 @@ def _text_list(value: Any, where: str, key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise TaskFileError(f"{where}: {key}: must be a list of names, got {value!r}.")
     return list(value)
-
-
-def _suggest(key: str, valid: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(key), valid, n=2)
-    return f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(valid)}."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -20,8 +21,6 @@ from icldistill.scoring.encoding import (
 )
 from icldistill.scoring.prefix_cache import (
     PrefixCache,
-    encode_prefix,
-    encode_queries,
     label_token_ids,
     last_token_logits,
     pad_right,
@@ -43,6 +42,16 @@ QUERIES = [
 ]
 SINGLE = [" Yes", " No"]
 MULTI = [" great", " terrible review", " Yes"]  # several tokens each, of different lengths, and one single token
+
+
+def encode_prefix(tokenizer, text: str) -> list[int]:
+    """Token ids of a text that starts a prompt: the tokenizer's start tokens (e.g. BOS), then the text."""
+    return encode_text(tokenizer, text)
+
+
+def encode_queries(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text alone, without special tokens (to follow a prefix or a start token)."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
 
 @pytest.fixture(scope="module", params=["no-bos", "bos", "merging"])

@@ -13,10 +13,10 @@ _EXPORTS = {
         "ContextTooLong", "EncodedPrompts", "encode_prompts", "score_prompts", "evaluate_examples", "evaluate_sets",
     ),
     "metrics": (
-        "compute_metrics", "aggregate_seeds", "hans_lexical_overlap_ood",
+        "compute_metrics", "aggregate_seeds", "hans_ood_accuracy",
     ),
     "prefix_cache": (
-        "label_token_ids", "encode_prefix", "encode_queries", "last_token_logits", "pad_right",
+        "label_token_ids", "last_token_logits", "pad_right",
         "PrefixCache", "Scores", "score_queries", "score_queries_sharded", "rows_forward", "packing_unsupported",
     ),
 }

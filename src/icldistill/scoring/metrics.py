@@ -14,7 +14,7 @@ import numpy as np
 
 from icldistill.errors import DataError
 
-__all__ = ["aggregate_seeds", "compute_metrics", "hans_lexical_overlap_ood"]
+__all__ = ["aggregate_seeds", "compute_metrics", "hans_ood_accuracy"]
 
 # Two-sided 95% critical values of Student's t for df = 1..30; beyond that the normal 1.96 is
 # within 2% and a seed sweep never gets there.
@@ -133,38 +133,6 @@ def aggregate_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if not per_seed:
         raise DataError("aggregate_seeds needs the metrics of at least one seed, got none")
     return _aggregate_mapping(list(per_seed), path="")
-
-
-def hans_lexical_overlap_ood(
-    metrics: Mapping[str, Any],
-    *,
-    entailment: str = "entailment",
-    non_entailment: str = "non-entailment",
-) -> float | None:
-    """The lineage's HANS lexical-overlap OOD number: mean of the two per-label accuracies.
-
-    HANS is balanced between its labels, and a label-biased model scores ~1.0 on one and ~0.0 on
-    the other, so the mean of the two (not the pooled accuracy) is what the references report.
-
-    ``metrics`` is one seed's :func:`compute_metrics` result on the lexical-overlap subset. If it
-    was computed on the whole of HANS with a ``heuristic`` group, the ``lexical_overlap`` rows of
-    ``by_heuristic_label`` are used instead, so other heuristics never leak into the number.
-    Aggregate this value over seeds afterwards, not the other way round.
-
-    Returns:
-        The mean accuracy, or ``None`` if either label's accuracy is missing or ``None``.
-    """
-    heuristics = metrics.get("by_heuristic")
-    if isinstance(heuristics, Mapping) and set(heuristics) - {"lexical_overlap"}:
-        by_label = metrics.get("by_heuristic_label", {})
-        entries = [by_label.get(f"lexical_overlap/{name}") for name in (entailment, non_entailment)]
-    else:
-        per_label = metrics.get("per_label", {})
-        entries = [per_label.get(name) for name in (entailment, non_entailment)]
-    accuracies = [entry.get("accuracy") if isinstance(entry, Mapping) else None for entry in entries]
-    if any(accuracy is None for accuracy in accuracies):
-        return None
-    return float((accuracies[0] + accuracies[1]) / 2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from icldistill.errors import ConfigError
 from icldistill.runtime import distributed
 from icldistill.scoring import shared_attention
 # Re-exported: callers import the tokenization helpers from here as they always did.
-from icldistill.scoring.encoding import encode_text, label_token_ids, label_word_tokens, matching_length  # noqa: F401
+from icldistill.scoring.encoding import label_token_ids, label_word_tokens, matching_length  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +57,6 @@ _warned: set[str] = set()
 LabelIds = Union[Sequence[int], Sequence[Sequence[Sequence[int]]]]
 """Either one token id per class (single-token words, the same after every query), or for each query the
 tokens of each class's label word after it (``encoding.PromptTokens.continuations``)."""
-
-
-def encode_prefix(tokenizer, text: str) -> list[int]:
-    """Token ids of a text that starts a prompt: the tokenizer's start tokens (e.g. BOS), then the text."""
-    return encode_text(tokenizer, text)
-
-
-def encode_queries(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text alone, without special tokens (to follow a prefix or a start token)."""
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def last_token_logits(
@@ -197,15 +185,6 @@ class PrefixCache:
             return None
         cache = copy.copy(self._cache)
         cache.layers = [copy.copy(layer) for layer in self._cache.layers]
-        return cache
-
-    def for_batch(self, batch: int) -> DynamicCache | None:
-        """A cache holding the prefix ``batch`` times (views, expanded along the batch dimension)."""
-        cache = self.for_pass()
-        if cache is not None and batch != 1:
-            for layer in cache.layers:
-                layer.keys = layer.keys.expand(batch, -1, -1, -1)
-                layer.values = layer.values.expand(batch, -1, -1, -1)
         return cache
 
 

@@ -166,3 +166,16 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prefix_text: str, query
         continuations.append(conts)
     p = common_prefix_length(prompts)
     return PromptTokens(prompts[0][:p], [prompt[p:] for prompt in prompts], continuations)
+
+
+def scored_length(prefix_length: int, query_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> int:
+    """Tokens the model reads to score one prompt: the prefix, the query and its longest label word but for
+    that word's last token (whose log-probability is read at the position before it)."""
+    return prefix_length + len(query_ids) + max(len(c) for c in continuations) - 1
+
+
+def fits_in_context(prefix_length: int, query_ids: Sequence[int], continuations: Sequence[Sequence[int]],
+                    max_length: int) -> bool:
+    """Whether a prompt and every label word after it fit a model of ``max_length`` positions: the one
+    rule for evaluation (rows that do not fit are dropped and counted), teacher signals and training rows."""
+    return scored_length(prefix_length, query_ids, continuations) <= max_length

@@ -21,7 +21,7 @@ from icldistill.errors import IcldError
 from icldistill.scoring.metrics import compute_metrics
 from icldistill.models.loading import LoadedModel
 from icldistill.tasks.prompts import Pattern, demonstration_prefix
-from icldistill.scoring.encoding import encode_text, matching_length, tokenize_prompts
+from icldistill.scoring.encoding import encode_text, fits_in_context, matching_length, tokenize_prompts
 from icldistill.scoring.prefix_cache import PrefixCache, Scores, score_queries_sharded
 from icldistill.tasks.registry import Family
 
@@ -70,7 +70,7 @@ def encode_prompts(
     prefix = tokens.prefix_ids
     kept_ids, kept_conts, kept = [], [], []
     for ex, ids, conts in zip(examples, tokens.query_ids[:n], tokens.continuations[:n]):
-        if len(prefix) + len(ids) + max(len(c) for c in conts) - 1 <= model.max_length:
+        if fits_in_context(len(prefix), ids, conts, model.max_length):
             kept_ids.append(ids)
             kept_conts.append(conts)
             kept.append(ex)

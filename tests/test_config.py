@@ -181,7 +181,8 @@ def test_load_yaml_reads_a_mapping_that_builds_a_config(tmp_path: Path) -> None:
                     encoding="utf-8")
     values = load_yaml(path)
     config = build_config(DistillOptions, values, source=str(path))
-    assert (config.seeds, config.label_words, config.alpha, config.prefix_cache) == ([0, 1], [" Yes", " No"], 0.25, False)
+    assert (config.seeds, config.label_words, config.alpha, config.prefix_cache) == (
+        [0, 1], [" Yes", " No"], 0.25, False)
 
 
 def test_load_yaml_of_an_empty_file_is_empty(tmp_path: Path) -> None:
@@ -248,7 +249,8 @@ def test_retired_option_still_loads_and_is_dropped(caplog: pytest.LogCaptureFixt
 
 
 def test_huge_seed_is_a_clear_error_not_an_overflow() -> None:
-    with pytest.raises(ConfigError, match=r"option 'seeds' \(item 99999999999999999999\) must lie in \[0, 4294967295\]"):
+    with pytest.raises(ConfigError, match=r"option 'seeds' \(item 99999999999999999999\) must lie in \[0, "
+                                          r"4294967295\]"):
         build_config(CommonOptions, {"seeds": "99999999999999999999"}, source="command line")
 
 

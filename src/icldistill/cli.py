@@ -13,8 +13,9 @@ import logging
 import sys
 import typing
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from icldistill.config import (
     CompareOptions,
@@ -51,7 +52,8 @@ def _add_options(parser: argparse.ArgumentParser, cls: type, *, config_file: boo
     ``--flag/--no-flag``); ``config_file`` adds ``--config FILE.yaml`` holding the same keys.
     """
     if config_file:
-        parser.add_argument("--config", help="YAML file with the same keys as these options (command-line options win).")
+        parser.add_argument("--config",
+                            help="YAML file with the same keys as these options (command-line options win).")
     for f in dataclasses.fields(cls):
         _add_field(parser, f, field_types(cls)[f.name])
 

@@ -14,9 +14,10 @@ import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
@@ -66,14 +67,15 @@ class CommonOptions:
     task: str = option("mnli", "Training task: a name (see `icld tasks`) or a task file (my_task.yaml); "
                                "demonstrations and training queries come from its train data.")
     eval: list[str] | None = option(None, "Evaluation sets, comma-separated: the task's set names (see `icld tasks "
-                                    "show TASK`) or data files with the task's columns (default: the task's default_eval, "
-                                    "mnli-m,hans-lo for mnli).")
+                                    "show TASK`) or data files with the task's columns (default: the task's "
+                                    "default_eval, mnli-m,hans-lo for mnli).")
     shots: int = option(16, "Number k of demonstrations (balanced: k / number of classes per class).", min=0)
     demo_sampling: str = option("balanced", "How demonstrations are drawn: balanced (k / C per class, shuffled) or "
                                 "random (k rows regardless of class, as lm-evaluation-harness draws).",
                                 choices=("balanced", "random"))
-    demonstrations: str | None = option(None, "A data file of demonstrations (the task's columns and label) used in "
-                                        "file order for every seed instead of drawn ones; --shots is then its row count.")
+    demonstrations: str | None = option(None, "A data file of demonstrations (the task's columns and label) used "
+                                        "in file order for every seed instead of drawn ones; --shots is then its "
+                                        "row count.")
     seeds: list[int] = option([0], "Data seeds, comma-separated; each draws its own demonstrations.", min=0,
                               max=MAX_SEED, distinct=True)
     pattern: str | None = option(
@@ -97,17 +99,20 @@ class CommonOptions:
         "auto", "Where data comes from: local (data_dir), hub (Hugging Face datasets), auto (local if set).",
         choices=("auto", "local", "hub"),
     )
-    cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
+    cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE "
+                                         "or ~/.cache/icldistill).")
     output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
     label_score: str = option(
         "sum", "A class's score from its label word's tokens: sum (the word's log-probability, as lm-eval's "
         "multiple choice) or mean (length-normalised). One-token words score the same either way.",
         choices=("sum", "mean"))
-    prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache scores every full prompt).")
+    prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache "
+                                      "scores every full prompt).")
     revision: str | None = option(
-        None, "Hub models only: the branch, tag or commit to load (for distill: the student's; see --teacher-revision). "
-        "The resolved commit enters the records and the teacher-cache key.")
-    trust_remote_code: bool = option(False, "Hub models only: allow a model's own Python code to run (transformers' trust_remote_code).")
+        None, "Hub models only: the branch, tag or commit to load (for distill: the student's; see "
+        "--teacher-revision). The resolved commit enters the records and the teacher-cache key.")
+    trust_remote_code: bool = option(False, "Hub models only: allow a model's own Python code to run (transformers' "
+                                            "trust_remote_code).")
 
 
 @dataclass
@@ -146,9 +151,11 @@ class TrainOptions:
         choices=("last", "best"))
     select_metric: str = option("accuracy", "With --select best: dev accuracy (higher wins) or dev loss (lower wins).",
                                 choices=("accuracy", "loss"))
-    peft: str = option("lora", "What trains: lora, bitfit, or none (full fine-tuning).", choices=("lora", "bitfit", "none"))
+    peft: str = option("lora", "What trains: lora, bitfit, or none (full fine-tuning).",
+                       choices=("lora", "bitfit", "none"))
     lora_r: int = option(8, "LoRA rank.", min=1)
-    lora_alpha: int = option(32, "LoRA scaling alpha (the update is scaled by alpha / r; 0 would train nothing).", min=1)
+    lora_alpha: int = option(32, "LoRA scaling alpha (the update is scaled by alpha / r; 0 would train nothing).",
+                             min=1)
     lora_dropout: float = option(0.05, "LoRA dropout.", min=0.0, max=1.0)
     lora_targets: list[str] | None = option(None, "LoRA target modules (default: q_proj,v_proj).")
     bitfit_fallback: str = option(
@@ -188,8 +195,10 @@ class DistillOptions(CommonOptions, TrainOptions):
 
     teacher: str = option("gemma3-270m", "Teacher model (sees the k demonstrations).")
     student: str = option("smollm2-135m", "Student model (sees the query alone; this is what trains).")
-    train_queries: int = option(64, "Training queries drawn from the train split, disjoint from the demonstrations.", min=1)
-    alpha: float = option(0.5, "Loss mix: alpha * KL(teacher || student) + (1 - alpha) * CE (paper: 0.5).", min=0.0, max=1.0)
+    train_queries: int = option(64, "Training queries drawn from the train split, disjoint from the demonstrations.",
+                                min=1)
+    alpha: float = option(0.5, "Loss mix: alpha * KL(teacher || student) + (1 - alpha) * CE (paper: 0.5).",
+                          min=0.0, max=1.0)
     ce_target: str = option(
         "gold", "Target of the CE term: gold (the training queries' labels, the paper's; they count as labelled "
         "examples) or teacher (the teacher's predicted class: no labels beyond the k demonstrations).",
@@ -198,13 +207,16 @@ class DistillOptions(CommonOptions, TrainOptions):
     temperature: float = option(
         1.0, "Softmax temperature of the KL term (scaled by T^2). With several --teacher-contexts each context's "
         "distribution is tempered before the contexts are averaged.", above=0.0)
-    kl_space: str = option("label", "KL over the label-word distribution (label) or the next-token vocabulary (vocab; same tokenizer only).",
+    kl_space: str = option("label", "KL over the label-word distribution (label) or the next-token vocabulary "
+                                    "(vocab; same tokenizer only).",
                            choices=("label", "vocab"))
     teacher_signal: str = option("cached", "cached: score the teacher once before training; online: keep it loaded.",
                                  choices=("cached", "online"))
     teacher_contexts: int = option(1, "Average the teacher over N independently drawn demonstration sets.", min=1)
-    teacher_topk: int = option(64, "With kl_space=vocab and a cached signal: keep the teacher's top-k log-probs.", min=1)
-    teacher_dtype: str = option("auto", "Teacher dtype (auto, bf16, fp16, fp32).", choices=("auto", "bf16", "fp16", "fp32"))
+    teacher_topk: int = option(64, "With kl_space=vocab and a cached signal: keep the teacher's top-k log-probs.",
+                               min=1)
+    teacher_dtype: str = option("auto", "Teacher dtype (auto, bf16, fp16, fp32).",
+                                choices=("auto", "bf16", "fp16", "fp32"))
 
 
 _UNSET: Any = object()
@@ -228,7 +240,8 @@ class PredictOptions:
 
     model: str = option("smollm2-135m", "Model: a training run's seed directory (RUN/seed-N), an exported directory "
                         "(icld export), a packaged name, a Hugging Face id, a local directory or a .gguf file.")
-    input: str | None = option(None, "Rows to answer: .jsonl, .csv or .parquet with the task's input columns (and optionally id).")
+    input: str | None = option(None, "Rows to answer: .jsonl, .csv or .parquet with the task's input columns (and "
+                                     "optionally id).")
     output: str = option("predictions.jsonl", "Where the answers go (.jsonl, .csv or .parquet), written atomically.")
     task: str | None = option(None, "Task whose fields, classes and patterns apply (default: the one the model was "
                               "trained or exported with, else mnli).")
@@ -238,8 +251,9 @@ class PredictOptions:
                           "ICL teacher, drawn from the task's train split, balanced, with --seed).")
     seed: int = option(0, "Seed of the demonstration draw (with --shots).", min=0, max=MAX_SEED)
     demonstrations: str | None = _same_as(CommonOptions, "demonstrations")
-    label_score: str = option("auto", "How a class's label word is scored: sum or mean of its tokens' log-probabilities; "
-                              "auto: as the model was trained (or exported), else sum.", choices=("auto", "sum", "mean"))
+    label_score: str = option("auto", "How a class's label word is scored: sum or mean of its tokens' "
+                              "log-probabilities; auto: as the model was trained (or exported), else sum.",
+                              choices=("auto", "sum", "mean"))
     batch_size: int = _same_as(CommonOptions, "batch_size")
     dtype: str = _same_as(CommonOptions, "dtype")
     device: str = _same_as(CommonOptions, "device")
@@ -253,14 +267,15 @@ class PredictOptions:
 class EvalOptions(CommonOptions):
     """Evaluate a trained student (or any model) on evaluation sets, without training (issue 11)."""
 
-    model: str = option("smollm2-135m", "Model: a training run (directory or RUN/seed-N), a sweep directory (each trained "
-                        "cell, written to its eval-<set>/), an exported directory, or any model name.")
+    model: str = option("smollm2-135m", "Model: a training run (directory or RUN/seed-N), a sweep directory (each "
+                        "trained cell, written to its eval-<set>/), an exported directory, or any model name.")
     task: str | None = option(None, "Task (default: the one the model was trained or exported with, else mnli).")
     eval: list[str] | None = option(None, "Evaluation sets, comma-separated (default: the task's; see `icld tasks`).")
-    shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations per prompt (0: the trained student answers alone).")
+    shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations per prompt (0: the trained student answers "
+                                                     "alone).")
     pattern: str | None = _same_as(CommonOptions, "pattern", help="Prompt pattern" + _FROM_MODEL + ".")
-    output_dir: str | None = option(None, "Directory for results.json and predictions.jsonl (default: RUN/eval-SETS for "
-                                    "a training run, runs/eval-SETS otherwise).")
+    output_dir: str | None = option(None, "Directory for results.json and predictions.jsonl (default: "
+                                    "RUN/eval-SETS for a training run, runs/eval-SETS otherwise).")
 
 
 # ---------------------------------------------------------------------------------------------

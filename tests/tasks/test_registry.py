@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from icldistill.tasks import data
 from icldistill.errors import ConfigError
+from icldistill.tasks import data
 from icldistill.tasks.prompts import resolve_pattern
 from icldistill.tasks.registry import BUILTIN_DIR, EVAL_SETS, TASKS, family_of, get_eval_set, get_task
 

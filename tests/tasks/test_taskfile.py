@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from icldistill.config import DistillOptions, IclOptions, build_config
-from icldistill.errors import ConfigError, DataError, IcldError, PromptError
+from icldistill.errors import ConfigError, DataError, PromptError
 from icldistill.methods.common import prepare
 from icldistill.methods.distill import training_queries
 from icldistill.tasks import data
@@ -173,7 +173,8 @@ def test_mnli3_is_three_way_and_refuses_binary_hans() -> None:
 BAD_TASKS = [
     ("unknown-column", {"patterns": {"p": {"template": "{ticket} {body}", "label_words": ["a", "b", "c"]}}},
      "patterns.p.template", "unknown column {body}"),
-    ("class-without-word", {"patterns": {"p": {"template": "{ticket}", "label_words": {"billing": " b", "outage": " o"}}}},
+    ("class-without-word",
+     {"patterns": {"p": {"template": "{ticket}", "label_words": {"billing": " b", "outage": " o"}}}},
      "patterns.p.label_words", "class 'feature' has no label word"),
     ("duplicate-words", {"patterns": {"p": {"template": "{ticket}", "label_words": [" a", " b", " a"]}}},
      "patterns.p.label_words", "same label word"),
@@ -181,8 +182,9 @@ BAD_TASKS = [
      "patterns.p.label_words", "is empty"),
     ("too-few-words", {"patterns": {"p": {"template": "{ticket}", "label_words": [" a", " b"]}}},
      "patterns.p.label_words", "2 label words for 3 classes"),
-    ("word-for-unknown-class", {"patterns": {"p": {"template": "{ticket}",
-                                                   "label_words": {"billing": "a", "outage": "b", "feature": "c", "x": "d"}}}},
+    ("word-for-unknown-class",
+     {"patterns": {"p": {"template": "{ticket}", "label_words": {"billing": "a", "outage": "b", "feature": "c",
+                                                                "x": "d"}}}},
      "patterns.p.label_words", "'x' is not a class"),
     ("raw-value-twice", {"classes": {"billing": ["billing"], "outage": ["billing"], "feature": ["feature"]}},
      "classes.outage", "already given to class 'billing'"),
@@ -247,9 +249,8 @@ def test_malformed_csv_row_names_the_file(user_task: Path) -> None:
 
 
 def test_classes_whose_words_tokenize_identically(tmp_path: Path) -> None:
-    from tokenizers import normalizers
-
     from tiny import make_tokenizer
+    from tokenizers import normalizers
 
     tokenizer = make_tokenizer()
     tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()  # ' Yes' and ' yes' become one sequence
@@ -295,7 +296,8 @@ def test_demonstrations_file_is_used_in_order_recorded_and_kept_out(user_task: P
     assert [d.fields["ticket"] for d in fixed] == ["Please add export 7 to the dashboard",
                                                    "The service 100 is down since this morning"]
     assert setup.demonstrations(5, 2) == fixed  # every seed
-    assert all(ex.fields["ticket"] != "The service 100 is down since this morning" for ex in setup.eval_examples["test"])
+    assert all(ex.fields["ticket"] != "The service 100 is down since this "
+                                      "morning" for ex in setup.eval_examples["test"])
     assert len(setup.eval_examples["test"]) == 8
     queries = training_queries(setup, 0, 10, [fixed])
     assert not {q.text_key() for q in queries} & {d.text_key() for d in fixed}

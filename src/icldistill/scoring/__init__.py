@@ -1,5 +1,6 @@
 """The one scoring path: whole-prompt tokenization (``encoding``), label-word scores after a shared
-token prefix with its KV cache reused (``prefix_cache``), scoring whole evaluation sets under a context (``evalsets``), and the metrics computed
+token prefix with its KV cache reused (``prefix_cache``), scoring whole evaluation sets under a context
+(``evalsets``), and the metrics computed
 from those scores (``metrics``, numpy only).
 """
 

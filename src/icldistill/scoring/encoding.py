@@ -14,8 +14,8 @@ the context moves to the word first). A class's score is the sum (or mean) of th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -80,7 +80,8 @@ def _check_distinct(tokens: Sequence[Sequence[int]], words: Sequence[str], model
         seen[key] = word
 
 
-def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_words: Sequence[str], model_name: str = "the model") -> list[int]:
+def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_words: Sequence[str],
+                    model_name: str = "the model") -> list[int]:
     """The single token id of each label word, for callers that need one next-token id per class.
 
     Scoring itself takes words of any length (``label_word_tokens``); this helper stays for the

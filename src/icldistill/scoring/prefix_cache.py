@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
 
 import torch
 from transformers import PreTrainedModel
@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from icldistill.errors import ConfigError
 from icldistill.runtime import distributed
 from icldistill.scoring import shared_attention
+
 # Re-exported: callers import the tokenization helpers from here as they always did.
 from icldistill.scoring.encoding import label_token_ids, label_word_tokens, matching_length  # noqa: F401
 
@@ -54,7 +55,7 @@ and a packed row would see keys outside it."""
 _MASKED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 _warned: set[str] = set()
 
-LabelIds = Union[Sequence[int], Sequence[Sequence[Sequence[int]]]]
+LabelIds = Sequence[int] | Sequence[Sequence[Sequence[int]]]
 """Either one token id per class (single-token words, the same after every query), or for each query the
 tokens of each class's label word after it (``encoding.PromptTokens.continuations``)."""
 
@@ -262,7 +263,8 @@ def _packed_forward(model: torch.nn.Module, cache: PrefixCache | None, queries: 
     # Within the row: a token sees its own segment's earlier tokens and its parent query's tokens, so each
     # query with its branches is a block that sees nothing of the others (shared_attention never scores them).
     within = ((seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])) | (par[:, None] == seg[None, :])
-    layout = shared_attention.Layout.build(prefix_length, starts, [b - a for a, b in zip(starts, starts[1:] + [len(ids)])],
+    layout = shared_attention.Layout.build(prefix_length, starts,
+                                           [b - a for a, b in zip(starts, starts[1:] + [len(ids)])],
                                            pos, within)
     keep = sorted(set(targets.rows))
     where = {row: k for k, row in enumerate(keep)}

@@ -43,7 +43,8 @@ def get_task(name: str) -> Task:
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         path = Path(name).expanduser()
         if not path.is_file():
-            raise ConfigError(f"Task file {path} does not exist; give a task name ({', '.join(task_files())}) or a YAML file.")
+            raise ConfigError(f"Task file {path} does not exist; give a task name ({', '.join(task_files())}) "
+                              "or a YAML file.")
         return replace(load_task_file(path), ref=str(path.resolve()))
     files = task_files()
     if name not in files:
@@ -118,4 +119,5 @@ def _builtin_eval_sets() -> dict[str, DataSpec]:
 
 
 TASKS: Mapping[str, Task] = _LazyMapping(_builtin_tasks)  # the built-in tasks by name
-EVAL_SETS: Mapping[str, DataSpec] = _LazyMapping(_builtin_eval_sets)  # every built-in task's sets, first definition wins
+# every built-in task's sets, first definition wins
+EVAL_SETS: Mapping[str, DataSpec] = _LazyMapping(_builtin_eval_sets)

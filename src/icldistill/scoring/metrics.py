@@ -87,17 +87,10 @@ def compute_metrics(
         "calibrated_accuracy": None,
         "auc": _label_margin_auc(logprobs, probs, gold_index),
         "macro_f1": _macro_f1(predicted, gold_index, num_classes),
-        "per_label": {
-            name: {"n": int(np.sum(gold_index == c)), "accuracy": _mean_or_none(correct[gold_index == c])}
-            for c, name in enumerate(names)
-        },
-        "prediction_rate": {name: _mean_or_none(predicted == c) for c, name in enumerate(names)},
-        "mean_prob": {name: _mean_or_none(probs[:, c]) for c, name in enumerate(names)},
+        **_per_class(names, gold_index, predicted, probs),
         # What "no skill" scores on this set: uniform guessing, and always answering its most frequent class.
         "chance_rate": 1.0 / num_classes,
         "majority_rate": float(np.bincount(gold_index, minlength=num_classes).max() / n) if n else None,
-        "confusion": {gold_name: {pred_name: int(np.sum((gold_index == g) & (predicted == p)))
-                                  for p, pred_name in enumerate(names)} for g, gold_name in enumerate(names)},
         "calibrated_macro_f1": None,
     }
 
@@ -112,6 +105,22 @@ def compute_metrics(
     for key, values in (groups or {}).items():
         metrics.update(_group_breakdowns(key, values, correct, gold_index, names))
     return metrics
+
+
+def _per_class(names: Sequence[str], gold_index: np.ndarray, predicted: np.ndarray,
+               probs: np.ndarray) -> dict[str, Any]:
+    """Per-class breakdowns: ``per_label`` (n, accuracy), ``prediction_rate``, ``mean_prob``, ``confusion``."""
+    correct = predicted == gold_index
+    return {
+        "per_label": {
+            name: {"n": int(np.sum(gold_index == c)), "accuracy": _mean_or_none(correct[gold_index == c])}
+            for c, name in enumerate(names)
+        },
+        "prediction_rate": {name: _mean_or_none(predicted == c) for c, name in enumerate(names)},
+        "mean_prob": {name: _mean_or_none(probs[:, c]) for c, name in enumerate(names)},
+        "confusion": {gold_name: {pred_name: int(np.sum((gold_index == g) & (predicted == p)))
+                                  for p, pred_name in enumerate(names)} for g, gold_name in enumerate(names)},
+    }
 
 
 def aggregate_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

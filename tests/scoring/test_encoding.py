@@ -3,8 +3,7 @@ the query and its longest label word but for that word's last token fit the mode
 
 from __future__ import annotations
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.scoring.encoding import fits_in_context, scored_length
 

@@ -8,8 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.errors import DataError, IcldError
 from icldistill.scoring.metrics import aggregate_seeds, compute_metrics, hans_ood_accuracy

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from tiny import make_merging_tokenizer, make_model, make_tokenizer
 from tokenizers import normalizers, processors
 

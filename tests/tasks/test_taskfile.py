@@ -10,8 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.config import DistillOptions, IclOptions, build_config
 from icldistill.errors import ConfigError, DataError, PromptError

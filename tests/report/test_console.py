@@ -19,7 +19,8 @@ def test_every_kind_of_missing_value_has_the_one_mark(missing):
 @pytest.mark.parametrize(("value", "digits", "text"), [
     (0.81234, 3, "0.812"), (1234.5, 0, "1,234"), (1e-05, None, "1e-05"), (0.8125, None, "0.8125"),
     (12.34, None, "12.3"), (1234.5, None, "1,234"), (7, None, "7"), ("lora", None, "lora"), (True, None, "True"),
-    ({"mean": 0.5, "std": 0.1, "n_seeds": 2}, None, "0.500±0.100"), ({"mean": 0.5, "std": 0.0, "n_seeds": 1}, 2, "0.50"),
+    ({"mean": 0.5, "std": 0.1, "n_seeds": 2}, None, "0.500±0.100"),
+    ({"mean": 0.5, "std": 0.0, "n_seeds": 1}, 2, "0.50"),
 ])
 def test_values(value, digits, text):
     assert fmt(value, digits) == text

@@ -70,7 +70,7 @@ def test_export_output_is_required_and_push_to_hub_shows_repo(capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["pbft", "--lora-alpha", "0"], "option 'lora_alpha' must be a positive number"),  # issue 21 case 9
+    (["pbft", "--lora-alpha", "0"], "option 'lora_alpha' must be >= 1 (a positive number)"),  # issue 21 case 9
     (["distill", "--seeds", "99999999999999999999"], "option 'seeds' (item 99999999999999999999)"),  # case 14
     (["icl", "--seeds", "0,0"], "option 'seeds' lists 0 more than once"),
     (["compare", "a", "b", "--resamples", "0"], "option 'resamples'"),

@@ -587,7 +587,7 @@ def _range_problem(meta: Mapping[str, Any], value: Any) -> str | None:
     if low is not None and high is not None and not low <= value <= high:
         return f"must lie in [{low}, {high}], got {value}."
     if low == 1 and isinstance(value, int) and value < 1:
-        return f"must be a positive number (>= 1), got {value}."
+        return f"must be >= 1 (a positive number), got {value}."
     if low is not None and not value >= low:
         return f"must be >= {low}, got {value}."
     if high is not None and not value <= high:

@@ -306,3 +306,21 @@ def test_float_ranges_refuse_non_finite_and_outside(value: float) -> None:
 def test_required_option_missing_is_named() -> None:
     with pytest.raises(ConfigError, match="option 'run_a' must be given"):
         build_config(CompareOptions, {"run_b": "x"})
+
+
+def _option_classes() -> list[type]:
+    import icldistill.config as config_module
+
+    return [c for c in vars(config_module).values()
+            if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__name__.endswith("Options")]
+
+
+@pytest.mark.parametrize("cls", _option_classes(), ids=lambda c: c.__name__)
+def test_every_default_lies_in_its_declared_range(cls: type) -> None:
+    """A default that its own range refuses would make the command unusable without that option."""
+    from icldistill.config import validate
+
+    required = {f.name: (f.metadata.get("choices") or ["x"])[0] for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    validate(cls(**required), source=cls.__name__)  # raises on a default outside its range or choices
+    assert len(_option_classes()) >= 15

@@ -85,3 +85,10 @@ def test_bad_values_end_in_one_clear_line(argv, message, capsys):
 def test_unknown_task_name_gets_a_suggestion(capsys):
     assert cli.main(["tasks", "show", "mnlii"]) == 2
     assert "Did you mean: mnli" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(_all_commands()))
+def test_every_subcommand_help_renders(name):
+    """argparse formats help lazily: a stray '%' in a help text would fail only when a user asks for --help."""
+    text = _subparsers()[name].format_help()
+    assert text.startswith(f"usage: icld {name}")

@@ -18,7 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Lint first (rules in pyproject.toml [tool.ruff]): a finding fails the target before the tests run.
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from icldistill.config import (
     CommonOptions,
+    CompareOptions,
     DistillOptions,
     IclOptions,
     PbftOptions,
+    PredictOptions,
+    TuneOptions,
     build_config,
     load_yaml,
     to_dict,
@@ -72,9 +77,9 @@ def test_unreadable_values_name_the_option(key: str, value: Any) -> None:
 
 
 def test_numbers_from_strings_and_optionals() -> None:
-    config = build_config(DistillOptions, {"shots": "8", "lr": "1e-4", "alpha": 1, "limit": "none", "eval_limit": "50",
+    config = build_config(DistillOptions, {"shots": "8", "lr": "1e-4", "alpha": 1, "limit": "none",
                                            "pattern": "{premise} {hypothesis} ?", "data-dir": "", "epochs": 3.0})
-    assert (config.shots, config.lr, config.alpha, config.limit, config.eval_limit) == (8, 1e-4, 1.0, None, 50)
+    assert (config.shots, config.lr, config.alpha, config.limit) == (8, 1e-4, 1.0, None)
     assert config.epochs == 3 and isinstance(config.epochs, int)
     assert config.data_dir is None and config.pattern == "{premise} {hypothesis} ?"
     assert isinstance(config.alpha, float) and isinstance(config.shots, int)
@@ -131,7 +136,15 @@ def test_invalid_choice_names_option_and_choices(cls: type, key: str, value: str
         (PbftOptions, {"epochs": 0}, "epochs"),
         (PbftOptions, {"lr": 0}, "lr"),
         (PbftOptions, {"lora_r": 0}, "lora_r"),
-        (PbftOptions, {"eval_limit": 0}, "eval_limit"),
+        (PbftOptions, {"lora_alpha": 0}, "lora_alpha"),
+        (PbftOptions, {"max_steps": 0}, "max_steps"),
+        (PbftOptions, {"select": "best", "dev_queries": 0}, "dev-queries"),
+        (CommonOptions, {"seeds": "99999999999999999999"}, "seeds"),
+        (CommonOptions, {"seeds": "0,0"}, "seeds"),
+        (CommonOptions, {"seeds": -1}, "seeds"),
+        (CommonOptions, {"batch_size": "99999999999999999999999"}, "batch_size"),
+        (PbftOptions, {"lr": "inf"}, "lr"),
+        (PbftOptions, {"weight_decay": "nan"}, "weight_decay"),
         (PbftOptions, {"train_batch_size": 0}, "train_batch_size"),
         (PbftOptions, {"grad_accum": 0}, "grad_accum"),
         (PbftOptions, {"train_batch_size": 8, "grad_accum": 3}, "grad_accum"),
@@ -167,7 +180,8 @@ def test_load_yaml_reads_a_mapping_that_builds_a_config(tmp_path: Path) -> None:
                     encoding="utf-8")
     values = load_yaml(path)
     config = build_config(DistillOptions, values, source=str(path))
-    assert (config.seeds, config.label_words, config.alpha, config.prefix_cache) == ([0, 1], [" Yes", " No"], 0.25, False)
+    assert (config.seeds, config.label_words, config.alpha, config.prefix_cache) == (
+        [0, 1], [" Yes", " No"], 0.25, False)
 
 
 def test_load_yaml_of_an_empty_file_is_empty(tmp_path: Path) -> None:
@@ -217,3 +231,96 @@ def test_cli_output_into_a_closed_pipe_is_not_a_traceback():
             "print(p.returncode, 'Traceback' in err)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
     assert out == ["0", "False"], out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranges declared on the options (issue 19), retired options, integers of any length (issue 21 case 14)
+
+
+def test_retired_option_still_loads_and_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Run records and option files written before `eval_limit` was removed still build a config."""
+    config = build_config(PbftOptions, {"eval_limit": 50, "epochs": 2}, source="old.yaml")
+    assert config.epochs == 2 and not hasattr(config, "eval_limit")
+    assert "eval_limit" in caplog.text and "old.yaml" in caplog.text
+    caplog.clear()
+    build_config(PbftOptions, {"eval_limit": None})  # what older results.json hold: dropped without a word
+    assert caplog.text == ""
+
+
+def test_huge_seed_is_a_clear_error_not_an_overflow() -> None:
+    with pytest.raises(ConfigError, match=r"option 'seeds' \(item 99999999999999999999\) must lie in \[0, "
+                                          r"4294967295\]"):
+        build_config(CommonOptions, {"seeds": "99999999999999999999"}, source="command line")
+
+
+def _bounded_int_options() -> list[tuple[type, str, Any, Any]]:
+    found = []
+    for cls in (CommonOptions, IclOptions, PbftOptions, DistillOptions, PredictOptions, CompareOptions, TuneOptions):
+        for f in dataclasses.fields(cls):
+            # grad_accum also has to divide train_batch_size (a cross-check tested above)
+            if f.metadata.get("min") is not None and f.type in ("int", "int | None", "list[int]") \
+                    and f.name != "grad_accum":
+                found.append((cls, f.name, f.metadata["min"], f.metadata.get("max")))
+    return found
+
+
+BOUNDED = _bounded_int_options()
+REQUIRED_VALUES: dict[type, dict[str, Any]] = {CompareOptions: {"run_a": "a", "run_b": "b"},
+                                               TuneOptions: {"experiment": "tune.yaml"}}
+
+
+def test_every_range_is_found() -> None:
+    names = {name for _, name, _, _ in BOUNDED}
+    assert {"shots", "seeds", "lora_alpha", "lora_r", "epochs", "batch_size", "teacher_topk", "seed"} <= names
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=st.sampled_from(BOUNDED), value=st.integers(min_value=-(10**30), max_value=10**30))
+def test_declared_int_ranges_decide_acceptance(case: tuple[type, str, Any, Any], value: int) -> None:
+    """A value is accepted exactly when it lies in the declared range; a refusal names the option and value,
+    whether the value comes as a number or as command-line text."""
+    cls, name, low, high = case
+    extra = REQUIRED_VALUES.get(cls, {})
+    inside = value >= low and (high is None or value <= high) and value <= 2**63 - 1
+    for given_value in (value, str(value)):
+        if inside:
+            config = build_config(cls, {name: given_value, **extra})
+            assert getattr(config, name) in (value, [value])
+        else:
+            with pytest.raises(ConfigError) as info:
+                build_config(cls, {name: given_value, **extra}, source="cli")
+            assert f"'{name}'" in str(info.value) and str(value) in str(info.value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=st.floats(allow_nan=True, allow_infinity=True))
+def test_float_ranges_refuse_non_finite_and_outside(value: float) -> None:
+    ok = math.isfinite(value) and 0.0 <= value <= 1.0
+    if ok:
+        assert build_config(DistillOptions, {"alpha": value}).alpha == value
+    else:
+        with pytest.raises(ConfigError, match="'alpha'"):
+            build_config(DistillOptions, {"alpha": value})
+
+
+def test_required_option_missing_is_named() -> None:
+    with pytest.raises(ConfigError, match="option 'run_a' must be given"):
+        build_config(CompareOptions, {"run_b": "x"})
+
+
+def _option_classes() -> list[type]:
+    import icldistill.config as config_module
+
+    return [c for c in vars(config_module).values()
+            if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__name__.endswith("Options")]
+
+
+@pytest.mark.parametrize("cls", _option_classes(), ids=lambda c: c.__name__)
+def test_every_default_lies_in_its_declared_range(cls: type) -> None:
+    """A default that its own range refuses would make the command unusable without that option."""
+    from icldistill.config import validate
+
+    required = {f.name: (f.metadata.get("choices") or ["x"])[0] for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    validate(cls(**required), source=cls.__name__)  # raises on a default outside its range or choices
+    assert len(_option_classes()) >= 15

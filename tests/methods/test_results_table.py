@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from icldistill.cli import results_table
+from icldistill.report.console import results_table
 
 
 def _agg(mean, **extra):

@@ -10,7 +10,7 @@ from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_con
 from icldistill.methods.common import evaluate_on_sets, prepare
 from icldistill.models.loading import load_model
 from icldistill.scoring import evalsets
-from icldistill.scoring.evalsets import encode_prompts, score_prompts
+from icldistill.scoring.evalsets import score_prompts
 from icldistill.training.losses import class_log_probs
 
 MULTI = [" Yes indeed", " No"]  # several tokens and one token

@@ -8,11 +8,10 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.errors import DataError, IcldError
-from icldistill.scoring.metrics import aggregate_seeds, compute_metrics, hans_lexical_overlap_ood
+from icldistill.scoring.metrics import aggregate_seeds, compute_metrics, hans_ood_accuracy
 
 # A 4-row binary example where restricted accuracy (3/4), full-vocabulary accuracy (1/4) and the
 # non-label rate (2/4) all differ. Margins logp[:, 0] - logp[:, 1] are 1, 2, -3, 3.
@@ -364,7 +363,7 @@ def test_hans_ood_is_mean_of_label_accuracies():
     gold = np.array([0, 0, 0, 0, 1])
     metrics = compute_metrics(logprobs, gold, np.zeros(5, dtype=int), class_names=HANS_LABELS)
     assert metrics["accuracy"] == pytest.approx(0.8)
-    assert hans_lexical_overlap_ood(metrics) == pytest.approx(0.5)
+    assert hans_ood_accuracy(metrics)["ood_accuracy"] == pytest.approx(0.5)
 
 
 def test_hans_ood_is_none_when_a_label_is_missing():
@@ -372,8 +371,8 @@ def test_hans_ood_is_none_when_a_label_is_missing():
         np.array([[0.0, -2.0]]), np.array([0]), np.array([0]), class_names=HANS_LABELS
     )
     assert metrics["per_label"]["non-entailment"]["accuracy"] is None
-    assert hans_lexical_overlap_ood(metrics) is None
-    assert hans_lexical_overlap_ood({}) is None
+    assert hans_ood_accuracy(metrics)["ood_accuracy"] is None
+    assert hans_ood_accuracy({})["ood_accuracy"] is None
 
 
 def test_hans_ood_uses_lexical_overlap_rows_of_a_full_hans_run():
@@ -382,7 +381,9 @@ def test_hans_ood_uses_lexical_overlap_rows_of_a_full_hans_run():
     groups = {"heuristic": ["lexical_overlap", "lexical_overlap", "subsequence", "subsequence"]}
     metrics = compute_metrics(logprobs, gold, np.full(4, -1), class_names=HANS_LABELS, groups=groups)
     assert metrics["per_label"]["non-entailment"]["accuracy"] == pytest.approx(1 / 3)
-    assert hans_lexical_overlap_ood(metrics) == pytest.approx(1.0)
+    by_heuristic = hans_ood_accuracy(metrics)["ood_accuracy_by_heuristic"]
+    assert by_heuristic["lexical_overlap"] == pytest.approx(1.0)  # other heuristics never leak into it
+    assert by_heuristic["subsequence"] is None  # its rows are all non-entailment: one label has no accuracy
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from tiny import make_merging_tokenizer, make_model, make_tokenizer
 from tokenizers import normalizers, processors
 
 from icldistill.errors import PromptError
@@ -20,8 +22,6 @@ from icldistill.scoring.encoding import (
 )
 from icldistill.scoring.prefix_cache import (
     PrefixCache,
-    encode_prefix,
-    encode_queries,
     label_token_ids,
     last_token_logits,
     pad_right,
@@ -29,9 +29,9 @@ from icldistill.scoring.prefix_cache import (
     score_queries,
     unsupported_cache_layers,
 )
-from tiny import make_merging_tokenizer, make_model, make_tokenizer
 
-DEMO = "the cat saw a dog question: a man ran Yes or No? answer: Yes\n\nthe dog slept question: the cat ran Yes or No? answer: No\n\n"
+DEMO = ("the cat saw a dog question: a man ran Yes or No? answer: Yes\n\n"
+        "the dog slept question: the cat ran Yes or No? answer: No\n\n")
 QUERIES = [
     "the doctor helped the lawyer question: the lawyer helped Yes or No? answer:",
     "a cat question: dog Yes or No? answer:",
@@ -43,6 +43,16 @@ QUERIES = [
 ]
 SINGLE = [" Yes", " No"]
 MULTI = [" great", " terrible review", " Yes"]  # several tokens each, of different lengths, and one single token
+
+
+def encode_prefix(tokenizer, text: str) -> list[int]:
+    """Token ids of a text that starts a prompt: the tokenizer's start tokens (e.g. BOS), then the text."""
+    return encode_text(tokenizer, text)
+
+
+def encode_queries(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text alone, without special tokens (to follow a prefix or a start token)."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
 
 @pytest.fixture(scope="module", params=["no-bos", "bos", "merging"])
@@ -166,7 +176,8 @@ def test_topk_matches_full_distribution():
 
 def test_label_words_of_several_tokens_are_accepted_and_bad_words_fail():
     tok = make_tokenizer()
-    assert [len(t) for t in label_word_tokens(tok, MULTI)] == [len(tok(w, add_special_tokens=False)["input_ids"]) for w in MULTI]
+    expected = [len(tok(w, add_special_tokens=False)["input_ids"]) for w in MULTI]
+    assert [len(t) for t in label_word_tokens(tok, MULTI)] == expected
     with pytest.raises(PromptError, match="single tokens"):  # the one-position helper still says so
         label_token_ids(tok, [" great", " No"], "tiny")
     with pytest.raises(PromptError, match="non-empty"):
@@ -213,7 +224,8 @@ def test_rows_forward_is_differentiable_and_matches_the_packed_pass():
 
 
 @settings(max_examples=8, deadline=None)
-@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=6), words=st.lists(st.integers(1, 4), min_size=2, max_size=3),
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=6),
+       words=st.lists(st.integers(1, 4), min_size=2, max_size=3),
        batch=st.integers(1, 4))
 def test_padding_and_packing_never_leak(lengths, words, batch):
     """Random query and word lengths and batch sizes: each prompt's scores equal its own, unbatched, naive ones."""
@@ -234,7 +246,8 @@ def test_prefix_cache_is_never_modified_by_a_pass():
     model = make_model("llama", len(tok))
     cache = PrefixCache(model, encode_prefix(tok, DEMO))
     keys = [layer.keys.clone() for layer in cache._cache.layers]
-    score_queries(model, cache.tokens, encode_queries(tok, QUERIES[:2]), label_token_ids(tok, SINGLE), prefix_cache=cache)
+    score_queries(model, cache.tokens, encode_queries(tok, QUERIES[:2]), label_token_ids(tok, SINGLE),
+                  prefix_cache=cache)
     assert cache.for_pass().get_seq_length() == cache.length
     assert all(torch.equal(k, layer.keys) for k, layer in zip(keys, cache._cache.layers))
 
@@ -276,7 +289,8 @@ def _more_families(name: str, vocab_size: int):
     """Tiny models of the other families in ``PACKED_FAMILIES`` (and Mistral, which is not among them)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     configs = {
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=8,

@@ -42,7 +42,8 @@ def _row(prefix: int, blocks: list[list[int]]):
 
 
 @settings(max_examples=40, deadline=None)
-@given(prefix=st.integers(0, 20), blocks=st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=3), min_size=1, max_size=5),
+@given(prefix=st.integers(0, 20),
+       blocks=st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=3), min_size=1, max_size=5),
        groups=st.sampled_from([(2, 2), (4, 2), (4, 1)]), window=st.sampled_from([None, 3, 8, 100]),
        softcap=st.sampled_from([None, 2.0]), fused=st.booleans(), seed=st.integers(0, 1000))
 def test_split_attention_equals_the_dense_masked_softmax(prefix, blocks, groups, window, softcap, fused, seed):

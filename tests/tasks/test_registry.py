@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from icldistill.tasks import data
 from icldistill.errors import ConfigError
+from icldistill.tasks import data
 from icldistill.tasks.prompts import resolve_pattern
 from icldistill.tasks.registry import BUILTIN_DIR, EVAL_SETS, TASKS, family_of, get_eval_set, get_task
 
@@ -68,6 +68,13 @@ def test_unknown_task_lists_known_tasks() -> None:
         get_task("mnli-x")
     assert "'mnli-x'" in str(info.value)
     assert all(name in str(info.value) for name in TASKS)
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("mnlii", "mnli"), ("sst", "sst2"), ("agnew", "agnews"), ("tre", "trec")])
+def test_unknown_task_suggests_the_closest_name(typo: str, meant: str) -> None:
+    """Issue 23 item 12: a task name gets a "did you mean" as a model name does."""
+    with pytest.raises(ConfigError, match=rf"Unknown task '{typo}'\. Did you mean: [^?]*\b{meant}\b"):
+        get_task(typo)
 
 
 def test_unknown_eval_set_lists_the_tasks_sets() -> None:

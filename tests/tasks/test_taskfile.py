@@ -10,11 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.config import DistillOptions, IclOptions, build_config
-from icldistill.errors import ConfigError, DataError, IcldError, PromptError
+from icldistill.errors import ConfigError, DataError, PromptError
 from icldistill.methods.common import prepare
 from icldistill.methods.distill import training_queries
 from icldistill.tasks import data
@@ -173,7 +172,8 @@ def test_mnli3_is_three_way_and_refuses_binary_hans() -> None:
 BAD_TASKS = [
     ("unknown-column", {"patterns": {"p": {"template": "{ticket} {body}", "label_words": ["a", "b", "c"]}}},
      "patterns.p.template", "unknown column {body}"),
-    ("class-without-word", {"patterns": {"p": {"template": "{ticket}", "label_words": {"billing": " b", "outage": " o"}}}},
+    ("class-without-word",
+     {"patterns": {"p": {"template": "{ticket}", "label_words": {"billing": " b", "outage": " o"}}}},
      "patterns.p.label_words", "class 'feature' has no label word"),
     ("duplicate-words", {"patterns": {"p": {"template": "{ticket}", "label_words": [" a", " b", " a"]}}},
      "patterns.p.label_words", "same label word"),
@@ -181,8 +181,9 @@ BAD_TASKS = [
      "patterns.p.label_words", "is empty"),
     ("too-few-words", {"patterns": {"p": {"template": "{ticket}", "label_words": [" a", " b"]}}},
      "patterns.p.label_words", "2 label words for 3 classes"),
-    ("word-for-unknown-class", {"patterns": {"p": {"template": "{ticket}",
-                                                   "label_words": {"billing": "a", "outage": "b", "feature": "c", "x": "d"}}}},
+    ("word-for-unknown-class",
+     {"patterns": {"p": {"template": "{ticket}", "label_words": {"billing": "a", "outage": "b", "feature": "c",
+                                                                "x": "d"}}}},
      "patterns.p.label_words", "'x' is not a class"),
     ("raw-value-twice", {"classes": {"billing": ["billing"], "outage": ["billing"], "feature": ["feature"]}},
      "classes.outage", "already given to class 'billing'"),
@@ -247,9 +248,8 @@ def test_malformed_csv_row_names_the_file(user_task: Path) -> None:
 
 
 def test_classes_whose_words_tokenize_identically(tmp_path: Path) -> None:
-    from tokenizers import normalizers
-
     from tiny import make_tokenizer
+    from tokenizers import normalizers
 
     tokenizer = make_tokenizer()
     tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()  # ' Yes' and ' yes' become one sequence
@@ -295,7 +295,8 @@ def test_demonstrations_file_is_used_in_order_recorded_and_kept_out(user_task: P
     assert [d.fields["ticket"] for d in fixed] == ["Please add export 7 to the dashboard",
                                                    "The service 100 is down since this morning"]
     assert setup.demonstrations(5, 2) == fixed  # every seed
-    assert all(ex.fields["ticket"] != "The service 100 is down since this morning" for ex in setup.eval_examples["test"])
+    assert all(ex.fields["ticket"] != "The service 100 is down since this "
+                                      "morning" for ex in setup.eval_examples["test"])
     assert len(setup.eval_examples["test"]) == 8
     queries = training_queries(setup, 0, 10, [fixed])
     assert not {q.text_key() for q in queries} & {d.text_key() for d in fixed}
@@ -344,6 +345,17 @@ def test_icld_tasks_show_prints_the_resolved_definition_and_a_prompt(user_task: 
     assert prompt.count("Ticket:") == 4  # one demonstration per class, then the query
     assert prompt.rstrip().endswith("Queue:")
     assert " billing question" in prompt and " service outage" in prompt and " feature request" in prompt
+
+
+def test_icld_tasks_show_fails_when_the_data_cannot_be_read(user_task: Path, capsys) -> None:
+    """Issue 23 item 10: the README's check of a task file exits non-zero when its data is unreadable."""
+    from icldistill.cli import main
+
+    (user_task.parent / "tickets.csv").unlink()
+    assert main(["tasks", "show", str(user_task)]) == 1
+    captured = capsys.readouterr()
+    assert "content-free input" in captured.out  # the definition and a prompt are still shown
+    assert "error: the task's data cannot be read" in captured.err and "tickets.csv" in captured.err
 
 
 def test_hub_source_with_config_split_revision_and_renamed_label(tmp_path: Path, monkeypatch) -> None:

@@ -17,10 +17,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from icldistill.config import DEFAULT_RESAMPLES  # the option's default, defined once (icld compare --resamples)
 from icldistill.errors import IcldError
 from icldistill.runtime.paths import PREDICTIONS_FILE
 
-DEFAULT_RESAMPLES = 10_000
 OOD_HEURISTIC = "lexical_overlap"
 
 

@@ -32,7 +32,7 @@ from icldistill.errors import ConfigError
 # question (the task, the evaluation sets, the data seeds, the models) or nothing at all.
 NOT_SEARCHABLE = frozenset({
     "task", "eval", "seeds", "output_dir", "data_dir", "data_source", "cache_dir", "resume", "device",
-    "model", "teacher", "student", "limit", "eval_limit", "save_every_epoch", "merge", "prefix_cache",
+    "model", "teacher", "student", "limit", "save_every_epoch", "merge", "prefix_cache",
     "dev_queries", "select", "report_to",
 })
 _RANGE_KEYS = frozenset({"low", "high", "log", "step"})

@@ -16,6 +16,7 @@ import pandas as pd
 
 from icldistill.config import DistillOptions
 from icldistill.errors import DataError
+from icldistill.report.console import MISSING, fmt as _fmt  # the project's one number format
 
 __all__ = [
     "is_ood_eval",
@@ -287,24 +288,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
     return "\n".join([line(head), rule, *(line(r) for r in text_rows)])
 
 
-def _fmt(value: Any, digits: int | None = None) -> str:
-    """A number for a table cell: '—' for missing, thousands separators, sensible decimals."""
-    if _missing(value):
-        return "—"
-    value = float(value)
-    if digits is None:
-        digits = 0 if abs(value) >= 100 else (1 if abs(value) >= 10 else 2)
-    return f"{value:,.{digits}f}"
-
-
 def _fmt_mean_std(mean: Any, std: Any, digits: int = 3) -> str:
     if _missing(mean):
-        return "—"
+        return MISSING
     return f"{float(mean):.{digits}f}" if _missing(std) else f"{float(mean):.{digits}f} ± {float(std):.{digits}f}"
 
 
 def _fmt_alpha(value: Any) -> str:
-    return "—" if _missing(value) else f"{float(value):g}"
+    return MISSING if _missing(value) else f"{float(value):g}"
 
 
 def _varies(table: pd.DataFrame, column: str) -> bool:

@@ -11,23 +11,15 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
 from icldistill.errors import IcldError
 from icldistill.experiments.tune import FINAL_RUNS, PLAN_FILE, load_study, selected_dev_value, trials_table
+from icldistill.report.console import fmt as _fmt  # the project's one number format
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -1,5 +1,6 @@
 """The one scoring path: whole-prompt tokenization (``encoding``), label-word scores after a shared
-token prefix with its KV cache reused (``prefix_cache``), scoring whole evaluation sets under a context (``evalsets``), and the metrics computed
+token prefix with its KV cache reused (``prefix_cache``), scoring whole evaluation sets under a context
+(``evalsets``), and the metrics computed
 from those scores (``metrics``, numpy only).
 """
 
@@ -13,10 +14,10 @@ _EXPORTS = {
         "ContextTooLong", "EncodedPrompts", "encode_prompts", "score_prompts", "evaluate_examples", "evaluate_sets",
     ),
     "metrics": (
-        "compute_metrics", "aggregate_seeds", "hans_lexical_overlap_ood",
+        "compute_metrics", "aggregate_seeds", "hans_ood_accuracy",
     ),
     "prefix_cache": (
-        "label_token_ids", "encode_prefix", "encode_queries", "last_token_logits", "pad_right",
+        "label_token_ids", "last_token_logits", "pad_right",
         "PrefixCache", "Scores", "score_queries", "score_queries_sharded", "rows_forward", "packing_unsupported",
     ),
 }

@@ -14,8 +14,8 @@ the context moves to the word first). A class's score is the sum (or mean) of th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -80,7 +80,8 @@ def _check_distinct(tokens: Sequence[Sequence[int]], words: Sequence[str], model
         seen[key] = word
 
 
-def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_words: Sequence[str], model_name: str = "the model") -> list[int]:
+def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_words: Sequence[str],
+                    model_name: str = "the model") -> list[int]:
     """The single token id of each label word, for callers that need one next-token id per class.
 
     Scoring itself takes words of any length (``label_word_tokens``); this helper stays for the
@@ -166,3 +167,16 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prefix_text: str, query
         continuations.append(conts)
     p = common_prefix_length(prompts)
     return PromptTokens(prompts[0][:p], [prompt[p:] for prompt in prompts], continuations)
+
+
+def scored_length(prefix_length: int, query_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> int:
+    """Tokens the model reads to score one prompt: the prefix, the query and its longest label word but for
+    that word's last token (whose log-probability is read at the position before it)."""
+    return prefix_length + len(query_ids) + max(len(c) for c in continuations) - 1
+
+
+def fits_in_context(prefix_length: int, query_ids: Sequence[int], continuations: Sequence[Sequence[int]],
+                    max_length: int) -> bool:
+    """Whether a prompt and every label word after it fit a model of ``max_length`` positions: the one
+    rule for evaluation (rows that do not fit are dropped and counted), teacher signals and training rows."""
+    return scored_length(prefix_length, query_ids, continuations) <= max_length

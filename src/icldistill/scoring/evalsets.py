@@ -9,20 +9,21 @@ shared by every evaluation set (``evaluate_sets``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from icldistill.runtime import distributed
-from icldistill.tasks.data import Example
 from icldistill.errors import IcldError
-from icldistill.scoring.metrics import compute_metrics
 from icldistill.models.loading import LoadedModel
-from icldistill.tasks.prompts import Pattern, demonstration_prefix
-from icldistill.scoring.encoding import encode_text, matching_length, tokenize_prompts
+from icldistill.runtime import distributed
+from icldistill.scoring.encoding import encode_text, fits_in_context, matching_length, tokenize_prompts
+from icldistill.scoring.metrics import compute_metrics
 from icldistill.scoring.prefix_cache import PrefixCache, Scores, score_queries_sharded
+from icldistill.tasks.data import Example
+from icldistill.tasks.prompts import Pattern, demonstration_prefix
 from icldistill.tasks.registry import Family
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def encode_prompts(
     prefix = tokens.prefix_ids
     kept_ids, kept_conts, kept = [], [], []
     for ex, ids, conts in zip(examples, tokens.query_ids[:n], tokens.continuations[:n]):
-        if len(prefix) + len(ids) + max(len(c) for c in conts) - 1 <= model.max_length:
+        if fits_in_context(len(prefix), ids, conts, model.max_length):
             kept_ids.append(ids)
             kept_conts.append(conts)
             kept.append(ex)
@@ -179,7 +180,8 @@ def evaluate_examples(
     if basis == "not_applicable":
         metrics["accuracy_full_vocab"] = metrics["non_label_rate"] = None
     predictions = [
-        {"id": ex.id, "gold": int(ex.label), "pred": int(np.argmax(lp)), "label_logprobs": [round(float(v), 6) for v in lp],
+        {"id": ex.id, "gold": int(ex.label), "pred": int(np.argmax(lp)),
+         "label_logprobs": [round(float(v), 6) for v in lp],
          # whether the full-vocabulary argmax is a label word's first token, and whose (None: no label's)
          "top_token_is_label": bool(t >= 0), "top_token_label": int(t) if t >= 0 else None,
          **{k: ex.meta.get(k) for k in meta_fields}}

@@ -14,7 +14,7 @@ import numpy as np
 
 from icldistill.errors import DataError
 
-__all__ = ["aggregate_seeds", "compute_metrics", "hans_lexical_overlap_ood"]
+__all__ = ["aggregate_seeds", "compute_metrics", "hans_ood_accuracy"]
 
 # Two-sided 95% critical values of Student's t for df = 1..30; beyond that the normal 1.96 is
 # within 2% and a seed sweep never gets there.
@@ -87,17 +87,10 @@ def compute_metrics(
         "calibrated_accuracy": None,
         "auc": _label_margin_auc(logprobs, probs, gold_index),
         "macro_f1": _macro_f1(predicted, gold_index, num_classes),
-        "per_label": {
-            name: {"n": int(np.sum(gold_index == c)), "accuracy": _mean_or_none(correct[gold_index == c])}
-            for c, name in enumerate(names)
-        },
-        "prediction_rate": {name: _mean_or_none(predicted == c) for c, name in enumerate(names)},
-        "mean_prob": {name: _mean_or_none(probs[:, c]) for c, name in enumerate(names)},
+        **_per_class(names, gold_index, predicted, probs),
         # What "no skill" scores on this set: uniform guessing, and always answering its most frequent class.
         "chance_rate": 1.0 / num_classes,
         "majority_rate": float(np.bincount(gold_index, minlength=num_classes).max() / n) if n else None,
-        "confusion": {gold_name: {pred_name: int(np.sum((gold_index == g) & (predicted == p)))
-                                  for p, pred_name in enumerate(names)} for g, gold_name in enumerate(names)},
         "calibrated_macro_f1": None,
     }
 
@@ -112,6 +105,22 @@ def compute_metrics(
     for key, values in (groups or {}).items():
         metrics.update(_group_breakdowns(key, values, correct, gold_index, names))
     return metrics
+
+
+def _per_class(names: Sequence[str], gold_index: np.ndarray, predicted: np.ndarray,
+               probs: np.ndarray) -> dict[str, Any]:
+    """Per-class breakdowns: ``per_label`` (n, accuracy), ``prediction_rate``, ``mean_prob``, ``confusion``."""
+    correct = predicted == gold_index
+    return {
+        "per_label": {
+            name: {"n": int(np.sum(gold_index == c)), "accuracy": _mean_or_none(correct[gold_index == c])}
+            for c, name in enumerate(names)
+        },
+        "prediction_rate": {name: _mean_or_none(predicted == c) for c, name in enumerate(names)},
+        "mean_prob": {name: _mean_or_none(probs[:, c]) for c, name in enumerate(names)},
+        "confusion": {gold_name: {pred_name: int(np.sum((gold_index == g) & (predicted == p)))
+                                  for p, pred_name in enumerate(names)} for g, gold_name in enumerate(names)},
+    }
 
 
 def aggregate_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -133,38 +142,6 @@ def aggregate_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if not per_seed:
         raise DataError("aggregate_seeds needs the metrics of at least one seed, got none")
     return _aggregate_mapping(list(per_seed), path="")
-
-
-def hans_lexical_overlap_ood(
-    metrics: Mapping[str, Any],
-    *,
-    entailment: str = "entailment",
-    non_entailment: str = "non-entailment",
-) -> float | None:
-    """The lineage's HANS lexical-overlap OOD number: mean of the two per-label accuracies.
-
-    HANS is balanced between its labels, and a label-biased model scores ~1.0 on one and ~0.0 on
-    the other, so the mean of the two (not the pooled accuracy) is what the references report.
-
-    ``metrics`` is one seed's :func:`compute_metrics` result on the lexical-overlap subset. If it
-    was computed on the whole of HANS with a ``heuristic`` group, the ``lexical_overlap`` rows of
-    ``by_heuristic_label`` are used instead, so other heuristics never leak into the number.
-    Aggregate this value over seeds afterwards, not the other way round.
-
-    Returns:
-        The mean accuracy, or ``None`` if either label's accuracy is missing or ``None``.
-    """
-    heuristics = metrics.get("by_heuristic")
-    if isinstance(heuristics, Mapping) and set(heuristics) - {"lexical_overlap"}:
-        by_label = metrics.get("by_heuristic_label", {})
-        entries = [by_label.get(f"lexical_overlap/{name}") for name in (entailment, non_entailment)]
-    else:
-        per_label = metrics.get("per_label", {})
-        entries = [per_label.get(name) for name in (entailment, non_entailment)]
-    accuracies = [entry.get("accuracy") if isinstance(entry, Mapping) else None for entry in entries]
-    if any(accuracy is None for accuracy in accuracies):
-        return None
-    return float((accuracies[0] + accuracies[1]) / 2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
 
 import torch
 from transformers import PreTrainedModel
@@ -37,8 +37,9 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from icldistill.errors import ConfigError
 from icldistill.runtime import distributed
 from icldistill.scoring import shared_attention
+
 # Re-exported: callers import the tokenization helpers from here as they always did.
-from icldistill.scoring.encoding import encode_text, label_token_ids, label_word_tokens, matching_length  # noqa: F401
+from icldistill.scoring.encoding import label_token_ids, label_word_tokens, matching_length  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +55,9 @@ and a packed row would see keys outside it."""
 _MASKED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 _warned: set[str] = set()
 
-LabelIds = Union[Sequence[int], Sequence[Sequence[Sequence[int]]]]
+LabelIds = Sequence[int] | Sequence[Sequence[Sequence[int]]]
 """Either one token id per class (single-token words, the same after every query), or for each query the
 tokens of each class's label word after it (``encoding.PromptTokens.continuations``)."""
-
-
-def encode_prefix(tokenizer, text: str) -> list[int]:
-    """Token ids of a text that starts a prompt: the tokenizer's start tokens (e.g. BOS), then the text."""
-    return encode_text(tokenizer, text)
-
-
-def encode_queries(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text alone, without special tokens (to follow a prefix or a start token)."""
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def last_token_logits(
@@ -199,15 +188,6 @@ class PrefixCache:
         cache.layers = [copy.copy(layer) for layer in self._cache.layers]
         return cache
 
-    def for_batch(self, batch: int) -> DynamicCache | None:
-        """A cache holding the prefix ``batch`` times (views, expanded along the batch dimension)."""
-        cache = self.for_pass()
-        if cache is not None and batch != 1:
-            for layer in cache.layers:
-                layer.keys = layer.keys.expand(batch, -1, -1, -1)
-                layer.values = layer.values.expand(batch, -1, -1, -1)
-        return cache
-
 
 # --------------------------------------------------------------------------------------------------
 # Scoring prompts + continuations: the packed pass and the naive pass
@@ -283,7 +263,8 @@ def _packed_forward(model: torch.nn.Module, cache: PrefixCache | None, queries: 
     # Within the row: a token sees its own segment's earlier tokens and its parent query's tokens, so each
     # query with its branches is a block that sees nothing of the others (shared_attention never scores them).
     within = ((seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])) | (par[:, None] == seg[None, :])
-    layout = shared_attention.Layout.build(prefix_length, starts, [b - a for a, b in zip(starts, starts[1:] + [len(ids)])],
+    layout = shared_attention.Layout.build(prefix_length, starts,
+                                           [b - a for a, b in zip(starts, starts[1:] + [len(ids)])],
                                            pos, within)
     keep = sorted(set(targets.rows))
     where = {row: k for k, row in enumerate(keep)}

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface
@@ -52,7 +52,7 @@ class Layout:
 
     @classmethod
     def build(cls, prefix: int, starts: Sequence[int], lengths: Sequence[int], positions: torch.Tensor,
-              allowed_rows: torch.Tensor) -> "Layout":
+              allowed_rows: torch.Tensor) -> Layout:
         """Blocks ``[starts[b], starts[b] + lengths[b])`` of the packed row; ``allowed_rows`` (M, M) is the
         row's within-row visibility (a token sees only tokens of its own block)."""
         device = positions.device
@@ -129,7 +129,8 @@ def _fused_usable(q: torch.Tensor) -> bool:
             out, lse = _FUSED(a.to(q.dtype), b.to(q.dtype), c.to(q.dtype), attn_mask=bias.to(q.dtype), scale=0.5)
             ref_out, ref_lse = _attend_math(a.to(q.dtype), b.to(q.dtype), c.to(q.dtype), bias, 0.5, None)
             tol = 1e-5 if q.dtype == torch.float32 else 5e-2
-            ok = (torch.allclose(out.float(), ref_out, atol=tol) and torch.allclose(lse.float().unsqueeze(-1), ref_lse, atol=tol))
+            ok = (torch.allclose(out.float(), ref_out, atol=tol)
+                  and torch.allclose(lse.float().unsqueeze(-1), ref_lse, atol=tol))
         except (RuntimeError, TypeError):
             ok = False
         _fused_checked[q.dtype] = ok

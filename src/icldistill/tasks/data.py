@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from icldistill.errors import ConfigError, DataError
 from icldistill.runtime.paths import DATA_ENV, default_data_dir
-from icldistill.tasks.registry import Carve, DataSpec
+from icldistill.tasks.spec import Carve, DataSpec
 
 logger = logging.getLogger(__name__)
 

@@ -11,145 +11,46 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-from icldistill.errors import ConfigError
+from icldistill.errors import ConfigError, did_you_mean
+from icldistill.tasks.spec import (
+    BUILTIN_DIR,
+    DATA_SUFFIXES,
+    TASKS_ENV,
+    Carve,
+    DataSpec,
+    Family,
+    HubSource,
+    PatternSpec,
+    Task,
+    builtin_names,
+    task_dirs,
+    task_files,
+)
+from icldistill.tasks.taskfile import load_task_file
 
-TASKS_ENV = "ICLDISTILL_TASKS"
-BUILTIN_DIR = Path(__file__).parent / "builtin"
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv", ".tsv", ".parquet")
-
-
-@dataclass(frozen=True)
-class HubSource:
-    """Where the rows live on the Hugging Face hub (used with ``--data-source hub`` or a hub-only set)."""
-
-    path: str
-    name: str | None
-    split: str
-    rename: Mapping[str, str] = field(default_factory=dict)  # hub column -> our column name
-    revision: str | None = None
-
-
-@dataclass(frozen=True)
-class Carve:
-    """A seeded, disjoint train / evaluation split carved out of one file (AG News has only a test file).
-
-    The same (seed, eval_rows) on the same rows always gives the same partition, so a train spec with
-    ``part: train`` and an evaluation spec with ``part: eval`` never share a row.
-    """
-
-    part: str  # "train" or "eval"
-    eval_rows: int | float  # a number of rows, or a fraction in (0, 1)
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """One set of rows and how to read them.
-
-    ``label_map`` maps the raw label (as a string) to a class index; ``None`` drops the row (binarised
-    MNLI drops ``neutral``). Any label not in the map is an error, never silently dropped.
-    ``local`` is relative to ``base_dir`` (the task file's directory), or to the data directory when
-    ``base_dir`` is None (built-in tasks).
-    """
-
-    name: str
-    family: str  # the task whose columns and classes these rows follow
-    local: str | None  # path of the file; None for a hub-only set
-    hub: HubSource | None
-    label_map: Mapping[str, int | None]
-    filter: Mapping[str, str] = field(default_factory=dict)  # keep rows whose column equals the value
-    meta_fields: tuple[str, ...] = ()  # carried to predictions and breakdowns (HANS heuristic, subcase)
-    description: str = ""
-    fields: tuple[str, ...] = ()  # input columns
-    label_column: str = "label"
-    id_column: str | None = "id"  # None: the row number is the id
-    id_required: bool = True  # False: the id column is used where a row has it, else the row number
-    base_dir: str | None = None
-    carve: Carve | None = None
-    origin: str = ""  # the task file and key that defined this set, for messages
-    # Text is used as the data has it (the lineage keeps trailing spaces, and lm-eval sees them); a task
-    # file's `strip_fields: true` strips outer whitespace from every input field.
-    strip: bool = False
-
-
-@dataclass(frozen=True)
-class PatternSpec:
-    """A prompt template and its label words (one per class, in class order)."""
-
-    template: str
-    label_words: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Family:
-    """What rows of one task look like: input columns, class names, prompt patterns."""
-
-    name: str
-    fields: tuple[str, ...]
-    classes: tuple[str, ...]
-    patterns: Mapping[str, PatternSpec]
-    content_free: Mapping[str, str]  # column values of the content-free input for contextual calibration
-
-
-@dataclass(frozen=True)
-class Task:
-    """A training task: its columns, classes and patterns, its train data, its evaluation sets."""
-
-    name: str
-    family: str
-    train: DataSpec
-    default_eval: tuple[str, ...]
-    default_pattern: str
-    description: str = ""
-    columns: Family | None = None  # the resolved family (always set by the task file reader)
-    eval_sets: Mapping[str, DataSpec] = field(default_factory=dict)
-    path: str = ""  # the task file
-    definition: Mapping[str, object] = field(default_factory=dict)  # the resolved YAML mapping
-    ref: str = ""  # what finds this task again with get_task: its name, or its file's path
-
-    def __post_init__(self) -> None:
-        if not self.ref:
-            object.__setattr__(self, "ref", self.name)
-
-
-def task_dirs() -> list[Path]:
-    """The built-in directory, then every directory named in ``$ICLDISTILL_TASKS``."""
-    extra = [Path(p).expanduser() for p in os.environ.get(TASKS_ENV, "").split(os.pathsep) if p.strip()]
-    return [BUILTIN_DIR, *extra]
-
-
-def task_files() -> dict[str, Path]:
-    """Task name -> file over all task directories; a later directory cannot shadow a built-in name."""
-    found: dict[str, Path] = {}
-    for directory in task_dirs():
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
-            found.setdefault(path.stem, path)
-    return found
-
-
-def builtin_names() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+# The dataclasses and file discovery live in tasks.spec; they are re-exported here, where callers look.
+__all__ = [
+    "BUILTIN_DIR", "DATA_SUFFIXES", "TASKS_ENV", "Carve", "DataSpec", "Family", "HubSource", "PatternSpec", "Task",
+    "builtin_names", "task_dirs", "task_files", "get_task", "get_eval_set", "family_of", "TASKS", "EVAL_SETS",
+]
 
 
 def get_task(name: str) -> Task:
     """A task by name (built-in or in ``$ICLDISTILL_TASKS``) or by the path of its YAML file."""
-    from icldistill.tasks.taskfile import load_task_file
-
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         path = Path(name).expanduser()
         if not path.is_file():
-            raise ConfigError(f"Task file {path} does not exist; give a task name ({', '.join(task_files())}) or a YAML file.")
+            raise ConfigError(f"Task file {path} does not exist; give a task name ({', '.join(task_files())}) "
+                              "or a YAML file.")
         return replace(load_task_file(path), ref=str(path.resolve()))
     files = task_files()
     if name not in files:
         raise ConfigError(
-            f"Unknown task '{name}'. Known tasks: {', '.join(files)} (add directories with ${TASKS_ENV}, "
-            "or pass a task file: --task my_task.yaml)."
+            f"Unknown task '{name}'.{did_you_mean(name, files)} Known tasks: {', '.join(files)} (add directories "
+            f"with ${TASKS_ENV}, or pass a task file: --task my_task.yaml)."
         )
     return load_task_file(files[name])
 
@@ -218,4 +119,5 @@ def _builtin_eval_sets() -> dict[str, DataSpec]:
 
 
 TASKS: Mapping[str, Task] = _LazyMapping(_builtin_tasks)  # the built-in tasks by name
-EVAL_SETS: Mapping[str, DataSpec] = _LazyMapping(_builtin_eval_sets)  # every built-in task's sets, first definition wins
+# every built-in task's sets, first definition wins
+EVAL_SETS: Mapping[str, DataSpec] = _LazyMapping(_builtin_eval_sets)

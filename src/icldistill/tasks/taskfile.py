@@ -1,4 +1,4 @@
-"""Reading a task file (YAML) into a :class:`~icldistill.tasks.registry.Task`, with one clear error per mistake.
+"""Reading a task file (YAML) into a :class:`~icldistill.tasks.spec.Task`, with one clear error per mistake.
 
 Every problem names the file and the key (``trec.yaml: patterns.question.label_words: ...``): an
 unknown key or column, a raw label value given to two classes, a class with no label word, duplicate
@@ -9,17 +9,28 @@ train set's. A variant (``base: mnli``) starts from the base's resolved mapping;
 
 from __future__ import annotations
 
-import difflib
 import string
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from icldistill.errors import ConfigError
-from icldistill.tasks.registry import BUILTIN_DIR, Carve, DataSpec, Family, HubSource, PatternSpec, Task, task_files
+from icldistill.errors import ConfigError, did_you_mean
+from icldistill.tasks.data import check_carves
+from icldistill.tasks.spec import (
+    BUILTIN_DIR,
+    DATA_SUFFIXES,
+    Carve,
+    DataSpec,
+    Family,
+    HubSource,
+    PatternSpec,
+    Task,
+    task_files,
+)
 
 TOP_KEYS = ("name", "base", "description", "inputs", "label_column", "id_column", "classes", "drop",
             "content_free", "patterns", "default_pattern", "train", "eval", "default_eval", "strip_fields")
@@ -48,9 +59,7 @@ def load_task_file(path: str | Path) -> Task:
 def _load_cached(path: str, _stamp: int) -> Task:
     resolved = resolve_mapping(Path(path))
     task = build_task(resolved, Path(path))
-    from icldistill.tasks.data import check_carves  # carves that overlap would evaluate on training rows
-
-    check_carves(task.train, task.eval_sets, str(path))
+    check_carves(task.train, task.eval_sets, str(path))  # carves that overlap would evaluate on training rows
     return task
 
 
@@ -62,7 +71,8 @@ def resolve_mapping(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     raw = _read_yaml(path)
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
-        raise TaskFileError(f"{path}: unknown key '{unknown[0]}'.{_suggest(unknown[0], TOP_KEYS)}")
+        raise TaskFileError(f"{path}: unknown key "
+                            f"'{unknown[0]}'.{did_you_mean(unknown[0], TOP_KEYS, or_list='Valid keys')}")
     own_dir = None if path.parent == BUILTIN_DIR.resolve() else str(path.parent)
     raw = _annotate_dirs(raw, own_dir, path)
     raw = {"name": path.stem, **raw}  # first, so that `icld tasks show` prints it first
@@ -97,7 +107,7 @@ def _find_base(name: str, path: Path) -> Path:
     if name in files:
         return files[name].resolve()
     raise TaskFileError(
-        f"{path}: base: task '{name}' does not exist. Known tasks: {', '.join(files)} "
+        f"{path}: base: task '{name}' does not exist.{did_you_mean(name, files)} Known tasks: {', '.join(files)} "
         "(or give a task file path relative to this file)."
     )
 
@@ -159,7 +169,8 @@ def build_task(d: Mapping[str, Any], path: Path) -> Task:
     patterns = _patterns(d.get("patterns"), inputs, classes, where)
     default_pattern = d.get("default_pattern", next(iter(patterns)))
     if default_pattern not in patterns:
-        raise TaskFileError(f"{where}: default_pattern: '{default_pattern}' is not one of the patterns ({', '.join(patterns)}).")
+        raise TaskFileError(f"{where}: default_pattern: '{default_pattern}' is not one of the patterns "
+                            f"({', '.join(patterns)}).")
     content_free = d.get("content_free", {c: "N/A" for c in inputs})
     if not isinstance(content_free, Mapping) or set(content_free) != set(inputs):
         raise TaskFileError(f"{where}: content_free: give one text per input column ({', '.join(inputs)}), "
@@ -177,7 +188,8 @@ def build_task(d: Mapping[str, Any], path: Path) -> Task:
     train = _source(d["train"], f"{name}-train", name, classes, label_map, common, "train")
     evals_raw = d.get("eval") or {}
     if not isinstance(evals_raw, Mapping) or not evals_raw:
-        raise TaskFileError(f"{where}: eval: give at least one named evaluation set, e.g. eval: {{test: {{path: test.csv}}}}.")
+        raise TaskFileError(f"{where}: eval: give at least one named evaluation set, e.g. eval: "
+                            f"{{test: {{path: test.csv}}}}.")
     eval_sets = {}
     for set_name, entry in evals_raw.items():
         if not isinstance(entry, Mapping):
@@ -186,7 +198,8 @@ def build_task(d: Mapping[str, Any], path: Path) -> Task:
     default_eval = _text_list(d.get("default_eval", list(eval_sets)), where, "default_eval")
     for set_name in default_eval:
         if set_name not in eval_sets:
-            raise TaskFileError(f"{where}: default_eval: '{set_name}' is not an evaluation set ({', '.join(eval_sets)}).")
+            raise TaskFileError(f"{where}: default_eval: '{set_name}' is not an evaluation set "
+                                f"({', '.join(eval_sets)}).")
     return Task(name, name, train, tuple(default_eval), default_pattern, str(d.get("description", "")), family,
                 MappingProxyType(eval_sets), where, MappingProxyType(public_mapping(d)))
 
@@ -197,23 +210,27 @@ def _source(entry: Mapping[str, Any], name: str, task: str, classes: list[str], 
     where = origin.rsplit(": ", 1)[0]
     unknown = [k for k in entry if not str(k).startswith("_") and k not in SOURCE_KEYS]
     if unknown:
-        raise TaskFileError(f"{origin}: unknown key '{unknown[0]}'.{_suggest(unknown[0], SOURCE_KEYS)}")
+        raise TaskFileError(f"{origin}: unknown key "
+                            f"'{unknown[0]}'.{did_you_mean(unknown[0], SOURCE_KEYS, or_list='Valid keys')}")
     local = entry.get("path")
     hub = _hub(entry.get("hub"), origin)
     if local is None and hub is None:
-        raise TaskFileError(f"{origin}: give a data file (path: rows.csv) or a hub dataset (hub: {{path: ..., split: ...}}).")
-    if local is not None and not str(local).endswith(DATA_FILE_SUFFIXES):
-        raise TaskFileError(f"{origin}: path: '{local}' is not a {', '.join(DATA_FILE_SUFFIXES)} file.")
+        raise TaskFileError(f"{origin}: give a data file (path: rows.csv) or a hub dataset (hub: "
+                            f"{{path: ..., split: ...}}).")
+    if local is not None and not str(local).endswith(DATA_SUFFIXES):
+        raise TaskFileError(f"{origin}: path: '{local}' is not a {', '.join(DATA_SUFFIXES)} file.")
     label_map = task_map
     if "classes" in entry or "drop" in entry:
         own, label_map = _classes(entry.get("classes", _names_only(classes, task_map)), entry.get("drop"),
                                   where, f"{key}.classes")
         if own != classes:
             raise TaskFileError(f"{origin}: classes: this set's classes ({', '.join(own)}) differ from the train set's "
-                                f"({', '.join(classes)}); an evaluation set must have the same classes in the same order.")
+                                f"({', '.join(classes)}); an evaluation set must have the same classes in the same "
+                                "order.")
     filters = entry.get("filter") or {}
     if not isinstance(filters, Mapping):
-        raise TaskFileError(f"{origin}: filter: must map a column to the value rows must have, e.g. {{heuristic: lexical_overlap}}.")
+        raise TaskFileError(f"{origin}: filter: must map a column to the value rows must have, e.g. "
+                            f"{{heuristic: lexical_overlap}}.")
     meta = _text_list(entry.get("meta_columns", []), where, f"{key}.meta_columns")
     return DataSpec(name, task, None if local is None else str(local), hub, MappingProxyType(dict(label_map)),
                     MappingProxyType({str(k): str(v) for k, v in filters.items()}), tuple(meta),
@@ -221,7 +238,6 @@ def _source(entry: Mapping[str, Any], name: str, task: str, classes: list[str], 
                     carve=_carve(entry.get("carve"), origin), origin=origin, **common)
 
 
-DATA_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv", ".tsv", ".parquet")
 
 
 def _names_only(classes: list[str], task_map: dict[str, int | None]) -> dict[str, list[str]]:
@@ -279,7 +295,8 @@ def _patterns(value: Any, inputs: list[str], classes: list[str], where: str) -> 
             raise TaskFileError(f"{where}: {key}: unknown key '{extra[0]}' (a pattern has template and label_words).")
         template = str(spec["template"])
         check_template(template, inputs, f"{where}: {key}.template")
-        patterns[str(name)] = PatternSpec(template, label_words_of(spec.get("label_words"), classes, f"{where}: {key}.label_words"))
+        words = label_words_of(spec.get("label_words"), classes, f"{where}: {key}.label_words")
+        patterns[str(name)] = PatternSpec(template, words)
     return patterns
 
 
@@ -288,11 +305,13 @@ def check_template(template: str, inputs: list[str] | tuple[str, ...], where: st
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise TaskFileError(f"{where}: template {template!r} is malformed ({exc}); write literal braces as '{{{{' and '}}}}'.") from None
+        raise TaskFileError(f"{where}: template {template!r} is malformed ({exc}); write literal braces as "
+                            f"'{{{{' and '}}}}'.") from None
     used = {field for _, field, _, _ in parsed if field is not None}
     odd = [f for _, f, spec, conv in parsed if f is not None and (spec or conv)]
     if odd:
-        raise TaskFileError(f"{where}: placeholder {{{odd[0]}}} takes no conversion or format spec; write plain {{column}}.")
+        raise TaskFileError(f"{where}: placeholder {{{odd[0]}}} takes no conversion or format spec; write plain "
+                            f"{{column}}.")
     unknown = sorted(used - set(inputs))
     if unknown:
         raise TaskFileError(f"{where}: unknown column {{{unknown[0]}}} in the template; the input columns are "
@@ -318,7 +337,8 @@ def label_words_of(value: Any, classes: list[str] | tuple[str, ...], where: str)
                                 "give one per class, in class order, or a class: word mapping.")
         words = value
     else:
-        raise TaskFileError(f"{where}: give one label word per class, e.g. {{{', '.join(f'{c}: {c}' for c in classes)}}}.")
+        raise TaskFileError(f"{where}: give one label word per class, e.g. "
+                            f"{{{', '.join(f'{c}: {c}' for c in classes)}}}.")
     words = [w if isinstance(w, str) else str(w) for w in words]
     for c, w in zip(classes, words):
         if not w.strip():
@@ -326,7 +346,8 @@ def label_words_of(value: Any, classes: list[str] | tuple[str, ...], where: str)
     seen: dict[str, str] = {}
     for c, w in zip(classes, words):
         if w in seen:
-            raise TaskFileError(f"{where}: classes '{seen[w]}' and '{c}' have the same label word {w!r}; label words must differ.")
+            raise TaskFileError(f"{where}: classes '{seen[w]}' and '{c}' have the same label word {w!r}; label words "
+                                "must differ.")
         seen[w] = c
     return tuple(words)
 
@@ -337,10 +358,12 @@ def _hub(value: Any, origin: str) -> HubSource | None:
     if isinstance(value, str):
         value = {"path": value}
     if not isinstance(value, Mapping) or "path" not in value:
-        raise TaskFileError(f"{origin}: hub: give at least the dataset id, e.g. hub: {{path: fancyzhx/ag_news, split: test}}.")
+        raise TaskFileError(f"{origin}: hub: give at least the dataset id, e.g. hub: "
+                            f"{{path: fancyzhx/ag_news, split: test}}.")
     unknown = [k for k in value if k not in HUB_KEYS]
     if unknown:
-        raise TaskFileError(f"{origin}: hub: unknown key '{unknown[0]}'.{_suggest(unknown[0], HUB_KEYS)}")
+        raise TaskFileError(f"{origin}: hub: unknown key "
+                            f"'{unknown[0]}'.{did_you_mean(unknown[0], HUB_KEYS, or_list='Valid keys')}")
     rename = value.get("rename") or {}
     return HubSource(str(value["path"]), None if value.get("name") is None else str(value["name"]),
                      str(value.get("split", "train")), MappingProxyType({str(k): str(v) for k, v in rename.items()}),
@@ -354,8 +377,10 @@ def _carve(value: Any, origin: str) -> Carve | None:
         raise TaskFileError(f"{origin}: carve: give part (train or eval), eval_rows (a count or a fraction) and seed, "
                             "e.g. carve: {part: eval, eval_rows: 1000, seed: 0}.")
     rows = value.get("eval_rows")
-    if isinstance(rows, bool) or not isinstance(rows, (int, float)) or rows <= 0 or (isinstance(rows, float) and rows >= 1):
-        raise TaskFileError(f"{origin}: carve.eval_rows: a positive number of rows or a fraction in (0, 1), got {rows!r}.")
+    is_number = isinstance(rows, (int, float)) and not isinstance(rows, bool)
+    if not is_number or rows <= 0 or (isinstance(rows, float) and rows >= 1):
+        raise TaskFileError(f"{origin}: carve.eval_rows: a positive number of rows or a fraction in (0, 1), got "
+                            f"{rows!r}.")
     seed = value.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TaskFileError(f"{origin}: carve.seed: an integer, got {seed!r}.")
@@ -374,8 +399,3 @@ def _text_list(value: Any, where: str, key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise TaskFileError(f"{where}: {key}: must be a list of names, got {value!r}.")
     return list(value)
-
-
-def _suggest(key: str, valid: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(key), valid, n=2)
-    return f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(valid)}."

@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from icldistill.config import (
-    DistillOptions,
     EvalOptions,
-    IclOptions,
-    PbftOptions,
     PredictOptions,
     _base_type,
     build_config,
     field_types,
     load_yaml,
 )
+from icldistill.methods.registry import METHODS
 from icldistill.runtime import distributed
 from icldistill.errors import IcldError
 
@@ -116,14 +114,10 @@ def _print_run(record: dict[str, Any], out: str) -> None:
 
 
 def _run_method(args: argparse.Namespace) -> int:
-    """Run one of the single-run commands (icl, pbft, distill) and print its table."""
-    from icldistill.methods.distill import run_distill
-    from icldistill.methods.icl import run_icl
-    from icldistill.methods.pbft import run_pbft
-
-    runner = {"icl": run_icl, "pbft": run_pbft, "distill": run_distill}[args.command]
-    config = _config_from_args(COMMANDS[args.command][1], args)
-    record = runner(config, progress=not args.quiet)
+    """Run one of the registered methods (``methods.registry``: icl, pbft, distill) and print its table."""
+    method = METHODS[args.command]
+    config = _config_from_args(method.options, args)
+    record = method(config, progress=not args.quiet)
     _print_run(record, config.output_dir)
     return 0 if record["status"] == "complete" else 1
 
@@ -457,9 +451,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]] = {
-    "icl": (_run_method, IclOptions, "Evaluate in-context learning (k demonstrations + query)."),
-    "pbft": (_run_method, PbftOptions, "Pattern-based fine-tuning on the k support examples."),
-    "distill": (_run_method, DistillOptions, "Context distillation: teacher with demonstrations -> student without."),
+    **{name: (_run_method, m.options, m.help) for name, m in METHODS.items()},
     "predict": (cmd_predict, PredictOptions, "Answer a file of unlabelled rows with a trained student, an export or any model."),
     "eval": (cmd_eval, EvalOptions, "Evaluate a trained run, an export, any model or a sweep's trained cells on evaluation sets."),
 }

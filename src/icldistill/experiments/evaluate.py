@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from icldistill.config import EvalOptions
 from icldistill.errors import ConfigError
-from icldistill.experiments.grid import CELLS_DIR
+from icldistill.experiments.grid import CELLS_DIR, METHODS
 from icldistill.experiments.sweep import CELL_FILE, RESULTS_FILE, SWEEP_FILE, _read
 from icldistill.runtime.paths import PREDICTIONS_FILE
 from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl
@@ -23,7 +23,7 @@ from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl
 logger = logging.getLogger(__name__)
 
 EVAL_PREFIX = "eval-"
-TRAINED_METHODS = ("pbft", "pbft-teacher", "distill")
+TRAINED_METHODS = tuple(name for name, method in METHODS.items() if method.trains)
 
 
 def is_sweep(path: str | Path) -> bool:

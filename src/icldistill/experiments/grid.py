@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_config, load_yaml, parse_value, to_dict, validate
+from icldistill.config import DistillOptions, build_config, load_yaml, parse_value, to_dict, validate
 from icldistill.errors import ConfigError, IcldError
+from icldistill.methods.registry import METHODS as COMMANDS
+from icldistill.methods.registry import MethodSpec
 
 CELLS_DIR = "cells"
 
@@ -30,17 +32,24 @@ CELLS_DIR = "cells"
 
 @dataclass(frozen=True)
 class Method:
-    """One kind of cell: which options class it builds and which of the teacher/student it uses."""
+    """One kind of cell: a registered method (``methods.registry``) run on the teacher's or student's model."""
 
     name: str
-    options: type
     models: tuple[str, ...]  # "teacher" and/or "student", in the order the cell id shows them
     model_option: str | None  # the options field that receives the (single) model, None for distill
-    command: str  # the single command that does the same run
+    command: str  # the registered method (and single command) that does the same run
+
+    @property
+    def spec(self) -> MethodSpec:
+        return COMMANDS[self.command]
+
+    @property
+    def options(self) -> type:
+        return self.spec.options
 
     @property
     def trains(self) -> bool:
-        return self.options is not IclOptions
+        return self.spec.trains
 
     def keys(self) -> frozenset[str]:
         """Experiment keys that matter to this method (the rest are dropped from its cells)."""
@@ -49,15 +58,15 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "icl-teacher": Method("icl-teacher", IclOptions, ("teacher",), "model", "icl"),
-    "icl-student": Method("icl-student", IclOptions, ("student",), "model", "icl"),
-    "pbft": Method("pbft", PbftOptions, ("student",), "model", "pbft"),
+    "icl-teacher": Method("icl-teacher", ("teacher",), "model", "icl"),
+    "icl-student": Method("icl-student", ("student",), "model", "icl"),
+    "pbft": Method("pbft", ("student",), "model", "pbft"),
     # PBFT of the teacher's model: the baseline the paper's "less memory than PBFT" is about (issue 12).
-    "pbft-teacher": Method("pbft-teacher", PbftOptions, ("teacher",), "model", "pbft"),
-    "distill": Method("distill", DistillOptions, ("teacher", "student"), None, "distill"),
+    "pbft-teacher": Method("pbft-teacher", ("teacher",), "model", "pbft"),
+    "distill": Method("distill", ("teacher", "student"), None, "distill"),
 }
 
-_OPTION_CLASSES = (IclOptions, PbftOptions, DistillOptions)
+_OPTION_CLASSES = tuple(spec.options for spec in COMMANDS.values())
 _OPTION_FIELDS: dict[str, type] = {}
 for _cls in _OPTION_CLASSES:
     for _f in dataclasses.fields(_cls):
@@ -404,9 +413,9 @@ def validate_file(path: str | Path) -> Validation:
         return Validation(str(path), "experiment", [], experiment.notes,
                           f"{len(experiment.cells)} cells ({methods}) -> {experiment.output_dir}")
     fits, problems = [], []
-    for command, cls in (("icl", IclOptions), ("pbft", PbftOptions), ("distill", DistillOptions)):
+    for command, method in COMMANDS.items():
         try:
-            build_config(cls, spec, source=str(path))
+            build_config(method.options, spec, source=str(path))
             fits.append(command)
         except ConfigError as exc:
             problems.append(f"as `icld {command} --config`: {str(exc).removeprefix(str(path) + ': ')}")

@@ -11,11 +11,11 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_config
+from icldistill.config import build_config
+from icldistill.methods.registry import get_method
 from icldistill.errors import IcldError
 from icldistill.runtime.records import environment, read_json
 
-METHODS = {"icl": IclOptions, "pbft": PbftOptions, "distill": DistillOptions}
 
 
 def _leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -48,20 +48,13 @@ def reproduce(run_dir: str | Path, output_dir: str | Path | None = None, *, tole
         raise IcldError(f"{path} does not exist: point `icld reproduce` at a run's output directory.")
     record = read_json(path)
     method = record.get("method")
-    if method not in METHODS:
-        raise IcldError(f"{path}: unknown method {method!r}; expected one of {', '.join(METHODS)}.")
+    spec = get_method(method, where=str(path))
     values = dict(record["config"])
     values["output_dir"] = str(output_dir or Path(run_dir) / "reproduced")
     if "resume" in values:
         values["resume"] = False
-    config = build_config(METHODS[method], values, source=str(path))
-    if method == "icl":
-        from icldistill.methods.icl import run_icl as run
-    elif method == "pbft":
-        from icldistill.methods.pbft import run_pbft as run
-    else:
-        from icldistill.methods.distill import run_distill as run
-    again = run(config, progress=progress)
+    config = build_config(spec.options, values, source=str(path))
+    again = spec(config, progress=progress)
     differences = []
     for seed, entry in record.get("seeds", {}).items():
         other = again.get("seeds", {}).get(seed, {})

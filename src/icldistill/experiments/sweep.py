@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from icldistill.config import to_dict
 from icldistill.errors import ConfigError, IcldError
-from icldistill.experiments.grid import CELLS_DIR, Cell, Experiment
+from icldistill.experiments.grid import CELLS_DIR, METHODS, Cell, Experiment
 from icldistill.runtime.records import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -252,17 +252,7 @@ Runner = Callable[[Cell, bool], Mapping[str, Any]]
 
 def run_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
     """Run one cell with its method's function (exactly what the single command does)."""
-    if cell.method in ("icl-teacher", "icl-student"):
-        from icldistill.methods.icl import run_icl
-
-        return run_icl(cell.config, progress=progress)
-    if cell.method in ("pbft", "pbft-teacher"):
-        from icldistill.methods.pbft import run_pbft
-
-        return run_pbft(cell.config, progress=progress)
-    from icldistill.methods.distill import run_distill
-
-    return run_distill(cell.config, progress=progress)
+    return METHODS[cell.method].spec(cell.config, progress=progress)
 
 
 def write_sweep_record(experiment: Experiment) -> None:

@@ -33,12 +33,14 @@ from typing import Any, Callable, Mapping
 from icldistill.config import load_yaml, to_dict
 from icldistill.errors import IcldError
 from icldistill.experiments.grid import METHODS, ExperimentError, expand
+from icldistill.methods.registry import METHODS as COMMANDS
+from icldistill.methods.registry import TRAINED
 from icldistill.experiments.search import SearchSpace, parse_search_space
 from icldistill.runtime.records import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-TUNABLE_METHODS = ("distill", "pbft")
+TUNABLE_METHODS = TRAINED  # the trained methods of the registry
 # objective name -> (optimisation direction, key of a dev history entry)
 OBJECTIVES = {"dev_accuracy": ("maximize", "dev_accuracy"), "dev_loss": ("minimize", "dev_loss")}
 STUDY_FILE = "study.db"
@@ -310,11 +312,7 @@ def selected_dev_value(seed_record: Mapping[str, Any], key: str) -> float | None
 def run_trial_config(method: str, config: Any, *, on_evaluate: Callable[[int, Mapping[str, Any]], None] | None,
                      score_eval_sets: bool, progress: bool) -> dict[str, Any]:
     """One run of the tuned method; trials score only the dev split (``score_eval_sets=False``)."""
-    if method == "distill":
-        from icldistill.methods.distill import run_distill as run
-    else:
-        from icldistill.methods.pbft import run_pbft as run
-    return run(config, progress=progress, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets)
+    return COMMANDS[method](config, progress=progress, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets)
 
 
 def run_study(plan: TuningPlan, *, storage: str | None = None, on_event: Callable[[TuneEvent], None] | None = None,

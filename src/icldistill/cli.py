@@ -322,6 +322,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     if is_study_dir(args.directory):
         return _print_trials(args.directory)
     runs = collect(args.directory)
+    for note in runs.attrs.get("notes", []):
+        print(f"note: {note}")
     if args.csv:
         runs.to_csv(args.csv, index=False)
         print(f"per-run table ({len(runs)} rows): {args.csv}")

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 from icldistill.config import build_config
 from icldistill.methods.registry import get_method
 from icldistill.errors import IcldError
-from icldistill.runtime.records import environment, read_json
+from icldistill.runtime.records import environment
+from icldistill.runtime.rundir import RunDir, load_run
 
 
 
@@ -43,13 +44,11 @@ def compare_metrics(a: dict[str, Any], b: dict[str, Any], tolerance: float = 0.0
 def reproduce(run_dir: str | Path, output_dir: str | Path | None = None, *, tolerance: float = 0.0,
               progress: bool = True) -> dict[str, Any]:
     """Re-run the run recorded in ``run_dir/results.json`` into ``output_dir`` and compare the metrics."""
-    path = Path(run_dir) / "results.json"
-    if not path.exists():
-        raise IcldError(f"{path} does not exist: point `icld reproduce` at a run's output directory.")
-    record = read_json(path)
-    method = record.get("method")
-    spec = get_method(method, where=str(path))
-    values = dict(record["config"])
+    run = load_run(run_dir)
+    path = RunDir(run_dir).results_path
+    spec = get_method(run.method, where=str(path))
+    method, record = run.method, run.to_dict()
+    values = dict(run.config)
     values["output_dir"] = str(output_dir or Path(run_dir) / "reproduced")
     if "resume" in values:
         values["resume"] = False

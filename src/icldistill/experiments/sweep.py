@@ -22,20 +22,14 @@ from icldistill.config import to_dict
 from icldistill.errors import ConfigError, IcldError
 from icldistill.experiments.grid import CELLS_DIR, METHODS, Cell, Experiment
 from icldistill.runtime.records import atomic_write_json, read_json
+from icldistill.runtime.rundir import FINISHED, RESULTS_FILE, RunDir, RunRecord, config_changes, identity_of
 
 logger = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
 CELL_FILE = "cell.json"
-RESULTS_FILE = "results.json"
 ERROR_FILE = "error.json"
 LOCK_FILE = ".lock"
-# A run that ended as "skipped" (the demonstrations alone exceed the model's context) would end the same way
-# again, so it is as final as a complete one.
-FINISHED = ("complete", "skipped")
-
-# Options that may differ between a completed cell and the experiment now (where the files are, not what ran).
-_LOCATION_OPTIONS = frozenset({"output_dir", "resume", "data_dir", "cache_dir"})
 
 
 # ---------------------------------------------------------------------------------------------- cell state
@@ -54,9 +48,9 @@ def _read(path: Path) -> Any:
 
 def cell_status(directory: Path) -> str:
     """complete / skipped / failed / running / incomplete / pending, from the files in a cell directory."""
-    record = _read(directory / RESULTS_FILE)
-    if record and record.get("status") in FINISHED:
-        return record["status"]
+    record = read_cell_record(directory)
+    if record is not None and record.status in FINISHED:
+        return record.status
     if (directory / ERROR_FILE).exists():
         return "failed"
     holder = _read(directory / LOCK_FILE)
@@ -74,18 +68,36 @@ def sweep_progress(experiment: Experiment) -> dict[str, int]:
     return counts
 
 
+def cell_identity(cell: Cell) -> str:
+    """The identity the cell's run records (``runtime.rundir.run_identity`` of its method and options)."""
+    return identity_of(METHODS[cell.method].command, cell.config)
+
+
+def experiment_hash(experiment: Experiment) -> str:
+    """The experiment's identity: its cells and each cell's run identity (recorded in sweep.json, cell.json)."""
+    import hashlib
+
+    text = json.dumps(sorted((c.id, cell_identity(c)) for c in experiment.cells))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_cell_record(directory: Path) -> RunRecord | None:
+    """A cell's run record, None when it has none or it cannot be read (its status then says so)."""
+    try:
+        return RunDir(directory).read()
+    except IcldError:
+        return None
+
+
 def _changed_cells(experiment: Experiment) -> list[str]:
-    """Finished cells that were run with other options than the experiment now gives them."""
+    """Cells claimed (running, unfinished or finished) by a run of other options than the experiment now gives."""
     changed = []
     for cell in experiment.cells:
-        record = _read(cell_dir(experiment, cell) / RESULTS_FILE)
-        if not record or record.get("status") not in FINISHED or not isinstance(record.get("config"), dict):
+        record = read_cell_record(cell_dir(experiment, cell))
+        if record is None or record.identity == cell_identity(cell):
             continue
-        now = json.loads(json.dumps(to_dict(cell.config)))
-        diffs = [f"{k}: {record['config'][k]!r} -> {now[k]!r}" for k in now
-                 if k in record["config"] and k not in _LOCATION_OPTIONS and record["config"][k] != now[k]]
-        if diffs:
-            changed.append(f"{cell.id} ({'; '.join(diffs)})")
+        now = json.loads(json.dumps(to_dict(cell.config), default=str))
+        changed.append(f"{cell.id} ({record.status}; {config_changes(record.config, now)})")
     return changed
 
 
@@ -258,7 +270,8 @@ def run_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
 def write_sweep_record(experiment: Experiment) -> None:
     atomic_write_json(experiment.output_dir / SWEEP_FILE, {
         "name": experiment.name, "source": experiment.source, "experiment": experiment.spec,
-        "cells": [c.as_dict() for c in experiment.cells], "updated": time.time(),
+        "cells": [c.as_dict() for c in experiment.cells], "experiment_hash": experiment_hash(experiment),
+        "updated": time.time(),
     })
 
 
@@ -284,9 +297,9 @@ def run_sweep(
     if changed:
         listed = "\n".join(f"  - {c}" for c in changed[:5]) + (f"\n  - ... and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise ConfigError(
-            f"{len(changed)} finished cell(s) in {experiment.output_dir} ran with other options than "
-            f"{experiment.source} now gives them:\n{listed}\nA sweep never re-runs a finished cell: choose another "
-            "output_dir, or delete those cell directories to run them again."
+            f"{len(changed)} cell(s) in {experiment.output_dir} were run by another experiment (other options than "
+            f"{experiment.source} now gives them):\n{listed}\nA sweep never mixes runs in one directory: choose "
+            "another output_dir, or delete those cell directories to run them again."
         )
     write_sweep_record(experiment)
     started = time.time()
@@ -341,7 +354,8 @@ def _run_one(cell: Cell, directory: Path, runner: Runner, progress: bool, emit: 
     """Run a claimed cell: (status, seconds, error message). Errors are recorded in error.json, not raised
     (KeyboardInterrupt still stops the sweep)."""
     start = time.time()
-    atomic_write_json(directory / CELL_FILE, {**cell.as_dict(), "started": start, "host": _host(), "pid": os.getpid()})
+    atomic_write_json(directory / CELL_FILE, {**cell.as_dict(), "identity": cell_identity(cell), "started": start,
+                                              "host": _host(), "pid": os.getpid()})
     (directory / ERROR_FILE).unlink(missing_ok=True)
     emit(SweepEvent("cell_start", done_count(), total, cell.id))
     try:

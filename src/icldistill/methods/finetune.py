@@ -22,15 +22,16 @@ from icldistill.tasks.data import Example
 from icldistill.errors import ConfigError, IcldError
 from icldistill.training.losses import LossOutput
 from icldistill.models.loading import LoadedModel, load_model
-from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
+from icldistill.runtime.records import measure
+from icldistill.runtime.rundir import SEED_RESULT_FILE, RunDir, identity_of
 from icldistill.scoring.encoding import tokenize_prompts
 from icldistill.scoring.prefix_cache import label_word_tokens, last_token_logits, pad_right, rows_forward
 from icldistill.training.loop import OnEvaluate, fit
-from icldistill.methods.common import PREDICTIONS_FILE, Setup, evaluate_on_sets, model_record, prediction_rows
+from icldistill.methods.common import Setup, evaluate_on_sets, model_record, prediction_rows
 
 logger = logging.getLogger(__name__)
 
-SEED_RESULT = "seed_result.json"
+SEED_RESULT = SEED_RESULT_FILE
 
 
 @dataclasses.dataclass
@@ -172,9 +173,9 @@ def train_and_evaluate(
     Returns the seed's record (also written to ``seed_dir/seed_result.json``, which a resumed run reuses).
     Under N processes every rank trains and evaluates its share and holds the same record; rank 0 writes.
     """
-    done = seed_dir / SEED_RESULT
-    # Rank 0 decides (and reads) for all ranks, so they all skip the seed or all train it.
-    finished = distributed.broadcast(read_json(done) if options.resume and distributed.is_main() and done.exists() else None)
+    run_dir, identity = RunDir(seed_dir.parent), identity_of(method, options)
+    # Rank 0 decides (and reads) for all ranks, so they all skip the seed or all train it; another run's seed is refused.
+    finished = run_dir.finished_seed(seed, identity) if options.resume else None
     if finished is not None:
         logger.info("seed %d already complete in %s", seed, seed_dir)
         return finished
@@ -227,14 +228,13 @@ def train_and_evaluate(
     queries = sum(v["n"] for v in final.values())
     inference = {**cost.as_dict(), "queries": queries, "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}
     artefacts = save_trained(model, student, options, seed_dir, gathered=result.final_trainable_state)
-    if distributed.is_main():  # per-query answers of the final evaluation, rows as icl's (issue 11)
-        atomic_write_jsonl(seed_dir / PREDICTIONS_FILE, prediction_rows(seed, final_predictions))
+    run_dir.write_predictions(prediction_rows(seed, final_predictions), seed=seed)  # rows as icl's (issue 11)
     training_record = training.as_dict()
     peaks = {"training": training_record["peak_memory_mb"], "inference": inference["peak_memory_mb"],
              **(other_peaks_mb or {})}
     selection_labels = len(dev_examples) if options.select == "best" else 0
     record = {
-        "seed": seed, "method": method, "status": "complete", "student": model_record(student),
+        "seed": seed, "method": method, "status": "complete", "identity": identity, "student": model_record(student),
         "trainable": trainable.as_dict(), "train_examples": [ex.id for ex in train_examples],
         "dev_examples": [ex.id for ex in dev_examples],
         "labelled_examples": None if labelled_examples is None else labelled_examples + selection_labels,
@@ -253,8 +253,7 @@ def train_and_evaluate(
         **extra,
         **(extra_record or {}),
     }
-    if distributed.is_main():
-        atomic_write_json(done, record)
+    run_dir.write_seed(seed, record)  # rank 0 writes, artefact paths relative to the seed directory
     return record
 
 

@@ -59,7 +59,7 @@ def test_an_unfinished_cell_does_not_resume_under_a_changed_experiment(finished,
     cell = next((root / "cells").iterdir())
     record = json.loads((cell / "results.json").read_text())
     (cell / "results.json").write_text(json.dumps({**record, "status": "running", "seeds": {}}))  # killed mid-run
-    with pytest.raises(ConfigError, match=r"running; limit 4 -> 6"):
+    with pytest.raises(ConfigError, match=r"running; limit: 4 -> 6"):
         run_sweep(expand(_spec(tiny_dirs, data_dir, limit=6), source="a.yaml", output_dir=root), progress=False)
 
 

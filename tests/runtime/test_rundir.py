@@ -51,7 +51,7 @@ def test_claim_refuses_another_run_unless_overwrite(tmp_path):
     run.claim(_record())
     (run.seed_dir(1)).mkdir()
     run.claim(_record(output_dir="elsewhere"))  # the same run again (e.g. --resume): accepted
-    with pytest.raises(ConfigError, match=r"lr 0\.01 -> 0\.05.*--overwrite"):
+    with pytest.raises(ConfigError, match=r"lr: 0\.01 -> 0\.05.*--overwrite"):
         run.claim(_record(lr=0.05))
     assert run.seed_dir(1).is_dir()  # nothing deleted by a refusal
     run.claim(_record(lr=0.05, seeds=(0,)), overwrite=True)
@@ -60,11 +60,15 @@ def test_claim_refuses_another_run_unless_overwrite(tmp_path):
     assert claimed.status == "running" and claimed.planned_seeds == [0] and claimed.config["lr"] == 0.05
 
 
-def test_claim_refuses_seed_directories_no_record_accounts_for(tmp_path):
+def test_claim_refuses_seeds_another_run_trained(tmp_path):
     run = RunDir(tmp_path / "r")
+    (run.seed_dir(1)).mkdir(parents=True)  # a seed of a run killed before any record (kept: resumable)
     (run.seed_dir(0)).mkdir(parents=True)
-    with pytest.raises(ConfigError, match="seed-0.*--overwrite"):
+    run.seed_result_path(0).write_text(json.dumps({"seed": 0, "identity": "0123456789abcdef"}))
+    with pytest.raises(ConfigError, match=r"seeds of another run \(seed-0\).*--overwrite"):
         run.claim(_record())
+    run.seed_result_path(0).write_text(json.dumps({"seed": 0, "identity": _record()["identity"]}))
+    run.claim(_record())  # this run's own seed: resumable
 
 
 def test_duplicate_seeds_are_refused(tmp_path):
@@ -135,7 +139,9 @@ def test_v0_records_migrate_to_the_identity_a_new_run_computes():
     again = RunRecord.from_dict(json.loads(json.dumps(record.to_dict())))
     assert again.identity == record.identity and again.version == 0 and again.seeds == record.seeds
     with pytest.raises(ValueError):
-        migrate_run({"seeds": {}})
+        migrate_run([])
+    foreign = migrate_run({"status": "complete", "config": {"lr": 1}, "seeds": {}})  # no method: identity unknown
+    assert foreign["identity"] is None and foreign["method"] == ""
 
 
 def test_held_seeds_come_from_the_record_not_the_directory(tmp_path):

@@ -70,7 +70,8 @@ def _cells_on_disk(sweep_dir: Path, notes: list[str] | None = None
             notes.append(f"{exc} That cell counts as unreadable.")
             yield directory, cell, None, "unreadable"
             continue
-        if record is not None and cell["id"] in expected and record.identity != expected[cell["id"]]:
+        if (record is not None and record.identity is not None and cell["id"] in expected
+                and record.identity != expected[cell["id"]]):
             notes.append(f"{directory} holds a run of another experiment than {SWEEP_FILE}'s (identity "
                          f"{record.identity}, expected {expected[cell['id']]}); it is left out of the statistics.")
             yield directory, cell, record.to_dict(), "other-experiment"

@@ -22,7 +22,15 @@ from icldistill.config import to_dict
 from icldistill.errors import ConfigError, IcldError
 from icldistill.experiments.grid import CELLS_DIR, METHODS, Cell, Experiment
 from icldistill.runtime.records import atomic_write_json, read_json
-from icldistill.runtime.rundir import FINISHED, RESULTS_FILE, RunDir, RunRecord, config_changes, identity_of
+from icldistill.runtime.rundir import (
+    FINISHED,
+    NOT_IDENTITY,
+    RESULTS_FILE,
+    RunDir,
+    RunRecord,
+    config_changes,
+    identity_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +105,10 @@ def _changed_cells(experiment: Experiment) -> list[str]:
         if record is None or record.identity == cell_identity(cell):
             continue
         now = json.loads(json.dumps(to_dict(cell.config), default=str))
+        if record.identity is None:  # a record without a method: compare the options it names
+            now = {k: v for k, v in now.items() if k in record.config}
+            if all(record.config[k] == v for k, v in now.items() if k not in NOT_IDENTITY):
+                continue
         changed.append(f"{cell.id} ({record.status}; {config_changes(record.config, now)})")
     return changed
 

@@ -40,7 +40,7 @@ from icldistill.runtime.records import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-TUNABLE_METHODS = TRAINED  # the trained methods of the registry
+TUNABLE_METHODS = tuple(sorted(TRAINED))  # the trained methods of the registry
 # objective name -> (optimisation direction, key of a dev history entry)
 OBJECTIVES = {"dev_accuracy": ("maximize", "dev_accuracy"), "dev_loss": ("minimize", "dev_loss")}
 STUDY_FILE = "study.db"

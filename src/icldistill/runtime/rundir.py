@@ -63,9 +63,9 @@ def identity_of(method: str, config: Any) -> str:
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 4) -> str:
-    """The identity-relevant options that differ, as ``lr 0.01 -> 0.05; epochs 3 -> 6``."""
+    """The identity-relevant options that differ, as ``lr: 0.01 -> 0.05; epochs: 3 -> 6``."""
     keys = [k for k in dict.fromkeys([*new, *old]) if k not in NOT_IDENTITY and old.get(k) != new.get(k)]
-    shown = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit]]
+    shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit]]
     return "; ".join(shown + ([f"{len(keys) - limit} more"] if len(keys) > limit else [])) or "method or version"
 
 
@@ -168,9 +168,11 @@ def migrate_run(data: Mapping[str, Any]) -> dict[str, Any]:
     recorded options (the same function a new run uses, so a v0 run resumes as the same run), the planned
     seeds are the recorded ones. Artefact paths are migrated when read (:meth:`SeedRecord.artefact`).
     """
-    if not isinstance(data, Mapping) or not isinstance(data.get("method"), str):
-        raise ValueError("not a run record (no 'method')")
+    if not isinstance(data, Mapping) or not isinstance(data.get("seeds", {}), Mapping):
+        raise ValueError("not a run record (a JSON object with 'method', 'config' and 'seeds')")
     out = dict(data)
+    if not isinstance(out.get("method"), str):  # a hand-made or foreign record: readable, its identity unknown
+        out.update(method="", version=out.get("version", 0), identity=None)
     out.setdefault("status", "incomplete")
     out["config"] = dict(out.get("config") or {})
     out["seeds"] = {str(k): v for k, v in (out.get("seeds") or {}).items()}
@@ -288,26 +290,36 @@ class RunDir:
         return held
 
     def _check_or_clear(self, method: str, config: Mapping[str, Any], identity: str, overwrite: bool) -> None:
+        """Refuse (or with ``overwrite`` delete) another run's record and seeds found in the directory."""
         try:
             existing = self.read()
         except IcldError:
             if not overwrite:
                 raise
             existing = None
-        strays = [p.name for p in self.path.glob(f"{SEED_DIR_PREFIX}*") if p.is_dir()]
-        if existing is not None and existing.method == method and existing.identity == identity:
-            return
-        if existing is None and not strays:
+        other_seeds = [p.name for p in sorted(self.path.glob(f"{SEED_DIR_PREFIX}*")) if p.is_dir()
+                       and self._seed_identity(p) not in (None, identity)]
+        other_run = existing is not None and (existing.method != method or existing.identity not in (None, identity))
+        if not other_run and not other_seeds:
             return
         if not overwrite:
             what = (f"a {existing.method} run with other options ({config_changes(existing.config, config)})"
-                    if existing is not None else f"seed directories of an unrecorded run ({', '.join(sorted(strays))})")
+                    if other_run and existing is not None else f"seeds of another run ({', '.join(other_seeds)})")
             raise ConfigError(f"{self.path} holds {what}. Choose another --output-dir, or rerun with --overwrite "
                               "to delete that run and start this one.")
-        for name in strays:
-            shutil.rmtree(self.path / name)
+        for seed_dir in self.path.glob(f"{SEED_DIR_PREFIX}*"):
+            if seed_dir.is_dir():
+                shutil.rmtree(seed_dir)
         self.results_path.unlink(missing_ok=True)
         self.predictions_path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _seed_identity(seed_dir: Path) -> str | None:
+        """The identity a seed directory's record names (None: no record, or one written before identities)."""
+        try:
+            return read_json(seed_dir / SEED_RESULT_FILE).get("identity")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     # ------------------------------------------------------------------ writing (rank 0)
 

@@ -82,3 +82,30 @@ def test_broken_records_are_named_and_do_not_count(tmp_path):
     assert table.loc[("pbft", "mnli-m"), "n_seeds"] == 0 and table.loc[("pbft", "mnli-m"), "n_failed"] == 1
     assert math.isnan(table.loc[("pbft", "mnli-m"), "accuracy_mean"])
     assert table.loc[("icl-student", "mnli-m"), "n_failed"] == 1
+
+
+def test_a_dead_workers_lock_on_another_host_is_taken_over_after_its_heartbeat_stops(tmp_path, monkeypatch):
+    """Issue 21 case 10: a lock of another host was honoured forever, with no hint."""
+    import os
+    import time
+
+    import icldistill.experiments.sweep as sweep
+
+    lock_file = tmp_path / sweep.LOCK_FILE
+    lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": time.time()}))
+    assert not sweep.CellLock(tmp_path).acquire()  # alive as far as anyone here can tell
+    assert "taken over 10 min after its last heartbeat" in sweep._describe(json.loads(lock_file.read_text()))
+    old = time.time() - sweep.LOCK_TIMEOUT_S - 5
+    os.utime(lock_file, (old, old))
+    taker = sweep.CellLock(tmp_path)
+    assert taker.acquire()
+    # The new holder's heartbeat keeps its lock fresh for workers elsewhere.
+    monkeypatch.setattr(sweep, "HEARTBEAT_S", 0.05)
+    taker.release()
+    beating = sweep.CellLock(tmp_path)
+    assert beating.acquire()
+    os.utime(lock_file, (old, old))
+    time.sleep(0.3)
+    assert time.time() - lock_file.stat().st_mtime < 1.0
+    beating.release()
+    assert not lock_file.exists()

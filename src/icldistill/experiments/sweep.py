@@ -140,8 +140,16 @@ def _process_alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
-def _is_stale(holder: Mapping[str, Any]) -> bool:
-    """A lock is stale when its process, on this host, is gone; locks of other hosts are never judged."""
+# A live worker touches its lock every HEARTBEAT_S; another host's lock untouched for LOCK_TIMEOUT_S is a dead
+# worker's (its process cannot be asked from here), and is taken over.
+HEARTBEAT_S = 30.0
+LOCK_TIMEOUT_S = 600.0
+
+
+def _is_stale(holder: Mapping[str, Any], heartbeat_age_s: float | None = None) -> bool:
+    """A lock is stale when its process, on this host, is gone, or (any host) its heartbeat is too old."""
+    if heartbeat_age_s is not None and heartbeat_age_s > LOCK_TIMEOUT_S:
+        return True
     try:
         return holder.get("host") == _host() and not _process_alive(int(holder["pid"]), holder.get("start"))
     except (KeyError, TypeError, ValueError):
@@ -152,7 +160,8 @@ def _describe(holder: Mapping[str, Any] | None) -> str:
     if not holder:
         return "another worker"
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
-    return f"pid {holder.get('pid')} on {holder.get('host')} since {when}"
+    return (f"pid {holder.get('pid')} on {holder.get('host')} since {when}; if that worker is gone, its lock is "
+            f"taken over {LOCK_TIMEOUT_S / 60:.0f} min after its last heartbeat")
 
 
 class CellLock:
@@ -181,7 +190,7 @@ class CellLock:
                     if self._age(self.path) < self.STALE_TAKEOVER_S:
                         return False  # being written right now
                     holder = {}  # an empty lock file from a worker that died while creating it
-                elif not _is_stale(holder):
+                elif not _is_stale(holder, self._age(self.path)):
                     return False
                 if not self._break(holder):
                     return False
@@ -193,14 +202,31 @@ class CellLock:
                 handle.flush()
                 os.fsync(handle.fileno())
             self.held = True
+            self._start_heartbeat()
             return True
         return False
+
+    def _start_heartbeat(self) -> None:
+        """Touch the lock every HEARTBEAT_S while held, so workers on other hosts can tell it is alive."""
+        import threading
+
+        self._stop = threading.Event()
+
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    return
+
+        threading.Thread(target=beat, name=f"lock-heartbeat-{self.path.parent.name}", daemon=True).start()
 
     def holder(self) -> dict[str, Any] | None:
         return _read(self.path)
 
     def release(self) -> None:
         if self.held:
+            self._stop.set()
             holder = _read(self.path)
             if holder and holder.get("token") == self.token:
                 self.path.unlink(missing_ok=True)

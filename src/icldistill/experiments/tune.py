@@ -21,6 +21,7 @@ file's seeds, evaluates both once on the evaluation sets, and writes the tuning 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -28,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from icldistill.config import load_yaml, to_dict
 from icldistill.errors import IcldError
@@ -495,6 +496,25 @@ def is_study_dir(directory: str | Path) -> bool:
     return (Path(directory) / PLAN_FILE).is_file()
 
 
+@contextlib.contextmanager
+def _final_run_lock(directory: Path, poll_s: float = 2.0) -> Iterator[None]:
+    """Hold the final run's lock (``sweep.CellLock``); while another worker holds it, wait for it to finish.
+
+    The waiting worker then runs the same configuration with ``--resume``: its seeds are complete, so it
+    reads them back instead of training them again (and the identity check refuses a changed tuning file).
+    """
+    from icldistill.experiments.sweep import CellLock
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = CellLock(directory)
+    while not lock.acquire():
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def finish(plan: TuningPlan, *, storage: str | None = None, progress: bool = False) -> dict[str, dict[str, Any]]:
     """Re-train the best trial's parameters and the untuned defaults with all the plan's seeds; score each once
     on the evaluation sets. Returns ``{"best": record, "defaults": record}`` (each also in its directory)."""
@@ -506,7 +526,9 @@ def finish(plan: TuningPlan, *, storage: str | None = None, progress: bool = Fal
     records = {}
     for name, params in (("best", best_params), ("defaults", {})):
         config = plan.config(params, plan.output_dir / name, plan.seeds)
-        records[name] = run_trial_config(plan.method, config, on_evaluate=None, score_eval_sets=True, progress=progress)
+        with _final_run_lock(plan.output_dir / name):  # two workers finishing at once train each run once
+            records[name] = run_trial_config(plan.method, config, on_evaluate=None, score_eval_sets=True,
+                                             progress=progress)
     atomic_write_json(plan.output_dir / "final.json", {
         "best_trial": study.best_trial.number, "best_params": best_params, "best_dev_value": study.best_value,
         "objective": plan.settings.objective, "seeds": plan.seeds,

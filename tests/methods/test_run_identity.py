@@ -30,7 +30,8 @@ def test_resume_with_changed_options_is_refused_not_relabelled(tmp_path, data_di
     """Case 1: --resume with other epochs/lr used to print "seed 0 already complete" and relabel old numbers."""
     out = tmp_path / "r"
     first = run_pbft(_pbft(data_dir, tiny_dirs["student"], out, resume=True), progress=False)
-    with pytest.raises(ConfigError, match=r"holds a pbft run with other options \(epochs: 1 -> 2; lr: 0\.01 -> 0\.05\)"):
+    changed = r"holds a pbft run with other options \(epochs: 1 -> 2; lr: 0\.01 -> 0\.05\)"
+    with pytest.raises(ConfigError, match=changed):
         run_pbft(_pbft(data_dir, tiny_dirs["student"], out, resume=True, epochs=2, lr=5e-2), progress=False)
     assert _on_disk(out / "results.json")["config"]["lr"] == 0.01  # the refused run changed nothing
     again = run_pbft(_pbft(data_dir, tiny_dirs["student"], out, resume=True), progress=False)  # the same run resumes

@@ -13,10 +13,8 @@ from typing import Any, Iterator
 
 from icldistill.config import build_config
 from icldistill.methods.registry import get_method
-from icldistill.errors import IcldError
 from icldistill.runtime.records import environment
 from icldistill.runtime.rundir import RunDir, load_run
-
 
 
 def _leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:

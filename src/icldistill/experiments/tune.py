@@ -34,9 +34,9 @@ from typing import Any, Callable, Iterator, Mapping
 from icldistill.config import load_yaml, to_dict
 from icldistill.errors import IcldError
 from icldistill.experiments.grid import METHODS, ExperimentError, expand
+from icldistill.experiments.search import SearchSpace, parse_search_space
 from icldistill.methods.registry import METHODS as COMMANDS
 from icldistill.methods.registry import TRAINED
-from icldistill.experiments.search import SearchSpace, parse_search_space
 from icldistill.runtime.records import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)

@@ -9,13 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from icldistill.tasks import data as data_mod
 from icldistill.config import CommonOptions, to_dict
-from icldistill.tasks.data import Example, LoadedData
 from icldistill.errors import ConfigError
-from icldistill.scoring.metrics import aggregate_seeds, hans_ood_accuracy
-from icldistill.scoring.evalsets import evaluate_sets
 from icldistill.models.loading import LoadedModel
+from icldistill.runtime.paths import PREDICTIONS_FILE  # noqa: F401  (re-exported for the methods)
+from icldistill.runtime.records import environment
+from icldistill.runtime.rundir import RECORD_VERSION, PredictionRow, RunDir, probe_writable, run_identity
+from icldistill.scoring.evalsets import evaluate_sets
+from icldistill.scoring.metrics import aggregate_seeds, hans_ood_accuracy
+from icldistill.tasks import data as data_mod
+from icldistill.tasks.data import Example, LoadedData
 from icldistill.tasks.prompts import (
     Pattern,
     check_label_words_tokenize_apart,
@@ -23,9 +26,6 @@ from icldistill.tasks.prompts import (
     resolve_pattern,
     sample_demonstrations,
 )
-from icldistill.runtime.paths import PREDICTIONS_FILE  # noqa: F401  (re-exported for the methods)
-from icldistill.runtime.records import environment
-from icldistill.runtime.rundir import RECORD_VERSION, PredictionRow, RunDir, probe_writable, run_identity
 from icldistill.tasks.registry import DATA_SUFFIXES, DataSpec, Family, Task, family_of, get_eval_set, get_task
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,15 @@ import logging
 from typing import Any
 
 from icldistill.config import IclOptions
-from icldistill.methods.common import aggregate, claim_run, evaluate_on_sets, inference_record, model_record, prediction_rows, prepare
+from icldistill.methods.common import (
+    aggregate,
+    claim_run,
+    evaluate_on_sets,
+    inference_record,
+    model_record,
+    prediction_rows,
+    prepare,
+)
 from icldistill.models.loading import load_model
 from icldistill.runtime.records import measure
 from icldistill.scoring.evalsets import ContextTooLong

@@ -140,7 +140,8 @@ class RunRecord:
         """The seed's record as this run wrote it, located in its seed directory."""
         entry = self.seeds[str(seed)]
         where = self.directory / f"{SEED_DIR_PREFIX}{seed}" if self.directory is not None else None
-        return SeedRecord.from_dict({"seed": int(seed), "method": self.method, "identity": self.identity, **entry}, where)
+        return SeedRecord.from_dict({"seed": int(seed), "method": self.method, "identity": self.identity, **entry},
+                                    where)
 
     def finished_seeds(self) -> list[str]:
         """The seeds this run holds results for, in its order (never a seed directory left by another run)."""
@@ -235,7 +236,8 @@ class RunDir:
         try:
             return RunRecord.from_dict(read_json(self.results_path), self.path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IcldError(f"{self.results_path} cannot be read ({exc}); delete it or rerun with --overwrite.") from None
+            raise IcldError(f"{self.results_path} cannot be read ({exc}); delete it or rerun with "
+                            "--overwrite.") from None
 
     def read_seed(self, seed: int | str) -> SeedRecord | None:
         path = self.seed_result_path(seed)
@@ -253,8 +255,9 @@ class RunDir:
         if entry is None:
             return None
         if entry[0] not in (None, identity):
-            raise ConfigError(f"{self.seed_result_path(seed)} was written by another run (identity {entry[0]}, this "
-                              f"run is {identity}); rerun with --overwrite to replace it, or choose another --output-dir.")
+            raise ConfigError(f"{self.seed_result_path(seed)} was written by another run (identity {entry[0]}, "
+                              f"this run is {identity}); rerun with --overwrite to replace it, or choose another "
+                              "--output-dir.")
         return entry[1]
 
     # ------------------------------------------------------------------ claiming

@@ -54,8 +54,9 @@ def test_claim_refuses_another_run_unless_overwrite(tmp_path):
     with pytest.raises(ConfigError, match=r"lr: 0\.01 -> 0\.05.*--overwrite"):
         run.claim(_record(lr=0.05))
     assert run.seed_dir(1).is_dir()  # nothing deleted by a refusal
+    (run.path / "eval-hans-lo").mkdir()  # an evaluation of the run being replaced
     run.claim(_record(lr=0.05, seeds=(0,)), overwrite=True)
-    assert not run.seed_dir(1).exists()
+    assert not run.seed_dir(1).exists() and not (run.path / "eval-hans-lo").exists()
     claimed = run.read()
     assert claimed.status == "running" and claimed.planned_seeds == [0] and claimed.config["lr"] == 0.05
 

@@ -310,9 +310,10 @@ class RunDir:
                     if other_run and existing is not None else f"seeds of another run ({', '.join(other_seeds)})")
             raise ConfigError(f"{self.path} holds {what}. Choose another --output-dir, or rerun with --overwrite "
                               "to delete that run and start this one.")
-        for seed_dir in self.path.glob(f"{SEED_DIR_PREFIX}*"):
-            if seed_dir.is_dir():
-                shutil.rmtree(seed_dir)
+        # The replaced run's seeds, and its later evaluations (``icld eval`` writes RUN/eval-SETS beside them).
+        for child in [*self.path.glob(f"{SEED_DIR_PREFIX}*"), *self.path.glob("eval-*")]:
+            if child.is_dir():
+                shutil.rmtree(child)
         self.results_path.unlink(missing_ok=True)
         self.predictions_path.unlink(missing_ok=True)
 

@@ -109,3 +109,20 @@ def test_a_dead_workers_lock_on_another_host_is_taken_over_after_its_heartbeat_s
     assert time.time() - lock_file.stat().st_mtime < 1.0
     beating.release()
     assert not lock_file.exists()
+
+
+def test_an_unwritable_sweep_or_cache_directory_fails_before_any_cell(tmp_path, tiny_dirs, data_dir):
+    """Issue 21 case 13: output and cache directories are probed before any expensive work."""
+    from icldistill.errors import IcldError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+
+    def runner(cell, progress):
+        raise AssertionError("a cell ran")
+
+    with pytest.raises(IcldError, match="--output-dir"):
+        run_sweep(expand(_spec(tiny_dirs, data_dir), source="a.yaml", output_dir=blocker / "sweep"), runner=runner)
+    spec = _spec(tiny_dirs, data_dir, cache_dir=str(blocker / "cache"))
+    with pytest.raises(IcldError, match="cache_dir"):
+        run_sweep(expand(spec, source="a.yaml", output_dir=tmp_path / "sweep"), runner=runner)

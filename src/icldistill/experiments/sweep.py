@@ -30,6 +30,7 @@ from icldistill.runtime.rundir import (
     RunRecord,
     config_changes,
     identity_of,
+    probe_writable,
 )
 
 logger = logging.getLogger(__name__)
@@ -330,7 +331,9 @@ def run_sweep(
     before anything runs: completed runs are never re-run, and never silently mixed with new ones.
     """
     emit = on_event or (lambda event: None)
-    experiment.output_dir.mkdir(parents=True, exist_ok=True)
+    probe_writable(experiment.output_dir, "--output-dir")  # before any cell: one line, not a cell's traceback
+    for cache in sorted({c.config.cache_dir for c in experiment.cells if getattr(c.config, "cache_dir", None)}):
+        probe_writable(cache, "cache_dir")
     changed = _changed_cells(experiment)
     if changed:
         listed = "\n".join(f"  - {c}" for c in changed[:5]) + (f"\n  - ... and {len(changed) - 5} more" if len(changed) > 5 else "")

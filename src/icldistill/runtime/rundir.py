@@ -250,10 +250,18 @@ class RunDir:
 
     def finished_seed(self, seed: int, identity: str) -> dict[str, Any] | None:
         """A resumed seed's record when this run (same identity) completed it; rank 0 reads for all ranks."""
-        found = self.read_seed(seed) if distributed.is_main() else None
-        entry = distributed.broadcast(None if found is None else (found.identity, found.to_dict()))
+        entry: Any = None
+        if distributed.is_main():
+            try:
+                found = self.read_seed(seed)
+                entry = None if found is None else (found.identity, found.to_dict())
+            except IcldError as exc:
+                entry = ("error", str(exc))
+        entry = distributed.broadcast(entry)  # every rank skips the seed, trains it, or raises alike
         if entry is None:
             return None
+        if entry[0] == "error":
+            raise IcldError(entry[1])
         if entry[0] not in (None, identity):
             raise ConfigError(f"{self.seed_result_path(seed)} was written by another run (identity {entry[0]}, "
                               f"this run is {identity}); rerun with --overwrite to replace it, or choose another "
@@ -274,10 +282,16 @@ class RunDir:
         if duplicated:
             raise ConfigError(f"--seeds {','.join(map(str, seeds))} names seed {duplicated[0]} more than once; "
                               "give each seed once.")
-        if distributed.is_main():
-            probe_writable(self.path, "--output-dir")
-            self._check_or_clear(record["method"], record["config"], record["identity"], overwrite)
-        distributed.barrier()
+        problem = None
+        if distributed.is_main():  # rank 0 looks (and clears); every rank raises the same error, none waits
+            try:
+                probe_writable(self.path, "--output-dir")
+                self._check_or_clear(record["method"], record["config"], record["identity"], overwrite)
+            except IcldError as exc:
+                problem = (isinstance(exc, ConfigError), str(exc))
+        problem = distributed.broadcast(problem)
+        if problem is not None:
+            raise (ConfigError if problem[0] else IcldError)(problem[1])
         self.write({**record, "status": "running", "seeds": {}})
 
     def held_seeds(self, record: RunRecord) -> list[SeedRecord]:

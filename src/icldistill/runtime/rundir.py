@@ -320,7 +320,8 @@ class RunDir:
         if not other_run and not other_seeds:
             return
         if not overwrite:
-            what = (f"a {existing.method} run with other options ({config_changes(existing.config, config)})"
+            article = "an" if existing is not None and existing.method[:1] in "aeiou" else "a"
+            what = (f"{article} {existing.method} run with other options ({config_changes(existing.config, config)})"
                     if other_run and existing is not None else f"seeds of another run ({', '.join(other_seeds)})")
             raise ConfigError(f"{self.path} holds {what}. Choose another --output-dir, or rerun with --overwrite "
                               "to delete that run and start this one.")

@@ -19,12 +19,9 @@ from typing import Any
 
 from icldistill.config import (
     CompareOptions,
-    DistillOptions,
     EvalOptions,
     ExportOptions,
-    IclOptions,
     ModelsOptions,
-    PbftOptions,
     PredictOptions,
     ReportOptions,
     ReproduceOptions,
@@ -39,6 +36,7 @@ from icldistill.config import (
     load_yaml,
 )
 from icldistill.errors import IcldError
+from icldistill.methods.registry import METHODS
 from icldistill.report.console import MISSING, duration, fmt, format_table, run_summary, short
 from icldistill.runtime import distributed
 
@@ -109,14 +107,10 @@ def _print_run(record: dict[str, Any], out: str) -> None:
 
 
 def _run_method(args: argparse.Namespace) -> int:
-    """Run one of the single-run commands (icl, pbft, distill) and print its table."""
-    from icldistill.methods.distill import run_distill
-    from icldistill.methods.icl import run_icl
-    from icldistill.methods.pbft import run_pbft
-
-    runner = {"icl": run_icl, "pbft": run_pbft, "distill": run_distill}[args.command]
-    config = _config_from_args(COMMANDS[args.command][1], args)
-    record = runner(config, progress=not args.quiet)
+    """Run one of the registered methods (``methods.registry``: icl, pbft, distill) and print its table."""
+    method = METHODS[args.command]
+    config = _config_from_args(method.options, args)
+    record = method(config, progress=not args.quiet)
     _print_run(record, config.output_dir)
     return 0 if record["status"] == "complete" else 1
 
@@ -325,6 +319,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     if is_study_dir(o.directory):
         return _print_trials(o.directory)
     runs = collect(o.directory)
+    for note in runs.attrs.get("notes", []):
+        print(f"note: {note}")
     if o.csv:
         runs.to_csv(o.csv, index=False)
         print(f"per-run table ({len(runs)} rows): {o.csv}")
@@ -459,9 +455,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]] = {
-    "icl": (_run_method, IclOptions, "Evaluate in-context learning (k demonstrations + query)."),
-    "pbft": (_run_method, PbftOptions, "Pattern-based fine-tuning on the k support examples."),
-    "distill": (_run_method, DistillOptions, "Context distillation: teacher with demonstrations -> student without."),
+    **{name: (_run_method, m.options, m.help) for name, m in METHODS.items()},
     "predict": (cmd_predict, PredictOptions, "Answer a file of unlabelled rows with a trained student, an export or any model."),
     "eval": (cmd_eval, EvalOptions, "Evaluate a trained run, an export, any model or a sweep's trained cells on evaluation sets."),
 }

@@ -102,6 +102,7 @@ class CommonOptions:
     cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE "
                                          "or ~/.cache/icldistill).")
     output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
+    overwrite: bool = option(False, "Replace another run found in output_dir (its results, seeds and checkpoints are deleted) instead of refusing.")
     label_score: str = option(
         "sum", "A class's score from its label word's tokens: sum (the word's log-probability, as lm-eval's "
         "multiple choice) or mean (length-normalised). One-token words score the same either way.",

@@ -260,3 +260,39 @@ def test_trials_table_shows_no_value_for_a_trial_that_did_not_finish(tmp_path, o
     complete = [r["trial"] for r in rows if r["state"] == "complete"]
     assert complete == ([1, 0] if direction == "maximize" else [0, 1])  # best first
     assert [r["state"] for r in rows][:3] == ["complete", "complete", "pruned"]
+
+
+def test_a_second_finish_waits_for_the_first_and_trains_nothing(tiny_study, monkeypatch):
+    """Issue 21 case 10: two workers both re-trained best/defaults; one died on the other's files."""
+    import threading
+
+    import icldistill.methods.finetune as finetune
+    from icldistill.experiments.sweep import CellLock
+
+    plan, _ = tiny_study
+    first = finish(plan)
+    holder = CellLock(plan.output_dir / "best")  # a worker still finishing
+    assert holder.acquire()
+    threading.Timer(0.5, holder.release).start()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished final run was trained again")
+
+    monkeypatch.setattr(finetune, "fit", no_training)
+    second = finish(plan)  # waits for the lock, then reads the complete seeds back
+    for name in ("best", "defaults"):
+        assert second[name]["aggregate"] == first[name]["aggregate"]
+        assert second[name]["identity"] == first[name]["identity"]
+
+
+def test_finish_only_after_the_tuning_file_changed_is_refused(tiny_study):
+    """Issue 21 case 1 (tune): --finish-only after an edit recorded 8 epochs over a 4-epoch run."""
+    import dataclasses
+
+    from icldistill.errors import ConfigError
+
+    plan, _ = tiny_study
+    finish(plan)
+    edited = dataclasses.replace(plan, base={**plan.base, "epochs": plan.base["epochs"] + 3})
+    with pytest.raises(ConfigError, match="epochs.*--overwrite"):
+        finish(edited)

@@ -20,6 +20,7 @@ import numpy as np
 from icldistill.config import DEFAULT_RESAMPLES  # the option's default, defined once (icld compare --resamples)
 from icldistill.errors import IcldError
 from icldistill.runtime.paths import PREDICTIONS_FILE
+from icldistill.runtime.rundir import RunDir
 
 OOD_HEURISTIC = "lexical_overlap"
 
@@ -108,6 +109,14 @@ class Predictions:
         return sorted(seed for seed, name in self.rows if name == eval_set)
 
 
+def _held_seeds(path: Path) -> set[int] | None:
+    """The seeds a run directory's record holds (None for a bare file or a directory without a record)."""
+    if not path.is_dir():
+        return None
+    record = RunDir(path).read()
+    return None if record is None else {int(s) for s in record.seeds}
+
+
 def read_predictions(paths: Iterable[str | Path], source: str | None = None) -> Predictions:
     """The rows of one or more ``predictions.jsonl`` files (a run directory or the file itself) as one run.
 
@@ -118,6 +127,7 @@ def read_predictions(paths: Iterable[str | Path], source: str | None = None) -> 
     out = Predictions(source or ", ".join(str(p) for p in paths))
     for path in paths:
         file = path / PREDICTIONS_FILE if path.is_dir() else path
+        held = _held_seeds(path)
         if not file.is_file():
             raise IcldError(f"{file} does not exist: {path} is not a run with per-query predictions "
                             "(icld icl, pbft, distill and eval write predictions.jsonl; re-run older runs).")
@@ -131,6 +141,8 @@ def read_predictions(paths: Iterable[str | Path], source: str | None = None) -> 
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise IcldError(f"{file}:{lineno}: not a prediction row ({exc}); each row needs seed, eval, id, "
                                 "gold and pred.") from None
+            if held is not None and key[0] not in held:
+                continue  # a seed the run's record does not hold (left by another run in the directory)
             per_set = out.rows.setdefault(key, {})
             if qid in per_set:
                 raise IcldError(f"{file}:{lineno}: query {qid!r} of {key[1]} seed {key[0]} appears twice.")

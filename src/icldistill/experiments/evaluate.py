@@ -15,15 +15,14 @@ from typing import Any, Iterator
 
 from icldistill.config import EvalOptions
 from icldistill.errors import ConfigError
-from icldistill.experiments.grid import CELLS_DIR
-from icldistill.experiments.sweep import CELL_FILE, RESULTS_FILE, SWEEP_FILE, _read
-from icldistill.runtime.paths import PREDICTIONS_FILE
-from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl
+from icldistill.experiments.grid import CELLS_DIR, METHODS
+from icldistill.experiments.sweep import CELL_FILE, SWEEP_FILE, _read, read_cell_record
+from icldistill.runtime.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
 EVAL_PREFIX = "eval-"
-TRAINED_METHODS = ("pbft", "pbft-teacher", "distill")
+TRAINED_METHODS = tuple(name for name, method in METHODS.items() if method.trains)
 
 
 def is_sweep(path: str | Path) -> bool:
@@ -38,9 +37,9 @@ def eval_dir(cell_dir: Path, eval_set: str) -> Path:
 def extra_evaluations(cell_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(set name, finished eval record) of every ``eval-<set>`` record of a cell, in name order."""
     for directory in sorted(cell_dir.glob(f"{EVAL_PREFIX}*")):
-        record = _read(directory / RESULTS_FILE)
-        if record and record.get("status") == "complete":
-            yield directory.name[len(EVAL_PREFIX):], record
+        record = read_cell_record(directory)
+        if record is not None and record.status == "complete":
+            yield directory.name[len(EVAL_PREFIX):], record.to_dict()
 
 
 def _fits(eval_set: str, task: str | None) -> bool:
@@ -64,8 +63,8 @@ def evaluate_sweep(sweep_dir: str | Path, config: EvalOptions, *, progress: bool
     root = Path(sweep_dir).expanduser() / CELLS_DIR
     done = []
     for directory in sorted(p for p in root.iterdir() if p.is_dir()):
-        cell, record = _read(directory / CELL_FILE), _read(directory / RESULTS_FILE)
-        if not cell or cell.get("method") not in TRAINED_METHODS or not record or record.get("status") != "complete":
+        cell, record = _read(directory / CELL_FILE), read_cell_record(directory)
+        if not cell or cell.get("method") not in TRAINED_METHODS or record is None or record.status != "complete":
             continue
         have = set(cell["config"].get("eval") or []) | {name for name, _ in extra_evaluations(directory)}
         todo = [name for name in config.eval if name not in have and _fits(name, cell["config"].get("task"))]
@@ -77,7 +76,8 @@ def evaluate_sweep(sweep_dir: str | Path, config: EvalOptions, *, progress: bool
         predictions = result.pop("predictions")
         for name in todo:
             part, rows = split_by_eval(result, predictions, name)
-            atomic_write_jsonl(eval_dir(directory, name) / PREDICTIONS_FILE, rows)
-            atomic_write_json(eval_dir(directory, name) / RESULTS_FILE, part)
+            writer = RunDir(eval_dir(directory, name))
+            writer.write_predictions(rows)
+            writer.write(part)
         done.append({"cell": directory.name, "evaluated": todo, "skipped": [n for n in config.eval if n in have]})
     return done

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_config, load_yaml, parse_value, to_dict, validate
+from icldistill.config import DistillOptions, build_config, load_yaml, parse_value, to_dict, validate
 from icldistill.errors import ConfigError, IcldError
+from icldistill.methods.registry import METHODS as COMMANDS
+from icldistill.methods.registry import MethodSpec
 
 CELLS_DIR = "cells"
 
@@ -30,17 +32,24 @@ CELLS_DIR = "cells"
 
 @dataclass(frozen=True)
 class Method:
-    """One kind of cell: which options class it builds and which of the teacher/student it uses."""
+    """One kind of cell: a registered method (``methods.registry``) run on the teacher's or student's model."""
 
     name: str
-    options: type
     models: tuple[str, ...]  # "teacher" and/or "student", in the order the cell id shows them
     model_option: str | None  # the options field that receives the (single) model, None for distill
-    command: str  # the single command that does the same run
+    command: str  # the registered method (and single command) that does the same run
+
+    @property
+    def spec(self) -> MethodSpec:
+        return COMMANDS[self.command]
+
+    @property
+    def options(self) -> type:
+        return self.spec.options
 
     @property
     def trains(self) -> bool:
-        return self.options is not IclOptions
+        return self.spec.trains
 
     def keys(self) -> frozenset[str]:
         """Experiment keys that matter to this method (the rest are dropped from its cells)."""
@@ -49,15 +58,15 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "icl-teacher": Method("icl-teacher", IclOptions, ("teacher",), "model", "icl"),
-    "icl-student": Method("icl-student", IclOptions, ("student",), "model", "icl"),
-    "pbft": Method("pbft", PbftOptions, ("student",), "model", "pbft"),
+    "icl-teacher": Method("icl-teacher", ("teacher",), "model", "icl"),
+    "icl-student": Method("icl-student", ("student",), "model", "icl"),
+    "pbft": Method("pbft", ("student",), "model", "pbft"),
     # PBFT of the teacher's model: the baseline the paper's "less memory than PBFT" is about (issue 12).
-    "pbft-teacher": Method("pbft-teacher", PbftOptions, ("teacher",), "model", "pbft"),
-    "distill": Method("distill", DistillOptions, ("teacher", "student"), None, "distill"),
+    "pbft-teacher": Method("pbft-teacher", ("teacher",), "model", "pbft"),
+    "distill": Method("distill", ("teacher", "student"), None, "distill"),
 }
 
-_OPTION_CLASSES = (IclOptions, PbftOptions, DistillOptions)
+_OPTION_CLASSES = tuple(spec.options for spec in COMMANDS.values())
 _OPTION_FIELDS: dict[str, type] = {}
 for _cls in _OPTION_CLASSES:
     for _f in dataclasses.fields(_cls):
@@ -136,8 +145,33 @@ def expand(spec: Mapping[str, Any], *, source: str = "experiment", default_name:
     ``output_dir`` overrides the file's; without either the sweep goes to ``runs/<name>``.
     """
     problems: list[str] = []
-    notes: list[str] = []
-    spec = dict(spec)
+    base = _top_keys(spec, problems)
+    name = str(base.pop("name", None) or default_name)
+    sweep_dir = Path(output_dir or base.pop("output_dir", None) or Path("runs") / name).expanduser().resolve()
+    base.pop("output_dir", None)
+    grid = _merge_grid(base, _read_grid(base.pop("grid", None), problems), problems)
+    parsed_base = {key: _parse(key, value, "", problems) for key, value in base.items()}
+    parsed_grid = {key: [_parse(key, v, f"grid '{key}': ", problems) for v in values] for key, values in grid.items()}
+    _check_grid_values(parsed_grid, problems)
+    if problems:
+        raise ExperimentError(source, problems)
+    parsed_grid.setdefault("seed", [0])
+    notes = _unused_keys(parsed_base, parsed_grid)
+    cells, errors = _cells(parsed_base, parsed_grid, source)
+    _disambiguate(cells)
+    for cell in cells:
+        cell.config.output_dir = str(sweep_dir / CELLS_DIR / cell.id)
+    for message, ids in errors.items():
+        more = f" and {len(ids) - 1} more" if len(ids) > 1 else ""
+        problems.append(f"{message.removeprefix(source + ': ')} (cell {ids[0]}{more})")
+    problems += _check_tasks(cells)
+    if problems:
+        raise ExperimentError(source, problems)
+    return Experiment(name, source, sweep_dir, dict(spec), cells, notes)
+
+
+def _top_keys(spec: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The file's top-level keys (dashes read as underscores); unknown, misplaced or doubled keys are problems."""
     base: dict[str, Any] = {}
     for raw_key, value in spec.items():
         key = str(raw_key).replace("-", "_")
@@ -149,13 +183,11 @@ def expand(spec: Mapping[str, Any], *, source: str = "experiment", default_name:
             problems.append(f"key '{key}' is given twice (as '{raw_key}' and another spelling).")
         else:
             base[key] = value
+    return base
 
-    name = str(base.pop("name", None) or default_name)
-    sweep_dir = Path(output_dir or base.pop("output_dir", None) or Path("runs") / name).expanduser().resolve()
-    base.pop("output_dir", None)
-    grid = _read_grid(base.pop("grid", None), problems)
 
-    # `method` and `seeds` at top level are one-line grids.
+def _merge_grid(base: dict[str, Any], grid: dict[str, list[Any]], problems: list[str]) -> dict[str, list[Any]]:
+    """``method`` and ``seeds`` at top level are one-line grids; a key both at top level and in grid is a problem."""
     for top, grid_key in (("method", "method"), ("seeds", "seed")):
         if top in base:
             value = base.pop(top)
@@ -169,9 +201,10 @@ def expand(spec: Mapping[str, Any], *, source: str = "experiment", default_name:
             base.pop(key)
     if "method" not in grid and not problems:
         problems.append(f"no method: add e.g. 'grid: {{method: [{', '.join(METHODS)}]}}' (or 'method: distill').")
+    return grid
 
-    parsed_base = {key: _parse(key, value, "", problems) for key, value in base.items()}
-    parsed_grid = {key: [_parse(key, v, f"grid '{key}': ", problems) for v in values] for key, values in grid.items()}
+
+def _check_grid_values(parsed_grid: Mapping[str, list[Any]], problems: list[str]) -> None:
     for key, values in parsed_grid.items():
         if key == "method":
             for m in values:
@@ -183,59 +216,63 @@ def expand(spec: Mapping[str, Any], *, source: str = "experiment", default_name:
             if v in seen:
                 problems.append(f"grid '{key}' lists {v!r} twice.")
             seen.append(v)
-    if problems:
-        raise ExperimentError(source, problems)
 
-    parsed_grid.setdefault("seed", [0])
-    keys = [k for k in parsed_grid if k != "seed"] + ["seed"]  # seed varies fastest
+
+def _grid_keys(parsed_grid: Mapping[str, list[Any]]) -> list[str]:
+    return [k for k in parsed_grid if k != "seed"] + ["seed"]  # seed varies fastest
+
+
+def _unused_keys(parsed_base: Mapping[str, Any], parsed_grid: Mapping[str, list[Any]]) -> list[str]:
+    """Notes for keys that none of the experiment's methods uses."""
     methods_used = set(parsed_grid["method"])
-    for key in list(parsed_base) + keys:
-        if key not in ("method", "seed") and not any(key in METHODS[m].keys() for m in methods_used):
-            notes.append(f"'{key}' applies to none of the methods {', '.join(sorted(methods_used))}; it is ignored.")
+    return [f"'{key}' applies to none of the methods {', '.join(sorted(methods_used))}; it is ignored."
+            for key in list(parsed_base) + _grid_keys(parsed_grid)
+            if key not in ("method", "seed") and not any(key in METHODS[m].keys() for m in methods_used)]
 
+
+def _cells(parsed_base: Mapping[str, Any], parsed_grid: Mapping[str, list[Any]], source: str
+           ) -> tuple[list[Cell], dict[str, list[str]]]:
+    """One cell per grid point, skipping points that differ only in keys their method does not use; the
+    config errors found, each with the cells it concerns."""
+    keys = _grid_keys(parsed_grid)
     cells: list[Cell] = []
     seen_cells: set[str] = set()
     errors: dict[str, list[str]] = {}
     for combo in itertools.product(*(parsed_grid[k] for k in keys)):
         point = dict(zip(keys, combo))
         method = METHODS[point["method"]]
-        relevant = method.keys()
-        grid_values = {k: v for k, v in point.items() if k in relevant or k in ("method", "seed")}
+        grid_values = {k: v for k, v in point.items() if k in method.keys() or k in ("method", "seed")}
         fingerprint = json.dumps([method.name, sorted(grid_values.items())], default=str)
         if fingerprint in seen_cells:  # differs from an earlier cell only in keys this method does not use
             continue
         seen_cells.add(fingerprint)
-        values = {k: v for k, v in parsed_base.items() if k in relevant}
-        values.update({k: v for k, v in grid_values.items() if k not in ("method", "seed")})
-        values["seeds"] = [point["seed"]]
-        models = {m: values.get(m, _DEFAULT_MODELS[m]) for m in method.models}
-        if method.model_option:
-            values.pop(method.models[0], None)
-            values[method.model_option] = models[method.models[0]]
-        shots = values.get("shots", method.options.shots)
-        params = {**models, "shots": shots,
-                  **{k: v for k, v in grid_values.items() if k not in ("method", "seed", *method.models, "shots")},
-                  "seed": point["seed"]}
-        cell_id = _cell_id(method.name, params)
-        if method.trains:
-            values["resume"] = True
-        cell = Cell(cell_id, method.name, params, None)
+        cell = _cell(method, parsed_base, grid_values, point["seed"])
         try:
-            cell.config = _make_config(method.options, {**values, "output_dir": "."}, source)
+            cell.config = _make_config(method.options, {**cell.config, "output_dir": "."}, source)
         except ConfigError as exc:
-            errors.setdefault(str(exc), []).append(cell_id)
+            errors.setdefault(str(exc), []).append(cell.id)
             continue
         cells.append(cell)
-    _disambiguate(cells)
-    for cell in cells:
-        cell.config.output_dir = str(sweep_dir / CELLS_DIR / cell.id)
-    for message, ids in errors.items():
-        more = f" and {len(ids) - 1} more" if len(ids) > 1 else ""
-        problems.append(f"{message.removeprefix(source + ': ')} (cell {ids[0]}{more})")
-    problems += _check_tasks(cells)
-    if problems:
-        raise ExperimentError(source, problems)
-    return Experiment(name, source, sweep_dir, dict(spec), cells, notes)
+    return cells, errors
+
+
+def _cell(method: Method, parsed_base: Mapping[str, Any], grid_values: Mapping[str, Any], seed: Any) -> Cell:
+    """A grid point's cell, its config still the option values (``_cells`` turns them into the options class)."""
+    relevant = method.keys()
+    values = {k: v for k, v in parsed_base.items() if k in relevant}
+    values.update({k: v for k, v in grid_values.items() if k not in ("method", "seed")})
+    values["seeds"] = [seed]
+    models = {m: values.get(m, _DEFAULT_MODELS[m]) for m in method.models}
+    if method.model_option:
+        values.pop(method.models[0], None)
+        values[method.model_option] = models[method.models[0]]
+    shots = values.get("shots", method.options.shots)
+    params = {**models, "shots": shots,
+              **{k: v for k, v in grid_values.items() if k not in ("method", "seed", *method.models, "shots")},
+              "seed": seed}
+    if method.trains:
+        values["resume"] = True
+    return Cell(_cell_id(method.name, params), method.name, params, values)
 
 
 def _make_config(cls: type, values: Mapping[str, Any], source: str) -> Any:
@@ -404,9 +441,9 @@ def validate_file(path: str | Path) -> Validation:
         return Validation(str(path), "experiment", [], experiment.notes,
                           f"{len(experiment.cells)} cells ({methods}) -> {experiment.output_dir}")
     fits, problems = [], []
-    for command, cls in (("icl", IclOptions), ("pbft", PbftOptions), ("distill", DistillOptions)):
+    for command, method in COMMANDS.items():
         try:
-            build_config(cls, spec, source=str(path))
+            build_config(method.options, spec, source=str(path))
             fits.append(command)
         except ConfigError as exc:
             problems.append(f"as `icld {command} --config`: {str(exc).removeprefix(str(path) + ': ')}")

@@ -11,11 +11,10 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_config
-from icldistill.errors import IcldError
-from icldistill.runtime.records import environment, read_json
-
-METHODS = {"icl": IclOptions, "pbft": PbftOptions, "distill": DistillOptions}
+from icldistill.config import build_config
+from icldistill.methods.registry import get_method
+from icldistill.runtime.records import environment
+from icldistill.runtime.rundir import RunDir, load_run
 
 
 def _leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -43,25 +42,16 @@ def compare_metrics(a: dict[str, Any], b: dict[str, Any], tolerance: float = 0.0
 def reproduce(run_dir: str | Path, output_dir: str | Path | None = None, *, tolerance: float = 0.0,
               progress: bool = True) -> dict[str, Any]:
     """Re-run the run recorded in ``run_dir/results.json`` into ``output_dir`` and compare the metrics."""
-    path = Path(run_dir) / "results.json"
-    if not path.exists():
-        raise IcldError(f"{path} does not exist: point `icld reproduce` at a run's output directory.")
-    record = read_json(path)
-    method = record.get("method")
-    if method not in METHODS:
-        raise IcldError(f"{path}: unknown method {method!r}; expected one of {', '.join(METHODS)}.")
-    values = dict(record["config"])
+    run = load_run(run_dir)
+    path = RunDir(run_dir).results_path
+    spec = get_method(run.method, where=str(path))
+    method, record = run.method, run.to_dict()
+    values = dict(run.config)
     values["output_dir"] = str(output_dir or Path(run_dir) / "reproduced")
     if "resume" in values:
         values["resume"] = False
-    config = build_config(METHODS[method], values, source=str(path))
-    if method == "icl":
-        from icldistill.methods.icl import run_icl as run
-    elif method == "pbft":
-        from icldistill.methods.pbft import run_pbft as run
-    else:
-        from icldistill.methods.distill import run_distill as run
-    again = run(config, progress=progress)
+    config = build_config(spec.options, values, source=str(path))
+    again = spec(config, progress=progress)
     differences = []
     for seed, entry in record.get("seeds", {}).items():
         other = again.get("seeds", {}).get(seed, {})

@@ -11,7 +11,8 @@ from typing import Any, Iterator, Mapping
 
 from icldistill.errors import IcldError
 from icldistill.experiments.grid import CELLS_DIR
-from icldistill.experiments.sweep import CELL_FILE, FINISHED, RESULTS_FILE, SWEEP_FILE, _read, cell_status
+from icldistill.experiments.sweep import CELL_FILE, SWEEP_FILE, _read, cell_status
+from icldistill.runtime.rundir import FINISHED, RunDir, run_identity
 
 COLUMNS = [
     "cell", "method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval",
@@ -34,17 +35,48 @@ SUBCASE_COLUMNS = ["cell", "method", "model", "shots", "seed", "alpha", "eval", 
 CONFUSION_COLUMNS = ["cell", "method", "model", "shots", "seed", "alpha", "eval", "gold", "predicted", "count"]
 
 
-def _cells_on_disk(sweep_dir: Path) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any] | None]]:
-    """(directory, cell.json, results.json or None) of every cell a worker has started, in the sweep's order."""
+# Statuses of runs that cannot count: failed, or whose record is unreadable, broken or another experiment's.
+PROBLEM_STATUSES = ("failed", "unreadable", "broken", "other-experiment")
+
+
+def _expected_identities(sweep_dir: Path) -> dict[str, str]:
+    """cell id -> the run identity the sweep's experiment (sweep.json) gives that cell."""
+    cells = (_read(Path(sweep_dir) / SWEEP_FILE) or {}).get("cells", [])
+    return {c["id"]: run_identity(c["command"], c["config"]) for c in cells
+            if isinstance(c, Mapping) and "command" in c and isinstance(c.get("config"), Mapping)}
+
+
+def _cells_on_disk(sweep_dir: Path, notes: list[str] | None = None
+                   ) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any] | None, str | None]]:
+    """(directory, cell.json, results.json as a migrated dict or None, problem status or None) of every cell a
+    worker has started, in the sweep's order. A record that cannot be read, or that another experiment wrote
+    (its identity is not the one sweep.json gives the cell), comes with its problem, and a line in ``notes``."""
     root = Path(sweep_dir) / CELLS_DIR
     if not root.is_dir():
         raise IcldError(f"{sweep_dir} is not a sweep directory (it has no {CELLS_DIR}/); run `icld sweep` first.")
+    notes = [] if notes is None else notes
     order = {c.get("id"): i for i, c in enumerate((_read(Path(sweep_dir) / SWEEP_FILE) or {}).get("cells", []))}
+    expected = _expected_identities(Path(sweep_dir))
     directories = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (order.get(p.name, len(order)), p.name))
     for directory in directories:
         cell = _read(directory / CELL_FILE)
-        if cell:
-            yield directory, cell, _read(directory / RESULTS_FILE)
+        if not cell:
+            if (directory / CELL_FILE).exists():
+                notes.append(f"{directory / CELL_FILE} cannot be read; that cell is left out.")
+            continue
+        try:
+            record = RunDir(directory).read()
+        except IcldError as exc:
+            notes.append(f"{exc} That cell counts as unreadable.")
+            yield directory, cell, None, "unreadable"
+            continue
+        if (record is not None and record.identity is not None and cell["id"] in expected
+                and record.identity != expected[cell["id"]]):
+            notes.append(f"{directory} holds a run of another experiment than {SWEEP_FILE}'s (identity "
+                         f"{record.identity}, expected {expected[cell['id']]}); it is left out of the statistics.")
+            yield directory, cell, record.to_dict(), "other-experiment"
+            continue
+        yield directory, cell, None if record is None else record.to_dict(), None
 
 
 def _number(value: Any) -> float:
@@ -144,25 +176,40 @@ def collect(sweep_dir: str | Path):
     """
     import pandas as pd
 
-    rows = []
-    for directory, cell, record in _cells_on_disk(Path(sweep_dir)):
-        described = _describe_cell(cell, record)
-        seed = str(described["seed"])
-        entry = _get(record, "seeds", seed) or {}
-        finished = record is not None and record.get("status") in FINISHED
-        status = (record.get("status") if finished else cell_status(directory))
-        if finished and "skipped" in entry:
-            status = "skipped"
-        metrics_by_set = (entry.get("eval") or {}) if finished else {}
-        resources = _resources(cell["method"], record, entry) if finished else dict.fromkeys(RESOURCE_COLUMNS, math.nan)
-        for name in cell["config"]["eval"] or _default_eval(cell["config"].get("task"), metrics_by_set):
-            metrics = metrics_by_set.get(name) or {}
-            rows.append({**described, "eval": name, **{m: _number(metrics.get(m)) for m in METRIC_COLUMNS},
-                         **resources, "ood_metric": metrics.get("ood_metric"), "status": status})
-        if finished:  # sets evaluated later with `icld eval SWEEP --eval SET` (experiments/evaluate.py)
-            rows += _later_evaluations(directory, described, resources, cell["config"]["eval"], seed)
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for directory, cell, record, problem in _cells_on_disk(Path(sweep_dir), notes):
+        rows += _cell_rows(directory, cell, record, problem, notes)
     frame = _none_for_missing(pd.DataFrame(rows, columns=COLUMNS))
-    return frame.astype({"shots": "int64", "seed": "int64"}) if len(frame) else frame
+    frame = frame.astype({"shots": "int64", "seed": "int64"}) if len(frame) else frame
+    frame.attrs["notes"] = notes  # what was left out and why (``icld results`` prints them)
+    return frame
+
+
+def _cell_rows(directory: Path, cell: Mapping[str, Any], record: Mapping[str, Any] | None, problem: str | None,
+               notes: list[str]) -> list[dict[str, Any]]:
+    """A cell's rows: one per evaluation set; a finished set without a numeric accuracy is ``broken``."""
+    described = _describe_cell(cell, record)
+    seed = str(described["seed"])
+    entry = _get(record, "seeds", seed) or {}
+    finished = problem is None and record is not None and record.get("status") in FINISHED
+    status = problem or (record.get("status") if finished else cell_status(directory))
+    if finished and "skipped" in entry:
+        status = "skipped"
+    metrics_by_set = (entry.get("eval") or {}) if finished else {}
+    resources = _resources(cell["method"], record, entry) if finished else dict.fromkeys(RESOURCE_COLUMNS, math.nan)
+    rows = []
+    for name in cell["config"]["eval"] or _default_eval(cell["config"].get("task"), metrics_by_set):
+        metrics = metrics_by_set.get(name) or {}
+        row_status = status
+        if status == "complete" and math.isnan(_number(metrics.get("accuracy"))):
+            row_status = "broken"
+            notes.append(f"{directory}: seed {seed} has no numeric accuracy on {name}; it does not count.")
+        rows.append({**described, "eval": name, **{m: _number(metrics.get(m)) for m in METRIC_COLUMNS},
+                     **resources, "ood_metric": metrics.get("ood_metric"), "status": row_status})
+    if finished:  # sets evaluated later with `icld eval SWEEP --eval SET` (experiments/evaluate.py)
+        rows += _later_evaluations(directory, described, resources, cell["config"]["eval"], seed)
+    return rows
 
 
 def _later_evaluations(directory: Path, described: dict[str, Any], resources: dict[str, float],
@@ -196,8 +243,8 @@ def _none_for_missing(frame):
 
 def _finished_set_metrics(sweep_dir: str | Path) -> Iterator[tuple[dict[str, Any], str, Mapping[str, Any]]]:
     """(run columns, evaluation set, metrics) of every finished run's sets: what the breakdown tables read."""
-    for _, cell, record in _cells_on_disk(Path(sweep_dir)):
-        if not record or record.get("status") not in FINISHED:
+    for _, cell, record, problem in _cells_on_disk(Path(sweep_dir)):
+        if problem or not record or record.get("status") not in FINISHED:
             continue
         described = _describe_cell(cell, record)
         run = {k: described[k] for k in ("cell", "method", "model", "shots", "seed", "alpha")}
@@ -250,7 +297,7 @@ def aggregate(df):
     for key, part in df.groupby(keys, dropna=False, sort=False):
         complete = part[part["status"] == "complete"]
         row: dict[str, Any] = dict(zip(keys, key))
-        row.update(n_seeds=len(complete), n_failed=int((part["status"] == "failed").sum()),
+        row.update(n_seeds=len(complete), n_failed=int(part["status"].isin(PROBLEM_STATUSES).sum()),
                    seeds=",".join(str(s) for s in sorted(complete["seed"])))
         for col in values:
             present = [float(v) for v in complete[col] if not math.isnan(v)]

@@ -20,22 +20,25 @@ from typing import Any, Callable, Mapping
 
 from icldistill.config import to_dict
 from icldistill.errors import ConfigError, IcldError
-from icldistill.experiments.grid import CELLS_DIR, Cell, Experiment
+from icldistill.experiments.grid import CELLS_DIR, METHODS, Cell, Experiment
 from icldistill.runtime.records import atomic_write_json, read_json
+from icldistill.runtime.rundir import (
+    FINISHED,
+    NOT_IDENTITY,
+    RESULTS_FILE,
+    RunDir,
+    RunRecord,
+    config_changes,
+    identity_of,
+    probe_writable,
+)
 
 logger = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
 CELL_FILE = "cell.json"
-RESULTS_FILE = "results.json"
 ERROR_FILE = "error.json"
 LOCK_FILE = ".lock"
-# A run that ended as "skipped" (the demonstrations alone exceed the model's context) would end the same way
-# again, so it is as final as a complete one.
-FINISHED = ("complete", "skipped")
-
-# Options that may differ between a completed cell and the experiment now (where the files are, not what ran).
-_LOCATION_OPTIONS = frozenset({"output_dir", "resume", "data_dir", "cache_dir"})
 
 
 # ---------------------------------------------------------------------------------------------- cell state
@@ -54,9 +57,9 @@ def _read(path: Path) -> Any:
 
 def cell_status(directory: Path) -> str:
     """complete / skipped / failed / running / incomplete / pending, from the files in a cell directory."""
-    record = _read(directory / RESULTS_FILE)
-    if record and record.get("status") in FINISHED:
-        return record["status"]
+    record = read_cell_record(directory)
+    if record is not None and record.status in FINISHED:
+        return record.status
     if (directory / ERROR_FILE).exists():
         return "failed"
     holder = _read(directory / LOCK_FILE)
@@ -74,18 +77,40 @@ def sweep_progress(experiment: Experiment) -> dict[str, int]:
     return counts
 
 
+def cell_identity(cell: Cell) -> str:
+    """The identity the cell's run records (``runtime.rundir.run_identity`` of its method and options)."""
+    return identity_of(METHODS[cell.method].command, cell.config)
+
+
+def experiment_hash(experiment: Experiment) -> str:
+    """The experiment's identity: its cells and each cell's run identity (recorded in sweep.json, cell.json)."""
+    import hashlib
+
+    text = json.dumps(sorted((c.id, cell_identity(c)) for c in experiment.cells))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_cell_record(directory: Path) -> RunRecord | None:
+    """A cell's run record, None when it has none or it cannot be read (its status then says so)."""
+    try:
+        return RunDir(directory).read()
+    except IcldError:
+        return None
+
+
 def _changed_cells(experiment: Experiment) -> list[str]:
-    """Finished cells that were run with other options than the experiment now gives them."""
+    """Cells claimed (running, unfinished or finished) by a run of other options than the experiment now gives."""
     changed = []
     for cell in experiment.cells:
-        record = _read(cell_dir(experiment, cell) / RESULTS_FILE)
-        if not record or record.get("status") not in FINISHED or not isinstance(record.get("config"), dict):
+        record = read_cell_record(cell_dir(experiment, cell))
+        if record is None or record.identity == cell_identity(cell):
             continue
-        now = json.loads(json.dumps(to_dict(cell.config)))
-        diffs = [f"{k}: {record['config'][k]!r} -> {now[k]!r}" for k in now
-                 if k in record["config"] and k not in _LOCATION_OPTIONS and record["config"][k] != now[k]]
-        if diffs:
-            changed.append(f"{cell.id} ({'; '.join(diffs)})")
+        now = json.loads(json.dumps(to_dict(cell.config), default=str))
+        if record.identity is None:  # a record without a method: compare the options it names
+            now = {k: v for k, v in now.items() if k in record.config}
+            if all(record.config[k] == v for k, v in now.items() if k not in NOT_IDENTITY):
+                continue
+        changed.append(f"{cell.id} ({record.status}; {config_changes(record.config, now)})")
     return changed
 
 
@@ -116,8 +141,16 @@ def _process_alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
-def _is_stale(holder: Mapping[str, Any]) -> bool:
-    """A lock is stale when its process, on this host, is gone; locks of other hosts are never judged."""
+# A live worker touches its lock every HEARTBEAT_S; another host's lock untouched for LOCK_TIMEOUT_S is a dead
+# worker's (its process cannot be asked from here), and is taken over.
+HEARTBEAT_S = 30.0
+LOCK_TIMEOUT_S = 600.0
+
+
+def _is_stale(holder: Mapping[str, Any], heartbeat_age_s: float | None = None) -> bool:
+    """A lock is stale when its process, on this host, is gone, or (any host) its heartbeat is too old."""
+    if heartbeat_age_s is not None and heartbeat_age_s > LOCK_TIMEOUT_S:
+        return True
     try:
         return holder.get("host") == _host() and not _process_alive(int(holder["pid"]), holder.get("start"))
     except (KeyError, TypeError, ValueError):
@@ -128,7 +161,8 @@ def _describe(holder: Mapping[str, Any] | None) -> str:
     if not holder:
         return "another worker"
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
-    return f"pid {holder.get('pid')} on {holder.get('host')} since {when}"
+    return (f"pid {holder.get('pid')} on {holder.get('host')} since {when}; if that worker is gone, its lock is "
+            f"taken over {LOCK_TIMEOUT_S / 60:.0f} min after its last heartbeat")
 
 
 class CellLock:
@@ -157,7 +191,7 @@ class CellLock:
                     if self._age(self.path) < self.STALE_TAKEOVER_S:
                         return False  # being written right now
                     holder = {}  # an empty lock file from a worker that died while creating it
-                elif not _is_stale(holder):
+                elif not _is_stale(holder, self._age(self.path)):
                     return False
                 if not self._break(holder):
                     return False
@@ -169,14 +203,31 @@ class CellLock:
                 handle.flush()
                 os.fsync(handle.fileno())
             self.held = True
+            self._start_heartbeat()
             return True
         return False
+
+    def _start_heartbeat(self) -> None:
+        """Touch the lock every HEARTBEAT_S while held, so workers on other hosts can tell it is alive."""
+        import threading
+
+        self._stop = threading.Event()
+
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    return
+
+        threading.Thread(target=beat, name=f"lock-heartbeat-{self.path.parent.name}", daemon=True).start()
 
     def holder(self) -> dict[str, Any] | None:
         return _read(self.path)
 
     def release(self) -> None:
         if self.held:
+            self._stop.set()
             holder = _read(self.path)
             if holder and holder.get("token") == self.token:
                 self.path.unlink(missing_ok=True)
@@ -252,23 +303,14 @@ Runner = Callable[[Cell, bool], Mapping[str, Any]]
 
 def run_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
     """Run one cell with its method's function (exactly what the single command does)."""
-    if cell.method in ("icl-teacher", "icl-student"):
-        from icldistill.methods.icl import run_icl
-
-        return run_icl(cell.config, progress=progress)
-    if cell.method in ("pbft", "pbft-teacher"):
-        from icldistill.methods.pbft import run_pbft
-
-        return run_pbft(cell.config, progress=progress)
-    from icldistill.methods.distill import run_distill
-
-    return run_distill(cell.config, progress=progress)
+    return METHODS[cell.method].spec(cell.config, progress=progress)
 
 
 def write_sweep_record(experiment: Experiment) -> None:
     atomic_write_json(experiment.output_dir / SWEEP_FILE, {
         "name": experiment.name, "source": experiment.source, "experiment": experiment.spec,
-        "cells": [c.as_dict() for c in experiment.cells], "updated": time.time(),
+        "cells": [c.as_dict() for c in experiment.cells], "experiment_hash": experiment_hash(experiment),
+        "updated": time.time(),
     })
 
 
@@ -289,14 +331,16 @@ def run_sweep(
     before anything runs: completed runs are never re-run, and never silently mixed with new ones.
     """
     emit = on_event or (lambda event: None)
-    experiment.output_dir.mkdir(parents=True, exist_ok=True)
+    probe_writable(experiment.output_dir, "--output-dir")  # before any cell: one line, not a cell's traceback
+    for cache in sorted({c.config.cache_dir for c in experiment.cells if getattr(c.config, "cache_dir", None)}):
+        probe_writable(cache, "cache_dir")
     changed = _changed_cells(experiment)
     if changed:
         listed = "\n".join(f"  - {c}" for c in changed[:5]) + (f"\n  - ... and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise ConfigError(
-            f"{len(changed)} finished cell(s) in {experiment.output_dir} ran with other options than "
-            f"{experiment.source} now gives them:\n{listed}\nA sweep never re-runs a finished cell: choose another "
-            "output_dir, or delete those cell directories to run them again."
+            f"{len(changed)} cell(s) in {experiment.output_dir} were run by another experiment (other options than "
+            f"{experiment.source} now gives them):\n{listed}\nA sweep never mixes runs in one directory: choose "
+            "another output_dir, or delete those cell directories to run them again."
         )
     write_sweep_record(experiment)
     started = time.time()
@@ -351,7 +395,8 @@ def _run_one(cell: Cell, directory: Path, runner: Runner, progress: bool, emit: 
     """Run a claimed cell: (status, seconds, error message). Errors are recorded in error.json, not raised
     (KeyboardInterrupt still stops the sweep)."""
     start = time.time()
-    atomic_write_json(directory / CELL_FILE, {**cell.as_dict(), "started": start, "host": _host(), "pid": os.getpid()})
+    atomic_write_json(directory / CELL_FILE, {**cell.as_dict(), "identity": cell_identity(cell), "started": start,
+                                              "host": _host(), "pid": os.getpid()})
     (directory / ERROR_FILE).unlink(missing_ok=True)
     emit(SweepEvent("cell_start", done_count(), total, cell.id))
     try:

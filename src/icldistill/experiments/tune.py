@@ -21,6 +21,7 @@ file's seeds, evaluates both once on the evaluation sets, and writes the tuning 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -28,17 +29,19 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from icldistill.config import load_yaml, to_dict
 from icldistill.errors import IcldError
 from icldistill.experiments.grid import METHODS, ExperimentError, expand
 from icldistill.experiments.search import SearchSpace, parse_search_space
+from icldistill.methods.registry import METHODS as COMMANDS
+from icldistill.methods.registry import TRAINED
 from icldistill.runtime.records import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-TUNABLE_METHODS = ("distill", "pbft")
+TUNABLE_METHODS = tuple(sorted(TRAINED))  # the trained methods of the registry
 # objective name -> (optimisation direction, key of a dev history entry)
 OBJECTIVES = {"dev_accuracy": ("maximize", "dev_accuracy"), "dev_loss": ("minimize", "dev_loss")}
 STUDY_FILE = "study.db"
@@ -310,11 +313,7 @@ def selected_dev_value(seed_record: Mapping[str, Any], key: str) -> float | None
 def run_trial_config(method: str, config: Any, *, on_evaluate: Callable[[int, Mapping[str, Any]], None] | None,
                      score_eval_sets: bool, progress: bool) -> dict[str, Any]:
     """One run of the tuned method; trials score only the dev split (``score_eval_sets=False``)."""
-    if method == "distill":
-        from icldistill.methods.distill import run_distill as run
-    else:
-        from icldistill.methods.pbft import run_pbft as run
-    return run(config, progress=progress, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets)
+    return COMMANDS[method](config, progress=progress, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets)
 
 
 def run_study(plan: TuningPlan, *, storage: str | None = None, on_event: Callable[[TuneEvent], None] | None = None,
@@ -497,6 +496,25 @@ def is_study_dir(directory: str | Path) -> bool:
     return (Path(directory) / PLAN_FILE).is_file()
 
 
+@contextlib.contextmanager
+def _final_run_lock(directory: Path, poll_s: float = 2.0) -> Iterator[None]:
+    """Hold the final run's lock (``sweep.CellLock``); while another worker holds it, wait for it to finish.
+
+    The waiting worker then runs the same configuration with ``--resume``: its seeds are complete, so it
+    reads them back instead of training them again (and the identity check refuses a changed tuning file).
+    """
+    from icldistill.experiments.sweep import CellLock
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = CellLock(directory)
+    while not lock.acquire():
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def finish(plan: TuningPlan, *, storage: str | None = None, progress: bool = False) -> dict[str, dict[str, Any]]:
     """Re-train the best trial's parameters and the untuned defaults with all the plan's seeds; score each once
     on the evaluation sets. Returns ``{"best": record, "defaults": record}`` (each also in its directory)."""
@@ -508,7 +526,9 @@ def finish(plan: TuningPlan, *, storage: str | None = None, progress: bool = Fal
     records = {}
     for name, params in (("best", best_params), ("defaults", {})):
         config = plan.config(params, plan.output_dir / name, plan.seeds)
-        records[name] = run_trial_config(plan.method, config, on_evaluate=None, score_eval_sets=True, progress=progress)
+        with _final_run_lock(plan.output_dir / name):  # two workers finishing at once train each run once
+            records[name] = run_trial_config(plan.method, config, on_evaluate=None, score_eval_sets=True,
+                                             progress=progress)
     atomic_write_json(plan.output_dir / "final.json", {
         "best_trial": study.best_trial.number, "best_params": best_params, "best_dev_value": study.best_value,
         "objective": plan.settings.objective, "seeds": plan.seeds,

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from icldistill.tasks import data as data_mod
-from icldistill.runtime import distributed
 from icldistill.config import CommonOptions, to_dict
-from icldistill.tasks.data import Example, LoadedData
 from icldistill.errors import ConfigError
-from icldistill.scoring.metrics import aggregate_seeds, hans_ood_accuracy
-from icldistill.scoring.evalsets import evaluate_sets
 from icldistill.models.loading import LoadedModel
+from icldistill.runtime.paths import PREDICTIONS_FILE  # noqa: F401  (re-exported for the methods)
+from icldistill.runtime.records import environment
+from icldistill.runtime.rundir import RECORD_VERSION, PredictionRow, RunDir, probe_writable, run_identity
+from icldistill.scoring.evalsets import evaluate_sets
+from icldistill.scoring.metrics import aggregate_seeds, hans_ood_accuracy
+from icldistill.tasks import data as data_mod
+from icldistill.tasks.data import Example, LoadedData
 from icldistill.tasks.prompts import (
     Pattern,
     check_label_words_tokenize_apart,
@@ -23,17 +26,14 @@ from icldistill.tasks.prompts import (
     resolve_pattern,
     sample_demonstrations,
 )
-from icldistill.runtime.paths import PREDICTIONS_FILE
-from icldistill.runtime.records import environment
-from icldistill.errors import ConfigError
 from icldistill.tasks.registry import DATA_SUFFIXES, DataSpec, Family, Task, family_of, get_eval_set, get_task
 
 logger = logging.getLogger(__name__)
 
 
-def prediction_rows(seed: int, predictions: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def prediction_rows(seed: int, predictions: dict[str, list[dict[str, Any]]]) -> list[PredictionRow]:
     """The rows of ``predictions.jsonl``: one per (seed, evaluation set, query), the same for every method."""
-    return [{"seed": seed, "eval": name, **p} for name, rows in predictions.items() for p in rows]
+    return [PredictionRow(seed=seed, eval=name, **p) for name, rows in predictions.items() for p in rows]
 
 
 @dataclass
@@ -182,8 +182,11 @@ def aggregate(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def base_record(method: str, config: Any, setup: Setup) -> dict[str, Any]:
-    """The fields every results.json starts with: what ran, on what, with which code."""
-    return {"method": method, "status": "running", "config": to_dict(config), "task": setup.task.ref,
+    """The fields every results.json starts with: what ran (and its identity), on what, with which code."""
+    options = json.loads(json.dumps(to_dict(config), default=str))
+    return {"version": RECORD_VERSION, "method": method, "status": "running",
+            "identity": run_identity(method, options), "planned_seeds": list(getattr(config, "seeds", [])),
+            "started": time.time(), "config": options, "task": setup.task.ref,
             "pattern": {"name": setup.pattern.name, "template": setup.pattern.template,
                         "label_words": list(setup.pattern.label_words)},
             "classes": list(setup.family.classes), "data": setup.data_record(), "environment": environment()}
@@ -199,52 +202,81 @@ def output_dir(config: CommonOptions) -> Path:
     return Path(config.output_dir).expanduser()
 
 
-def start_record(method: str, config: Any, setup: Setup) -> tuple[dict[str, Any], Path]:
-    """The results record of a training method, before its first seed, and its output directory."""
+def claim_run(method: str, config: Any, setup: Setup) -> tuple[dict[str, Any], RunDir]:
+    """The run's record, its output directory claimed (``RunDir.claim``) and its cache probed, before any model.
+
+    A directory holding another run is refused unless ``--overwrite``; an unwritable ``--output-dir`` or
+    ``--cache-dir`` fails here, not after the teacher pass.
+    """
+    if getattr(config, "cache_dir", None):
+        probe_writable(config.cache_dir, "--cache-dir")
     record = base_record(method, config, setup)
+    run_dir = RunDir(output_dir(config))
+    run_dir.claim(record, overwrite=getattr(config, "overwrite", False))
+    return record, run_dir
+
+
+def start_record(method: str, config: Any, setup: Setup) -> tuple[dict[str, Any], Path]:
+    """The results record of a training method, before its first seed, and its (claimed) output directory."""
+    record, run_dir = claim_run(method, config, setup)
     record["seeds"] = {}
-    return record, output_dir(config)
+    return record, run_dir.path
+
+
+def _total_resources(record: dict[str, Any], training: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's cost: its whole wall time (this invocation, from the claim), the largest peak of its parts."""
+    teacher = record.get("teacher_pass", {})
+    peaks = [r["training"]["peak_memory_mb"] for r in training]
+    overall = [r["peak_memory_mb"]["overall"] for r in training if isinstance(r.get("peak_memory_mb"), dict)]
+    return {
+        "wall_time_s": round(time.time() - record.get("started", time.time()), 4),
+        "training_wall_time_s": sum(r["training"]["wall_time_s"] for r in training) + teacher.get("wall_time_s", 0.0),
+        # What the run cost at its largest: teacher pass, training or final evaluation.
+        "peak_memory_mb": max(peaks + overall + [teacher.get("peak_memory_mb", 0.0)]),
+        "memory_kind": training[0]["training"]["memory_kind"] if training else "",
+    }
 
 
 def finish_record(record: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Aggregate the seeds' final metrics and resources, write results.json atomically, return it."""
-    from icldistill.runtime.records import atomic_write_json
-
+    """Aggregate the seeds' final metrics and resources, write results.json (rank 0, atomically), return it."""
     seeds = record["seeds"]
     record["aggregate"] = aggregate({s: r["eval"] for s, r in seeds.items() if r.get("eval")})
     training = [r["resources"] for r in seeds.values() if "resources" in r]
     teacher = record.get("teacher_pass", {})
-    peaks = [r["training"]["peak_memory_mb"] for r in training]
-    overall = [r["peak_memory_mb"]["overall"] for r in training if isinstance(r.get("peak_memory_mb"), dict)]
     labelled = [r.get("labelled_examples") for r in seeds.values() if r.get("labelled_examples") is not None]
     if labelled:
         record["labelled_examples"] = max(labelled)
     record["resources"] = {
-        "total": {
-            "wall_time_s": sum(r["training"]["wall_time_s"] for r in training) + teacher.get("wall_time_s", 0.0),
-            # What the run cost at its largest: teacher pass, training or final evaluation.
-            "peak_memory_mb": max(peaks + overall + [teacher.get("peak_memory_mb", 0.0)]),
-            "memory_kind": training[0]["training"]["memory_kind"] if training else "",
-        },
-        "training_peak_memory_mb": max(peaks or [0.0]),
+        "total": _total_resources(record, training),
+        "training_peak_memory_mb": max([r["training"]["peak_memory_mb"] for r in training] or [0.0]),
         "teacher_pass_peak_memory_mb": teacher.get("peak_memory_mb"),
         "seconds_per_step": sum(r["seconds_per_step"] for r in training) / len(training) if training else None,
         "train_tokens_per_s": sum(r["train_tokens_per_s"] or 0 for r in training) / len(training) if training else None,
         "trainable_parameters": next(iter(seeds.values()))["trainable"]["trainable_parameters"] if seeds else None,
         "teacher_pass": teacher or None,
-        "inference": next((r["inference"] for r in training if r.get("inference")), None),
+        "inference": inference_record([r["inference"] for r in training if r.get("inference")]),
     }
     complete = bool(seeds) and all(r.get("status") == "complete" for r in seeds.values())
     record["status"] = "complete" if complete else "incomplete"
-    if distributed.is_main():  # every rank holds the same record; one writes it
-        from icldistill.runtime.records import atomic_write_jsonl
-
-        rows: list[Any] = []
-        for seed in seeds:  # each seed's final evaluation, written by train_and_evaluate
-            path = out / f"seed-{seed}" / PREDICTIONS_FILE
-            if path.is_file():
-                rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if rows:
-            atomic_write_jsonl(out / PREDICTIONS_FILE, rows)
-        atomic_write_json(out / "results.json", record)
+    run_dir = RunDir(out)
+    rows = run_dir.gather_seed_predictions(seeds)  # each seed's final evaluation, written by train_and_evaluate
+    if rows:
+        run_dir.write_predictions(rows)
+    run_dir.write(record)  # every rank holds the same record; rank 0 writes it
     return record
+
+
+def inference_record(parts: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """What answering costs, over measured parts (seeds or evaluation sets): the one ``resources.inference``.
+
+    Each part holds ``wall_time_s``, ``queries``, ``peak_memory_mb`` and ``memory_kind`` (a measurement
+    plus its query count); the result adds ``latency_ms_per_query``. ICL, eval and trained runs alike.
+    """
+    if not parts:
+        return None
+    wall = sum(p["wall_time_s"] for p in parts)
+    queries = sum(p["queries"] for p in parts)
+    return {"wall_time_s": round(wall, 4), "queries": queries,
+            "peak_memory_mb": max(p["peak_memory_mb"] for p in parts),
+            "memory_kind": next((p["memory_kind"] for p in parts if p.get("memory_kind")), ""),
+            "latency_ms_per_query": 1000 * wall / queries if queries else None}

@@ -16,19 +16,20 @@ from typing import Any, Sequence
 from icldistill.config import EvalOptions
 from icldistill.errors import ConfigError
 from icldistill.methods.common import (
-    PREDICTIONS_FILE,
     Setup,
     aggregate,
     base_record,
     evaluate_on_sets,
+    inference_record,
     model_record,
     prediction_rows,
     prepare,
 )
 from icldistill.methods.predict import require_data, resolve_prompting
-from icldistill.methods.trained import SEED_RESULT, ModelSource, load_source, resolve_source
-from icldistill.runtime import distributed
-from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
+from icldistill.methods.registry import METHODS
+from icldistill.methods.trained import ModelSource, load_source, resolve_source
+from icldistill.runtime.records import measure
+from icldistill.runtime.rundir import SEED_RESULT_FILE, RunDir, probe_writable
 from icldistill.scoring.evalsets import ContextTooLong
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ logger = logging.getLogger(__name__)
 def sources_of(name: str) -> list[ModelSource]:
     """Every model ``name`` stands for: each finished seed of a training run, or the one model/seed/export."""
     path = Path(name).expanduser()
-    if path.is_dir() and (path / "results.json").is_file() and not (path / SEED_RESULT).is_file():
-        record = read_json(path / "results.json")
-        if record.get("method") in ("pbft", "distill"):
-            seeds = sorted(p for p in path.glob("seed-*") if (p / SEED_RESULT).is_file())
+    run_dir = RunDir(path)
+    if path.is_dir() and not (path / SEED_RESULT_FILE).is_file():
+        record = run_dir.read()
+        if record is not None and record.method in METHODS and METHODS[record.method].trains:
+            # The seeds the run's record holds, never a seed directory another run left behind.
+            seeds = [s.directory for s in run_dir.held_seeds(record) if s.directory is not None]
             return [resolve_source(str(p)) for p in seeds] or [resolve_source(name)]
     return [resolve_source(name)]
 
@@ -63,9 +66,9 @@ def output_dir_for(config: EvalOptions, source: ModelSource) -> Path:
         out = source.seed_dir.parent / name
     else:
         out = Path("runs") / name
-    existing = out / "results.json"
-    if existing.is_file() and read_json(existing).get("method") != "eval":
-        raise ConfigError(f"{out} holds a {read_json(existing).get('method')!r} run's results; icld eval would "
+    existing = RunDir(out).read()
+    if existing is not None and existing.method != "eval":
+        raise ConfigError(f"{out} holds a {existing.method!r} run's results; icld eval would "
                           "overwrite them. Choose another --output-dir.")
     return out
 
@@ -78,6 +81,9 @@ def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) 
     sources = sources_of(config.model)
     config, setup = eval_setup(config, sources[0])
     out = output_dir_for(config, sources[0])
+    if write:
+        probe_writable(out, "--output-dir")
+    run_dir = RunDir(out)
     record = base_record("eval", config, setup)
     record["source"] = {"kind": sources[0].kind, "model": config.model,
                         "run": str(sources[0].seed_dir.parent) if sources[0].seed_dir else None,
@@ -96,24 +102,19 @@ def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) 
             del model
     record["seeds"] = seeds
     record["aggregate"] = aggregate({s: e["eval"] for s, e in seeds.items() if e.get("eval")})
-    queries = sum(v["queries"] for v in inference.values())
-    wall = sum(v["wall_time_s"] for v in inference.values())
     record["resources"] = {
-        "total": total.as_dict(),
+        "total": {**total.as_dict(), "wall_time_s": round(run_dir.elapsed_s(), 4)},
         # What answering costs (the report sets a student's against the ICL teacher's on the same rows).
-        "inference": {"wall_time_s": round(wall, 4), "queries": queries,
-                      "peak_memory_mb": max((v["peak_memory_mb"] for v in inference.values()), default=0.0),
-                      "memory_kind": next((v["memory_kind"] for v in inference.values()), ""),
-                      "latency_ms_per_query": 1000 * wall / queries if queries else None},
+        "inference": inference_record(list(inference.values())) or inference_record(
+            [{"wall_time_s": 0.0, "queries": 0, "peak_memory_mb": 0.0, "memory_kind": ""}]),
         "inference_by_eval": inference,
     }
     record["status"] = "complete" if any(e.get("eval") for e in seeds.values()) else "skipped"
     record["output_dir"] = str(out)
     if not write:
         return {**record, "predictions": predictions}
-    if distributed.is_main():
-        atomic_write_jsonl(out / PREDICTIONS_FILE, predictions)
-        atomic_write_json(out / "results.json", record)
+    run_dir.write_predictions(predictions)
+    run_dir.write(record)
     return record
 
 
@@ -140,8 +141,7 @@ def _evaluate_seed(model: Any, setup: Setup, config: EvalOptions, seed: int, pro
                            "queries": previous["queries"] + n,
                            "peak_memory_mb": max(previous["peak_memory_mb"], cost.peak_memory_mb),
                            "memory_kind": cost.memory_kind}
-        inference[name]["latency_ms_per_query"] = (1000 * inference[name]["wall_time_s"] / inference[name]["queries"]
-                                                   if inference[name]["queries"] else None)
+        inference[name] = inference_record([inference[name]])
         rows += prediction_rows(seed, preds)
     return entry, rows
 

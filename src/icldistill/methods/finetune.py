@@ -17,11 +17,12 @@ import torch
 
 from icldistill.config import DistillOptions, PbftOptions, TrainOptions
 from icldistill.errors import ConfigError, IcldError
-from icldistill.methods.common import PREDICTIONS_FILE, Setup, evaluate_on_sets, model_record, prediction_rows
+from icldistill.methods.common import Setup, evaluate_on_sets, model_record, prediction_rows
 from icldistill.models.adapters import TrainableSummary, prepare_trainable
 from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime import distributed
-from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure, read_json
+from icldistill.runtime.records import measure
+from icldistill.runtime.rundir import SEED_RESULT_FILE, RunDir, identity_of
 from icldistill.scoring.encoding import tokenize_prompts
 from icldistill.scoring.prefix_cache import last_token_logits, pad_right, rows_forward
 from icldistill.tasks.data import Example
@@ -30,7 +31,7 @@ from icldistill.training.losses import LossOutput
 
 logger = logging.getLogger(__name__)
 
-SEED_RESULT = "seed_result.json"
+SEED_RESULT = SEED_RESULT_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +184,10 @@ def train_and_evaluate(config: TrainedConfig, setup: Setup, job: SeedJob, *, on_
     Returns the seed's record (also written to ``seed_dir/seed_result.json``, which a resumed run reuses).
     Under N processes every rank trains and evaluates its share and holds the same record; rank 0 writes.
     """
-    done = job.seed_dir / SEED_RESULT
-    # Rank 0 decides (and reads) for all ranks, so they all skip the seed or all train it.
-    finished = distributed.broadcast(_finished_record(done) if config.resume and distributed.is_main() else None)
+    run_dir, identity = RunDir(job.seed_dir.parent), identity_of(job.method, config)
+    # Rank 0 decides (and reads) for all ranks, so they all skip the seed or all train it; another run's seed
+    # is refused, and an unreadable seed record names its file.
+    finished = run_dir.finished_seed(job.seed, identity) if config.resume else None
     if finished is not None:
         logger.info("seed %d already complete in %s", job.seed, job.seed_dir)
         return finished
@@ -199,24 +201,10 @@ def train_and_evaluate(config: TrainedConfig, setup: Setup, job: SeedJob, *, on_
     final, predictions, inference = trained.final_evaluation(config, setup, score_eval_sets)
     artefacts = save_trained(student.model, student, config, job.seed_dir,
                              gathered=trained.result.final_trainable_state)
-    if distributed.is_main():  # per-query answers of the final evaluation, rows as icl's (issue 11)
-        atomic_write_jsonl(job.seed_dir / PREDICTIONS_FILE, prediction_rows(job.seed, predictions))
-    record = trained.record(config, job, final, artefacts, inference)
-    if distributed.is_main():
-        atomic_write_json(done, record)
+    run_dir.write_predictions(prediction_rows(job.seed, predictions), seed=job.seed)  # rows as icl's (issue 11)
+    record = {**trained.record(config, job, final, artefacts, inference), "identity": identity}
+    run_dir.write_seed(job.seed, record)  # rank 0 writes, artefact paths relative to the seed directory
     return record
-
-
-def _finished_record(done: Path) -> dict[str, Any] | None:
-    """The record of a seed a previous run completed, or None; a truncated or corrupt one names its file."""
-    if not done.exists():
-        return None
-    try:
-        return read_json(done)
-    except (OSError, ValueError) as exc:
-        raise IcldError(f"Cannot resume: {done} is unreadable ({exc}); it was truncated or corrupted. Delete it and "
-                        "run again with --resume (the seed's checkpoint resumes), or delete "
-                        f"{done.parent} to train the seed from the start.") from None
 
 
 def _load_student(config: TrainedConfig, setup: Setup, job: SeedJob) -> tuple[LoadedModel, TrainableSummary]:

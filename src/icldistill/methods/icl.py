@@ -9,13 +9,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from icldistill.runtime import distributed
 from icldistill.config import IclOptions
-from icldistill.scoring.evalsets import ContextTooLong
+from icldistill.methods.common import (
+    aggregate,
+    claim_run,
+    evaluate_on_sets,
+    inference_record,
+    model_record,
+    prediction_rows,
+    prepare,
+)
 from icldistill.models.loading import load_model
-from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, measure
-from icldistill.methods.common import (PREDICTIONS_FILE, aggregate, base_record, evaluate_on_sets, model_record,
-                                      output_dir, prediction_rows, prepare)
+from icldistill.runtime.records import measure
+from icldistill.scoring.evalsets import ContextTooLong
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +33,7 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
     returns the results record.
     """
     setup = prepare(config)
-    out = output_dir(config)
-    record = base_record("icl", config, setup)
+    record, run_dir = claim_run("icl", config, setup)
     with measure(config.device) as total:
         model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir,
                            revision=config.revision, trust_remote_code=config.trust_remote_code)
@@ -69,12 +74,11 @@ def run_icl(config: IclOptions, *, progress: bool = True) -> dict[str, Any]:
         "prompt_tokens_per_s": prompt_tokens / scoring.wall_time_s if scoring.wall_time_s else None,
         "queries": queries,
         # What answering costs with the demonstrations in the prompt (set against a distilled student's).
-        "inference": {**scoring.as_dict(), "queries": queries,
-                      "latency_ms_per_query": 1000 * scoring.wall_time_s / queries if queries else None},
+        "inference": inference_record([{**scoring.as_dict(), "queries": queries}]),
         "prefix_cache": config.prefix_cache,
     }
     record["status"] = "complete" if per_seed_metrics else "skipped"
-    if distributed.is_main():  # every rank holds the gathered predictions and metrics; one writes them
-        atomic_write_jsonl(out / PREDICTIONS_FILE, predictions)
-        atomic_write_json(out / "results.json", record)
+    record["resources"]["total"]["wall_time_s"] = round(run_dir.elapsed_s(), 4)  # the whole run, setup included
+    run_dir.write_predictions(predictions)  # every rank holds the gathered predictions and metrics; rank 0 writes
+    run_dir.write(record)
     return record

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from icldistill.errors import ConfigError, ModelError
-from icldistill.methods.finetune import SEED_RESULT
+from icldistill.methods.registry import METHODS
 from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime.records import read_json
+from icldistill.runtime.rundir import SEED_RESULT_FILE, RunDir, RunRecord, SeedRecord
 
 logger = logging.getLogger(__name__)
 
-RESULTS = "results.json"
+SEED_RESULT = SEED_RESULT_FILE  # kept for importers; the names live in runtime.rundir
 EXPORT_META = "icldistill.json"  # the machine-readable file of an exported model
 
 
@@ -41,14 +42,13 @@ class ModelSource:
     run_record: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
     """task, pattern {name, template, label_words}, classes: from the run's or the export's record."""
+    record: SeedRecord | None = None
+    """The typed seed record (``seed_record`` is its dict form), artefacts found in its seed directory."""
+    run: RunRecord | None = None
 
     @property
     def peft(self) -> str | None:
         return (self.run_record or {}).get("config", {}).get("peft") if self.kind == "run" else None
-
-
-def _seed_dirs(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.glob("seed-*") if (p / SEED_RESULT).is_file())
 
 
 def resolve_source(name: str) -> ModelSource:
@@ -56,30 +56,43 @@ def resolve_source(name: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.is_dir() and (path / EXPORT_META).is_file():
         return ModelSource(name, "export", str(path), meta=read_json(path / EXPORT_META))
-    if path.is_dir() and not (path / SEED_RESULT).is_file() and (path / RESULTS).is_file():
-        seeds = _seed_dirs(path)
-        record = read_json(path / RESULTS)
-        if record.get("method") not in ("pbft", "distill"):
-            raise ConfigError(f"{path} holds a {record.get('method')!r} run, which trains nothing; give the model it "
-                              f"evaluated ({(record.get('model') or {}).get('name', '?')}) with --model instead.")
+    run_dir = RunDir(path)
+    if path.is_dir() and not (path / SEED_RESULT).is_file() and run_dir.results_path.is_file():
+        record = run_dir.read()
+        assert record is not None
+        if record.method not in METHODS or not METHODS[record.method].trains:
+            raise ConfigError(f"{path} holds a {record.method!r} run, which trains nothing; give the model it "
+                              f"evaluated ({record.fields.get('model', {}).get('name', '?')}) with --model instead.")
+        seeds = [s.directory for s in run_dir.held_seeds(record) if s.directory is not None]
         if len(seeds) != 1:
             listed = ", ".join(p.name for p in seeds) or "none finished"
             raise ConfigError(f"{path} holds the run's seeds ({listed}); name one of them, e.g. {path / 'seed-0'}.")
         path = seeds[0]
     if path.is_dir() and (path / SEED_RESULT).is_file():
-        seed_record = read_json(path / SEED_RESULT)
-        run_file = path.parent / RESULTS
-        if not run_file.is_file():
-            raise ModelError(f"{path} has {SEED_RESULT} but its run directory {path.parent} has no {RESULTS}; "
-                             "point at a seed directory inside a complete run.")
-        run_record = read_json(run_file)
-        student = seed_record.get("student") or {}
-        # A local directory or GGUF file is recorded by its resolved path; packaged names and hub ids by name.
-        base = student.get("path") if student.get("source") in ("local", "gguf") else student.get("name")
-        meta = {k: run_record.get(k) for k in ("task", "pattern", "classes")}
-        meta["label_score"] = (run_record.get("config") or {}).get("label_score")
-        return ModelSource(name, "run", str(base), int(seed_record["seed"]), path, seed_record, run_record, meta)
+        return _run_source(name, path)
     return ModelSource(name, "model", name)
+
+
+def _run_source(name: str, seed_dir: Path) -> ModelSource:
+    """A trained seed: its record, its run's record, and the base model both name (checked to be one run)."""
+    run_dir = RunDir(seed_dir.parent)
+    seed = run_dir.read_seed(seed_dir.name.removeprefix("seed-")) if seed_dir.name.startswith("seed-") else None
+    if seed is None:
+        seed = SeedRecord.from_dict(read_json(seed_dir / SEED_RESULT), seed_dir)
+    run = run_dir.read()
+    if run is None:
+        raise ModelError(f"{seed_dir} has {SEED_RESULT} but its run directory {seed_dir.parent} has no "
+                         f"{run_dir.results_path.name}; point at a seed directory inside a complete run.")
+    if seed.identity is not None and run.identity is not None and seed.identity != run.identity:
+        raise ModelError(f"{seed_dir} was trained by another run than the one {run_dir.results_path} records "
+                         f"(identity {seed.identity} vs {run.identity}); rerun that run, or delete {seed_dir}.")
+    student = seed.fields.get("student") or {}
+    # A local directory or GGUF file is recorded by its resolved path; packaged names and hub ids by name.
+    base = student.get("path") if student.get("source") in ("local", "gguf") else student.get("name")
+    meta = {k: run.fields.get(k) for k in ("task", "pattern", "classes")}
+    meta["label_score"] = run.config.get("label_score")
+    run_dict = run.to_dict()
+    return ModelSource(name, "run", str(base), seed.seed, seed_dir, seed.to_dict(), run_dict, meta, seed, run)
 
 
 def load_source(source: ModelSource, *, dtype: str = "auto", device: str = "auto",
@@ -100,16 +113,20 @@ def load_source(source: ModelSource, *, dtype: str = "auto", device: str = "auto
 
 def apply_trained(model: Any, source: ModelSource) -> Any:
     """``model`` (the run's base) with the run's adapter (peft) or trained tensors (BitFit, full) loaded."""
-    artefacts = source.seed_record.get("artefacts") or {}
-    if "adapter" in artefacts:
+    record = source.record or SeedRecord.from_dict(source.seed_record or {"seed": source.seed}, source.seed_dir)
+    adapter, trainable = record.artefact("adapter"), record.artefact("trainable")
+    if adapter is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, artefacts["adapter"])
-    if "trainable" in artefacts:  # BitFit or full fine-tuning: the one loader training's own tests check
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelError(f"{adapter}: the adapter the seed record names is missing or incomplete; train the "
+                             "seed again (--resume) or give another model.")
+        return PeftModel.from_pretrained(model, str(adapter))
+    if trainable is not None:  # BitFit or full fine-tuning: the one loader training's own tests check
         from icldistill.models.adapters import load_trainable
 
         try:
-            return load_trainable(model, artefacts["trainable"])
+            return load_trainable(model, str(trainable))
         except ConfigError as exc:
             raise ModelError(f"{exc} (base model {source.base})") from None
     raise ModelError(f"{source.seed_dir}: the seed record names no adapter or trained parameters to load.")

@@ -246,7 +246,9 @@ class RunDir:
         try:
             return SeedRecord.from_dict(read_json(path), path.parent)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IcldError(f"{path} cannot be read ({exc}); delete {path.parent} to train the seed again.") from None
+            raise IcldError(f"{path} cannot be read ({exc}); it was truncated or corrupted. Delete it and run again "
+                            "with --resume (the seed's checkpoint resumes), or delete "
+                            f"{path.parent} to train the seed from the start.") from None
 
     def finished_seed(self, seed: int, identity: str) -> dict[str, Any] | None:
         """A resumed seed's record when this run (same identity) completed it; rank 0 reads for all ranks."""

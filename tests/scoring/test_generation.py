@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny import make_model, make_tokenizer
 
 from icldistill.errors import ConfigError
 from icldistill.scoring.generation import DecodeSettings, _batches, generate_greedy
-from tiny import make_model, make_tokenizer
 
 CONTEXT = "question: the cat saw a dog ? answer: Yes\n\nquestion: the man ran ? answer: No\n\n"
 QUERIES = ["question: the woman slept", "question: a lawyer", "question: the doctor helped the artist because",

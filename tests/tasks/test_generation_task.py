@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny import make_tokenizer
 
 from icldistill.errors import ConfigError
 from icldistill.tasks.generation import (
@@ -14,7 +15,6 @@ from icldistill.tasks.generation import (
     render_prompt,
     rows_from_records,
 )
-from tiny import make_tokenizer
 
 GSM8K = {"type": "generation", "name": "gsm8k", "inputs": ["question"], "template": "Question: {question}\nAnswer:",
          "answer_column": "answer", "shots": 2, "stop": ["\n\nQuestion:"], "max_new_tokens": 64}
@@ -54,7 +54,8 @@ def test_instruction_file_is_read_relative_to_the_task(tmp_path):
 
 def test_rows_name_a_missing_column():
     t = task()
-    rows = rows_from_records(t, [{"id": "a", "question": "2+2?", "answer": "#### 4"}, {"id": "b", "question": "x"}], "f")
+    records = [{"id": "a", "question": "2+2?", "answer": "#### 4"}, {"id": "b", "question": "x"}]
+    rows = rows_from_records(t, records, "f")
     assert rows[0] == GenerationRow("a", {"question": "2+2?"}, "#### 4") and rows[1].reference is None
     with pytest.raises(ConfigError, match="f: row 2: column 'question'"):
         rows_from_records(t, [{"question": "q"}, {"question": ""}], "f")

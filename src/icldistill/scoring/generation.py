@@ -33,6 +33,7 @@ class DecodeSettings:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     batch_size: int = 8
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks compare paths at equal lengths)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -194,7 +195,7 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             split = prefix.length
     queries = [list(p[split:]) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = eos_token_ids(model, tokenizer)
+    eos = frozenset() if settings.ignore_eos else eos_token_ids(model, tokenizer)
     results: list[Generated | None] = [None] * len(prompts)
     for batch in _batches(queries, settings.batch_size, has_sliding_window(model)):
         rows = _Rows(tokenizer, len(batch), settings, eos)

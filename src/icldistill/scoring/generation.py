@@ -91,7 +91,7 @@ def _batches(queries: Sequence[Sequence[int]], size: int, equal_lengths: bool) -
     return batches
 
 
-def _expanded(prefix: PrefixCache, rows: int) -> Any:
+def prefix_for_rows(prefix: PrefixCache, rows: int) -> Any:
     """The prefix's cache for a batch of ``rows``: views expanded along the batch, never copied here."""
     cache = prefix.for_pass()  # its layers are fresh objects over the prefix's tensors
     if cache is not None and rows != 1:
@@ -156,7 +156,7 @@ def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: S
         own[i, width - len(q):] = 1
     mask = torch.cat([torch.ones((n, past), dtype=torch.long), own], dim=1).to(device)
     positions = (past + own.cumsum(dim=1) - 1).clamp(min=past).to(device)  # pads do not advance a position
-    cache = _expanded(prefix, n) if prefix is not None else None
+    cache = prefix_for_rows(prefix, n) if prefix is not None else None
     step_ids = ids.to(device)
     with torch.no_grad():
         while True:

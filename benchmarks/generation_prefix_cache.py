@@ -25,7 +25,7 @@ import torch
 
 from icldistill.models.loading import load_model
 from icldistill.scoring.encoding import encode_text
-from icldistill.scoring.generation import DecodeSettings, generate_greedy
+from icldistill.scoring.generation import DecodeSettings, generate
 from icldistill.tasks.generation import (
     draw_demonstrations,
     parse_generation_task,
@@ -45,7 +45,7 @@ def _rows(split: str, task, data_dir: Path):
 
 def _timed(model, tokenizer, prompts, decode, *, cached):
     start = time.perf_counter()
-    out = generate_greedy(model, tokenizer, prompts, decode, use_prefix_cache=cached)
+    out = generate(model, tokenizer, prompts, decode, use_prefix_cache=cached)
     return time.perf_counter() - start, out
 
 
@@ -85,8 +85,8 @@ def main() -> None:
     natural = DecodeSettings(max_new_tokens=args.new_tokens, batch_size=args.batch_size, stop=tuple(task.stop))
     same = None
     if not args.no_naive:
-        a = generate_greedy(model, tok, full[:4], natural, use_prefix_cache=True)
-        b = [generate_greedy(model, tok, [p], natural, use_prefix_cache=False)[0] for p in full[:4]]
+        a = generate(model, tok, full[:4], natural, use_prefix_cache=True)
+        b = [generate(model, tok, [p], natural, use_prefix_cache=False)[0] for p in full[:4]]
         same = sum(x.tokens == y.tokens for x, y in zip(a, b))
     report = {
         "model": args.model, "shots": args.shots, "queries": len(queries), "batch_size": args.batch_size,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tiny import make_model, make_tokenizer
 
 from icldistill.errors import ConfigError
-from icldistill.scoring.generation import DecodeSettings, _batches, generate_greedy
+from icldistill.scoring.generation import DecodeSettings, _batches, generate
 
 CONTEXT = "question: the cat saw a dog ? answer: Yes\n\nquestion: the man ran ? answer: No\n\n"
 QUERIES = ["question: the woman slept", "question: a lawyer", "question: the doctor helped the artist because",
@@ -55,18 +55,18 @@ def test_cached_equals_each_whole_prompt(tokenizer, arch):
     prompts = prompts_of(tokenizer)
     decode = DecodeSettings(max_new_tokens=12, batch_size=len(prompts))
     steps = StepLogits(model)
-    cached = generate_greedy(model, tokenizer, prompts, decode)
+    cached = generate(model, tokenizer, prompts, decode)
     steps.close()
     batches = _batches(prompts, len(prompts), arch == "gemma3")  # queries sort as their prompts do
     order = [i for b in batches for i in b]
     assert [g.tokens for g in cached] == [
-        generate_greedy(model, tokenizer, [p], DecodeSettings(max_new_tokens=12, batch_size=1),
+        generate(model, tokenizer, [p], DecodeSettings(max_new_tokens=12, batch_size=1),
                         use_prefix_cache=False)[0].tokens for p in prompts]
     assert any(len(g.tokens) > 1 for g in cached)  # the test decodes, it does not stop at once
     if len(batches) == 1:  # one batch: each row's logits at every step against its whole prompt alone
         for row, i in enumerate(order):
             alone = StepLogits(model)
-            generate_greedy(model, tokenizer, [prompts[i]], DecodeSettings(max_new_tokens=12),
+            generate(model, tokenizer, [prompts[i]], DecodeSettings(max_new_tokens=12),
                             use_prefix_cache=False)
             alone.close()
             n = len(alone.calls)
@@ -77,17 +77,17 @@ def test_cached_equals_each_whole_prompt(tokenizer, arch):
 def test_batch_size_does_not_change_answers(tokenizer, batch_size):
     model = sharpened("llama", len(tokenizer), seed=5)
     prompts = prompts_of(tokenizer)
-    reference = generate_greedy(model, tokenizer, prompts, DecodeSettings(max_new_tokens=10, batch_size=1))
-    got = generate_greedy(model, tokenizer, prompts, DecodeSettings(max_new_tokens=10, batch_size=batch_size))
+    reference = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=10, batch_size=1))
+    got = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=10, batch_size=batch_size))
     assert [g.tokens for g in got] == [g.tokens for g in reference]
 
 
 def test_naive_batched_equals_batch_of_one(tokenizer):
     model = sharpened("llama", len(tokenizer), seed=1)
     prompts = prompts_of(tokenizer)
-    batched = generate_greedy(model, tokenizer, prompts, DecodeSettings(max_new_tokens=8, batch_size=3),
+    batched = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=8, batch_size=3),
                               use_prefix_cache=False)
-    single = [generate_greedy(model, tokenizer, [p], DecodeSettings(max_new_tokens=8, batch_size=1),
+    single = [generate(model, tokenizer, [p], DecodeSettings(max_new_tokens=8, batch_size=1),
                               use_prefix_cache=False)[0] for p in prompts]
     assert [g.tokens for g in batched] == [g.tokens for g in single]
 
@@ -97,7 +97,7 @@ def test_greedy_matches_transformers_generate(tokenizer):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     for p in prompts_of(tokenizer)[:3]:
-        ours = generate_greedy(model, tokenizer, [p], DecodeSettings(max_new_tokens=10, batch_size=1))[0]
+        ours = generate(model, tokenizer, [p], DecodeSettings(max_new_tokens=10, batch_size=1))[0]
         ref = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
         if tokenizer.eos_token_id in ref:
             ref = ref[:ref.index(tokenizer.eos_token_id)]
@@ -107,12 +107,12 @@ def test_greedy_matches_transformers_generate(tokenizer):
 def test_stop_sequence_cuts_the_text(tokenizer):
     model = sharpened("llama", len(tokenizer), seed=3)
     prompts = prompts_of(tokenizer)
-    free = generate_greedy(model, tokenizer, prompts, DecodeSettings(max_new_tokens=16))
+    free = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=16))
     # Stop at a piece of text that the first answer actually writes, after its first character.
     text = free[0].text
     assert len(text) > 3
     stop = text[2:4]
-    stopped = generate_greedy(model, tokenizer, prompts, DecodeSettings(max_new_tokens=16, stop=(stop,)))
+    stopped = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=16, stop=(stop,)))
     assert stopped[0].finish == "stop"
     assert stop not in stopped[0].text and free[0].text.startswith(stopped[0].text)
     assert len(stopped[0].tokens) <= len(free[0].tokens)
@@ -121,10 +121,10 @@ def test_stop_sequence_cuts_the_text(tokenizer):
 def test_eos_ends_an_answer(tokenizer):
     model = sharpened("llama", len(tokenizer), seed=4)
     prompts = prompts_of(tokenizer)
-    free = generate_greedy(model, tokenizer, prompts, DecodeSettings(max_new_tokens=6))
+    free = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=6))
     first = free[0].tokens[0]
     model.generation_config.eos_token_id = [first]  # the first token it writes now ends the answer
-    ended = generate_greedy(model, tokenizer, prompts, DecodeSettings(max_new_tokens=6))
+    ended = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=6))
     assert ended[0].finish == "eos" and ended[0].tokens == () and ended[0].text == ""
 
 
@@ -146,3 +146,16 @@ def test_batches_cover_every_query_once(lengths, size, equal):
     assert all(1 <= len(b) <= size for b in batches)
     if equal:
         assert all(len({lengths[i] for i in b}) == 1 for b in batches)
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tokenizer):
+    model = make_model("llama", len(tokenizer), seed=6)  # not sharpened: sampling has choices to make
+    prompts = prompts_of(tokenizer)
+    sampled = DecodeSettings(max_new_tokens=8, temperature=1.0)
+    a = generate(model, tokenizer, prompts, sampled, seed=1)
+    assert [g.tokens for g in a] == [g.tokens for g in generate(model, tokenizer, prompts, sampled, seed=1)]
+    assert [g.tokens for g in a] != [g.tokens for g in generate(model, tokenizer, prompts, sampled, seed=2)]
+    greedy = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=8))
+    assert [g.tokens for g in a] != [g.tokens for g in greedy]
+    with pytest.raises(ConfigError, match="temperature"):
+        DecodeSettings(temperature=-1.0)

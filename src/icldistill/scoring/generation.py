@@ -34,12 +34,15 @@ class DecodeSettings:
     stop: tuple[str, ...] = ()
     batch_size: int = 8
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks compare paths at equal lengths)
+    temperature: float = 0.0  # 0: greedy; above 0: sampled (on-policy distillation), seeded by generate's seed
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens}).")
         if self.batch_size < 1:
             raise ConfigError(f"the generation batch size must be at least 1 (got {self.batch_size}).")
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"the sampling temperature must be >= 0 (got {self.temperature}; 0 is greedy).")
         if any(not s for s in self.stop):
             raise ConfigError("a stop sequence is empty: remove it (EOS always ends an answer).")
 
@@ -143,9 +146,17 @@ class _Rows:
         return out
 
 
+def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(rows,) next token ids from (rows, vocab) logits: the argmax, or a sample at ``temperature``."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
 def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: Sequence[Sequence[int]],
-                  rows: _Rows, pad_id: int) -> None:
-    """Greedy decoding of one batch of queries (left-padded after the prefix) until every row has ended."""
+                  rows: _Rows, pad_id: int, generator: torch.Generator | None = None) -> None:
+    """Decoding of one batch of queries (left-padded after the prefix) until every row has ended."""
     device = model.device
     n, width = len(queries), max(len(q) for q in queries)
     past = prefix.length if prefix is not None else 0
@@ -163,7 +174,7 @@ def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: S
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1)
             cache = out.cache
-            next_ids = out.logits[:, -1, :].argmax(dim=-1)
+            next_ids = _next_tokens(out.logits[:, -1, :], rows.settings.temperature, generator)
             rows.add(next_ids.tolist())
             if rows.done:
                 return
@@ -172,10 +183,12 @@ def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: S
             positions = positions[:, -1:] + 1
 
 
-def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
                     settings: DecodeSettings = DecodeSettings(), *, use_prefix_cache: bool = True,
-                    progress: Any = None) -> list[Generated]:
-    """Greedy answers to token-id ``prompts`` (each whole: context + query), in the order given.
+                    progress: Any = None, seed: int = 0) -> list[Generated]:
+    """Answers to token-id ``prompts`` (each whole: context + query), in the order given: greedy, or
+    sampled at ``settings.temperature`` from a generator seeded with ``seed`` (the same seed, prompts and
+    batch size give the same samples).
 
     With ``use_prefix_cache`` the prompts' common token prefix is computed once and shared; without, each
     prompt is decoded whole (the naive reference). ``progress`` is an optional callable taking the number
@@ -197,9 +210,10 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = frozenset() if settings.ignore_eos else eos_token_ids(model, tokenizer)
     results: list[Generated | None] = [None] * len(prompts)
+    generator = torch.Generator().manual_seed(seed) if settings.temperature > 0 else None
     for batch in _batches(queries, settings.batch_size, has_sliding_window(model)):
         rows = _Rows(tokenizer, len(batch), settings, eos)
-        _decode_batch(model, prefix, [queries[i] for i in batch], rows, pad_id)
+        _decode_batch(model, prefix, [queries[i] for i in batch], rows, pad_id, generator)
         for i, generated in zip(batch, rows.results()):
             results[i] = generated
         if progress is not None:

@@ -1,0 +1,221 @@
+"""Greedy generation of many prompts that share a token prefix, the prefix's KV cache computed once.
+
+The prompts of one context (demonstrations, or an instruction, then a query) are tokenized whole; their
+longest common token prefix is run through the model once (``prefix_cache.PrefixCache``) and every batch
+of queries continues from it: the batch's cache starts as views of the prefix's keys and values, the
+queries are left-padded *after* the prefix (the pads masked, position ids counted without them), and
+decoding appends one token per row per step. So the context costs one forward pass per context, not one
+per query, and decoding runs in batches of ``batch_size`` rows.
+
+``use_prefix_cache=False`` runs the same loop on each whole prompt (the naive path, also the reference of
+the equality tests). Models with a sliding attention window count pads inside the window, so for them a
+batch holds queries of one length only (no pads, the same numbers); families the prefix cache does not
+support fall back to the naive path (``prefix_cache`` warns once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from icldistill.errors import ConfigError
+from icldistill.scoring.encoding import common_prefix_length
+from icldistill.scoring.prefix_cache import PrefixCache
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How answers are decoded: greedily, up to ``max_new_tokens``, ending at EOS or a stop sequence."""
+
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    batch_size: int = 8
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks compare paths at equal lengths)
+    temperature: float = 0.0  # 0: greedy; above 0: sampled (on-policy distillation), seeded by generate's seed
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens}).")
+        if self.batch_size < 1:
+            raise ConfigError(f"the generation batch size must be at least 1 (got {self.batch_size}).")
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"the sampling temperature must be >= 0 (got {self.temperature}; 0 is greedy).")
+        if any(not s for s in self.stop):
+            raise ConfigError("a stop sequence is empty: remove it (EOS always ends an answer).")
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One answer: its new token ids (up to, not including, EOS), its text cut at the first stop sequence,
+    and why it ended (``eos``, ``stop`` or ``length``)."""
+
+    tokens: tuple[int, ...]
+    text: str
+    finish: str
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every id that ends an answer: the generation config's EOS ids (instruct models list several, e.g.
+    Qwen's ``<|im_end|>`` and ``<|endoftext|>``) and the tokenizer's EOS."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def has_sliding_window(model: PreTrainedModel) -> bool:
+    """Whether some attention layer sees only a window of positions (then pads would take window slots)."""
+    config = model.config
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return True
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+
+
+def _batches(queries: Sequence[Sequence[int]], size: int, equal_lengths: bool) -> list[list[int]]:
+    """Query indices in batches, longest first (less padding); with ``equal_lengths`` one length a batch."""
+    order = sorted(range(len(queries)), key=lambda i: (-len(queries[i]), i))
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        fits = last is not None and len(last) < size
+        if fits and equal_lengths:
+            fits = len(queries[last[0]]) == len(queries[i])
+        if fits:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def prefix_for_rows(prefix: PrefixCache, rows: int) -> Any:
+    """The prefix's cache for a batch of ``rows``: views expanded along the batch, never copied here."""
+    cache = prefix.for_pass()  # its layers are fresh objects over the prefix's tensors
+    if cache is not None and rows != 1:
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+    return cache
+
+
+class _Rows:
+    """The decoding state of one batch: tokens so far, which rows are done, and why."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, n: int, settings: DecodeSettings, eos: frozenset[int]):
+        self.tokenizer, self.settings, self.eos = tokenizer, settings, eos
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+
+    def add(self, next_ids: list[int]) -> None:
+        for i, token in enumerate(next_ids):
+            if self.finish[i] is not None:
+                continue
+            if token in self.eos:
+                self.finish[i] = "eos"
+                continue
+            self.tokens[i].append(token)
+            if self.settings.stop and self._stopped(i):
+                self.finish[i] = "stop"
+            elif len(self.tokens[i]) >= self.settings.max_new_tokens:
+                self.finish[i] = "length"
+
+    def _stopped(self, i: int) -> bool:
+        # Only the tail can hold a stop sequence that the previous step did not: decode a few tokens more
+        # than the longest stop sequence could need (a token holds at least one character).
+        tail = self.tokens[i][-(max(map(len, self.settings.stop)) + 8):]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return any(s in text for s in self.settings.stop)
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def results(self) -> list[Generated]:
+        out = []
+        for tokens, finish in zip(self.tokens, self.finish):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            for s in self.settings.stop:
+                text = text.split(s, 1)[0]
+            out.append(Generated(tuple(tokens), text, finish or "length"))
+        return out
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(rows,) next token ids from (rows, vocab) logits: the argmax, or a sample at ``temperature``."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
+def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: Sequence[Sequence[int]],
+                  rows: _Rows, pad_id: int, generator: torch.Generator | None = None) -> None:
+    """Decoding of one batch of queries (left-padded after the prefix) until every row has ended."""
+    device = model.device
+    n, width = len(queries), max(len(q) for q in queries)
+    past = prefix.length if prefix is not None else 0
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    own = torch.zeros((n, width), dtype=torch.long)
+    for i, q in enumerate(queries):
+        ids[i, width - len(q):] = torch.tensor(q, dtype=torch.long)
+        own[i, width - len(q):] = 1
+    mask = torch.cat([torch.ones((n, past), dtype=torch.long), own], dim=1).to(device)
+    positions = (past + own.cumsum(dim=1) - 1).clamp(min=past).to(device)  # pads do not advance a position
+    cache = prefix_for_rows(prefix, n) if prefix is not None else None
+    step_ids = ids.to(device)
+    with torch.no_grad():
+        while True:
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True, logits_to_keep=1)
+            cache = out.cache
+            next_ids = _next_tokens(out.logits[:, -1, :], rows.settings.temperature, generator)
+            rows.add(next_ids.tolist())
+            if rows.done:
+                return
+            step_ids = next_ids[:, None]
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+            positions = positions[:, -1:] + 1
+
+
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
+                    settings: DecodeSettings = DecodeSettings(), *, use_prefix_cache: bool = True,
+                    progress: Any = None, seed: int = 0) -> list[Generated]:
+    """Answers to token-id ``prompts`` (each whole: context + query), in the order given: greedy, or
+    sampled at ``settings.temperature`` from a generator seeded with ``seed`` (the same seed, prompts and
+    batch size give the same samples).
+
+    With ``use_prefix_cache`` the prompts' common token prefix is computed once and shared; without, each
+    prompt is decoded whole (the naive reference). ``progress`` is an optional callable taking the number
+    of prompts finished since its last call (a tqdm's ``update``).
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("a prompt is empty: every prompt needs at least one token to continue from.")
+    prefix: PrefixCache | None = None
+    split = 0
+    if use_prefix_cache:
+        prefix = PrefixCache(model, list(prompts[0][:common_prefix_length(prompts)]))
+        if prefix.unsupported is not None or prefix.length == 0:
+            prefix = None  # the family cannot share a cache (PrefixCache says why), or nothing is shared
+        else:
+            split = prefix.length
+    queries = [list(p[split:]) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = frozenset() if settings.ignore_eos else eos_token_ids(model, tokenizer)
+    results: list[Generated | None] = [None] * len(prompts)
+    generator = torch.Generator().manual_seed(seed) if settings.temperature > 0 else None
+    for batch in _batches(queries, settings.batch_size, has_sliding_window(model)):
+        rows = _Rows(tokenizer, len(batch), settings, eos)
+        _decode_batch(model, prefix, [queries[i] for i in batch], rows, pad_id, generator)
+        for i, generated in zip(batch, rows.results()):
+            results[i] = generated
+        if progress is not None:
+            progress(len(batch))
+    return [r for r in results if r is not None]

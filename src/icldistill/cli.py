@@ -152,6 +152,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
+    from icldistill.tasks.generation import generation_task_files, is_generation_file
     from icldistill.tasks.registry import BUILTIN_DIR, TASKS_ENV, family_of, get_task, task_files
 
     o: TasksOptions = _options(args)
@@ -159,6 +160,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         return _show_task(o)
     rows = [["task", "classes", "patterns", "evaluation sets (default first)", "file"]]
     for name, path in task_files().items():
+        if is_generation_file(path):
+            continue  # listed below with the built-in generation tasks
         try:
             task = get_task(str(path))
         except IcldError as exc:
@@ -170,6 +173,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                      ",".join(task.default_eval) + (" | " + ",".join(others) if others else ""),
                      "built-in" if path.parent == BUILTIN_DIR else str(path)])
     print(format_table(rows))
+    generation = generation_task_files()
+    if generation:
+        print("\nGeneration tasks (icld generate / gen-distill): " + ", ".join(generation))
     print(f"\nMore task directories: ${TASKS_ENV}; any task file works as --task FILE.yaml. "
           "Details: icld tasks show NAME.")
     return 0

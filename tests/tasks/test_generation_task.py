@@ -17,7 +17,8 @@ from icldistill.tasks.generation import (
 )
 
 GSM8K = {"type": "generation", "name": "gsm8k", "inputs": ["question"], "template": "Question: {question}\nAnswer:",
-         "answer_column": "answer", "shots": 2, "stop": ["\n\nQuestion:"], "max_new_tokens": 64}
+         "answer_column": "answer", "shots": 2, "stop": ["\n\nQuestion:"], "max_new_tokens": 64,
+         "train": "gsm8k/train.jsonl.gz", "eval": {"gsm8k": "gsm8k/test.jsonl.gz"}}
 
 
 def task(**changes):
@@ -93,3 +94,44 @@ def test_chat_template_renders_turns():
     tok.chat_template = None
     with pytest.raises(ConfigError, match="no chat template"):
         render_prompt(task(chat_template="yes"), rows(3)[2], demos, tok)
+
+
+def test_the_builtin_gsm8k_task_reads_the_real_data():
+    import os
+
+    from icldistill.tasks.generation import get_generation_task, load_rows
+
+    data = os.environ.get("ICLDISTILL_DATA")
+    if not data or not (Path(data) / "gsm8k").is_dir():
+        pytest.skip("the shared data is not here")
+    t = get_generation_task("gsm8k")
+    test = load_rows(t, t.eval["gsm8k"], data)
+    assert len(test) == 1319 and test[0].id == "gsm8k-test-00000" and test[0].reference.endswith("#### 18")
+    assert t.train is not None and len(load_rows(t, t.train, data)) == 7473
+
+
+def test_user_task_with_a_carve_and_lookup(tmp_path, monkeypatch):
+    from icldistill.tasks.generation import get_generation_task, is_generation_file, load_rows
+
+    rows = "".join(f'{{"id": "r{i}", "q": "question {i}", "a": "#### {i}"}}\n' for i in range(20))
+    (tmp_path / "rows.jsonl").write_text(rows, encoding="utf-8")
+    (tmp_path / "mine.yaml").write_text(
+        "type: generation\ninputs: [q]\ntemplate: 'Q: {q}\\nA:'\nanswer_column: a\n"
+        "train: {path: rows.jsonl, carve: {part: train, eval_rows: 5}}\n"
+        "eval: {held: {path: rows.jsonl, carve: {part: eval, eval_rows: 5}}}\n", encoding="utf-8")
+    monkeypatch.setenv("ICLDISTILL_TASKS", str(tmp_path))
+    assert is_generation_file(tmp_path / "mine.yaml")
+    t = get_generation_task("mine")
+    train, held = load_rows(t, t.train), load_rows(t, t.eval["held"])
+    assert len(train) == 15 and len(held) == 5 and not {r.id for r in train} & {r.id for r in held}
+    with pytest.raises(ConfigError, match="Did you mean: mine"):
+        get_generation_task("mien")
+
+
+def test_classification_commands_refuse_a_generation_task(tmp_path):
+    from icldistill.tasks.registry import get_task
+
+    path = tmp_path / "gen.yaml"
+    path.write_text("type: generation\ninputs: [q]\ntemplate: '{q}'\neval: {a: x.jsonl}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="is a generation task"):
+        get_task(str(path))

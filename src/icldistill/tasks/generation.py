@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from icldistill.errors import ConfigError
+import yaml
+
+from icldistill.errors import ConfigError, DataError, did_you_mean
+from icldistill.tasks import data as data_mod
+from icldistill.tasks.spec import BUILTIN_DIR, Carve, task_dirs
 
 GENERATION_KEYS = ("type", "name", "description", "inputs", "template", "answer_column", "answer_template",
                    "instruction", "instruction_file", "shots", "stop", "max_new_tokens", "chat_template",
                    "extractor", "answer_pattern", "id_column", "train", "eval", "default_eval")
+SOURCE_KEYS = ("path", "carve")
+GENERATION_DIR = BUILTIN_DIR / "generation"
+"""The built-in generation tasks (apart from the classification tasks, whose loader reads BUILTIN_DIR)."""
 CHAT_TEMPLATE = ("auto", "yes", "no")
 """``auto``: the tokenizer's chat template when it has one (instruct models), else the plain rendering."""
 
@@ -35,14 +43,24 @@ class GenerationRow:
 
 
 @dataclass(frozen=True)
+class GenerationSource:
+    """Where a split's rows live: a file (relative to ``base_dir``, or to the data directory when None) and an
+    optional seeded carve of it (a file that is split into train and evaluation rows, as in AG News)."""
+
+    path: str
+    base_dir: str | None = None
+    carve: Carve | None = None
+
+
+@dataclass(frozen=True)
 class GenerationTask:
     """A generation task file, resolved: what the student answers, and what context the teacher sees."""
 
     name: str
     inputs: tuple[str, ...]
     template: str
-    train: str | None = None
-    eval: Mapping[str, str] = field(default_factory=dict)
+    train: GenerationSource | None = None
+    eval: Mapping[str, GenerationSource] = field(default_factory=dict)
     answer_column: str | None = None
     answer_template: str = " {answer}"
     instruction: str = ""
@@ -107,15 +125,99 @@ def parse_generation_task(raw: Mapping[str, Any], path: Path) -> GenerationTask:
     stop = raw.get("stop") or []
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     eval_sets = raw.get("eval") or {}
-    if not isinstance(eval_sets, Mapping):
-        raise ConfigError(f"{where}: eval: give a mapping of set names to files.")
+    if not isinstance(eval_sets, Mapping) or not eval_sets:
+        raise ConfigError(f"{where}: eval: give a mapping of set names to files (at least one).")
+    base = None if path.parent.resolve() == GENERATION_DIR.resolve() else str(path.parent)
+    train = _source(raw["train"], base, f"{where}: train") if raw.get("train") else None
     return GenerationTask(
-        name=str(raw.get("name") or path.stem), inputs=inputs, template=template, train=raw.get("train"),
-        eval={str(k): str(v) for k, v in eval_sets.items()}, answer_column=raw.get("answer_column"),
+        name=str(raw.get("name") or path.stem), inputs=inputs, template=template, train=train,
+        eval={str(k): _source(v, base, f"{where}: eval.{k}") for k, v in eval_sets.items()},
+        answer_column=raw.get("answer_column"),
         answer_template=str(raw.get("answer_template", " {answer}")), instruction=instruction, shots=shots,
         stop=stop, max_new_tokens=max_new, chat_template=chat, extractor=str(raw.get("extractor", "gsm8k")),
         answer_pattern=raw.get("answer_pattern"), id_column=raw.get("id_column", "id"),
         description=str(raw.get("description", "")))
+
+
+def _source(value: Any, base_dir: str | None, where: str) -> GenerationSource:
+    """A ``train`` / ``eval`` entry: a path, or ``{path, carve: {part, eval_rows, seed}}``."""
+    if isinstance(value, str) and value:
+        return GenerationSource(value, base_dir)
+    if not isinstance(value, Mapping) or not isinstance(value.get("path"), str):
+        raise ConfigError(f"{where}: give a file path, or a mapping with path (and carve).")
+    unknown = [k for k in value if k not in SOURCE_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(SOURCE_KEYS)}).")
+    carve = None
+    if value.get("carve") is not None:
+        c = value["carve"]
+        if not isinstance(c, Mapping) or c.get("part") not in ("train", "eval") or "eval_rows" not in c:
+            raise ConfigError(f"{where}: carve: give part (train or eval) and eval_rows (and seed).")
+        carve = Carve(str(c["part"]), c["eval_rows"], int(c.get("seed", 0)))
+    return GenerationSource(value["path"], base_dir, carve)
+
+
+def generation_task_files() -> dict[str, Path]:
+    """Generation task name -> file: the built-in ones, then ``type: generation`` files in ``$ICLDISTILL_TASKS``."""
+    found = {p.stem: p for p in sorted(GENERATION_DIR.glob("*.yaml"))}
+    for directory in task_dirs()[1:]:
+        for candidate in sorted(directory.glob("*.y*ml")) if directory.is_dir() else []:
+            if candidate.stem not in found and is_generation_file(candidate):
+                found[candidate.stem] = candidate
+    return found
+
+
+def is_generation_file(path: Path) -> bool:
+    """Whether a YAML task file declares ``type: generation`` (unreadable files are not: their loader says why)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, Mapping) and raw.get("type") == "generation"
+
+
+def get_generation_task(name: str) -> GenerationTask:
+    """A generation task by name (built-in or in ``$ICLDISTILL_TASKS``) or by the path of its YAML file."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"Task file {path} does not exist.")
+    else:
+        files = generation_task_files()
+        if name not in files:
+            raise ConfigError(f"Unknown generation task '{name}'.{did_you_mean(name, files)} Known generation tasks: "
+                              f"{', '.join(files) or 'none'} (or pass a task file with type: generation).")
+        path = files[name]
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Task file {path} cannot be read: {exc}.") from None
+    if not isinstance(raw, Mapping) or raw.get("type") != "generation":
+        raise ConfigError(f"{path}: not a generation task (it needs type: generation); classification tasks run "
+                          "with icl / pbft / distill.")
+    return parse_generation_task(raw, path)
+
+
+def load_rows(task: GenerationTask, source: GenerationSource, data_dir: str | Path | None = None
+              ) -> list[GenerationRow]:
+    """The rows of one split, read by the one reader (``tasks.data.read_rows``) and carved when asked."""
+    given = Path(source.path).expanduser()
+    if source.base_dir is not None and not given.is_absolute():
+        path = Path(source.base_dir) / given
+    elif given.is_absolute():
+        path = given
+    else:
+        directory = data_mod.resolve_data_dir(data_dir)
+        if directory is None:
+            raise DataError(f"{task.name}: no data directory for {source.path}: pass --data-dir or set "
+                            "$ICLDISTILL_DATA.")
+        path = directory / given
+    if not path.exists():
+        raise DataError(f"{task.name}: data file {path} does not exist.")
+    records = [row for _, row in data_mod.read_rows(path)]
+    if source.carve is not None:
+        records = [records[i] for i in data_mod.carve_indices(len(records), source.carve)]
+    return rows_from_records(task, records, str(path))
 
 
 def rows_from_records(task: GenerationTask, records: Sequence[Mapping[str, Any]], where: str) -> list[GenerationRow]:

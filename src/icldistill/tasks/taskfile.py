@@ -69,6 +69,9 @@ def resolve_mapping(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         chain = " -> ".join(Path(p).name for p in (*seen, str(path)))
         raise TaskFileError(f"{path}: base: the variants form a cycle ({chain}).")
     raw = _read_yaml(path)
+    if raw.get("type") == "generation":
+        raise TaskFileError(f"{path} is a generation task (type: generation): run it with icld generate or "
+                            "icld gen-distill, not with the classification commands.")
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise TaskFileError(f"{path}: unknown key "

@@ -61,8 +61,33 @@ TRACKERS = ("none", "tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearm
 
 
 @dataclass
-class CommonOptions:
-    """Options shared by every method: what to run on, how to prompt, where to write."""
+class RunOptions:
+    """Options of every run, classification or generation: seeds, sizes, devices, where to read and write."""
+
+    seeds: list[int] = option([0], "Data seeds, comma-separated; each draws its own demonstrations.", min=0,
+                              max=MAX_SEED, distinct=True)
+    limit: int | None = option(None, "Evaluate on at most this many queries per evaluation set (seeded sample).", min=1)
+    batch_size: int = option(16, "Queries scored per forward pass.", min=1)
+    dtype: str = option("auto", "Model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.",
+                        choices=("auto", "bf16", "fp16", "fp32"))
+    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.")
+    data_dir: str | None = option(None, "Directory of JSON Lines data (default: $ICLDISTILL_DATA).")
+    cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE "
+                                         "or ~/.cache/icldistill).")
+    output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
+    overwrite: bool = option(False, "Replace another run found in output_dir (its results, seeds and checkpoints are deleted) instead of refusing.")
+    prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache "
+                                      "scores every full prompt).")
+    revision: str | None = option(
+        None, "Hub models only: the branch, tag or commit to load (for distill: the student's; see "
+        "--teacher-revision). The resolved commit enters the records and the teacher-cache key.")
+    trust_remote_code: bool = option(False, "Hub models only: allow a model's own Python code to run (transformers' "
+                                            "trust_remote_code).")
+
+
+@dataclass
+class CommonOptions(RunOptions):
+    """Options shared by the classification methods: the task, its prompt and demonstrations."""
 
     task: str = option("mnli", "Training task: a name (see `icld tasks`) or a task file (my_task.yaml); "
                                "demonstrations and training queries come from its train data.")
@@ -76,8 +101,6 @@ class CommonOptions:
     demonstrations: str | None = option(None, "A data file of demonstrations (the task's columns and label) used "
                                         "in file order for every seed instead of drawn ones; --shots is then its "
                                         "row count.")
-    seeds: list[int] = option([0], "Data seeds, comma-separated; each draws its own demonstrations.", min=0,
-                              max=MAX_SEED, distinct=True)
     pattern: str | None = option(
         None,
         "Prompt pattern (default: the task's, gpt3 for NLI): a name (gpt3, minimal, eval-harness, or a "
@@ -89,31 +112,14 @@ class CommonOptions:
         "their spaces, e.g. ' Yes, No'; a comma inside a word is written '\\,' (or give a YAML list).",
         keep_spaces=True,
     )
-    limit: int | None = option(None, "Evaluate on at most this many queries per evaluation set (seeded sample).", min=1)
-    batch_size: int = option(16, "Queries scored per forward pass.", min=1)
-    dtype: str = option("auto", "Model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.",
-                        choices=("auto", "bf16", "fp16", "fp32"))
-    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.")
-    data_dir: str | None = option(None, "Directory of JSON Lines data (default: $ICLDISTILL_DATA).")
     data_source: str = option(
         "auto", "Where data comes from: local (data_dir), hub (Hugging Face datasets), auto (local if set).",
         choices=("auto", "local", "hub"),
     )
-    cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE "
-                                         "or ~/.cache/icldistill).")
-    output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
-    overwrite: bool = option(False, "Replace another run found in output_dir (its results, seeds and checkpoints are deleted) instead of refusing.")
     label_score: str = option(
         "sum", "A class's score from its label word's tokens: sum (the word's log-probability, as lm-eval's "
         "multiple choice) or mean (length-normalised). One-token words score the same either way.",
         choices=("sum", "mean"))
-    prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache "
-                                      "scores every full prompt).")
-    revision: str | None = option(
-        None, "Hub models only: the branch, tag or commit to load (for distill: the student's; see "
-        "--teacher-revision). The resolved commit enters the records and the teacher-cache key.")
-    trust_remote_code: bool = option(False, "Hub models only: allow a model's own Python code to run (transformers' "
-                                            "trust_remote_code).")
 
 
 @dataclass
@@ -233,6 +239,58 @@ def _same_as(cls: type, name: str, default: Any = _UNSET, help: str | None = Non
 
 
 _FROM_MODEL = " (default: the one the model was trained or exported with, else the task's)"
+
+
+@dataclass
+class GenerationOptions(RunOptions):
+    """Options of the generation methods: a task with free-form answers and the context the teacher sees."""
+
+    task: str = option("gsm8k", "Generation task: a name (see `icld tasks`) or a task file with type: generation.")
+    eval: list[str] | None = option(None, "Evaluation sets of the task, comma-separated (default: all of them).")
+    shots: int | None = option(None, "Demonstrations in the context (default: the task's shots; 0: the task's "
+                                     "instruction alone).", min=0)
+    max_new_tokens: int | None = option(None, "Longest answer in tokens (default: the task's).", min=1)
+    chat_template: str | None = option(None, "Render prompts with the tokenizer's chat template: auto, yes or no "
+                                             "(default: the task's).", choices=("auto", "yes", "no"))
+
+
+@dataclass
+class GenerateOptions(GenerationOptions):
+    """Greedy generation with or without the context (ICL for generation), scored against the references."""
+
+    model: str = option("qwen2.5-coder-0.5b", "Model: packaged name, Hugging Face id, local directory or .gguf file.")
+    context: bool = option(True, "Give the model the task's context (instruction + demonstrations); --no-context "
+                                 "is the student's zero-shot baseline.")
+
+
+SIGNALS = ("sequence", "token", "on-policy", "reference")
+"""Where a generation student's targets come from: the teacher's answers (sequence), the teacher's top-k
+log-probabilities at every answer token (token), the teacher scoring the student's own samples (on-policy),
+or the references themselves (reference: supervised fine-tuning, the labelled baseline)."""
+
+
+@dataclass
+class GenDistillOptions(GenerationOptions, TrainOptions):
+    """Context distillation for generation: a student without the context learns the teacher's answers with it."""
+
+    teacher: str = option("qwen2.5-coder-1.5b", "Teacher model (sees the context: instruction and demonstrations).")
+    student: str = option("qwen2.5-coder-0.5b", "Student model (sees the query alone; this is what trains).")
+    signal: str = option("sequence", "Teacher signal: sequence (fine-tune on the teacher's answers; any tokenizers), "
+                                     "token (top-k KL at every answer token; one tokenizer), on-policy (the teacher "
+                                     "scores the student's own samples; one tokenizer) or reference (SFT on the "
+                                     "references: no teacher).", choices=SIGNALS)
+    train_queries: int = option(64, "Training queries drawn from the train split, disjoint from the demonstrations.",
+                                min=1)
+    alpha: float = option(1.0, "token signal: alpha * KL + (1 - alpha) * CE on the teacher's answer tokens.",
+                          min=0.0, max=1.0)
+    temperature: float = option(1.0, "Softmax temperature of the KL / JSD terms (scaled by T^2).", above=0.0)
+    teacher_topk: int = option(64, "token signal: the teacher's top-k log-probabilities kept per answer token.",
+                               min=1)
+    beta: float = option(1.0, "on-policy signal: generalised JSD weight (0: forward KL, 1: reverse KL as OPCD).",
+                         min=0.0, max=1.0)
+    sample_temperature: float = option(1.0, "on-policy signal: temperature of the student's samples.", above=0.0)
+    resample_every: int = option(1, "on-policy signal: draw new student samples every N epochs.", min=1)
+    teacher_revision: str | None = option(None, "Hub teacher only: the branch, tag or commit to load.")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from icldistill.config import DistillOptions, IclOptions, PbftOptions
+from icldistill.config import DistillOptions, GenDistillOptions, GenerateOptions, IclOptions, PbftOptions
 from icldistill.errors import ConfigError
 
 
@@ -51,6 +51,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                "Pattern-based fine-tuning on the k support examples."),
     MethodSpec("distill", DistillOptions, "icldistill.methods.distill:run_distill", True, _TRAINED_FILES,
                "Context distillation: teacher with demonstrations -> student without."),
+    MethodSpec("generate", GenerateOptions, "icldistill.methods.generate:run_generate", False, ("predictions.jsonl",),
+               "Generation: answers with (or without) the task's context, scored by exact match and token F1."),
 )}
 
 TRAINED = tuple(name for name, spec in METHODS.items() if spec.trains)

@@ -21,7 +21,7 @@ import yaml
 
 from icldistill.errors import ConfigError, DataError, did_you_mean
 from icldistill.tasks import data as data_mod
-from icldistill.tasks.spec import BUILTIN_DIR, Carve, task_dirs
+from icldistill.tasks.spec import BUILTIN_DIR, Carve, task_dirs, task_files
 
 GENERATION_KEYS = ("type", "name", "description", "inputs", "template", "answer_column", "answer_template",
                    "instruction", "instruction_file", "shots", "stop", "max_new_tokens", "chat_template",
@@ -184,6 +184,9 @@ def get_generation_task(name: str) -> GenerationTask:
             raise ConfigError(f"Task file {path} does not exist.")
     else:
         files = generation_task_files()
+        if name not in files and name in task_files():
+            raise ConfigError(f"'{name}' is a classification task: run it with icl, pbft or distill. Generation "
+                              f"tasks: {', '.join(files) or 'none'}.")
         if name not in files:
             raise ConfigError(f"Unknown generation task '{name}'.{did_you_mean(name, files)} Known generation tasks: "
                               f"{', '.join(files) or 'none'} (or pass a task file with type: generation).")

@@ -138,6 +138,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
                 "SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to fp32; "
                 "30 layers, d=576, BPE vocabulary of 49,152, no BOS token"
             ),
+            upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         PackagedModel(
             name="gemma3-270m",
@@ -158,6 +159,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
                 "google/gemma-3-270m (base), Q4_K_M GGUF dequantised to fp32; 18 layers, d=640, "
                 "SentencePiece vocabulary of 262,144, adds BOS"
             ),
+            upstream="google/gemma-3-270m",
         ),
         # The Qwen pair: one family and one tokenizer (151,936 ids), so vocabulary-level KL and
         # self-distillation run on real weights. The package names are a third party's: the

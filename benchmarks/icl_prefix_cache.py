@@ -31,9 +31,9 @@ import time
 import torch
 
 from icldistill.config import IclOptions, build_config
-from icldistill.scoring.evalsets import encode_prompts
 from icldistill.methods.common import prepare
 from icldistill.models.loading import load_model
+from icldistill.scoring.evalsets import encode_prompts
 from icldistill.scoring.prefix_cache import PrefixCache, label_token_ids, score_queries
 
 

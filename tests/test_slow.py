@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from icldistill.config import DistillOptions, IclOptions, build_config
-from icldistill.scoring.evalsets import encode_prompts, score_prompts
-from icldistill.tasks.prompts import demonstration_prefix
 from icldistill.methods.common import prepare
 from icldistill.models.loading import load_model
+from icldistill.scoring.evalsets import encode_prompts, score_prompts
 from icldistill.scoring.prefix_cache import score_queries
+from icldistill.tasks.prompts import demonstration_prefix
 
 pytestmark = pytest.mark.slow
 

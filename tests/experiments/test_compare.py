@@ -7,8 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.errors import IcldError
 from icldistill.experiments.compare import compare_runs, mcnemar_exact, paired_bootstrap

@@ -25,7 +25,6 @@ from icldistill.experiments.grid import (
     load_experiment,
     validate_file,
 )
-from icldistill.models.packaged import PACKAGED_MODELS
 from icldistill.experiments.results import (
     COLUMNS,
     SUBCASE_COLUMNS,
@@ -35,6 +34,7 @@ from icldistill.experiments.results import (
     collect_subcases,
 )
 from icldistill.experiments.sweep import LOCK_FILE, CellLock, run_sweep
+from icldistill.models.packaged import PACKAGED_MODELS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

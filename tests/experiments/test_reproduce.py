@@ -6,9 +6,9 @@ import json
 
 from icldistill.cli import main
 from icldistill.config import IclOptions, PbftOptions, build_config
+from icldistill.experiments.reproduce import reproduce
 from icldistill.methods.icl import run_icl
 from icldistill.methods.pbft import run_pbft
-from icldistill.experiments.reproduce import reproduce
 
 
 def _icl(tmp_path, data_dir, tiny_dirs):

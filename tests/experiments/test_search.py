@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.config import DistillOptions, PbftOptions
 from icldistill.experiments.search import NOT_SEARCHABLE, parse_search_space

@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from icldistill.cli import main
-from icldistill.errors import IcldError
 from icldistill.experiments.grid import ExperimentError
 from icldistill.experiments.tune import (
     PLAN_FILE,
@@ -29,7 +28,6 @@ from icldistill.experiments.tune import (
     finish,
     load_study,
     load_tuning,
-    open_study,
     plan_from_spec,
     run_study,
     trials_table,

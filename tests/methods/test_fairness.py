@@ -13,8 +13,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from tiny import make_model, make_tokenizer, toy_training_problem
 
 from icldistill.config import DistillOptions, IclOptions, PbftOptions, TrainOptions, build_config

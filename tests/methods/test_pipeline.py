@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from icldistill.cli import main
-from icldistill.config import DistillOptions, EvalOptions, PbftOptions, PredictOptions, build_config
+from icldistill.config import EvalOptions, PbftOptions, PredictOptions, build_config
 from icldistill.errors import IcldError
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from tokenizers import decoders as tokenizer_decoders
+from tokenizers import Tokenizer, decoders as tokenizer_decoders, models, pre_tokenizers, trainers
 from transformers import (
     Gemma3Config,
     Gemma3TextConfig,
@@ -30,9 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from icldistill.models import loading as m
-from icldistill.models import packaged as p
 from icldistill.errors import ModelError
+from icldistill.models import loading as m, packaged as p
 from icldistill.runtime.paths import default_cache_dir
 
 CORPUS = [

@@ -23,8 +23,8 @@ import pytest
 import torch
 import yaml
 
-from icldistill.runtime import distributed
 from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_config
+from icldistill.runtime import distributed
 
 TOL = 1e-5
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"

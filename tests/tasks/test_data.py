@@ -13,13 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from icldistill.tasks import data
-from icldistill.tasks.data import Example, parse_rows, subsample
 from icldistill.errors import DataError
 from icldistill.runtime.paths import DATA_ENV
+from icldistill.tasks import data
+from icldistill.tasks.data import Example, parse_rows, subsample
 from icldistill.tasks.registry import EVAL_SETS, TASKS
 
 FEW = settings(max_examples=30, deadline=None, derandomize=True)

@@ -7,11 +7,10 @@ import random
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from icldistill.tasks.data import Example
 from icldistill.errors import PromptError
+from icldistill.tasks.data import Example
 from icldistill.tasks.prompts import (
     SEPARATOR,
     Pattern,

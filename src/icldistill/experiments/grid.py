@@ -15,14 +15,14 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from icldistill.config import DistillOptions, build_config, load_yaml, parse_value, to_dict, validate
 from icldistill.errors import ConfigError, IcldError
-from icldistill.methods.registry import METHODS as COMMANDS
-from icldistill.methods.registry import MethodSpec
+from icldistill.methods.registry import METHODS as COMMANDS, MethodSpec
 
 CELLS_DIR = "cells"
 

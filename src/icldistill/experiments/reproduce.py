@@ -8,8 +8,9 @@ configuration gives the same numbers" is something a user can check, not only a 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from icldistill.config import build_config
 from icldistill.methods.registry import get_method

@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from icldistill.config import _base_type, field_types, parse_value, validate
 from icldistill.errors import ConfigError

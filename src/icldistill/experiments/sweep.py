@@ -14,9 +14,10 @@ import socket
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from icldistill.config import to_dict
 from icldistill.errors import ConfigError, IcldError

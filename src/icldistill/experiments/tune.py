@@ -27,16 +27,16 @@ import fcntl
 import logging
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from icldistill.config import load_yaml, to_dict
 from icldistill.errors import IcldError
 from icldistill.experiments.grid import METHODS, ExperimentError, expand
 from icldistill.experiments.search import SearchSpace, parse_search_space
-from icldistill.methods.registry import METHODS as COMMANDS
-from icldistill.methods.registry import TRAINED
+from icldistill.methods.registry import METHODS as COMMANDS, TRAINED
 from icldistill.runtime.records import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ class _TrialSlot:
     def __init__(self, path: Path):
         self.path, self.handle = path, None
 
-    def __enter__(self) -> "_TrialSlot":
+    def __enter__(self) -> _TrialSlot:
         self.handle = open(self.path, "a+")
         fcntl.flock(self.handle, fcntl.LOCK_EX)
         return self

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ class StudentBatchBuilder:
     continuations: list[list[list[int]]]
 
     @classmethod
-    def build(cls, model: LoadedModel, setup: Setup, examples: Sequence[Example]) -> "StudentBatchBuilder":
+    def build(cls, model: LoadedModel, setup: Setup, examples: Sequence[Example]) -> StudentBatchBuilder:
         texts = [setup.pattern.render(ex.fields) for ex in examples]
         tokens = tokenize_prompts(model.tokenizer, "", texts, setup.pattern.label_words, model.name)
         ids = [tokens.prefix_ids + q for q in tokens.query_ids]

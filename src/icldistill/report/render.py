@@ -13,19 +13,19 @@ import html
 import logging
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
 from icldistill.errors import IcldError
 from icldistill.report.plots import FigureResult, make_figures
-from icldistill.runtime.records import atomic_write_text
 from icldistill.report.tables import (
     _FAILED,
-    OOD_CHANCE,
     METHOD_LABELS,
+    OOD_CHANCE,
     _first_series,
     _fmt_alpha,
     _growth,
@@ -40,6 +40,7 @@ from icldistill.report.tables import (
     in_domain_and_ood,
     markdown_table,
 )
+from icldistill.runtime.records import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from icldistill.errors import IcldError
 from icldistill.experiments.tune import FINAL_RUNS, PLAN_FILE, load_study, selected_dev_value, trials_table

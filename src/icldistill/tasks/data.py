@@ -16,10 +16,11 @@ import json
 import logging
 import random
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from icldistill.errors import ConfigError, DataError
 from icldistill.runtime.paths import DATA_ENV, default_data_dir

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from icldistill.errors import ConfigError
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from icldistill.tasks.data import Example
 from icldistill.errors import PromptError
+from icldistill.tasks.data import Example
 from icldistill.tasks.registry import Family
 
 logger = logging.getLogger(__name__)

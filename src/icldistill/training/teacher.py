@@ -16,24 +16,24 @@ import importlib.util
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as tensors_to_bytes
+from safetensors.torch import load_file, save as tensors_to_bytes
 
-from icldistill.runtime import distributed
-from icldistill.tasks.data import Example
 from icldistill.errors import IcldError
-from icldistill.scoring.evalsets import encode_prompts
 from icldistill.models.loading import LoadedModel
-from icldistill.tasks.prompts import Pattern
+from icldistill.runtime import distributed
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_json
 from icldistill.scoring.encoding import encode_text, tokenize_prompts
+from icldistill.scoring.evalsets import encode_prompts
 from icldistill.scoring.prefix_cache import PrefixCache, Scores, score_queries, score_queries_sharded
+from icldistill.tasks.data import Example
+from icldistill.tasks.prompts import Pattern
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class TeacherSignal:
     dropped: int = 0
     context_label_logprobs: torch.Tensor | None = None
 
-    def rows(self, rows: torch.Tensor) -> "TeacherSignal":
+    def rows(self, rows: torch.Tensor) -> TeacherSignal:
         """The signal of some queries (by row index), for a training batch."""
         return TeacherSignal([self.query_ids[int(i)] for i in rows], self.label_logprobs[rows],
                              None if self.topk_logprobs is None else self.topk_logprobs[rows],

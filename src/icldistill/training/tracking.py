@@ -10,8 +10,9 @@ run with ``--report-to tensorboard`` land in ``<seed dir>/logs/<run name>``.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from icldistill.config import TRACKERS
 from icldistill.errors import ConfigError

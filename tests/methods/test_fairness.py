@@ -220,7 +220,7 @@ def test_bitfit_add_bias_artefact_loads_back_into_the_plain_base(tmp_path):
     trained = make_model("llama", 300, seed=3)
     trained, _ = prepare_trainable(trained, _opts(peft="bitfit", bitfit_fallback="add-bias"))
     with torch.no_grad():
-        for n, p in trained.named_parameters():
+        for p in trained.parameters():
             if p.requires_grad:
                 p.normal_()
     path = tmp_path / "trainable.safetensors"

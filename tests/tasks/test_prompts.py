@@ -118,7 +118,8 @@ def test_bad_label_words_raise_prompt_error(words: list[str], expected: str) -> 
 # ---------------------------------------------------------------------------------------------
 # Rendering inserts the text verbatim (property)
 
-_tricky = st.sampled_from(["{x}", "{premise}", "{hypothesis}", "{}", "{0}", "}{", "{{", "}}", "{premise!r}", "%s", "\\n"])
+_tricky = st.sampled_from(["{x}", "{premise}", "{hypothesis}", "{}", "{0}", "}{", "{{", "}}", "{premise!r}", "%s",
+                          "\\n"])
 _texts = st.lists(st.one_of(st.text(max_size=8), _tricky), max_size=5).map("".join)
 
 

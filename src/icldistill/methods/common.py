@@ -195,8 +195,9 @@ def base_record(method: str, config: Any, setup: Setup) -> dict[str, Any]:
 
 def model_record(model: LoadedModel) -> dict[str, Any]:
     return {"name": model.name, "source": model.source, "path": str(model.path), "fingerprint": model.fingerprint,
-            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device), "max_length": model.max_length,
-            "parameters": sum(p.numel() for p in model.model.parameters()), "commit": getattr(model, "commit", None)}
+            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+            "max_length": model.max_length, "parameters": sum(p.numel() for p in model.model.parameters()),
+            "commit": getattr(model, "commit", None)}
 
 
 def output_dir(config: CommonOptions) -> Path:

@@ -130,7 +130,8 @@ def _cd_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _matching(table: pd.DataFrame, method: str, cd: pd.DataFrame, same_peft: bool = False) -> pd.DataFrame:
-    """Baseline rows on the CD student's model (the teacher's for ``pbft-teacher``; same task), same PEFT when available."""
+    """Baseline rows on the CD student's model (the teacher's for ``pbft-teacher``; same task),
+    same PEFT when available."""
     rows = table[table["method"] == method]
     if cd.empty or rows.empty:
         return rows.iloc[0:0]
@@ -161,7 +162,8 @@ def _cd_note(cd: pd.DataFrame) -> str:
 
 
 def _comparison_claim(topic: str, paper: str, table: pd.DataFrame, baseline: str, column: str,
-                      unit: str, digits: int, lower_is_better: bool = False, paired: pd.DataFrame | None = None) -> Claim:
+                      unit: str, digits: int, lower_is_better: bool = False,
+                      paired: pd.DataFrame | None = None) -> Claim:
     cd = _cd_rows(table)
     base = _matching(table, baseline, cd, same_peft=baseline in ("pbft", "pbft-teacher"))
     name = METHOD_LABELS[baseline]

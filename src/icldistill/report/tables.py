@@ -106,7 +106,8 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
 
     Evaluation sets whose name starts with ``hans`` are out-of-domain; every other set is in-domain.
     The OOD value is ``ood_accuracy`` (any HANS set: mean of the two label accuracies; never the pooled
-    accuracy); if a run has several HANS sets, ``hans-lo`` is preferred, then ``hans``. Several in-domain sets in one run are averaged (``id_eval`` names them, joined by ``+``).
+    accuracy); if a run has several HANS sets, ``hans-lo`` is preferred, then ``hans``. Several in-domain
+    sets in one run are averaged (``id_eval`` names them, joined by ``+``).
     A sweep with only one kind gets NaN in the other kind's columns.
 
     Only rows with status ``complete`` contribute values. A run's ``status`` is ``complete`` when

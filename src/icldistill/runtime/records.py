@@ -67,7 +67,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise IcldError(f"Writing {path} failed: {exc.strerror or exc}. Free disk space or choose another --output-dir.") from None
+        raise IcldError(f"Writing {path} failed: {exc.strerror or exc}. "
+                        "Free disk space or choose another --output-dir.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

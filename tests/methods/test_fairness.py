@@ -19,8 +19,8 @@ from tiny import make_model, make_tokenizer, toy_training_problem
 from icldistill.config import DistillOptions, IclOptions, PbftOptions, TrainOptions, build_config
 from icldistill.errors import ConfigError, IcldError, ModelError
 from icldistill.models.adapters import embeddings_tied, load_trainable, prepare_trainable
+from icldistill.training.contexts import tempered_context_average
 from icldistill.training.loop import StopTraining, fit, trainable_state
-from icldistill.training.losses import tempered_context_average
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:

@@ -258,7 +258,7 @@ def test_unknown_name_is_a_helpful_model_error(offline: None, no_pip: None) -> N
 
 
 def test_near_miss_suggests_the_packaged_name(offline: None, no_pip: None) -> None:
-    with pytest.raises(ModelError, match="Did you mean 'smollm2-135m'"):
+    with pytest.raises(ModelError, match="Did you mean: smollm2-135m"):
         m.load_model("smollm2-135", device="cpu")
 
 

@@ -9,7 +9,6 @@ the cache, by :mod:`icldistill.models.packaged`, and load from there in seconds 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import logging
 import os
@@ -28,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from icldistill.errors import ModelError
+from icldistill.errors import ModelError, did_you_mean
 from icldistill.models.packaged import (
     _CHUNK,
     PACKAGED_MODELS,
@@ -273,8 +272,7 @@ def _looks_like_path(name: str) -> bool:
 
 def _unresolved_message(name: str, reason: str) -> str:
     packaged = ", ".join(PACKAGED_MODELS)
-    suggestion = difflib.get_close_matches(name, list(PACKAGED_MODELS), n=1)
-    did_you_mean = f" Did you mean {suggestion[0]!r}?" if suggestion else ""
+    closest = did_you_mean(name, PACKAGED_MODELS, n=1)
     offline = (
         " Hub access is switched off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE), so only models "
         "already in the local hub cache can load by id."
@@ -284,7 +282,7 @@ def _unresolved_message(name: str, reason: str) -> str:
         "makes this error come at once instead of after the hub client's retries."
     )
     return (
-        f"cannot resolve model {name!r}: {reason}.{did_you_mean} Packaged models (fetched from "
+        f"cannot resolve model {name!r}: {reason}.{closest} Packaged models (fetched from "
         f"the package index, no hub needed): {packaged}. A local directory saved with "
         f"save_pretrained, or a path to a .gguf file, also works.{offline}"
     )

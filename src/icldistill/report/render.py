@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from icldistill.errors import IcldError
+from icldistill.report.console import MISSING
 from icldistill.report.plots import FigureResult, make_figures
 from icldistill.report.tables import (
     _FAILED,
@@ -320,7 +321,7 @@ def headline_claims(table: pd.DataFrame, paired: pd.DataFrame | None = None) -> 
 def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     def names(values: Iterable[Any], key: Any = str) -> str:
         found = sorted({v for v in values if not _missing(v)}, key=key)
-        return ", ".join(str(v) for v in found) if found else "—"
+        return ", ".join(str(v) for v in found) if found else MISSING
 
     methods = sorted({m for m in df["method"] if not _missing(m)}, key=_method_rank)
     lines = [
@@ -335,7 +336,7 @@ def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> 
     if alphas:
         lines.append("CD α: " + ", ".join(f"{a:g}" for a in alphas))
     pefts = names(df["peft"])
-    if pefts != "—":
+    if pefts != MISSING:
         lines.append(f"Parameter-efficient training: {pefts}")
     counts = runs["status"].value_counts()
     failed = runs[runs["status"].isin(_FAILED)]

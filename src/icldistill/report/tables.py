@@ -311,7 +311,8 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
     optional = [
         ("task", "task", lambda r: str(r["task"]), "l", _varies(table, "task")),
         ("alpha", "α", lambda r: _fmt_alpha(r["alpha"]), "r", table["alpha"].notna().any()),
-        ("peft", "PEFT", lambda r: "—" if _missing(r["peft"]) else str(r["peft"]), "l", table["peft"].notna().any()),
+        ("peft", "PEFT", lambda r: MISSING if _missing(r["peft"]) else str(r["peft"]), "l",
+         table["peft"].notna().any()),
         ("pattern", "pattern", lambda r: str(r["pattern"]), "l", _varies(table, "pattern")),
     ]
     spec: list[tuple[str, Any, str]] = []
@@ -320,7 +321,7 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
     spec += [
         ("method", _method_label, "l"),
         ("model(s)", lambda r: r["models"], "l"),
-        ("k", lambda r: str(int(r["shots"])) if not _missing(r["shots"]) else "—", "r"),
+        ("k", lambda r: str(int(r["shots"])) if not _missing(r["shots"]) else MISSING, "r"),
     ]
     spec += [(header, fn, a) for _, header, fn, a, shown in optional[1:] if shown]
     # An accuracy column appears only when the sweep evaluated that kind of set (SST-2 has no OOD set).

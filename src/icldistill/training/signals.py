@@ -24,7 +24,7 @@ from icldistill.runtime import distributed
 from icldistill.runtime.paths import default_cache_dir
 from icldistill.tasks.data import Example
 from icldistill.tasks.prompts import Pattern
-from icldistill.training.losses import tempered_context_average
+from icldistill.training.contexts import tempered_context_average
 from icldistill.training.teacher import OnlineTeacher, SignalCache, TeacherSignal, compute_signal, signal_key
 
 

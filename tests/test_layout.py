@@ -128,3 +128,19 @@ def test_no_import_circles():
         if mod not in state:
             visit(mod, [mod])
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_over_80_lines():
+    """A function longer than a screen does several jobs; split it into named steps (issue 19). Counted from
+    ``def`` to its last line, docstring included; nested functions count toward their parent too."""
+    long = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)

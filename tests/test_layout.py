@@ -69,7 +69,7 @@ def test_light_layers_import_no_transformers():
     code = (
         "import sys\n"
         "import icldistill.tasks, icldistill.tasks.registry, icldistill.tasks.data, icldistill.tasks.prompts\n"
-        "import icldistill.scoring.metrics, icldistill.training.losses\n"
+        "import icldistill.scoring.metrics, icldistill.training.losses, icldistill.training.contexts\n"
         "heavy = sorted(m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

@@ -31,9 +31,9 @@ import time
 import torch
 
 from icldistill.config import IclOptions, build_config
-from icldistill.scoring.evalsets import encode_prompts
 from icldistill.methods.common import prepare
 from icldistill.models.loading import load_model
+from icldistill.scoring.evalsets import encode_prompts
 from icldistill.scoring.prefix_cache import PrefixCache, label_token_ids, score_queries
 
 
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{k:>3} {row['prefix_tokens']:>10} {row['naive_tok_s']:>12.0f} {row['cached_tok_s']:>13.0f} "
               f"{row['speedup']:>8.1f}x {row['naive_over_floor']:>11.2f}x {row['cached_over_floor']:>12.2f}x "
-              f"{ratios[0]:>5.2f}-{ratios[-1]:.2f}x {row['prefix_over_floor']:>7.2f}x + {row['queries_over_floor']:.2f}x "
+              f"{ratios[0]:>5.2f}-{ratios[-1]:.2f}x {row['prefix_over_floor']:>7.2f}x "
+              f"+ {row['queries_over_floor']:.2f}x "
               f"{diff:>12.2e}{'' if agree else '  PREDICTIONS DIFFER'}", flush=True)
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
     ok = all(r["max_abs_logprob_diff"] < tolerance for r in rows)
@@ -146,14 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     for k, limit in ((16, 1.3), (32, 1.6)):
         if k in by_k:
             met = by_k[k]["cached_over_floor"] <= limit
-            print(f"target cached <= {limit}x floor at k={k}: {by_k[k]['cached_over_floor']:.2f}x, {'met' if met else 'NOT met'}")
+            print(f"target cached <= {limit}x floor at k={k}: {by_k[k]['cached_over_floor']:.2f}x, "
+                  f"{'met' if met else 'NOT met'}")
     throughput = [by_k[k]["cached_tok_s"] for k in sorted(by_k)]
     growing = all(a < b for a, b in zip(throughput, throughput[1:]))
     print(f"target cached tokens/s growing with k: {'met' if growing else 'NOT met'}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": model.name, "dtype": str(model.dtype), "threads": torch.get_num_threads(), "rows": rows},
-                      handle, indent=2)
+            json.dump({"model": model.name, "dtype": str(model.dtype), "threads": torch.get_num_threads(),
+                       "rows": rows}, handle, indent=2)
     return 0 if ok else 1
 
 

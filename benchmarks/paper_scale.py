@@ -50,8 +50,10 @@ _OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm
                    activation_function="relu", dropout=0.1, attention_dropout=0.0, enable_bias=True,
                    tie_word_embeddings=True)
 PAPER_MODELS: dict[str, dict[str, int]] = {
-    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32, word_embed_proj_dim=2048),
-    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12, word_embed_proj_dim=768),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+                     word_embed_proj_dim=2048),
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                     word_embed_proj_dim=768),
 }
 TOKENIZER_FROM = "smollm2-135m"
 CONFIGURATIONS = ("icl", "teacher", "pbft-1.3b", "pbft-125m", "cd")
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - started:.0f} s)", flush=True)
     teacher, student = str(paths["opt-1.3b"]), str(paths["opt-125m"])
     print(f"tokenizer: {TOKENIZER_FROM}'s BPE (49,152 tokens) standing in for OPT's; device {device}, {dtype_name}, "
-          f"{args.threads} threads, {args.steps} steps of {args.batch} examples, {args.queries} ICL queries", flush=True)
+          f"{args.threads} threads, {args.steps} steps of {args.batch} examples, {args.queries} ICL queries",
+          flush=True)
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     work = Path(tempfile.mkdtemp(prefix="icld-paper-scale-"))
@@ -164,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "unit": "s/query", "peak_memory_mb": scoring["peak_memory_mb"]})
 
         train_queries = args.steps * args.batch
-        distill = ["distill", "--teacher", teacher, "--student", student, "--shots", str(k), "--teacher-signal", "cached",
-                   "--teacher-dtype", args.dtype, "--train-queries", str(train_queries), "--epochs", "1",
+        distill = ["distill", "--teacher", teacher, "--student", student, "--shots", str(k),
+                   "--teacher-signal", "cached", "--teacher-dtype", args.dtype, "--train-queries", str(train_queries),
+                   "--epochs", "1",
                    "--cache-dir", str(work / "cache"), *train]
         # The first run fills the teacher-signal cache (the teacher pass); the measured CD runs hit it.
         if only & {"teacher", "cd"}:
@@ -198,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     for peft in pefts:
         for k in sorted({r["k"] for r in rows}):
             by = {r["configuration"]: r for r in rows if r["k"] == k}
-            needed = [f"CD 125M {peft} (cached)", f"PBFT 1.3B {peft}", f"PBFT 125M {peft}", "ICL 1.3B cached", "ICL 1.3B naive"]
+            needed = [f"CD 125M {peft} (cached)", f"PBFT 1.3B {peft}", f"PBFT 125M {peft}", "ICL 1.3B cached",
+                      "ICL 1.3B naive"]
             if any(name not in by for name in needed):
                 continue
             cd = by[f"CD 125M {peft} (cached)"]["peak_memory_mb"]
-            print(f"k={k:<2} {peft:<6} CD-125M peak / PBFT-1.3B peak {cd / by[f'PBFT 1.3B {peft}']['peak_memory_mb']:.2f}, "
+            print(f"k={k:<2} {peft:<6} "
+                  f"CD-125M peak / PBFT-1.3B peak {cd / by[f'PBFT 1.3B {peft}']['peak_memory_mb']:.2f}, "
                   f"/ PBFT-125M peak {cd / by[f'PBFT 125M {peft}']['peak_memory_mb']:.2f}; "
                   f"ICL cached / naive time {by['ICL 1.3B cached']['seconds'] / by['ICL 1.3B naive']['seconds']:.2f}")
     if args.json:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 
 def run(command: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "icldistill.cli", "-q", *command], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "icldistill.cli", "-q", *command], env=env, capture_output=True,
+                          text=True)
     if proc.returncode:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"failed: {' '.join(command)}")

@@ -32,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from icldistill.config import IclOptions, build_config
 from icldistill.methods.common import Setup, prepare
@@ -226,7 +227,8 @@ def run_icld(model: str, dtype: str, setup: Setup, demonstrations: Sequence[Exam
         per_query[row["id"]] = {"loglik": row["label_logprobs"]}
     if set(per_query) != {q.id for q in query_examples}:
         raise SystemExit("icld scored other queries than the ones written for lm-eval")
-    return {"seconds": seconds, "scoring_seconds": record["resources"]["scoring"]["wall_time_s"], "per_query": per_query}
+    return {"seconds": seconds, "scoring_seconds": record["resources"]["scoring"]["wall_time_s"],
+            "per_query": per_query}
 
 
 # --------------------------------------------------------------------------- comparison
@@ -258,7 +260,8 @@ def compare(lm: dict[str, Any], icld: dict[str, Any], expected_prompts: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="a packaged model (its converted directory feeds lm-eval)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="a packaged model (its converted directory feeds lm-eval)")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--queries", type=int, default=200, help="MNLI-matched queries (icld's --limit sample)")
     parser.add_argument("--dtypes", default="fp32,bf16")

@@ -104,8 +104,8 @@ def _metrics(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_training_killed_at_random_points_resumes_to_the_same_result(tmp_path, data_dir, tiny_dirs, cache_dir):
-    common = ["--model", str(tiny_dirs["student"]), "--eval", "mnli-m", "--shots", "8", "--seeds", "0,1", "--limit", "8",
-              "--epochs", "6", "--lr", "1e-2", "--train-batch-size", "2", "--data-dir", str(data_dir),
+    common = ["--model", str(tiny_dirs["student"]), "--eval", "mnli-m", "--shots", "8", "--seeds", "0,1",
+              "--limit", "8", "--epochs", "6", "--lr", "1e-2", "--train-batch-size", "2", "--data-dir", str(data_dir),
               "--dtype", "fp32", "--device", "cpu", "--resume"]
     env = _env(cache_dir)
     reference = _cli(["pbft", *common, "--output-dir", str(tmp_path / "ref")], env)

@@ -69,7 +69,7 @@ def test_light_layers_import_no_transformers():
     code = (
         "import sys\n"
         "import icldistill.tasks, icldistill.tasks.registry, icldistill.tasks.data, icldistill.tasks.prompts\n"
-        "import icldistill.scoring.metrics, icldistill.training.losses\n"
+        "import icldistill.scoring.metrics, icldistill.training.losses, icldistill.training.contexts\n"
         "heavy = sorted(m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
@@ -128,3 +128,19 @@ def test_no_import_circles():
         if mod not in state:
             visit(mod, [mod])
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_over_80_lines():
+    """A function longer than a screen does several jobs; split it into named steps (issue 19). Counted from
+    ``def`` to its last line, docstring included; nested functions count toward their parent too."""
+    long = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from icldistill.config import DistillOptions, IclOptions, build_config
-from icldistill.scoring.evalsets import encode_prompts, score_prompts
-from icldistill.tasks.prompts import demonstration_prefix
 from icldistill.methods.common import prepare
 from icldistill.models.loading import load_model
+from icldistill.scoring.evalsets import encode_prompts, score_prompts
 from icldistill.scoring.prefix_cache import score_queries
+from icldistill.tasks.prompts import demonstration_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +132,8 @@ def test_self_distillation_on_real_rows_lowers_the_kl(tmp_path, data_dir, cache_
 
     config = build_config(DistillOptions, dict(
         teacher="smollm2-135m", student="smollm2-135m", shots=8, train_queries=8, eval=["mnli-m"], limit=8,
-        epochs=3, lr=1e-3, train_batch_size=4, warmup_ratio=0.0, alpha=1.0, seeds=[0], data_dir=str(data_dir), eval_every=-1,
+        epochs=3, lr=1e-3, train_batch_size=4, warmup_ratio=0.0, alpha=1.0, seeds=[0], data_dir=str(data_dir),
+        eval_every=-1,
         dtype="fp32", batch_size=8, output_dir=str(tmp_path / "cd")))
     record = run_distill(config, progress=False)
     kls = [h["train_kl"] for h in record["seeds"]["0"]["history"]]

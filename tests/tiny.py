@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -53,9 +53,9 @@ def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 5
                              tie_word_embeddings=False)
         model = LlamaForCausalLM(config)
     elif arch == "opt":
-        config = OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                           max_position_embeddings=max_positions, word_embed_proj_dim=32, pad_token_id=0,
-                           bos_token_id=1, eos_token_id=2)
+        config = OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=max_positions, word_embed_proj_dim=32,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model = OPTForCausalLM(config)
     elif arch == "gemma3":
         # A sliding window shorter than the prompts, so the cached path must respect it.

@@ -9,7 +9,8 @@ transformers and peft keep ``import`` cheap); importing a light module such as
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def lazy_exports(

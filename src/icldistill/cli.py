@@ -462,8 +462,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], type | None, str]] = {
     **{name: (_run_method, m.options, m.help) for name, m in METHODS.items()},
-    "predict": (cmd_predict, PredictOptions, "Answer a file of unlabelled rows with a trained student, an export or any model."),
-    "eval": (cmd_eval, EvalOptions, "Evaluate a trained run, an export, any model or a sweep's trained cells on evaluation sets."),
+    "predict": (cmd_predict, PredictOptions,
+                "Answer a file of unlabelled rows with a trained student, an export or any model."),
+    "eval": (cmd_eval, EvalOptions,
+             "Evaluate a trained run, an export, any model or a sweep's trained cells on evaluation sets."),
 }
 
 

@@ -1,4 +1,5 @@
-"""Paired comparison: exact McNemar, paired bootstrap and the pairing of two runs' predictions, against hand-computed values."""
+"""Paired comparison: exact McNemar, paired bootstrap and the pairing of two runs' predictions,
+against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.errors import IcldError
 from icldistill.experiments.compare import compare_runs, mcnemar_exact, paired_bootstrap
@@ -79,8 +79,10 @@ def test_compare_runs_on_a_fixed_example(tmp_path):
     gold = [0, 1, 0, 1, 0, 1, 0, 1]
     pred_a = [0, 1, 0, 1, 0, 1, 1, 0]  # right on q0..q5
     pred_b = [0, 0, 1, 0, 0, 1, 0, 0]  # right on q0, q4, q5, q6
-    a = [{"seed": 0, "eval": "mnli-m", "id": f"q{i}", "gold": g, "pred": p} for i, (g, p) in enumerate(zip(gold, pred_a))]
-    b = [{"seed": 0, "eval": "mnli-m", "id": f"q{i}", "gold": g, "pred": p} for i, (g, p) in enumerate(zip(gold, pred_b))]
+    a = [{"seed": 0, "eval": "mnli-m", "id": f"q{i}", "gold": g, "pred": p}
+         for i, (g, p) in enumerate(zip(gold, pred_a))]
+    b = [{"seed": 0, "eval": "mnli-m", "id": f"q{i}", "gold": g, "pred": p}
+         for i, (g, p) in enumerate(zip(gold, pred_b))]
     b.append({"seed": 0, "eval": "mnli-m", "id": "only-b", "gold": 0, "pred": 0})  # not scored by A: left out
     b.append({"seed": 1, "eval": "mnli-m", "id": "q0", "gold": 0, "pred": 0})  # seed A lacks: left out
     _write(tmp_path / "a", a)

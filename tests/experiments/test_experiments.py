@@ -25,7 +25,6 @@ from icldistill.experiments.grid import (
     load_experiment,
     validate_file,
 )
-from icldistill.models.packaged import PACKAGED_MODELS
 from icldistill.experiments.results import (
     COLUMNS,
     SUBCASE_COLUMNS,
@@ -35,6 +34,7 @@ from icldistill.experiments.results import (
     collect_subcases,
 )
 from icldistill.experiments.sweep import LOCK_FILE, CellLock, run_sweep
+from icldistill.models.packaged import PACKAGED_MODELS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -74,7 +74,8 @@ def test_paper_preset_is_the_protocol():
                                       "distill": 50}
     for cell in experiment.cells:
         c = cell.config
-        assert (c.task, c.eval, c.seeds[0] in range(5), c.shots in (2, 4, 8, 16, 32)) == ("mnli", ["mnli-m", "hans-lo"], True, True)
+        assert ((c.task, c.eval, c.seeds[0] in range(5), c.shots in (2, 4, 8, 16, 32))
+                == ("mnli", ["mnli-m", "hans-lo"], True, True))
         if cell.method in ("icl-teacher", "pbft-teacher"):
             assert c.model == "facebook/opt-1.3b"
         elif cell.method in ("icl-student", "pbft"):
@@ -131,8 +132,10 @@ GOOD = {"task": "mnli", "grid": {"method": ["distill"], "shots": [2]}}
     ({"grid": {"method": ["distill"], "alpah": [0.5]}}, r"unknown grid key 'alpah'. Did you mean: alpha"),
     ({"grid": {"method": ["distil"]}}, r"unknown method 'distil'. Did you mean: distill"),
     ({"grid": {"method": ["distill"], "shots": []}}, r"grid 'shots' is an empty list"),
-    ({"grid": {"method": ["distill"], "alpha": [0.5, 2]}}, r"'alpha' must lie in \[0, 1\], got 2\.0\. \(cell distill__.*alpha=2__seed=0\)"),
-    ({"grid": {"method": ["distill"], "shots": ["two"]}}, r"grid 'shots': option 'shots': cannot read 'two' as an integer"),
+    ({"grid": {"method": ["distill"], "alpha": [0.5, 2]}},
+     r"'alpha' must lie in \[0, 1\], got 2\.0\. \(cell distill__.*alpha=2__seed=0\)"),
+    ({"grid": {"method": ["distill"], "shots": ["two"]}},
+     r"grid 'shots': option 'shots': cannot read 'two' as an integer"),
     ({"grid": {"method": ["distill"], "alpha": 0.5}}, r"grid 'alpha' must be a list of values"),
     ({"model": "x"}, r"'model' is not used in experiments: an experiment names 'teacher' and 'student'"),
     ({"shots": 4}, r"'shots' is given both at top level and in grid"),
@@ -196,7 +199,8 @@ def test_local_models_with_the_same_name_get_distinct_ids(tmp_path):
     experiment = expand({"grid": {"method": ["icl-teacher"], "teacher": [str(a), str(b)]}}, output_dir=tmp_path)
     ids = [c.id for c in experiment.cells]
     assert len(set(ids)) == 2 and all(i.startswith("icl-teacher__t=model__k=16__seed=0__") for i in ids)
-    seeds = expand({"grid": {"method": ["icl-teacher"], "teacher": [str(a), str(b)], "seed": [0, 1]}}, output_dir=tmp_path)
+    seeds = expand({"grid": {"method": ["icl-teacher"], "teacher": [str(a), str(b)], "seed": [0, 1]}},
+                   output_dir=tmp_path)
     assert len({c.id.replace("seed=0", "seed=1") for c in seeds.cells}) == 2  # one configuration, one hash
 
 
@@ -204,7 +208,8 @@ def test_local_models_with_the_same_name_get_distinct_ids(tmp_path):
 
 
 def _tiny_spec(tiny_dirs, data_dir, cache, **grid):
-    return {"task": "mnli", "cache_dir": str(cache), "eval": ["mnli-m", "hans-lo"], "teacher": str(tiny_dirs["teacher"]),
+    return {"task": "mnli", "cache_dir": str(cache), "eval": ["mnli-m", "hans-lo"],
+            "teacher": str(tiny_dirs["teacher"]),
             "student": str(tiny_dirs["student"]), "data_dir": str(data_dir), "limit": 8, "epochs": 1,
             "train_queries": 4, "train_batch_size": 4, "batch_size": 8, "dtype": "fp32", "device": "cpu",
             "lr": 1e-2, "warmup_ratio": 0.0, "grid": {"method": ["icl-teacher", "pbft", "distill"], "shots": [2],
@@ -275,7 +280,8 @@ def test_tiny_sweep_runs_every_cell_and_collects_one_table(tiny_sweep, tiny_dirs
     assert subcases.groupby("cell")["n"].sum().eq(8).all()
 
     confusions = collect_confusions(experiment.output_dir)
-    assert set(confusions["eval"]) == {"mnli-m", "hans-lo"} and set(confusions["gold"]) == {"entailment", "non-entailment"}
+    assert set(confusions["eval"]) == {"mnli-m", "hans-lo"}
+    assert set(confusions["gold"]) == {"entailment", "non-entailment"}
     assert confusions.groupby(["cell", "eval"])["count"].sum().eq(8).all()  # every scored query once
     assert (df["chance_rate"] == 0.5).all() and df["majority_rate"].between(0.5, 1.0).all()
 
@@ -346,7 +352,8 @@ def test_a_resumed_sweep_runs_only_the_missing_cells(tiny_sweep, tmp_path):
 def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path, tiny_dirs, data_dir):
     spec = {"eval": ["hans-lo"], "limit": 4, "shots": 2, "data_dir": str(data_dir), "dtype": "fp32", "device": "cpu",
             "cache_dir": str(tmp_path / "cache"),
-            "grid": {"method": ["icl-teacher"], "teacher": [str(tmp_path / "no-such-model"), str(tiny_dirs["teacher"])]}}
+            "grid": {"method": ["icl-teacher"],
+                     "teacher": [str(tmp_path / "no-such-model"), str(tiny_dirs["teacher"])]}}
     experiment = expand(spec, output_dir=tmp_path / "sweep")
     bad, good = (c.id for c in experiment.cells)
     recorder = Recorder()
@@ -375,13 +382,15 @@ def test_sweep_command_reports_progress_and_failures(tmp_path, data_dir, capsys)
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({
         "eval": ["hans-lo"], "limit": 4, "shots": 2, "data_dir": str(data_dir), "device": "cpu",
-        "output_dir": str(tmp_path / "sweep"), "grid": {"method": ["icl-teacher"], "teacher": [str(tmp_path / "missing")]}}))
+        "output_dir": str(tmp_path / "sweep"),
+        "grid": {"method": ["icl-teacher"], "teacher": [str(tmp_path / "missing")]}}))
     assert cli.main(["sweep", str(path), "--dry-run"]) == 0
     assert "icl-teacher__t=missing__k=2__seed=0" in capsys.readouterr().out
     assert cli.main(["-q", "sweep", str(path)]) == 1
     out = capsys.readouterr().out
     assert "[0/1] done before; 1 to run" in out
-    assert re.search(r"\[1/1\] icl-teacher__t=missing__k=2__seed=0: failed \(\d+s, ~0s left\)\n    ModelError: ", out), out
+    assert re.search(r"\[1/1\] icl-teacher__t=missing__k=2__seed=0: failed \(\d+s, ~0s left\)\n    ModelError: ",
+                     out), out
     assert "1 failed of 1 cells" in out and "--retry-failed" in out
 
 

@@ -6,9 +6,9 @@ import json
 
 from icldistill.cli import main
 from icldistill.config import IclOptions, PbftOptions, build_config
+from icldistill.experiments.reproduce import reproduce
 from icldistill.methods.icl import run_icl
 from icldistill.methods.pbft import run_pbft
-from icldistill.experiments.reproduce import reproduce
 
 
 def _icl(tmp_path, data_dir, tiny_dirs):
@@ -38,4 +38,5 @@ def test_training_is_bit_identical_on_cpu_fp32(tmp_path, data_dir, tiny_dirs, ca
     a = run_pbft(build_config(PbftOptions, {**values, "output_dir": str(tmp_path / "a")}), progress=False)
     b = run_pbft(build_config(PbftOptions, {**values, "output_dir": str(tmp_path / "b")}), progress=False)
     assert a["seeds"]["0"]["eval"] == b["seeds"]["0"]["eval"]
-    assert [h["train_loss"] for h in a["seeds"]["0"]["history"]] == [h["train_loss"] for h in b["seeds"]["0"]["history"]]
+    losses = [[h["train_loss"] for h in record["seeds"]["0"]["history"]] for record in (a, b)]
+    assert losses[0] == losses[1]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.config import DistillOptions, PbftOptions
 from icldistill.experiments.search import NOT_SEARCHABLE, parse_search_space
@@ -87,8 +86,8 @@ class _Trial:
 
 
 @settings(max_examples=40, deadline=None)
-@given(low=st.floats(1e-6, 1e-2), span=st.floats(1.0, 100.0), r=st.lists(st.integers(1, 64), min_size=1, max_size=4, unique=True),
-       pick=st.sampled_from(["low", "high"]))
+@given(low=st.floats(1e-6, 1e-2), span=st.floats(1.0, 100.0),
+       r=st.lists(st.integers(1, 64), min_size=1, max_size=4, unique=True), pick=st.sampled_from(["low", "high"]))
 def test_suggested_configurations_are_valid_options(low, span, r, pick):
     """Whatever the space, every value it can suggest builds a valid config (the ends are the extreme cases)."""
     from icldistill.config import build_config
@@ -111,7 +110,7 @@ def test_optuna_draws_are_deterministic_for_a_seed():
     def draws(seed):
         study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
         out = []
-        for i in range(6):
+        for _ in range(6):
             trial = study.ask()
             values = space.suggest(trial)
             study.tell(trial, values["alpha"])  # any objective: TPE's later draws depend on it

@@ -43,7 +43,8 @@ def test_eval_adds_a_set_to_every_trained_cell(sweep, data_dir, capsys):
     assert rte["inference_latency_ms"].notna().all() and (rte["train_time_s"] > 0).all()
     mtimes = {c.id: (root / "cells" / c.id / "eval-rte" / "results.json").stat().st_mtime_ns for c in sweep.cells}
     assert cli.main(args) == 0  # resumable: nothing is evaluated twice
-    assert mtimes == {c.id: (root / "cells" / c.id / "eval-rte" / "results.json").stat().st_mtime_ns for c in sweep.cells}
+    assert mtimes == {c.id: (root / "cells" / c.id / "eval-rte" / "results.json").stat().st_mtime_ns
+                      for c in sweep.cells}
 
 
 def test_report_claims_carry_paired_intervals(sweep, tmp_path):

@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from icldistill.cli import main
-from icldistill.errors import IcldError
 from icldistill.experiments.grid import ExperimentError
 from icldistill.experiments.tune import (
     PLAN_FILE,
@@ -29,7 +28,6 @@ from icldistill.experiments.tune import (
     finish,
     load_study,
     load_tuning,
-    open_study,
     plan_from_spec,
     run_study,
     trials_table,
@@ -240,7 +238,8 @@ def test_opening_a_storage_that_another_process_is_creating_is_tried_again(monke
 @pytest.mark.parametrize("objective, direction", [("dev_accuracy", "maximize"), ("dev_loss", "minimize")])
 def test_trials_table_shows_no_value_for_a_trial_that_did_not_finish(tmp_path, objective, direction):
     storage = f"sqlite:///{tmp_path / STUDY_FILE}"
-    (tmp_path / PLAN_FILE).write_text(json.dumps({"name": "t", "storage": storage, "settings": {"objective": objective}}))
+    plan = {"name": "t", "storage": storage, "settings": {"objective": objective}}
+    (tmp_path / PLAN_FILE).write_text(json.dumps(plan))
     study = optuna.create_study(study_name="t", storage=storage, direction=direction)
     distributions = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)}
     made = optuna.trial.create_trial

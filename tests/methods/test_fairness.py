@@ -13,15 +13,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from tiny import make_model, make_tokenizer, toy_training_problem
 
 from icldistill.config import DistillOptions, IclOptions, PbftOptions, TrainOptions, build_config
 from icldistill.errors import ConfigError, IcldError, ModelError
 from icldistill.models.adapters import embeddings_tied, load_trainable, prepare_trainable
+from icldistill.training.contexts import tempered_context_average
 from icldistill.training.loop import StopTraining, fit, trainable_state
-from icldistill.training.losses import tempered_context_average
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -221,7 +220,7 @@ def test_bitfit_add_bias_artefact_loads_back_into_the_plain_base(tmp_path):
     trained = make_model("llama", 300, seed=3)
     trained, _ = prepare_trainable(trained, _opts(peft="bitfit", bitfit_fallback="add-bias"))
     with torch.no_grad():
-        for n, p in trained.named_parameters():
+        for p in trained.parameters():
             if p.requires_grad:
                 p.normal_()
     path = tmp_path / "trainable.safetensors"

@@ -46,7 +46,8 @@ def test_icl_writes_results_and_predictions(tmp_path, data_dir, tiny_dirs):
 
 def test_cached_and_naive_runs_agree(tmp_path, data_dir, tiny_dirs):
     cached = run_icl(_config(tmp_path / "a", data_dir, tiny_dirs["gemma3"], seeds=[0]), progress=False)
-    naive = run_icl(_config(tmp_path / "b", data_dir, tiny_dirs["gemma3"], seeds=[0], prefix_cache=False), progress=False)
+    naive = run_icl(_config(tmp_path / "b", data_dir, tiny_dirs["gemma3"], seeds=[0], prefix_cache=False),
+                    progress=False)
     for name in ("mnli-m", "hans-lo"):
         a, b = cached["seeds"]["0"]["eval"][name], naive["seeds"]["0"]["eval"][name]
         assert a["accuracy"] == b["accuracy"] and a["auc"] == pytest.approx(b["auc"], abs=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from icldistill.cli import main
-from icldistill.config import DistillOptions, EvalOptions, PbftOptions, PredictOptions, build_config
+from icldistill.config import EvalOptions, PbftOptions, PredictOptions, build_config
 from icldistill.errors import IcldError
 
 
@@ -78,7 +78,8 @@ def test_export_round_trip_matches_adapter_on_base(pbft_run, tiny_dirs, tmp_path
     tokenizer = AutoTokenizer.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
     adapted = PeftModel.from_pretrained(base, record["seeds"]["1"]["artefacts"]["adapter"]).eval()
-    texts = ["the cat saw the dog question: the dog was seen Yes or No? answer:", "a man ran question: he slept Yes or No? answer:"]
+    texts = ["the cat saw the dog question: the dog was seen Yes or No? answer:",
+             "a man ran question: he slept Yes or No? answer:"]
     words = [" Yes", " No"]
     a = _label_logprobs(exported, tokenizer, texts, words)
     b = _label_logprobs(adapted, tokenizer, texts, words)
@@ -110,8 +111,8 @@ def test_export_round_trip_matches_adapter_on_base(pbft_run, tiny_dirs, tmp_path
     eval_values = dict(eval=["mnli-m"], limit=12, data_dir=str(data_dir), device="cpu", dtype="fp32")
     from icldistill.methods.evaluate import run_eval
 
-    of_export = run_eval(build_config(EvalOptions, {**eval_values, "model": str(out), "output_dir": str(tmp_path / "e1")}),
-                         progress=False)
+    of_export = run_eval(build_config(EvalOptions, {**eval_values, "model": str(out),
+                                                    "output_dir": str(tmp_path / "e1")}), progress=False)
     of_seed = run_eval(build_config(EvalOptions, {**eval_values, "model": str(run_dir / "seed-1"),
                                                   "output_dir": str(tmp_path / "e2")}), progress=False)
     trained = record["seeds"]["1"]["eval"]["mnli-m"]
@@ -120,7 +121,8 @@ def test_export_round_trip_matches_adapter_on_base(pbft_run, tiny_dirs, tmp_path
     assert of_export["seeds"]["0"]["eval"]["mnli-m"]["auc"] == pytest.approx(trained["auc"], abs=1e-5)
     assert of_seed["resources"]["inference"]["latency_ms_per_query"] > 0
     e2 = {r["id"]: r for r in _rows(tmp_path / "e2" / "predictions.jsonl")}
-    trained_rows = {r["id"]: r for r in _rows(run_dir / "predictions.jsonl") if r["seed"] == 1 and r["eval"] == "mnli-m"}
+    trained_rows = {r["id"]: r for r in _rows(run_dir / "predictions.jsonl")
+                    if r["seed"] == 1 and r["eval"] == "mnli-m"}
     assert e2.keys() == trained_rows.keys()
     assert all(np.allclose(e2[k]["label_logprobs"], trained_rows[k]["label_logprobs"], atol=1e-5) for k in e2)
 
@@ -136,9 +138,11 @@ def test_eval_of_a_run_keeps_its_seeds_and_compare_pairs_them(pbft_run, tmp_path
     evaluated = json.loads((run_dir / "eval-hans-lo" / "results.json").read_text())  # the default: beside the run
     assert set(evaluated["seeds"]) == {"0", "1"}
     for seed in ("0", "1"):
-        assert evaluated["seeds"][seed]["eval"]["hans-lo"]["accuracy"] == record["seeds"][seed]["eval"]["hans-lo"]["accuracy"]
+        assert (evaluated["seeds"][seed]["eval"]["hans-lo"]["accuracy"]
+                == record["seeds"][seed]["eval"]["hans-lo"]["accuracy"])
     capsys.readouterr()
-    assert main(["compare", str(run_dir), str(run_dir / "eval-hans-lo"), "--eval", "hans-lo", "--resamples", "200"]) == 0
+    assert main(["compare", str(run_dir), str(run_dir / "eval-hans-lo"), "--eval", "hans-lo",
+                 "--resamples", "200"]) == 0
     printed = capsys.readouterr().out
     assert "covers 0" in printed and "ood_accuracy" in printed  # identical answers: difference 0, interval [0, 0]
 
@@ -225,13 +229,15 @@ def test_predict_with_a_demonstrations_file_and_mean_scores_matches_icl(tiny_dir
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"id": r["id"], **examples[r["id"]].fields}) + "\n" for r in scored))
     summary = run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["teacher"]), input=str(source),
-                                                            output=str(tmp_path / "p.jsonl"), **common)), progress=False)
+                                                            output=str(tmp_path / "p.jsonl"), **common)),
+                          progress=False)
     assert summary["shots"] == 4 and summary["label_score"] == "mean"
     predicted = {r["id"]: r for r in _rows(tmp_path / "p.jsonl")}
     for r in scored:
         assert np.allclose(predicted[r["id"]]["label_logprobs"], r["label_logprobs"], atol=1e-5)
     run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["teacher"]), input=str(source),
-                                                  output=str(tmp_path / "s.jsonl"), **{**common, "label_score": "sum"})),
+                                                  output=str(tmp_path / "s.jsonl"),
+                                                  **{**common, "label_score": "sum"})),
                 progress=False)
     summed = {r["id"]: r for r in _rows(tmp_path / "s.jsonl")}
     assert all(not np.allclose(summed[i]["label_logprobs"][0], predicted[i]["label_logprobs"][0]) for i in summed)
@@ -272,7 +278,8 @@ def test_bitfit_add_bias_exports_as_a_plain_llama(tmp_path, data_dir, tiny_dirs)
 
 
 @pytest.mark.parametrize("save_every_epoch", [True, False])  # without per-epoch checkpoints too (seed dir not yet made)
-def test_bitfit_on_native_biases_exports_and_unmergeable_biases_are_refused(tmp_path, data_dir, tiny_dirs, save_every_epoch):
+def test_bitfit_on_native_biases_exports_and_unmergeable_biases_are_refused(tmp_path, data_dir, tiny_dirs,
+                                                                            save_every_epoch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from icldistill.errors import ModelError
@@ -303,8 +310,10 @@ def test_predict_reads_and_writes_parquet(tiny_dirs, tmp_path):
 
     from icldistill.methods.predict import run_predict
 
-    pd.DataFrame({"premise": ["a cat ran", "the dog slept"], "hypothesis": ["a cat", "a dog"]}).to_parquet(tmp_path / "in.parquet")
-    summary = run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["student"]), input=str(tmp_path / "in.parquet"),
+    inputs = pd.DataFrame({"premise": ["a cat ran", "the dog slept"], "hypothesis": ["a cat", "a dog"]})
+    inputs.to_parquet(tmp_path / "in.parquet")
+    summary = run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["student"]),
+                                                            input=str(tmp_path / "in.parquet"),
                                                             output=str(tmp_path / "out.parquet"), device="cpu")),
                           progress=False)
     out = pd.read_parquet(tmp_path / "out.parquet")
@@ -312,8 +321,9 @@ def test_predict_reads_and_writes_parquet(tiny_dirs, tmp_path):
     assert np.allclose(out["p_entailment"] + out["p_non-entailment"], 1.0)
     pd.DataFrame({"premise": ["a cat ran"], "hypothesis": [None]}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(IcldError, match=r"bad.parquet:1: missing field 'hypothesis'"):
-        run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["student"]), input=str(tmp_path / "bad.parquet"),
-                                                      device="cpu")), progress=False)
+        run_predict(build_config(PredictOptions, dict(model=str(tiny_dirs["student"]),
+                                                      input=str(tmp_path / "bad.parquet"), device="cpu")),
+                    progress=False)
 
 
 def test_push_to_hub_uploads_the_directory_through_huggingface_hub(tmp_path, monkeypatch):

@@ -43,7 +43,8 @@ def test_distilled_smollm2_exports_and_predicts_sst2(tmp_path, data_dir):
     summary = run_predict(build_config(PredictOptions, dict(model=str(out), input=str(source), device="cpu",
                                                             output=str(tmp_path / "answers.jsonl"))), progress=False)
     assert summary["task"] == "sst2" and summary["scored"] == 8 and summary["label_words"] == [" positive", " negative"]
-    answers = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()}
+    answers = {json.loads(line)["id"]: json.loads(line)
+               for line in (tmp_path / "answers.jsonl").read_text().splitlines()}
     for r in scored:  # the exported model answers as the run's student did in its final evaluation
         assert answers[r["id"]]["pred"] == r["pred"]
         assert np.allclose(answers[r["id"]]["label_logprobs"], r["label_logprobs"], atol=1e-4)

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from tokenizers import decoders as tokenizer_decoders
+from tokenizers import Tokenizer, decoders as tokenizer_decoders, models, pre_tokenizers, trainers
 from transformers import (
     Gemma3Config,
     Gemma3TextConfig,
@@ -30,9 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from icldistill.models import loading as m
-from icldistill.models import packaged as p
 from icldistill.errors import ModelError
+from icldistill.models import loading as m, packaged as p
 from icldistill.runtime.paths import default_cache_dir
 
 CORPUS = [
@@ -260,7 +258,7 @@ def test_unknown_name_is_a_helpful_model_error(offline: None, no_pip: None) -> N
 
 
 def test_near_miss_suggests_the_packaged_name(offline: None, no_pip: None) -> None:
-    with pytest.raises(ModelError, match="Did you mean 'smollm2-135m'"):
+    with pytest.raises(ModelError, match="Did you mean: smollm2-135m"):
         m.load_model("smollm2-135", device="cpu")
 
 

@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 
 import icldistill.experiments
-from icldistill.report import plots
-from icldistill.report import tables
+from icldistill.report import plots, tables
 from icldistill.report.plots import (
     figure_unsupported_reason,
     make_figures,
@@ -31,9 +30,9 @@ from icldistill.report.render import (
     write_report,
 )
 from icldistill.report.tables import (
+    _table_view,
     comparison_markdown,
     comparison_table,
-    _table_view,
     in_domain_and_ood,
     markdown_table,
 )

@@ -13,13 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from icldistill.tasks import data
-from icldistill.tasks.data import Example, parse_rows, subsample
 from icldistill.errors import DataError
 from icldistill.runtime.paths import DATA_ENV
+from icldistill.tasks import data
+from icldistill.tasks.data import Example, parse_rows, subsample
 from icldistill.tasks.registry import EVAL_SETS, TASKS
 
 FEW = settings(max_examples=30, deadline=None, derandomize=True)
@@ -114,8 +113,8 @@ def test_data_dir_argument_wins_over_environment(tmp_path: Path, monkeypatch: py
 # Small files written here
 
 
-def _row(row_id: str, premise: str = "A man sleeps.", hypothesis: str = "A person rests.", label: str | None = "entailment",
-         **extra: object) -> dict[str, object]:
+def _row(row_id: str, premise: str = "A man sleeps.", hypothesis: str = "A person rests.",
+         label: str | None = "entailment", **extra: object) -> dict[str, object]:
     return {"id": row_id, "premise": premise, "hypothesis": hypothesis, "label": label, **extra}
 
 
@@ -165,7 +164,8 @@ def _gzip_truncated() -> bytes:
 
 
 def _gzip_corrupted() -> bytes:
-    raw = bytearray(gzip.compress(_jsonl([_row(str(i), premise=f"Premise number {i}.") for i in range(200)]).encode(), mtime=0))
+    rows = _jsonl([_row(str(i), premise=f"Premise number {i}.") for i in range(200)])
+    raw = bytearray(gzip.compress(rows.encode(), mtime=0))
     raw[20] ^= 0xFF  # inside the deflate stream: zlib reports it, not gzip
     return bytes(raw)
 
@@ -177,12 +177,14 @@ BAD_INPUTS = [
     ("invalid-json", "bad.jsonl", (_GOOD + '{"id": "b", "premise": \n').encode(), 2, "fix or remove the line"),
     ("truncated-gzip", "bad.jsonl.gz", _gzip_truncated(), None, "download or copy it again"),
     ("corrupted-gzip", "bad.jsonl.gz", _gzip_corrupted(), None, "download or copy it again"),
-    ("not-utf8", "bad.jsonl", (_GOOD + _GOOD.replace('"a"', '"b"')).encode() + b'{"id": "c", "premise": "caf\xe9"}\n', 3,
+    ("not-utf8", "bad.jsonl",
+     (_GOOD + _GOOD.replace('"a"', '"b"')).encode() + b'{"id": "c", "premise": "caf\xe9"}\n', 3,
      "re-encode the file as UTF-8"),
     ("json-array", "bad.jsonl", (_GOOD + '["b", "p", "h", "entailment"]\n').encode(), 2, "object per line"),
     ("missing-field", "bad.jsonl", _jsonl([{"id": "a", "premise": "p", "label": "entailment"}]).encode(), 1,
      "Every row needs"),
-    ("empty-premise", "bad.jsonl", (_GOOD + _jsonl([_row("b", premise="   ")])).encode(), 2, "fill it in or remove the row"),
+    ("empty-premise", "bad.jsonl", (_GOOD + _jsonl([_row("b", premise="   ")])).encode(), 2,
+     "fill it in or remove the row"),
     ("non-string-premise", "bad.jsonl", _jsonl([_row("a", premise=7)]).encode(), 1, "fill it in or remove the row"),
     ("unknown-label", "bad.jsonl", (_GOOD + _jsonl([_row("b", label="maybe")])).encode(), 2, "expected one of"),
     ("null-label", "bad.jsonl", (_GOOD + _jsonl([_row("b", label=None)])).encode(), 2, "expected one of"),
@@ -256,7 +258,8 @@ _raw_rows = st.lists(
 def test_valid_rows_round_trip_through_parse_rows(raw: list[tuple[str, str, str, int, int]], spec_name: str) -> None:
     spec = EVAL_SETS[spec_name]
     rows = [
-        (i + 1, {"id": f"row-{i}", "premise": " " * lead + premise, "hypothesis": hypothesis + " " * trail, "label": label})
+        (i + 1, {"id": f"row-{i}", "premise": " " * lead + premise, "hypothesis": hypothesis + " " * trail,
+                 "label": label})
         for i, (premise, hypothesis, label, lead, trail) in enumerate(raw)
     ]
     expected = [
@@ -343,7 +346,8 @@ def test_overlapping_carves_are_refused(tmp_path: Path) -> None:
     def task(train_carve: str, eval_carve: str) -> Path:
         path = tmp_path / f"t{abs(hash((train_carve, eval_carve)))}.yaml"
         path.write_text("inputs: [text]\nclasses: [a, b]\n" + pattern
-                        + f"train: {{path: rows.jsonl{train_carve}}}\neval:\n  test: {{path: rows.jsonl{eval_carve}}}\n")
+                        + f"train: {{path: rows.jsonl{train_carve}}}\n"
+                        + f"eval:\n  test: {{path: rows.jsonl{eval_carve}}}\n")
         return path
 
     def carve(part: str, rows: int = 10, seed: int = 0) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from icldistill.tasks import data
 from icldistill.errors import DataError
+from icldistill.tasks import data
 from icldistill.tasks.registry import EVAL_SETS, TASKS
 
 

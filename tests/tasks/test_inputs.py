@@ -6,8 +6,7 @@ import csv
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.errors import DataError
 from icldistill.tasks.inputs import UNLABELLED, read_inputs

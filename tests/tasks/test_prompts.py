@@ -7,11 +7,10 @@ import random
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from icldistill.tasks.data import Example
 from icldistill.errors import PromptError
+from icldistill.tasks.data import Example
 from icldistill.tasks.prompts import (
     SEPARATOR,
     Pattern,
@@ -119,7 +118,8 @@ def test_bad_label_words_raise_prompt_error(words: list[str], expected: str) -> 
 # ---------------------------------------------------------------------------------------------
 # Rendering inserts the text verbatim (property)
 
-_tricky = st.sampled_from(["{x}", "{premise}", "{hypothesis}", "{}", "{0}", "}{", "{{", "}}", "{premise!r}", "%s", "\\n"])
+_tricky = st.sampled_from(["{x}", "{premise}", "{hypothesis}", "{}", "{0}", "}{", "{{", "}}", "{premise!r}", "%s",
+                          "\\n"])
 _texts = st.lists(st.one_of(st.text(max_size=8), _tricky), max_size=5).map("".join)
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -221,7 +222,8 @@ def compare_predictions(
     seeds = sorted(set(a.seeds(eval_set)) & set(b.seeds(eval_set)))
     if not seeds:
         raise IcldError(f"{a.source} and {b.source} share no seed with predictions on {eval_set} "
-                        f"(A: {a.eval_sets()} seeds {a.seeds(eval_set)}; B: {b.eval_sets()} seeds {b.seeds(eval_set)}).")
+                        f"(A: {a.eval_sets()} seeds {a.seeds(eval_set)}; "
+                        f"B: {b.eval_sets()} seeds {b.seeds(eval_set)}).")
     ood = metric == "ood_accuracy"
     ids = _common_queries(a, b, eval_set, seeds, ood and eval_set.startswith("hans"))
     if not ids:

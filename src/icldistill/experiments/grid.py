@@ -9,20 +9,19 @@ the cells and :mod:`icldistill.experiments.results` gathers what they wrote.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from icldistill.config import DistillOptions, build_config, load_yaml, parse_value, to_dict, validate
-from icldistill.errors import ConfigError, IcldError
-from icldistill.methods.registry import METHODS as COMMANDS
-from icldistill.methods.registry import MethodSpec
+from icldistill.errors import ConfigError, IcldError, did_you_mean
+from icldistill.methods.registry import METHODS as COMMANDS, MethodSpec
 
 CELLS_DIR = "cells"
 
@@ -178,7 +177,7 @@ def _top_keys(spec: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
         if key in _NOT_IN_EXPERIMENT:
             problems.append(f"key '{raw_key}' is not used in experiments: {_NOT_IN_EXPERIMENT[key]}.")
         elif key not in TOP_KEYS:
-            problems.append(f"unknown key '{raw_key}'.{_suggest(key, TOP_KEYS)}")
+            problems.append(f"unknown key '{raw_key}'.{did_you_mean(key, sorted(TOP_KEYS), or_list='Valid keys')}")
         elif key in base:
             problems.append(f"key '{key}' is given twice (as '{raw_key}' and another spelling).")
         else:
@@ -209,7 +208,7 @@ def _check_grid_values(parsed_grid: Mapping[str, list[Any]], problems: list[str]
         if key == "method":
             for m in values:
                 if m not in METHODS:
-                    problems.append(f"grid 'method': unknown method '{m}'.{_suggest(str(m), METHODS)} "
+                    problems.append(f"grid 'method': unknown method '{m}'.{did_you_mean(str(m), sorted(METHODS))} "
                                     f"Methods: {', '.join(METHODS)}.")
         seen: list[Any] = []
         for v in values:
@@ -300,7 +299,8 @@ def _read_grid(grid: Any, problems: list[str]) -> dict[str, list[Any]]:
         elif key == "output_dir":
             problems.append("grid key 'output_dir': every cell has its own directory under the sweep's output_dir.")
         elif key not in GRID_KEYS:
-            problems.append(f"unknown grid key '{raw_key}'.{_suggest(key, GRID_KEYS)}")
+            hint = did_you_mean(key, sorted(GRID_KEYS), or_list="Valid keys")
+            problems.append(f"unknown grid key '{raw_key}'.{hint}")
         elif key in out:
             problems.append(f"grid key '{key}' is given twice.")
         elif not isinstance(values, list):
@@ -323,11 +323,6 @@ def _parse(key: str, value: Any, where: str, problems: list[str]) -> Any:
         problems.append(where + str(exc).removeprefix(": "))
         return value
     return parsed[0] if single else parsed
-
-
-def _suggest(key: str, valid: Any) -> str:
-    close = difflib.get_close_matches(key, sorted(valid), n=3)
-    return f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(sorted(valid))}."
 
 
 def _check_tasks(cells: list[Cell]) -> list[str]:

@@ -8,8 +8,9 @@ configuration gives the same numbers" is something a user can check, not only a 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from icldistill.config import build_config
 from icldistill.methods.registry import get_method
@@ -61,6 +62,7 @@ def reproduce(run_dir: str | Path, output_dir: str | Path | None = None, *, tole
     changed = {k: (record["environment"].get(k), now.get(k)) for k in ("torch", "transformers", "peft", "git_revision")
                if record.get("environment", {}).get(k) != now.get(k)}
     fingerprints = {"model": (record.get("model") or {}).get("fingerprint"), "data": record.get("data")}
-    same_inputs = fingerprints["data"] == again.get("data") and fingerprints["model"] == (again.get("model") or {}).get("fingerprint")
+    same_inputs = (fingerprints["data"] == again.get("data")
+                   and fingerprints["model"] == (again.get("model") or {}).get("fingerprint"))
     return {"method": method, "output_dir": values["output_dir"], "differences": differences,
             "environment_changes": changed, "same_inputs": same_inputs, "identical": not differences}

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from icldistill.errors import IcldError
 from icldistill.experiments.grid import CELLS_DIR
@@ -17,7 +18,8 @@ from icldistill.runtime.rundir import FINISHED, RunDir, run_identity
 COLUMNS = [
     "cell", "method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval",
     "n", "dropped", "accuracy", "calibrated_accuracy", "auc", "accuracy_full_vocab", "non_label_rate", "macro_f1",
-    "ood_accuracy", "chance_rate", "majority_rate", "peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
+    "ood_accuracy", "chance_rate", "majority_rate", "peak_memory_mb", "train_time_s", "teacher_time_s",
+    "seconds_per_step", "trainable_parameters",
     "inference_latency_ms", "inference_peak_memory_mb", "status",
     # Issue 12: label and step budgets, and what the peak memory is made of.
     "ce_target", "labelled_examples", "steps", "examples_seen", "train_peak_memory_mb", "teacher_peak_memory_mb",
@@ -57,7 +59,8 @@ def _cells_on_disk(sweep_dir: Path, notes: list[str] | None = None
     notes = [] if notes is None else notes
     order = {c.get("id"): i for i, c in enumerate((_read(Path(sweep_dir) / SWEEP_FILE) or {}).get("cells", []))}
     expected = _expected_identities(Path(sweep_dir))
-    directories = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (order.get(p.name, len(order)), p.name))
+    directories = sorted((p for p in root.iterdir() if p.is_dir()),
+                         key=lambda p: (order.get(p.name, len(order)), p.name))
     for directory in directories:
         cell = _read(directory / CELL_FILE)
         if not cell:
@@ -150,7 +153,8 @@ def _resources(method: str, record: Mapping[str, Any], seed_entry: Mapping[str, 
     inference = res.get("inference") or {}
     training_peak = _number(_get(res, "training", "peak_memory_mb"))
     # The run's overall peak (teacher pass, training, final evaluation); older records have the training peak only.
-    overall = _number(_get(res, "peak_memory_mb", "overall")) if isinstance(res.get("peak_memory_mb"), Mapping) else training_peak
+    overall = (_number(_get(res, "peak_memory_mb", "overall")) if isinstance(res.get("peak_memory_mb"), Mapping)
+               else training_peak)
     teacher_pass = seed_entry.get("teacher_pass") or {}
     cache_hit = teacher_pass.get("cache_hit")
     return {"peak_memory_mb": overall,

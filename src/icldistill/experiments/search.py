@@ -20,13 +20,13 @@ includes 0, a choice that does not parse), each problem naming its key. Imports 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from icldistill.config import _base_type, field_types, parse_value, validate
-from icldistill.errors import ConfigError
+from icldistill.errors import ConfigError, did_you_mean
 
 # Options that define what is measured or where, not how it is trained: tuning them would change the
 # question (the task, the evaluation sets, the data seeds, the models) or nothing at all.
@@ -99,8 +99,7 @@ def parse_search_space(spec: Any, options_class: type, *, source: str) -> tuple[
         name = str(raw_name).replace("-", "_")
         where = f"search '{raw_name}'"
         if name not in fields:
-            close = difflib.get_close_matches(name, sorted(fields), n=3)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            hint = did_you_mean(name, sorted(fields))
             problems.append(f"{where}: {options_class.__name__} has no option '{raw_name}'.{hint}")
             continue
         if name in NOT_SEARCHABLE:

@@ -14,9 +14,10 @@ import socket
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from icldistill.config import to_dict
 from icldistill.errors import ConfigError, IcldError
@@ -336,7 +337,8 @@ def run_sweep(
         probe_writable(cache, "cache_dir")
     changed = _changed_cells(experiment)
     if changed:
-        listed = "\n".join(f"  - {c}" for c in changed[:5]) + (f"\n  - ... and {len(changed) - 5} more" if len(changed) > 5 else "")
+        more = f"\n  - ... and {len(changed) - 5} more" if len(changed) > 5 else ""
+        listed = "\n".join(f"  - {c}" for c in changed[:5]) + more
         raise ConfigError(
             f"{len(changed)} cell(s) in {experiment.output_dir} were run by another experiment (other options than "
             f"{experiment.source} now gives them):\n{listed}\nA sweep never mixes runs in one directory: choose "

@@ -27,16 +27,16 @@ import fcntl
 import logging
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from icldistill.config import load_yaml, to_dict
 from icldistill.errors import IcldError
 from icldistill.experiments.grid import METHODS, ExperimentError, expand
 from icldistill.experiments.search import SearchSpace, parse_search_space
-from icldistill.methods.registry import METHODS as COMMANDS
-from icldistill.methods.registry import TRAINED
+from icldistill.methods.registry import METHODS as COMMANDS, TRAINED
 from icldistill.runtime.records import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def _settings(block: Any, overrides: Mapping[str, Any], problems: list[str]) -> 
     if not isinstance(block, Mapping):
         problems.append(f"'tune' must be a mapping (trials, timeout_s, objective, seed, ...), not {block!r}.")
         return TuneSettings()
-    values = {str(k).replace("-", "_"): v for k, v in {**block, **{k: v for k, v in overrides.items() if v is not None}}.items()}
+    given = {**block, **{k: v for k, v in overrides.items() if v is not None}}
+    values = {str(k).replace("-", "_"): v for k, v in given.items()}
     if "timeout" in values:
         values["timeout_s"] = values.pop("timeout")
     unknown = set(values) - _TUNE_KEYS
@@ -186,7 +187,8 @@ def _settings(block: Any, overrides: Mapping[str, Any], problems: list[str]) -> 
 
 
 def _typed(key: str, value: Any) -> Any:
-    kinds = {"trials": int, "seed": int, "startup_trials": int, "timeout_s": float, "heartbeat_s": float, "objective": str}
+    kinds = {"trials": int, "seed": int, "startup_trials": int, "timeout_s": float, "heartbeat_s": float,
+             "objective": str}
     if value is None and key == "timeout_s":
         return None
     if isinstance(value, bool):
@@ -222,7 +224,8 @@ def open_study(plan: TuningPlan, storage: str | None = None) -> Any:
     pruner = optuna.pruners.MedianPruner(n_startup_trials=plan.settings.startup_trials, n_warmup_steps=0)
     # Workers starting together would race to create the storage's tables and the study.
     with _TrialSlot(plan.output_dir / LOCK_FILE):
-        rdb = _storage(lambda: RDBStorage(url, engine_kwargs=engine, heartbeat_interval=max(1, int(plan.settings.heartbeat_s)),
+        rdb = _storage(lambda: RDBStorage(url, engine_kwargs=engine,
+                                          heartbeat_interval=max(1, int(plan.settings.heartbeat_s)),
                                           grace_period=max(3, int(3 * plan.settings.heartbeat_s)),
                                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2)))
         return optuna.create_study(study_name=plan.name, storage=rdb, sampler=sampler_for(plan, 0), pruner=pruner,
@@ -316,6 +319,23 @@ def run_trial_config(method: str, config: Any, *, on_evaluate: Callable[[int, Ma
     return COMMANDS[method](config, progress=progress, on_evaluate=on_evaluate, score_eval_sets=score_eval_sets)
 
 
+def _one_trial(plan: TuningPlan, slot: _TrialSlot, ran: dict[str, Any], emit: Callable[[TuneEvent], None],
+               done: int, total: int, progress: bool) -> Callable[[Any], float]:
+    """Optuna's objective for this worker's next trial, bound to this pass of the loop: it frees the slot
+    once the trial exists, and leaves the trial's number (and error, if it fails) in ``ran``."""
+
+    def objective(trial: Any) -> float:
+        slot.release()  # the trial exists (RUNNING) now, so the other workers count it
+        ran["number"] = trial.number
+        try:
+            return _objective(plan, trial, emit, done, total, progress)
+        except IcldError as exc:
+            ran["error"] = str(exc)
+            raise
+
+    return objective
+
+
 def run_study(plan: TuningPlan, *, storage: str | None = None, on_event: Callable[[TuneEvent], None] | None = None,
               progress: bool = False) -> Any:
     """Run trials until the study holds ``plan.settings.trials`` finished ones (or this worker's timeout)."""
@@ -354,16 +374,7 @@ def run_study(plan: TuningPlan, *, storage: str | None = None, on_event: Callabl
                 continue
             t0 = time.monotonic()
             study.sampler = sampler_for(plan, len(study.get_trials(deepcopy=False)))  # the next trial's number
-
-            def objective(trial: Any) -> float:
-                slot.release()  # the trial exists (RUNNING) now, so the other workers count it
-                ran["number"] = trial.number
-                try:
-                    return _objective(plan, trial, emit, done, total, progress)
-                except IcldError as exc:
-                    ran["error"] = str(exc)
-                    raise
-
+            objective = _one_trial(plan, slot, ran, emit, done, total, progress)
             study.optimize(objective, n_trials=1, catch=(IcldError,))
         durations.append(time.monotonic() - t0)
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == ran.get("number")), None)
@@ -401,7 +412,7 @@ class _TrialSlot:
     def __init__(self, path: Path):
         self.path, self.handle = path, None
 
-    def __enter__(self) -> "_TrialSlot":
+    def __enter__(self) -> _TrialSlot:
         self.handle = open(self.path, "a+")
         fcntl.flock(self.handle, fcntl.LOCK_EX)
         return self
@@ -480,7 +491,8 @@ def trials_table(directory: str | Path) -> list[dict[str, Any]]:
     maximize = meta["settings"]["objective"] == "dev_accuracy"
     rows = []
     for t in study.get_trials(deepcopy=False):
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        duration = ((t.datetime_complete - t.datetime_start).total_seconds()
+                    if t.datetime_complete and t.datetime_start else None)
         state = t.state.name.lower()
         value = t.value if state == "complete" else None
         if state == "pruned" and t.intermediate_values:
@@ -488,7 +500,8 @@ def trials_table(directory: str | Path) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "state": state, "value": value, "params": dict(t.params),
                      "duration_s": duration, "directory": t.user_attrs.get("directory")})
     order = {"complete": 0, "pruned": 1}
-    rows.sort(key=lambda r: (order.get(r["state"], 2), -(r["value"] or 0) if maximize else (r["value"] or float("inf"))))
+    rows.sort(key=lambda r: (order.get(r["state"], 2),
+                             -(r["value"] or 0) if maximize else (r["value"] or float("inf"))))
     return rows
 
 

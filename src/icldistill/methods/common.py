@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from icldistill.config import CommonOptions, to_dict
 from icldistill.errors import ConfigError
@@ -194,8 +195,9 @@ def base_record(method: str, config: Any, setup: Setup) -> dict[str, Any]:
 
 def model_record(model: LoadedModel) -> dict[str, Any]:
     return {"name": model.name, "source": model.source, "path": str(model.path), "fingerprint": model.fingerprint,
-            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device), "max_length": model.max_length,
-            "parameters": sum(p.numel() for p in model.model.parameters()), "commit": getattr(model, "commit", None)}
+            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+            "max_length": model.max_length, "parameters": sum(p.numel() for p in model.model.parameters()),
+            "commit": getattr(model, "commit", None)}
 
 
 def output_dir(config: CommonOptions) -> Path:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from icldistill.config import EvalOptions
 from icldistill.errors import ConfigError
@@ -74,7 +75,8 @@ def output_dir_for(config: EvalOptions, source: ModelSource) -> Path:
 
 
 def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) -> dict[str, Any]:
-    """Evaluate ``config.model`` on ``config.eval``; write ``results.json`` and ``predictions.jsonl``; return the record.
+    """Evaluate ``config.model`` on ``config.eval``; write ``results.json`` and ``predictions.jsonl``;
+    return the record.
 
     With ``write=False`` nothing is written and the record carries its rows under ``"predictions"``.
     """
@@ -146,7 +148,8 @@ def _evaluate_seed(model: Any, setup: Setup, config: EvalOptions, seed: int, pro
     return entry, rows
 
 
-def split_by_eval(record: dict[str, Any], predictions: Sequence[dict[str, Any]], name: str) -> tuple[dict[str, Any], list]:
+def split_by_eval(record: dict[str, Any], predictions: Sequence[dict[str, Any]],
+                  name: str) -> tuple[dict[str, Any], list]:
     """The part of an eval record (and its predictions) that concerns one evaluation set."""
     part = {**record, "config": {**record["config"], "eval": [name]},
             "seeds": {s: {**e, "eval": {k: v for k, v in (e.get("eval") or {}).items() if k == name}}

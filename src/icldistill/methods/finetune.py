@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime import distributed
 from icldistill.runtime.records import measure
 from icldistill.runtime.rundir import SEED_RESULT_FILE, RunDir, identity_of
-from icldistill.scoring.encoding import tokenize_prompts
+from icldistill.scoring.encoding import fits_in_context, tokenize_prompts
 from icldistill.scoring.prefix_cache import last_token_logits, pad_right, rows_forward
 from icldistill.tasks.data import Example
 from icldistill.training.loop import LossFn, OnEvaluate, TrainResult, fit
@@ -67,12 +68,12 @@ class StudentBatchBuilder:
     continuations: list[list[list[int]]]
 
     @classmethod
-    def build(cls, model: LoadedModel, setup: Setup, examples: Sequence[Example]) -> "StudentBatchBuilder":
+    def build(cls, model: LoadedModel, setup: Setup, examples: Sequence[Example]) -> StudentBatchBuilder:
         texts = [setup.pattern.render(ex.fields) for ex in examples]
         tokens = tokenize_prompts(model.tokenizer, "", texts, setup.pattern.label_words, model.name)
         ids = [tokens.prefix_ids + q for q in tokens.query_ids]
-        longest = [len(row) + max(len(c) for c in conts) - 1 for row, conts in zip(ids, tokens.continuations)]
-        too_long = [ex.id for ex, n in zip(examples, longest) if n > model.max_length]
+        too_long = [ex.id for ex, q, conts in zip(examples, tokens.query_ids, tokens.continuations)
+                    if not fits_in_context(len(tokens.prefix_ids), q, conts, model.max_length)]
         if too_long:
             raise IcldError(f"Training examples {too_long[:5]} exceed {model.name}'s {model.max_length} tokens.")
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0

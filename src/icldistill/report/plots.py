@@ -10,14 +10,14 @@ from __future__ import annotations
 import io
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from icldistill.runtime.records import atomic_write_bytes
 from icldistill.report.tables import (
     CHANCE,
     METHOD_LABELS,
@@ -37,6 +37,7 @@ from icldistill.report.tables import (
     _values,
     _varies,
 )
+from icldistill.runtime.records import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -13,19 +13,20 @@ import html
 import logging
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
 from icldistill.errors import IcldError
+from icldistill.report.console import MISSING
 from icldistill.report.plots import FigureResult, make_figures
-from icldistill.runtime.records import atomic_write_text
 from icldistill.report.tables import (
     _FAILED,
-    OOD_CHANCE,
     METHOD_LABELS,
+    OOD_CHANCE,
     _first_series,
     _fmt_alpha,
     _growth,
@@ -40,6 +41,7 @@ from icldistill.report.tables import (
     in_domain_and_ood,
     markdown_table,
 )
+from icldistill.runtime.records import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ def _cd_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _matching(table: pd.DataFrame, method: str, cd: pd.DataFrame, same_peft: bool = False) -> pd.DataFrame:
-    """Baseline rows on the CD student's model (the teacher's for ``pbft-teacher``; same task), same PEFT when available."""
+    """Baseline rows on the CD student's model (the teacher's for ``pbft-teacher``; same task),
+    same PEFT when available."""
     rows = table[table["method"] == method]
     if cd.empty or rows.empty:
         return rows.iloc[0:0]
@@ -160,7 +163,8 @@ def _cd_note(cd: pd.DataFrame) -> str:
 
 
 def _comparison_claim(topic: str, paper: str, table: pd.DataFrame, baseline: str, column: str,
-                      unit: str, digits: int, lower_is_better: bool = False, paired: pd.DataFrame | None = None) -> Claim:
+                      unit: str, digits: int, lower_is_better: bool = False,
+                      paired: pd.DataFrame | None = None) -> Claim:
     cd = _cd_rows(table)
     base = _matching(table, baseline, cd, same_peft=baseline in ("pbft", "pbft-teacher"))
     name = METHOD_LABELS[baseline]
@@ -317,7 +321,7 @@ def headline_claims(table: pd.DataFrame, paired: pd.DataFrame | None = None) -> 
 def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     def names(values: Iterable[Any], key: Any = str) -> str:
         found = sorted({v for v in values if not _missing(v)}, key=key)
-        return ", ".join(str(v) for v in found) if found else "—"
+        return ", ".join(str(v) for v in found) if found else MISSING
 
     methods = sorted({m for m in df["method"] if not _missing(m)}, key=_method_rank)
     lines = [
@@ -332,7 +336,7 @@ def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> 
     if alphas:
         lines.append("CD α: " + ", ".join(f"{a:g}" for a in alphas))
     pefts = names(df["peft"])
-    if pefts != "—":
+    if pefts != MISSING:
         lines.append(f"Parameter-efficient training: {pefts}")
     counts = runs["status"].value_counts()
     failed = runs[runs["status"].isin(_FAILED)]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -105,7 +106,8 @@ def in_domain_and_ood(df: pd.DataFrame) -> pd.DataFrame:
 
     Evaluation sets whose name starts with ``hans`` are out-of-domain; every other set is in-domain.
     The OOD value is ``ood_accuracy`` (any HANS set: mean of the two label accuracies; never the pooled
-    accuracy); if a run has several HANS sets, ``hans-lo`` is preferred, then ``hans``. Several in-domain sets in one run are averaged (``id_eval`` names them, joined by ``+``).
+    accuracy); if a run has several HANS sets, ``hans-lo`` is preferred, then ``hans``. Several in-domain
+    sets in one run are averaged (``id_eval`` names them, joined by ``+``).
     A sweep with only one kind gets NaN in the other kind's columns.
 
     Only rows with status ``complete`` contribute values. A run's ``status`` is ``complete`` when
@@ -309,7 +311,8 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
     optional = [
         ("task", "task", lambda r: str(r["task"]), "l", _varies(table, "task")),
         ("alpha", "α", lambda r: _fmt_alpha(r["alpha"]), "r", table["alpha"].notna().any()),
-        ("peft", "PEFT", lambda r: "—" if _missing(r["peft"]) else str(r["peft"]), "l", table["peft"].notna().any()),
+        ("peft", "PEFT", lambda r: MISSING if _missing(r["peft"]) else str(r["peft"]), "l",
+         table["peft"].notna().any()),
         ("pattern", "pattern", lambda r: str(r["pattern"]), "l", _varies(table, "pattern")),
     ]
     spec: list[tuple[str, Any, str]] = []
@@ -318,7 +321,7 @@ def _table_view(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[s
     spec += [
         ("method", _method_label, "l"),
         ("model(s)", lambda r: r["models"], "l"),
-        ("k", lambda r: str(int(r["shots"])) if not _missing(r["shots"]) else "—", "r"),
+        ("k", lambda r: str(int(r["shots"])) if not _missing(r["shots"]) else MISSING, "r"),
     ]
     spec += [(header, fn, a) for _, header, fn, a, shown in optional[1:] if shown]
     # An accuracy column appears only when the sweep evaluated that kind of set (SST-2 has no OOD set).

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from icldistill.errors import IcldError
 from icldistill.experiments.tune import FINAL_RUNS, PLAN_FILE, load_study, selected_dev_value, trials_table
@@ -39,7 +40,8 @@ def _history_figure(rows: list[dict[str, Any]], maximize: bool, objective: str) 
     for state, marker, color in (("complete", "o", "tab:blue"), ("pruned", "x", "tab:gray")):
         points = [(r["trial"], r["value"]) for r in by_number if r["state"] == state]
         if points:
-            ax.scatter(*zip(*points), marker=marker, color=color, label=state + (" (last dev value)" if state == "pruned" else ""))
+            label = state + (" (last dev value)" if state == "pruned" else "")
+            ax.scatter(*zip(*points), marker=marker, color=color, label=label)
     best, xs, ys = None, [], []
     for r in by_number:
         if r["state"] != "complete":
@@ -108,7 +110,8 @@ def write_tuning_report(directory: str | Path, output_dir: str | Path | None = N
     paths: dict[str, Path] = {}
     if complete:
         best = complete[0]
-        lines += ["## Best parameters", "", f"Trial {best['trial']}, {objective} {_fmt(best['value'])} on the dev split.", ""]
+        lines += ["## Best parameters", "",
+                  f"Trial {best['trial']}, {objective} {_fmt(best['value'])} on the dev split.", ""]
         lines += _table(["parameter", "value"], [[k, v] for k, v in best["params"].items()]) + [""]
         figure = out / "trial_history.png"
         atomic_write_bytes(figure, _history_figure(rows, maximize, objective))
@@ -116,8 +119,8 @@ def write_tuning_report(directory: str | Path, output_dir: str | Path | None = N
         lines += ["## Trial history", "", f"![trial history]({figure.name})", ""]
         top = rows[:10]
         lines += _table(["trial", "state", objective, "seconds", *best["params"]],
-                        [[r["trial"], r["state"], r["value"], r["duration_s"], *(r["params"].get(k) for k in best["params"])]
-                         for r in top]) + [""]
+                        [[r["trial"], r["state"], r["value"], r["duration_s"],
+                          *(r["params"].get(k) for k in best["params"])] for r in top]) + [""]
     importances = _importances(directory)
     if importances:
         lines += ["## Parameter importances", "",

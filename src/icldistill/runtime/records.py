@@ -15,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from icldistill.runtime import distributed
 from icldistill.errors import IcldError
+from icldistill.runtime import distributed
 
 
 def _json_default(value: Any) -> Any:
@@ -66,7 +67,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise IcldError(f"Writing {path} failed: {exc.strerror or exc}. Free disk space or choose another --output-dir.") from None
+        raise IcldError(f"Writing {path} failed: {exc.strerror or exc}. "
+                        "Free disk space or choose another --output-dir.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -16,10 +16,11 @@ import json
 import logging
 import random
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from icldistill.errors import ConfigError, DataError
 from icldistill.runtime.paths import DATA_ENV, default_data_dir
@@ -123,7 +124,8 @@ def carve_indices(n: int, carve: Carve) -> list[int]:
     """Row positions of ``carve.part`` in file order: a seeded partition of ``range(n)`` into eval and train."""
     n_eval = int(round(carve.eval_rows * n)) if isinstance(carve.eval_rows, float) else int(carve.eval_rows)
     if not 0 < n_eval < n:
-        raise DataError(f"carve: eval_rows {carve.eval_rows} leaves no rows for one part of the {n} rows; choose fewer.")
+        raise DataError(f"carve: eval_rows {carve.eval_rows} leaves no rows for one part of the {n} rows; "
+                        "choose fewer.")
     order = list(range(n))
     random.Random(f"icldistill-carve-{carve.seed}").shuffle(order)
     chosen = order[:n_eval] if carve.part == "eval" else order[n_eval:]
@@ -145,7 +147,8 @@ def check_carves(train: DataSpec, eval_sets: Mapping[str, DataSpec], origin: str
         if (t is not None and e is not None and t.part == "train" and e.part == "eval"
                 and (t.eval_rows, t.seed) == (e.eval_rows, e.seed)):
             continue
-        carve = lambda c: "no carve" if c is None else f"carve {{part: {c.part}, eval_rows: {c.eval_rows}, seed: {c.seed}}}"  # noqa: E731
+        carve = lambda c: ("no carve" if c is None  # noqa: E731
+                           else f"carve {{part: {c.part}, eval_rows: {c.eval_rows}, seed: {c.seed}}}")
         raise ConfigError(
             f"{origin}: evaluation set '{name}' and train both read {spec.local} (train: {carve(t)}; '{name}': "
             f"{carve(e)}), so evaluation rows can be training rows. Give both the same eval_rows and seed, with "
@@ -225,9 +228,11 @@ def _iter_lines(raw: bytes, path: str) -> Iterable[tuple[int, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); fix or remove the line.") from None
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                            "fix or remove the line.") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, found {type(row).__name__}; write one {{...}} object per line.")
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, found {type(row).__name__}; "
+                            "write one {...} object per line.")
         yield lineno, row
 
 
@@ -350,14 +355,16 @@ def parse_rows(spec: DataSpec, rows: Iterable[tuple[int, Mapping[str, Any]]], wh
             texts[name] = value.strip() if spec.strip else value  # as the data has it, unless the task asks
         row_id = str(row[spec.id_column]) if spec.id_column and spec.id_column in row else str(lineno)
         if row_id in seen:
-            raise DataError(f"{where}:{lineno}: duplicate id {row_id!r} (first on line {seen[row_id]}); ids must be unique.")
+            raise DataError(f"{where}:{lineno}: duplicate id {row_id!r} (first on line {seen[row_id]}); "
+                            "ids must be unique.")
         seen[row_id] = lineno
         meta = {k: str(row[k]) for k in spec.meta_fields if k in row}
         examples.append(Example(row_id, texts, cls, meta))
     if n_rows == 0:
         raise DataError(f"{where} is empty; it must hold one JSON object per line (or, for CSV, a header and rows).")
     if not examples:
-        raise DataError(f"{where}: none of its {n_rows} rows is usable for '{spec.name}' (filters {dict(spec.filter)}).")
+        raise DataError(f"{where}: none of its {n_rows} rows is usable for '{spec.name}' "
+                        f"(filters {dict(spec.filter)}).")
     return examples
 
 

@@ -8,8 +8,9 @@ else the row's position. Problems name the file, the row and the fix. No torch h
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from icldistill.errors import DataError
 from icldistill.tasks.data import Example, check_text, read_rows

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from icldistill.tasks.data import Example
 from icldistill.errors import PromptError
+from icldistill.tasks.data import Example
 from icldistill.tasks.registry import Family
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def _placeholders(template: str) -> set[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise PromptError(f"Template {template!r} is malformed ({exc}); write literal braces as '{{{{' and '}}}}'.") from None
+        raise PromptError(f"Template {template!r} is malformed ({exc}); "
+                          "write literal braces as '{{' and '}}'.") from None
     # '{premise!x}' or '{premise:d}' parse but fail in render, and '{premise!r}' quotes the text: allow neither
     odd = [name for _, name, spec, conversion in parsed if name is not None and (spec or conversion)]
     if odd:
@@ -193,7 +195,8 @@ def check_label_words_tokenize_apart(tokenizer: Any, pattern: Pattern, classes: 
         if ids in seen:
             other = seen[ids]
             raise PromptError(
-                f"Pattern '{pattern.name}': the label words {pattern.label_words[other]!r} (class '{classes[other]}') and "
+                f"Pattern '{pattern.name}': the label words {pattern.label_words[other]!r} "
+                f"(class '{classes[other]}') and "
                 f"{word!r} (class '{classes[c]}') tokenize identically for {model_name} ({list(ids)}); choose words "
                 "that differ in tokens (in the task file's label_words or with --label-words)."
             )
@@ -234,7 +237,8 @@ def example_prompt(task: Any, data_dir: Any = None) -> tuple[str, str]:
         demos = sample_demonstrations(train.examples, len(family.classes), len(family.classes), context_rng(0),
                                       exclude={query.text_key()})
     except IcldError as exc:
-        return pattern.render(family.content_free), f"pattern '{pattern.name}', content-free input; data not read: {exc}"
+        note = f"pattern '{pattern.name}', content-free input; data not read: {exc}"
+        return pattern.render(family.content_free), note
     note = (f"pattern '{pattern.name}', {len(demos)} demonstrations of seed 0, a query from "
             f"'{task.default_eval[0]}' whose answer is {pattern.label_words[query.label]!r}")
     return demonstration_prefix(pattern, demos) + pattern.render(query.fields), note

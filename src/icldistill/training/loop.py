@@ -29,10 +29,10 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -123,12 +123,12 @@ class StepSums:
         self.terms |= {name for name, value in (("kl", out.kl), ("ce", out.ce)) if value is not None}
         self.tokens += tokens
 
-    def across_ranks(self, n: int) -> "StepSums":
+    def across_ranks(self, n: int) -> StepSums:
         """The sums over every rank's share of a step of ``n`` examples (the values themselves in one process)."""
         loss, kl, ce, tokens = distributed.sum_across([self.loss, self.kl, self.ce, self.tokens])
         return StepSums(loss, kl, ce, tokens, n, set(self.terms))
 
-    def add(self, step: "StepSums") -> None:
+    def add(self, step: StepSums) -> None:
         """Add a whole step to an epoch's sums."""
         self.loss += step.loss
         self.kl += step.kl
@@ -186,7 +186,7 @@ class _Budget:
     epochs: int
 
     @classmethod
-    def of(cls, options: TrainOptions, n_examples: int) -> "_Budget":
+    def of(cls, options: TrainOptions, n_examples: int) -> _Budget:
         per_epoch = math.ceil(n_examples / options.train_batch_size)
         max_steps = getattr(options, "max_steps", None)
         total = max_steps if max_steps else per_epoch * options.epochs
@@ -221,7 +221,7 @@ class _Loop:
 
     @classmethod
     def start(cls, model: torch.nn.Module, n_examples: int, options: TrainOptions, *, mixed_precision: str, cpu: bool,
-              checkpoint_dir: Path | None, evaluate: Evaluate | None, on_evaluate: OnEvaluate | None) -> "_Loop":
+              checkpoint_dir: Path | None, evaluate: Evaluate | None, on_evaluate: OnEvaluate | None) -> _Loop:
         """The accelerator, optimiser and schedule, prepared; the trackers started; the checkpoint hooks set."""
         _use_device(next(model.parameters()).device)
         # One scheduler step per optimiser step: accelerate would otherwise step it once per process,

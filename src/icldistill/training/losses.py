@@ -375,18 +375,3 @@ def check_vocab_compatible(
             f"{teacher_vocab_size} and the student ({student_name}) has {student_vocab_size}. "
             "Use --kl-space label: the label-word distribution works across tokenizers."
         )
-
-
-def tempered_context_average(context_logprobs: Tensor, temperature: float = 1.0) -> Tensor:
-    """The teacher's temperature-T label distribution averaged over its demonstration contexts, as log-probs.
-
-    ``context_logprobs`` is ``(J, batch, C)``: each context's log-distribution over the labels. Each is
-    tempered first (``softmax(lp_j / T)``) and the J distributions are then averaged in probability space:
-    ``log(mean_j softmax(lp_j / T))``, ``(batch, C)``. Tempering the average instead would sharpen or
-    flatten the mixture as a whole, which is not the mixture of tempered teachers; the two agree at T = 1
-    and for J = 1.
-    """
-    if context_logprobs.ndim != 3:
-        raise ValueError(f"context_logprobs must have shape (J, batch, C), got {tuple(context_logprobs.shape)}.")
-    tempered = torch.log_softmax(_at_least_float32(context_logprobs) / temperature, dim=-1)
-    return torch.logsumexp(tempered, dim=0) - math.log(context_logprobs.shape[0])

@@ -10,8 +10,9 @@ Only the logits that predict answer tokens are computed (``logits_to_keep``) and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

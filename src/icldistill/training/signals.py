@@ -11,9 +11,10 @@ weights agrees.
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -23,7 +24,7 @@ from icldistill.runtime import distributed
 from icldistill.runtime.paths import default_cache_dir
 from icldistill.tasks.data import Example
 from icldistill.tasks.prompts import Pattern
-from icldistill.training.losses import tempered_context_average
+from icldistill.training.contexts import tempered_context_average
 from icldistill.training.teacher import OnlineTeacher, SignalCache, TeacherSignal, compute_signal, signal_key
 
 
@@ -39,7 +40,7 @@ class TeacherSpec:
     cache_dir: Path | None = None
 
     @classmethod
-    def from_options(cls, config: Any) -> "TeacherSpec":
+    def from_options(cls, config: Any) -> TeacherSpec:
         """From a distillation config (``teacher``, ``teacher_revision``, ``teacher_dtype`` and the common options)."""
         return cls(config.teacher, config.teacher_revision, config.teacher_dtype, config.trust_remote_code,
                    config.device, config.cache_dir)
@@ -115,7 +116,7 @@ class OnlineSource:
 
     @classmethod
     def start(cls, teacher: LoadedModel, prompts: TeacherPrompts, contexts: Sequence[Sequence[Example]],
-              queries: Sequence[Example], vocab_kl: bool) -> "OnlineSource":
+              queries: Sequence[Example], vocab_kl: bool) -> OnlineSource:
         """For vocabulary KL, the teacher's whole next-token distribution, within its real vocabulary."""
         width = teacher.model.get_output_embeddings().weight.shape[0] if vocab_kl else 0
         return cls(OnlineTeacher(teacher, prompts.pattern, contexts, prompts.label_score), queries, width,

@@ -15,33 +15,32 @@ import hashlib
 import importlib.util
 import json
 import logging
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as tensors_to_bytes
+from safetensors.torch import load_file, save as tensors_to_bytes
 
-from icldistill.runtime import distributed
-from icldistill.tasks.data import Example
 from icldistill.errors import IcldError
-from icldistill.scoring.evalsets import encode_prompts
 from icldistill.models.loading import LoadedModel
-from icldistill.tasks.prompts import Pattern
+from icldistill.runtime import distributed
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_json
-from icldistill.scoring.encoding import encode_text, tokenize_prompts
+from icldistill.scoring.encoding import encode_text, fits_in_context, tokenize_prompts
+from icldistill.scoring.evalsets import encode_prompts
 from icldistill.scoring.prefix_cache import PrefixCache, Scores, score_queries, score_queries_sharded
+from icldistill.tasks.data import Example
+from icldistill.tasks.prompts import Pattern
+from icldistill.training.contexts import tempered_context_average
 
 logger = logging.getLogger(__name__)
 
 # The modules whose code computes a signal: a change to any of them changes the cache key, so a cached
 # entry is never reused after the code that made it changed (no hand-set version to forget to bump).
-SIGNAL_CODE = ("icldistill.training.teacher", "icldistill.scoring.prefix_cache", "icldistill.scoring.evalsets",
-               "icldistill.scoring.encoding",
-               "icldistill.tasks.prompts")
+SIGNAL_CODE = ("icldistill.training.teacher", "icldistill.training.contexts", "icldistill.scoring.prefix_cache",
+               "icldistill.scoring.evalsets", "icldistill.scoring.encoding", "icldistill.tasks.prompts")
 
 
 @functools.cache
@@ -78,7 +77,7 @@ class TeacherSignal:
     dropped: int = 0
     context_label_logprobs: torch.Tensor | None = None
 
-    def rows(self, rows: torch.Tensor) -> "TeacherSignal":
+    def rows(self, rows: torch.Tensor) -> TeacherSignal:
         """The signal of some queries (by row index), for a training batch."""
         return TeacherSignal([self.query_ids[int(i)] for i in rows], self.label_logprobs[rows],
                              None if self.topk_logprobs is None else self.topk_logprobs[rows],
@@ -86,21 +85,16 @@ class TeacherSignal:
                              None if self.context_label_logprobs is None else self.context_label_logprobs[:, rows])
 
 
-def _context_average(per_context: list[torch.Tensor]) -> torch.Tensor:
-    """log(mean_j p_j) of label-word distributions renormalised over the labels, (n, C)."""
-    stacked = torch.stack([lp - torch.logsumexp(lp, dim=-1, keepdim=True) for lp in per_context])
-    return torch.logsumexp(stacked, dim=0) - math.log(len(per_context))
-
-
 def _merge_contexts(per_context: Sequence[Scores]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(context-averaged label log-probs, top-k log-probs, top-k ids); top-k come from the first context."""
     first = per_context[0]
-    return _context_average([s.label_logprobs for s in per_context]), first.topk_logprobs, first.topk_ids
+    return tempered_context_average(_per_context(per_context)), first.topk_logprobs, first.topk_ids
 
 
 def _per_context(per_context: Sequence[Scores]) -> torch.Tensor:
     """(J, n, C) label distributions of each context, renormalised over the labels."""
-    return torch.stack([s.label_logprobs - torch.logsumexp(s.label_logprobs, dim=-1, keepdim=True) for s in per_context])
+    stacked = torch.stack([s.label_logprobs for s in per_context])
+    return stacked - torch.logsumexp(stacked, dim=-1, keepdim=True)
 
 
 def compute_signal(
@@ -136,7 +130,8 @@ def compute_signal(
                                            topk=topk if j == 0 else 0, on_batch=bar.update, label_score=label_score)
         per_context.append(scores)
     return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
-                         [[d.id for d in demos] for demos in contexts], context_label_logprobs=_per_context(per_context))
+                         [[d.id for d in demos] for demos in contexts],
+                         context_label_logprobs=_per_context(per_context))
 
 
 def signal_key(teacher: dict[str, Any], pattern: Pattern, contexts: Sequence[Sequence[Example]],
@@ -235,13 +230,14 @@ class OnlineTeacher:
             tokens = tokenize_prompts(self.teacher.tokenizer, text, texts, self.pattern.label_words, self.teacher.name)
             # As the cached pass does: every training query needs a target, so one too long is an error.
             too_long = [q.id for q, row, conts in zip(queries, tokens.query_ids, tokens.continuations)
-                        if len(tokens.prefix_ids) + len(row) + max(len(c) for c in conts) - 1 > self.teacher.max_length]
+                        if not fits_in_context(len(tokens.prefix_ids), row, conts, self.teacher.max_length)]
             if too_long:
                 raise IcldError(f"{len(too_long)} training queries (e.g. {too_long[:3]}) do not fit "
                                 f"{self.teacher.name}'s {self.teacher.max_length} tokens after the demonstrations; "
                                 "lower --shots.")
-            per_context.append(score_queries(self.teacher.model, tokens.prefix_ids, tokens.query_ids, tokens.continuations,
-                                             batch_size=len(texts), topk=topk if j == 0 else 0, prefix_cache=cache,
+            per_context.append(score_queries(self.teacher.model, tokens.prefix_ids, tokens.query_ids,
+                                             tokens.continuations, batch_size=len(texts),
+                                             topk=topk if j == 0 else 0, prefix_cache=cache,
                                              label_score=self.label_score))
         return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
                              context_label_logprobs=_per_context(per_context))

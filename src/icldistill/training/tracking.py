@@ -10,8 +10,9 @@ run with ``--report-to tensorboard`` land in ``<seed dir>/logs/<run name>``.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from icldistill.config import TRACKERS
 from icldistill.errors import ConfigError
@@ -70,7 +71,8 @@ def hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def step_values(loss: float, kl: float | None, ce: float | None, lr: float, grad_norm: float | None) -> dict[str, float]:
+def step_values(loss: float, kl: float | None, ce: float | None, lr: float,
+                grad_norm: float | None) -> dict[str, float]:
     """One optimiser step's scalars, per example (the loop's sums divided by the step's examples)."""
     values = {"train/loss": loss, "train/lr": lr}
     if kl is not None:

@@ -7,7 +7,7 @@ export ICLDISTILL_DATA ?= $(DATA)
 # The CPU wheel of torch sits on this machine's disk; elsewhere pip fetches the same version.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench study clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ demo: setup
 	$(VENV)/bin/icld report runs/demo
 	$(VENV)/bin/icld report runs/demo-sst2
 	$(VENV)/bin/icld report runs/demo-agnews
+
+# The reference study on the Qwen2.5-Coder pair (RESULTS.md): 19 runs on MNLI -> HANS from three experiment
+# files into one sweep directory. Resumable: run it again after an interruption and it continues where it
+# stopped. STUDY_DIR moves its output.
+STUDY_DIR ?= runs/study-qwen
+study: setup
+	$(VENV)/bin/icld models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+	$(VENV)/bin/icld -q sweep configs/study-qwen-zeroshot.yaml --output-dir $(STUDY_DIR)
+	$(VENV)/bin/icld -q sweep configs/study-qwen.yaml --output-dir $(STUDY_DIR)
+	$(VENV)/bin/icld -q sweep configs/study-qwen-labelfree.yaml --output-dir $(STUDY_DIR)
+	$(VENV)/bin/icld report $(STUDY_DIR)
 
 # Every benchmark, at the sizes BENCHMARKS.md reports (about an hour on 2 CPU cores). vs_lmeval creates
 # lm-eval's own virtual environment on first use; paper_scale saves two random OPT models (about 6 GB).

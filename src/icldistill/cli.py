@@ -139,10 +139,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     o: ModelsOptions = _options(args)
     if o.action == "list":
-        rows = [["name", "arch", "params", "licence", "cached", "path"]]
+        rows = [["name", "arch", "params", "licence", "upstream", "cached", "path"]]
         for m in list_models(o.cache_dir):
             rows.append([m["name"], str(m.get("arch", "")), str(m.get("params", "")), str(m.get("licence", "")),
-                         "yes" if m["cached"] else "no", str(m.get("path") or "")])
+                         str(m.get("upstream") or "-"), "yes" if m["cached"] else "no", str(m.get("path") or "")])
         print(format_table(rows))
         return 0
     for name in o.names:

@@ -308,7 +308,7 @@ def test_directory_without_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> No
 
 
 def test_packaged_models_are_declared_consistently() -> None:
-    assert set(p.PACKAGED_MODELS) == {"smollm2-135m", "gemma3-270m"}
+    assert set(p.PACKAGED_MODELS) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"}
     for name, spec in p.PACKAGED_MODELS.items():
         assert spec.name == name
         assert all("==" in requirement for requirement in spec.requirements)  # pinned
@@ -323,7 +323,7 @@ def test_list_models_ignores_a_directory_without_marker(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     rows = {row["name"]: row for row in p.list_models(tmp_path)}
-    assert set(rows) == {"smollm2-135m", "gemma3-270m"}
+    assert set(rows) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"}
     assert not any(row["cached"] for row in rows.values())
     assert set(rows["smollm2-135m"]) >= {
         "name", "package", "arch", "params", "licence", "cached", "path"

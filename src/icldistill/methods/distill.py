@@ -260,8 +260,9 @@ def run_distill(config: DistillOptions, *, progress: bool = True, on_evaluate: O
         _check_vocab(config, spec)
     teacher: LoadedModel | None = None
     if config.teacher_signal == "cached":
-        signals, per_seed, record["teacher_pass"] = cached_signals(
-            config, setup, plan, config.teacher_topk if config.kl_space == "vocab" else 0, progress)
+        # The top-k is stored whatever the KL space (a few hundred bytes a query), so that label- and vocab-KL
+        # runs of one teacher, demonstrations and queries share one cached teacher pass.
+        signals, per_seed, record["teacher_pass"] = cached_signals(config, setup, plan, config.teacher_topk, progress)
     else:
         teacher, per_seed, record["teacher_pass"] = online_teacher(config, setup, plan)
     record["teacher_pass"].update(mode=config.teacher_signal, contexts=config.teacher_contexts)

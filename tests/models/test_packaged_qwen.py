@@ -17,14 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from tiny import make_model, make_tokenizer
 
 from icldistill.errors import ModelError
-from icldistill.models import loading as m
-from icldistill.models import packaged as p
+from icldistill.models import loading as m, packaged as p
 
 QWEN = ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b")
 

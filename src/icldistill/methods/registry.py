@@ -7,13 +7,13 @@ named as ``module:function`` and imported when first called: reading the table i
 
 from __future__ import annotations
 
-import difflib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from icldistill.config import DistillOptions, GenDistillOptions, GenerateOptions, IclOptions, PbftOptions
-from icldistill.errors import ConfigError
+from icldistill.config import DistillOptions, GenerateOptions, IclOptions, PbftOptions
+from icldistill.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,5 @@ def get_method(name: str, where: str = "method") -> MethodSpec:
     """The entry for ``name``; an unknown name is a one-line error with the closest names."""
     if name in METHODS:
         return METHODS[name]
-    close = difflib.get_close_matches(str(name), list(METHODS), n=1)
-    hint = f" Did you mean {close[0]}?" if close else ""
-    raise ConfigError(f"{where}: unknown method {name!r}; expected one of {', '.join(METHODS)}.{hint}")
+    raise ConfigError(f"{where}: unknown method {name!r}; expected one of {', '.join(METHODS)}."
+                      f"{did_you_mean(str(name), METHODS, n=1)}")

@@ -60,3 +60,10 @@ def test_cli_refuses_a_classification_task(tmp_path, data_dir, tiny_dirs, capsys
                  "--output-dir", str(tmp_path / "x")])
     assert code != 0
     assert "'mnli' is a classification task: run it with icl, pbft or distill" in capsys.readouterr().err
+
+
+def test_the_record_holds_the_runs_cost(tmp_path, data_dir, tiny_dirs, cache_dir):
+    record = run_generate(_config(tmp_path, data_dir, tiny_dirs["teacher"], seeds=[0]), progress=False)
+    total, inference = record["resources"]["total"], record["resources"]["inference"]
+    assert total["peak_memory_mb"] > 0 and total["wall_time_s"] >= inference["wall_time_s"] > 0
+    assert inference["queries"] == 4 and inference["latency_ms_per_query"] > 0

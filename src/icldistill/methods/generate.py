@@ -10,8 +10,8 @@ from typing import Any
 
 from icldistill.config import GenerateOptions
 from icldistill.methods.common import aggregate, inference_record, model_record
-from icldistill.methods.gen_setup import claim_generation_run, evaluate_generation, prepare_generation
-from icldistill.models.loading import load_model
+from icldistill.methods.gen_setup import GenSetup, claim_generation_run, evaluate_generation, prepare_generation
+from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime.records import measure
 
 logger = logging.getLogger(__name__)
@@ -21,9 +21,25 @@ def run_generate(config: GenerateOptions, *, progress: bool = True) -> dict[str,
     """Answer every evaluation set for every seed; write ``results.json`` and ``predictions.jsonl``."""
     setup = prepare_generation(config)
     record, run_dir = claim_generation_run("generate", config, setup)
-    model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir,
-                       revision=config.revision, trust_remote_code=config.trust_remote_code)
-    record["model"] = model_record(model)
+    with measure(config.device) as total:
+        model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir,
+                           revision=config.revision, trust_remote_code=config.trust_remote_code)
+        record["model"] = model_record(model)
+        seeds, predictions, parts = _answer_seeds(config, setup, model, progress)
+    record["seeds"] = seeds
+    record["labelled_examples"] = setup.task.shots if config.context else 0
+    record["aggregate"] = aggregate({s: e["eval"] for s, e in seeds.items()})
+    record["resources"] = {"total": {**total.as_dict(), "wall_time_s": round(run_dir.elapsed_s(), 4)},
+                           "inference": inference_record(parts), "prefix_cache": config.prefix_cache}
+    record["status"] = "complete"
+    run_dir.write_predictions(predictions)
+    run_dir.write(record)
+    return record
+
+
+def _answer_seeds(config: GenerateOptions, setup: GenSetup, model: LoadedModel, progress: bool
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each seed's answers: (seed entries, prediction rows, measured parts for the inference cost)."""
     seeds: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
     parts = []
@@ -39,12 +55,4 @@ def run_generate(config: GenerateOptions, *, progress: bool = True) -> dict[str,
         predictions += rows
         if progress:
             logger.info("seed %d: %s", seed, {n: round(m.get("exact_match", 0.0), 3) for n, m in metrics.items()})
-    record["seeds"] = seeds
-    record["labelled_examples"] = setup.task.shots if config.context else 0
-    record["aggregate"] = aggregate({s: e["eval"] for s, e in seeds.items()})
-    record["resources"] = {"total": {"wall_time_s": round(run_dir.elapsed_s(), 4)},
-                           "inference": inference_record(parts), "prefix_cache": config.prefix_cache}
-    record["status"] = "complete"
-    run_dir.write_predictions(predictions)
-    run_dir.write(record)
-    return record
+    return seeds, predictions, parts

@@ -191,7 +191,7 @@ def write_rows(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str
     """
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        atomic_write_jsonl(path, rows)
+        atomic_write_jsonl(path, rows, option="--output")
         return
     flat = [{"id": r["id"], **{f: r.get(f) for f in fields}, "pred": r["pred"], "label": r["label"],
              "label_word": r["label_word"],
@@ -202,13 +202,13 @@ def write_rows(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str
         writer = csv.DictWriter(buffer, fieldnames=list(flat[0]))
         writer.writeheader()
         writer.writerows(flat)
-        atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+        atomic_write_bytes(path, buffer.getvalue().encode("utf-8"), option="--output")
     elif suffix == ".parquet":
         import pandas as pd
 
         buffer = io.BytesIO()
         pd.DataFrame(flat).to_parquet(buffer, index=False)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue(), option="--output")
     else:
         raise ConfigError(f"--output {path}: unknown format {suffix or '(none)'}; use .jsonl, .csv or .parquet.")
 
@@ -261,7 +261,7 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
         "summary": str(summary_path(output)),
     }
     if distributed.is_main():  # what the answers cost, recorded beside them
-        atomic_write_json(summary_path(output), summary)
+        atomic_write_json(summary_path(output), summary, option="--output")
     return summary
 
 

@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -214,29 +215,51 @@ def share_files(path: str | Path) -> None:
             file.chmod(mode)
 
 
+# Set by an outer ``writing(..., resumable=True)`` (a checkpoint, a seed's artefacts): every failed write
+# inside it, also one of a nested helper, then tells the user that a resume loses nothing.
+_RESUMABLE: ContextVar[bool] = ContextVar("icldistill_resumable_writes", default=False)
+
+
+def _after_failed_write(full: bool) -> str:
+    """What to do after a failed write: free space (and resume, where the run can), or check the directory."""
+    space = "Free disk space" if full else "Free disk space or check that the directory is writable"
+    if _RESUMABLE.get():
+        return (f"Nothing written before is lost (earlier checkpoints and results are kept): {space.lower()}, "
+                "then run the same command again with --resume.")
+    return f"{space} and run the command again." if full else \
+        "Check that the directory is writable, or choose another output directory."
+
+
 @contextmanager
-def writing(path: str | Path, what: str = "model files") -> Iterator[None]:
+def writing(path: str | Path, what: str = "model files", *, resumable: bool | None = None) -> Iterator[None]:
     """Turn a failed write of ``path`` (disk full, read-only, missing directory) into one line naming it.
 
-    safetensors raises ``SafetensorError`` and torch a ``RuntimeError`` from its C++ writer; both
-    hide which file and which condition. Other errors pass through unchanged.
+    safetensors raises ``SafetensorError`` and torch a ``RuntimeError`` from its C++ writer
+    (``[enforce fail at inline_container.cc]``); both hide which file and which condition. Other errors
+    pass through unchanged. ``resumable=True`` (a training run's writes) makes the line say that nothing
+    is lost and to resume; it holds for every ``writing`` nested inside, which names its own file.
     """
+    token = _RESUMABLE.set(resumable) if resumable is not None else None
     try:
         yield
     except IcldError:
         raise
     except OSError as exc:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise IcldError(f"Writing {what} to {path} failed: {exc.strerror or exc}. "
-                        + ("Free disk space and run the command again." if full else
-                           "Check that the directory is writable, or choose another output directory.")) from None
+        file = f" ({exc.filename})" if isinstance(exc.filename, str) and exc.filename != str(path) else ""
+        raise IcldError(f"Writing {what} to {path}{file} failed: {exc.strerror or exc}. "
+                        + _after_failed_write(full)) from None
     except Exception as exc:  # SafetensorError, RuntimeError from torch's writer: only the I/O ones
         text = str(exc)
         if type(exc).__name__ == "SafetensorError" or "No space left" in text or "inline_container" in text \
                 or "StorageFull" in text:
-            raise IcldError(f"Writing {what} to {path} failed ({text.strip()[:200]}). Free disk space or check "
-                            "that the directory is writable, and run the command again.") from None
+            full = "No space left" in text or "StorageFull" in text
+            raise IcldError(f"Writing {what} to {path} failed ({text.strip()[:200]}). "
+                            + _after_failed_write(full)) from None
         raise
+    finally:
+        if token is not None:
+            _RESUMABLE.reset(token)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -331,7 +331,8 @@ def test_a_truncated_seed_result_on_resume_names_its_file(tmp_path, data_dir, ti
 
 # ------------------------------------------------------------------------------------ disk full (issue 21 case 11)
 
-_TORCH_FULL = "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+_TORCH_FULL = ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+               "file write failed")
 
 
 @pytest.mark.parametrize("writer", ["safetensors", "torch"])
@@ -442,7 +443,7 @@ def test_a_full_disk_saving_the_trained_model_is_one_line_and_a_resume_retrains_
     assert set(resumed["artefacts"]) == set(reference["artefacts"])
 
 
-# ------------------------------------------------------------------------------------ the run's identity in a checkpoint
+# ------------------------------------------------------------------------------ the run's identity in a checkpoint
 
 
 def test_a_checkpoint_records_the_run_identity_and_another_run_cannot_resume_it(tmp_path):
@@ -482,3 +483,40 @@ def test_a_trained_seed_s_checkpoint_carries_the_identity_of_its_run(tmp_path, d
     recorded = json.loads((tmp_path / "out" / "results.json").read_text())["identity"]
     state = json.loads((tmp_path / "out" / "seed-0" / "checkpoint" / "trainer_state.json").read_text())
     assert recorded and state["identity"] == recorded
+
+
+# ------------------------------------------------------------------------------ teacher cache (issue 21 cases 12, 14)
+
+
+def _signal():
+    from icldistill.training.teacher import TeacherSignal
+
+    return TeacherSignal(["q0", "q1"], torch.log_softmax(torch.randn(2, 3), dim=-1), contexts=[["d0"]])
+
+
+@pytest.mark.parametrize("meta", ["[]", "null", "1", '"text"', "{}", '{"sha256": null'])
+def test_a_teacher_cache_meta_file_that_is_not_an_entry_is_recomputed_not_a_crash(tmp_path, caplog, meta):
+    from icldistill.tasks.data import Example
+    from icldistill.training.teacher import SignalCache
+
+    cache, signal = SignalCache(tmp_path), _signal()
+    queries = [Example(id=q, fields={"text": q}, label=0) for q in signal.query_ids]
+    cache.save("k", signal, {"what": "test"})
+    assert torch.equal(cache.load("k", queries).label_logprobs, signal.label_logprobs)
+    cache.paths("k")[1].write_text(meta, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="icldistill.training.teacher"):
+        assert cache.load("k", queries) is None
+    assert "unusable" in caplog.text and "recomputing" in caplog.text
+    cache.save("k", signal, {"what": "test"})  # the recomputed signal replaces it
+    assert torch.equal(cache.load("k", queries).label_logprobs, signal.label_logprobs)
+
+
+def test_a_teacher_cache_that_cannot_be_written_names_cache_dir(tmp_path):
+    from icldistill.training.teacher import SignalCache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    with pytest.raises(IcldError) as caught:
+        SignalCache(blocker / "teacher").save("k", _signal(), {})
+    message = str(caught.value)
+    assert "--cache-dir" in message and "--output-dir" not in message and str(blocker) in message

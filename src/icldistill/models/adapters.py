@@ -8,21 +8,23 @@ record: the number of trainable parameters and the names of the trainable groups
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from icldistill.config import TrainOptions
-from icldistill.errors import ConfigError, IcldError
+from icldistill.errors import ConfigError, IcldError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -115,16 +117,16 @@ def _add_zero_biases(model: nn.Module, targets: list[str]) -> int:
     return added
 
 
-def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
+def load_trainable(model: nn.Module, path: str | Path,
+                   remedy: str = "Train the seed again, or load another file.") -> nn.Module:
     """Load a BitFit or full fine-tuning artefact (``trainable.safetensors``) into a fresh base ``model``.
 
     BitFit with ``--bitfit-fallback add-bias`` saved biases for layers the base model has none on; they
     are added (as in training) before the tensors are copied, so the artefact loads back into the plain
-    base model. Unknown names are an error naming the file. Returns ``model``, modified in place.
+    base model. Unknown names, and a truncated file, are an error naming the file (``remedy`` says what
+    to do). Returns ``model``, modified in place.
     """
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
+    state = _read_tensors(path, remedy)
     modules = dict(model.named_modules())
     for name in state:
         owner, _, leaf = name.rpartition(".")
@@ -143,6 +145,51 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+# What reading a truncated or corrupt adapter or tensor file raises (json, safetensors, torch.load, peft).
+UNREADABLE_ARTEFACT = (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError)
+
+
+def _read_tensors(path: str | Path, remedy: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` of ``path``; a truncated or corrupt file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, *UNREADABLE_ARTEFACT) as exc:
+        raise ModelError(f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it was truncated or "
+                         f"corrupted. {remedy}") from None
+
+
+def load_adapter(model: nn.Module, adapter: str | Path, remedy: str) -> nn.Module:
+    """``PeftModel.from_pretrained(model, adapter)``, with a missing, truncated or corrupt file named.
+
+    peft's own errors (a JSONDecodeError, a SafetensorError, a TypeError on ``[]``) name no file.
+    ``remedy`` says what to do (the caller knows where the adapter came from).
+    """
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    adapter = Path(adapter)
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise ModelError(f"{config} is missing: the adapter is incomplete. {remedy}")
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config} cannot be read ({exc}); it was truncated or corrupted. {remedy}") from None
+    weights = sorted(adapter.glob("adapter_model.*"))
+    for path in weights:
+        if path.suffix == ".safetensors":
+            _read_tensors(path, remedy)  # names the file before peft reads it
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (SafetensorError, *UNREADABLE_ARTEFACT) as exc:
+        where = weights[0] if weights else adapter
+        raise ModelError(f"{where} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}). {remedy}") from None
+
+
 def copy_parameters(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     """Copy saved tensors into the named parameters, in each parameter's device and dtype."""
     with torch.no_grad():
@@ -155,7 +202,8 @@ def prepare_trainable(model: nn.Module, options: TrainOptions) -> tuple[nn.Modul
     notes: list[str] = []
     if options.peft == "lora":
         model = apply_lora(model, options)
-        method = f"lora(r={options.lora_r}, alpha={options.lora_alpha}, targets={','.join(options.lora_targets or DEFAULT_LORA_TARGETS)})"
+        targets = ",".join(options.lora_targets or DEFAULT_LORA_TARGETS)
+        method = f"lora(r={options.lora_r}, alpha={options.lora_alpha}, targets={targets})"
     elif options.peft == "bitfit":
         for p in model.parameters():
             p.requires_grad_(False)

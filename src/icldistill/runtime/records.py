@@ -15,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from icldistill.runtime import distributed
 from icldistill.errors import IcldError
+from icldistill.runtime import distributed
 
 
 def _json_default(value: Any) -> Any:

@@ -16,24 +16,24 @@ import importlib.util
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as tensors_to_bytes
+from safetensors.torch import load_file, save as tensors_to_bytes
 
-from icldistill.runtime import distributed
-from icldistill.tasks.data import Example
 from icldistill.errors import IcldError
-from icldistill.scoring.evalsets import encode_prompts
 from icldistill.models.loading import LoadedModel
-from icldistill.tasks.prompts import Pattern
+from icldistill.runtime import distributed
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_json
 from icldistill.scoring.encoding import encode_text, tokenize_prompts
+from icldistill.scoring.evalsets import encode_prompts
 from icldistill.scoring.prefix_cache import PrefixCache, Scores, score_queries, score_queries_sharded
+from icldistill.tasks.data import Example
+from icldistill.tasks.prompts import Pattern
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class TeacherSignal:
     dropped: int = 0
     context_label_logprobs: torch.Tensor | None = None
 
-    def rows(self, rows: torch.Tensor) -> "TeacherSignal":
+    def rows(self, rows: torch.Tensor) -> TeacherSignal:
         """The signal of some queries (by row index), for a training batch."""
         return TeacherSignal([self.query_ids[int(i)] for i in rows], self.label_logprobs[rows],
                              None if self.topk_logprobs is None else self.topk_logprobs[rows],
@@ -100,7 +100,8 @@ def _merge_contexts(per_context: Sequence[Scores]) -> tuple[torch.Tensor, torch.
 
 def _per_context(per_context: Sequence[Scores]) -> torch.Tensor:
     """(J, n, C) label distributions of each context, renormalised over the labels."""
-    return torch.stack([s.label_logprobs - torch.logsumexp(s.label_logprobs, dim=-1, keepdim=True) for s in per_context])
+    return torch.stack([s.label_logprobs - torch.logsumexp(s.label_logprobs, dim=-1, keepdim=True)
+                        for s in per_context])
 
 
 def compute_signal(
@@ -136,7 +137,8 @@ def compute_signal(
                                            topk=topk if j == 0 else 0, on_batch=bar.update, label_score=label_score)
         per_context.append(scores)
     return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
-                         [[d.id for d in demos] for demos in contexts], context_label_logprobs=_per_context(per_context))
+                         [[d.id for d in demos] for demos in contexts],
+                         context_label_logprobs=_per_context(per_context))
 
 
 def signal_key(teacher: dict[str, Any], pattern: Pattern, contexts: Sequence[Sequence[Example]],
@@ -251,8 +253,9 @@ class OnlineTeacher:
                 raise IcldError(f"{len(too_long)} training queries (e.g. {too_long[:3]}) do not fit "
                                 f"{self.teacher.name}'s {self.teacher.max_length} tokens after the demonstrations; "
                                 "lower --shots.")
-            per_context.append(score_queries(self.teacher.model, tokens.prefix_ids, tokens.query_ids, tokens.continuations,
-                                             batch_size=len(texts), topk=topk if j == 0 else 0, prefix_cache=cache,
+            per_context.append(score_queries(self.teacher.model, tokens.prefix_ids, tokens.query_ids,
+                                             tokens.continuations, batch_size=len(texts),
+                                             topk=topk if j == 0 else 0, prefix_cache=cache,
                                              label_score=self.label_score))
         return TeacherSignal([q.id for q in queries], *_merge_contexts(per_context),
                              context_label_logprobs=_per_context(per_context))

@@ -332,3 +332,15 @@ def test_a_full_disk_writing_predictions_names_output_not_output_dir(tmp_path, m
         write_rows(tmp_path / f"answers{suffix}", [row], ["a"])
     message = str(caught.value)
     assert "No space left on device" in message and "choose another --output." in message
+
+
+def test_an_unwritable_export_output_fails_before_the_model_loads(trained, tmp_path, monkeypatch):
+    """Issue 21 case 13 (export): --output was found unwritable only after the merge."""
+    from icldistill.methods import export as export_mod
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    monkeypatch.setattr(export_mod, "merged_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(IcldError) as caught:
+        export_mod.export_run(str(trained / "run" / "seed-0"), blocker / "export")
+    assert "--output" in str(caught.value) and str(blocker) in str(caught.value)

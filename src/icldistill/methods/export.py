@@ -95,16 +95,16 @@ def export_run(run: str, output: str | Path, *, push_to_hub: str | None = None, 
     out = Path(output).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_META).is_file())):
         raise ConfigError(f"--output {out} exists and is not an earlier export; choose an empty or new directory.")
-    model, tokenizer, notes = merged_model(source, cache_dir)
-    meta = export_meta(source, notes)
-    staging = _staging_dir(out)
+    staging = _staging_dir(out)  # before the model loads: an unwritable --output fails at once
     try:
+        model, tokenizer, notes = merged_model(source, cache_dir)
+        meta = export_meta(source, notes)
         with writing(out, "the export"):
             model.save_pretrained(str(staging))
             tokenizer.save_pretrained(str(staging))
         share_files(staging)  # safetensors writes 0600; a shared export must be readable by a serving user
-        atomic_write_text(staging / "README.md", model_card(source, meta))
-        atomic_write_json(staging / EXPORT_META, meta)  # last: marks the directory a complete export
+        atomic_write_text(staging / "README.md", model_card(source, meta), option="--output")
+        atomic_write_json(staging / EXPORT_META, meta, option="--output")  # last: marks the export complete
         _swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -233,7 +233,8 @@ def model_card(source: ModelSource, meta: dict[str, Any]) -> str:
     config = run.get("config", {})
     pattern = run.get("pattern") or {}
     base = meta["base_model"]
-    method = {"distill": "context distillation", "pbft": "pattern-based fine-tuning"}.get(run.get("method"), run.get("method"))
+    method = {"distill": "context distillation", "pbft": "pattern-based fine-tuning"}.get(run.get("method"),
+                                                                                       run.get("method"))
     if run.get("method") == "distill":  # every demonstration the teacher saw, over its contexts
         labelled = len({d for context in seed.get("demonstration_contexts", []) for d in context})
     else:
@@ -255,15 +256,19 @@ def model_card(source: ModelSource, meta: dict[str, Any]) -> str:
     ]
     if run.get("method") == "distill":
         lines.append(f"- Teacher: `{config.get('teacher')}` with {config.get('shots')} demonstrations in its prompt; "
-                     f"loss alpha * KL + (1 - alpha) * CE with alpha = {config.get('alpha')}, T = {config.get('temperature')}, "
+                     f"loss alpha * KL + (1 - alpha) * CE with alpha = {config.get('alpha')}, "
+                     f"T = {config.get('temperature')}, "
                      f"KL over the {config.get('kl_space')} distribution")
+    queries_labelled = run.get("method") == "distill" and config.get("alpha", 0) < 1
     lines += [
         f"- Task: `{task_name}`; classes {', '.join(run.get('classes') or [])}",
         f"- Pattern `{pattern.get('name')}`: `{pattern.get('template')!r}`; label words {words}",
         f"- Labelled examples used: {labelled} (the k demonstrations"
-        + (f"; plus {config.get('train_queries')} training queries whose labels enter the CE term" if run.get("method") == "distill" and config.get("alpha", 0) < 1 else "")
+        + (f"; plus {config.get('train_queries')} training queries whose labels enter the CE term"
+           if queries_labelled else "")
         + ")",
-        f"- What trained: {trained.get('method')} ({trained.get('trainable_parameters')} of {trained.get('total_parameters')} parameters); "
+        f"- What trained: {trained.get('method')} ({trained.get('trainable_parameters')} of "
+        f"{trained.get('total_parameters')} parameters); "
         + "; ".join(meta["notes"] or ["no merge needed"]),
         f"- Training: {config.get('epochs')} epochs, lr {config.get('lr')}, batch {config.get('train_batch_size')}, "
         f"warm-up {config.get('warmup_ratio')}, weight decay {config.get('weight_decay')}, dtype {config.get('dtype')}",

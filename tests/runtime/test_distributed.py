@@ -23,8 +23,8 @@ import pytest
 import torch
 import yaml
 
-from icldistill.runtime import distributed
 from icldistill.config import DistillOptions, IclOptions, PbftOptions, build_config
+from icldistill.runtime import distributed
 
 TOL = 1e-5
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
@@ -201,10 +201,12 @@ def test_distill_two_processes_equal_one(tmp_path, data_dir, tiny_dirs, cache_di
     # for the ICL-gain check), each written once, holding the single-process signal.
     entries = sorted(p.name for p in (tmp_path / "cache2" / "teacher").glob("*.safetensors"))
     assert entries == sorted(p.name for p in (cache_dir / "teacher").glob("*.safetensors")) and len(entries) == 3
-    assert _files(tmp_path / "cache2" / "teacher") == {n for e in entries for n in (e, e.replace(".safetensors", ".json"))}
+    expected = {n for e in entries for n in (e, e.replace(".safetensors", ".json"))}
+    assert _files(tmp_path / "cache2" / "teacher") == expected
     entry = tmp_path / "cache2" / "teacher" / f"{two['teacher_pass']['keys']['0']}.safetensors"
     reference = cache_dir / "teacher" / entry.name
-    assert torch.allclose(load_file(str(entry))["label_logprobs"], load_file(str(reference))["label_logprobs"], atol=TOL)
+    assert torch.allclose(load_file(str(entry))["label_logprobs"], load_file(str(reference))["label_logprobs"],
+                          atol=TOL)
     _assert_close(a["teacher_icl_gain"], b["teacher_icl_gain"])
     _no_leftovers(tmp_path / "two")
     assert {n for n in _files(tmp_path / "two") if not n.startswith("seed-0/adapter/")} == {

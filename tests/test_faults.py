@@ -168,3 +168,18 @@ def test_ctrl_c_exits_cleanly_and_the_run_resumes(tmp_path, data_dir, tiny_dirs,
     _check_no_partial_files(tmp_path / "run")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert 1 <= state["epochs_done"] < 40
+
+
+def test_a_busy_cell_says_how_to_proceed_when_its_worker_is_gone(tmp_path):
+    """Issue 21 case 10: a cell held by another host's worker names who holds it and what to do."""
+    import time
+
+    from icldistill.experiments import sweep
+
+    lock_file = tmp_path / sweep.LOCK_FILE
+    lock_file.write_text(json.dumps({"pid": 4242, "host": "elsewhere", "time": time.time()}), encoding="utf-8")
+    lock = sweep.CellLock(tmp_path)
+    assert not lock.acquire()
+    detail = sweep._describe(lock.holder(), lock.path)
+    assert "pid 4242 on elsewhere" in detail and "run this command again" in detail
+    assert f"delete {lock_file}" in detail

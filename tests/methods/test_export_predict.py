@@ -234,3 +234,113 @@ def test_the_model_card_names_the_task_the_upstream_model_and_one_seed():
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "# tickets student (pattern-based fine-tuning)" in card and "/home/me" not in card.split("\n## ")[0]
     assert "(1 seed)" in card and "(1 seeds)" not in card
+
+
+# ------------------------------------------------------------------ damaged artefacts (issue 21 case 12)
+
+_DAMAGED = [("seed-0/adapter/adapter_model.safetensors", "truncate"),
+            ("seed-0/adapter/adapter_config.json", "truncate"), ("seed-0/adapter/adapter_config.json", "[]"),
+            ("results.json", "truncate"), ("results.json", "null"),
+            ("seed-0/seed_result.json", "truncate")]
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_text(how, encoding="utf-8")
+
+
+def _command(command: str, model: str, trained: Path, tmp_path: Path) -> list[str]:
+    return {"predict": ["predict", "--model", model, "--input", str(_rows_csv(tmp_path)), "--output",
+                        str(tmp_path / "answers.jsonl"), "--device", "cpu"],
+            "export": ["export", model, "--output", str(tmp_path / "export")],
+            "eval": ["eval", "--model", model, "--task", str(trained / "tiny.yaml"), "--limit", "4", "--device", "cpu",
+                     "--output-dir", str(tmp_path / "ev")]}[command]
+
+
+@pytest.mark.parametrize("command", ["predict", "export", "eval"])
+@pytest.mark.parametrize(("name", "how"), _DAMAGED)
+def test_a_damaged_artefact_or_record_is_one_line_naming_its_file(trained, tmp_path, capsys, name, how, command):
+    """A truncated adapter, adapter_config.json, results.json or seed record read by predict, export or eval."""
+    from icldistill.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    _damage(run / name, how)
+    code = main(["-q", *_command(command, str(run / "seed-0"), trained, tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and str(run / name) in err
+    assert len(err.strip().splitlines()) == 1 and ("Delete" in err or "delete" in err)
+
+
+@pytest.mark.parametrize("how", ["truncate", "[]"])
+def test_a_damaged_export_record_is_one_line_naming_its_file(trained, tmp_path, capsys, how):
+    from icldistill.cli import main
+    from icldistill.methods.export import export_run
+
+    out = tmp_path / "export"
+    export_run(str(trained / "run" / "seed-0"), out)
+    _damage(out / "icldistill.json", how)
+    code = main(["-q", *_command("predict", str(out), trained, tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and str(out / "icldistill.json") in err
+    assert "Export the run again" in err
+
+
+def test_truncated_bitfit_tensors_name_their_file(tmp_path):
+    import torch
+    from tiny import make_model
+
+    from icldistill.errors import ModelError
+    from icldistill.models.adapters import load_trainable, save_tensors
+
+    model = make_model("llama", 300)
+    path = tmp_path / "trainable.safetensors"
+    save_tensors({"model.layers.0.self_attn.q_proj.bias": torch.zeros(model.config.hidden_size)}, path)
+    _damage(path, "truncate")
+    with pytest.raises(ModelError, match=f"{path} cannot be read .*truncated or corrupted"):
+        load_trainable(model, path)
+
+
+# ------------------------------------------------------------------ the option a write error names (issue 21 case 14)
+
+
+def test_an_unwritable_predict_output_names_output_before_the_model_loads(trained, tmp_path, monkeypatch):
+    from icldistill.methods import predict as predict_mod
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    monkeypatch.setattr(predict_mod, "load_source", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(IcldError) as caught:
+        _predict(trained / "run" / "seed-0", _rows_csv(tmp_path), blocker / "answers.csv")
+    message = str(caught.value)
+    assert "--output" in message and "--output-dir" not in message and str(blocker) in message
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_a_full_disk_writing_predictions_names_output_not_output_dir(tmp_path, monkeypatch, suffix):
+    from icldistill.methods.predict import write_rows
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    row = {"id": "1", "pred": 0, "label": "a", "label_word": " a", "probs": {"a": 1.0}}
+    with pytest.raises(IcldError) as caught:
+        write_rows(tmp_path / f"answers{suffix}", [row], ["a"])
+    message = str(caught.value)
+    assert "No space left on device" in message and "choose another --output." in message
+
+
+def test_an_unwritable_export_output_fails_before_the_model_loads(trained, tmp_path, monkeypatch):
+    """Issue 21 case 13 (export): --output was found unwritable only after the merge."""
+    from icldistill.methods import export as export_mod
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    monkeypatch.setattr(export_mod, "merged_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(IcldError) as caught:
+        export_mod.export_run(str(trained / "run" / "seed-0"), blocker / "export")
+    assert "--output" in str(caught.value) and str(blocker) in str(caught.value)

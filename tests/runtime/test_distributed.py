@@ -201,8 +201,8 @@ def test_distill_two_processes_equal_one(tmp_path, data_dir, tiny_dirs, cache_di
     # for the ICL-gain check), each written once, holding the single-process signal.
     entries = sorted(p.name for p in (tmp_path / "cache2" / "teacher").glob("*.safetensors"))
     assert entries == sorted(p.name for p in (cache_dir / "teacher").glob("*.safetensors")) and len(entries) == 3
-    assert _files(tmp_path / "cache2" / "teacher") == {n for e in entries
-                                                       for n in (e, e.replace(".safetensors", ".json"))}
+    expected = {n for e in entries for n in (e, e.replace(".safetensors", ".json"))}
+    assert _files(tmp_path / "cache2" / "teacher") == expected
     entry = tmp_path / "cache2" / "teacher" / f"{two['teacher_pass']['keys']['0']}.safetensors"
     reference = cache_dir / "teacher" / entry.name
     assert torch.allclose(load_file(str(entry))["label_logprobs"], load_file(str(reference))["label_logprobs"],
@@ -240,7 +240,19 @@ def test_pbft_two_processes_equal_one_and_resume(tmp_path, data_dir, tiny_dirs, 
     for out in (tmp_path / "one", two_dir):
         (out / "seed-0" / "seed_result.json").unlink()
         (out / "results.json").unlink()
-    run_pbft(build_config(PbftOptions, {**values, "epochs": 3, "resume": True}), progress=False)
+    # A checkpoint records its run's identity, and a resume refuses another run's (a 2-epoch run's here); the
+    # checkpoints are made to record the 3-epoch run's identity, as that run's own would after epoch 2.
+    from icldistill.errors import ConfigError
+    from icldistill.runtime.rundir import identity_of
+
+    longer = build_config(PbftOptions, {**values, "epochs": 3, "resume": True})
+    with pytest.raises(ConfigError, match="made by another run"):
+        run_pbft(longer, progress=False)
+    for out in (tmp_path / "one", two_dir):
+        state_file = out / "seed-0" / "checkpoint" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({**state, "identity": identity_of("pbft", longer)}))
+    run_pbft(longer, progress=False)
     _launch(["pbft", *flags, "--epochs", "3", "--resume"], cache_dir)
     a, b = (json.loads((out / "results.json").read_text())["seeds"]["0"] for out in (tmp_path / "one", two_dir))
     assert a["resources"]["resumed_from_epoch"] == b["resources"]["resumed_from_epoch"] == 2

@@ -327,3 +327,196 @@ def test_a_truncated_seed_result_on_resume_names_its_file(tmp_path, data_dir, ti
     with pytest.raises(IcldError) as caught:
         run_pbft(build_config(PbftOptions, values), progress=False)
     assert str(done) in str(caught.value) and "Delete it" in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------ disk full (issue 21 case 11)
+
+_TORCH_FULL = ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+               "file write failed")
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch"])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_resuming_after_freeing_space_is_exact(tmp_path, monkeypatch,
+                                                                                              writer):
+    """The second checkpoint's write fails (safetensors' file, or torch.save's C++ writer under accelerate):
+    one line naming the checkpoint, saying nothing is lost; the partial checkpoint is gone, the first kept."""
+    import errno
+
+    import safetensors.torch
+
+    opts = _opts(peft="lora", epochs=3)
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=tmp_path / "a", evaluate=lambda m: {"ok": 1},
+        progress=False)
+    reference = _trainable(model)
+
+    run = tmp_path / "b"
+    real = safetensors.torch.save_file if writer == "safetensors" else torch.save
+
+    def full_after_the_first_checkpoint(*args, **kwargs):
+        if (run / "checkpoint").exists():
+            if writer == "safetensors":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError(_TORCH_FULL)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_after_the_first_checkpoint) if writer == "safetensors" \
+        else monkeypatch.setattr(torch, "save", full_after_the_first_checkpoint)
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    with pytest.raises(IcldError) as caught:
+        fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=run, evaluate=lambda m: {"ok": 1},
+            progress=False)
+    message = str(caught.value)
+    assert str(run / "checkpoint.tmp") in message and "\n" not in message
+    assert ("No space left on device" if writer == "safetensors" else "inline_container") in message
+    assert "Nothing written before is lost" in message and "free disk space" in message and "--resume" in message
+    assert not (run / "checkpoint.tmp").exists()  # the partial checkpoint is removed: it only took space
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["epochs_done"] == 1
+
+    monkeypatch.undo()  # space freed
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    resumed = fit(model, 8, make_batch, loss_fn, _opts(peft="lora", epochs=3, resume=True), seed=0,
+                  checkpoint_dir=run, evaluate=lambda m: {"ok": 1}, progress=False)
+    assert resumed.resumed_from_epoch == 1
+    for name, value in reference.items():
+        assert torch.equal(value, _trainable(model)[name]), name
+
+
+def _full_disk_at(monkeypatch, artefact: str, seed_dir) -> None:
+    """The write of one of a seed's final artefacts fails with a full disk (nothing else does)."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if artefact == "adapter":
+        from peft import PeftModel
+
+        monkeypatch.setattr(PeftModel, "save_pretrained", full)
+    elif artefact == "merged":
+        from transformers import PreTrainedModel
+
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    else:
+        import safetensors.torch
+
+        real = safetensors.torch.save_file
+
+        def full_for_the_seed(tensors, filename, *args, **kwargs):
+            if str(filename) == str(seed_dir / "trainable.safetensors"):
+                full()
+            return real(tensors, filename, *args, **kwargs)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full_for_the_seed)
+
+
+@pytest.mark.parametrize("artefact", ["adapter", "merged", "trainable"])
+def test_a_full_disk_saving_the_trained_model_is_one_line_and_a_resume_retrains_nothing(tmp_path, data_dir, tiny_dirs,
+                                                                                        cache_dir, monkeypatch,
+                                                                                        artefact):
+    """Issue 21 case 11: the adapter, the --merge model, BitFit's tensors on a full disk."""
+    from icldistill.methods.pbft import run_pbft
+
+    extra = {"merge": True} if artefact == "merged" else {}
+    if artefact == "trainable":
+        extra = {"peft": "bitfit", "bitfit_fallback": "add-bias"}
+    values = _common(tmp_path, data_dir, model=str(tiny_dirs["student"]), epochs=2, eval=["mnli-m"], limit=4,
+                     **extra)
+    reference = run_pbft(build_config(PbftOptions, {**values, "output_dir": str(tmp_path / "ref")}),
+                         progress=False)["seeds"]["0"]
+    seed_dir = tmp_path / "out" / "seed-0"
+    _full_disk_at(monkeypatch, artefact, seed_dir)
+    with pytest.raises(IcldError) as caught:
+        run_pbft(build_config(PbftOptions, values), progress=False)
+    message = str(caught.value)
+    assert str(seed_dir) in message and "No space left on device" in message and "\n" not in message
+    assert "Nothing written before is lost" in message and "--resume" in message
+    assert not (seed_dir / "seed_result.json").exists()
+
+    monkeypatch.undo()
+    resumed = run_pbft(build_config(PbftOptions, {**values, "resume": True}), progress=False)["seeds"]["0"]
+    assert resumed["resources"]["resumed_from_epoch"] == 2  # the last checkpoint: nothing is trained again
+    assert resumed["eval"]["mnli-m"]["accuracy"] == reference["eval"]["mnli-m"]["accuracy"]
+    assert set(resumed["artefacts"]) == set(reference["artefacts"])
+
+
+# ------------------------------------------------------------------------------ the run's identity in a checkpoint
+
+
+def test_a_checkpoint_records_the_run_identity_and_another_run_cannot_resume_it(tmp_path):
+    opts = _opts(peft="lora", epochs=3)
+    calls = {"n": 0}
+
+    def dying_eval(m):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return {"ok": 1}
+
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, 8, make_batch, loss_fn, opts, seed=0, checkpoint_dir=tmp_path, evaluate=dying_eval,
+            progress=False, identity="run-a")
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["identity"] == "run-a"
+
+    model, make_batch, loss_fn = _toy_problem()
+    model, _ = prepare_trainable(model, opts)
+    with pytest.raises(ConfigError) as caught:
+        fit(model, 8, make_batch, loss_fn, _opts(peft="lora", epochs=3, resume=True), seed=0, checkpoint_dir=tmp_path,
+            evaluate=lambda m: {"ok": 1}, progress=False, identity="run-b")
+    message = str(caught.value)
+    assert str(tmp_path / "checkpoint") in message and "another run" in message and "run-a" in message
+    resumed = fit(model, 8, make_batch, loss_fn, _opts(peft="lora", epochs=3, resume=True), seed=0,
+                  checkpoint_dir=tmp_path, evaluate=lambda m: {"ok": 1}, progress=False, identity="run-a")
+    assert resumed.resumed_from_epoch == 1
+
+
+def test_a_trained_seed_s_checkpoint_carries_the_identity_of_its_run(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from icldistill.methods.pbft import run_pbft
+
+    run_pbft(build_config(PbftOptions, _common(tmp_path, data_dir, model=str(tiny_dirs["student"]), epochs=1,
+                                               eval=["mnli-m"], limit=4)), progress=False)
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())["identity"]
+    state = json.loads((tmp_path / "out" / "seed-0" / "checkpoint" / "trainer_state.json").read_text())
+    assert recorded and state["identity"] == recorded
+
+
+# ------------------------------------------------------------------------------ teacher cache (issue 21 cases 12, 14)
+
+
+def _signal():
+    from icldistill.training.teacher import TeacherSignal
+
+    return TeacherSignal(["q0", "q1"], torch.log_softmax(torch.randn(2, 3), dim=-1), contexts=[["d0"]])
+
+
+@pytest.mark.parametrize("meta", ["[]", "null", "1", '"text"', "{}", '{"sha256": null'])
+def test_a_teacher_cache_meta_file_that_is_not_an_entry_is_recomputed_not_a_crash(tmp_path, caplog, meta):
+    from icldistill.tasks.data import Example
+    from icldistill.training.teacher import SignalCache
+
+    cache, signal = SignalCache(tmp_path), _signal()
+    queries = [Example(id=q, fields={"text": q}, label=0) for q in signal.query_ids]
+    cache.save("k", signal, {"what": "test"})
+    assert torch.equal(cache.load("k", queries).label_logprobs, signal.label_logprobs)
+    cache.paths("k")[1].write_text(meta, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="icldistill.training.teacher"):
+        assert cache.load("k", queries) is None
+    assert "unusable" in caplog.text and "recomputing" in caplog.text
+    cache.save("k", signal, {"what": "test"})  # the recomputed signal replaces it
+    assert torch.equal(cache.load("k", queries).label_logprobs, signal.label_logprobs)
+
+
+def test_a_teacher_cache_that_cannot_be_written_names_cache_dir(tmp_path):
+    from icldistill.training.teacher import SignalCache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    with pytest.raises(IcldError) as caught:
+        SignalCache(blocker / "teacher").save("k", _signal(), {})
+    message = str(caught.value)
+    assert "--cache-dir" in message and "--output-dir" not in message and str(blocker) in message

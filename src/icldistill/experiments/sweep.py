@@ -158,12 +158,14 @@ def _is_stale(holder: Mapping[str, Any], heartbeat_age_s: float | None = None) -
         return False
 
 
-def _describe(holder: Mapping[str, Any] | None) -> str:
+def _describe(holder: Mapping[str, Any] | None, lock: Path | None = None) -> str:
+    """Who holds a cell, and how to proceed if that worker is gone (wait and rerun, or delete its lock)."""
     if not holder:
         return "another worker"
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+    now = f", or delete {lock} if you know it is gone" if lock is not None else ""
     return (f"pid {holder.get('pid')} on {holder.get('host')} since {when}; if that worker is gone, its lock is "
-            f"taken over {LOCK_TIMEOUT_S / 60:.0f} min after its last heartbeat")
+            f"taken over {LOCK_TIMEOUT_S / 60:.0f} min after its last heartbeat: run this command again then{now}")
 
 
 class CellLock:
@@ -373,7 +375,7 @@ def run_sweep(
         lock = CellLock(directory)
         if not lock.acquire():
             summary.busy.append(cell.id)
-            emit(SweepEvent("busy", done_count(), total, cell.id, detail=_describe(lock.holder())))
+            emit(SweepEvent("busy", done_count(), total, cell.id, detail=_describe(lock.holder(), lock.path)))
             continue
         try:
             if not wanted(directory):  # another worker finished it between our look and our claim

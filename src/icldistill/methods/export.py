@@ -95,16 +95,16 @@ def export_run(run: str, output: str | Path, *, push_to_hub: str | None = None, 
     out = Path(output).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_META).is_file())):
         raise ConfigError(f"--output {out} exists and is not an earlier export; choose an empty or new directory.")
-    model, tokenizer, notes = merged_model(source, cache_dir)
-    meta = export_meta(source, notes)
-    staging = _staging_dir(out)
+    staging = _staging_dir(out)  # before the model loads: an unwritable --output fails at once
     try:
+        model, tokenizer, notes = merged_model(source, cache_dir)
+        meta = export_meta(source, notes)
         with writing(out, "the export"):
             model.save_pretrained(str(staging))
             tokenizer.save_pretrained(str(staging))
         share_files(staging)  # safetensors writes 0600; a shared export must be readable by a serving user
-        atomic_write_text(staging / "README.md", model_card(source, meta))
-        atomic_write_json(staging / EXPORT_META, meta)  # last: marks the directory a complete export
+        atomic_write_text(staging / "README.md", model_card(source, meta), option="--output")
+        atomic_write_json(staging / EXPORT_META, meta, option="--output")  # last: marks the export complete
         _swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -233,7 +233,8 @@ def model_card(source: ModelSource, meta: dict[str, Any]) -> str:
     config = run.get("config", {})
     pattern = run.get("pattern") or {}
     base = meta["base_model"]
-    method = {"distill": "context distillation", "pbft": "pattern-based fine-tuning"}.get(run.get("method"), run.get("method"))
+    method = {"distill": "context distillation", "pbft": "pattern-based fine-tuning"}.get(run.get("method"),
+                                                                                       run.get("method"))
     if run.get("method") == "distill":  # every demonstration the teacher saw, over its contexts
         labelled = len({d for context in seed.get("demonstration_contexts", []) for d in context})
     else:
@@ -255,15 +256,19 @@ def model_card(source: ModelSource, meta: dict[str, Any]) -> str:
     ]
     if run.get("method") == "distill":
         lines.append(f"- Teacher: `{config.get('teacher')}` with {config.get('shots')} demonstrations in its prompt; "
-                     f"loss alpha * KL + (1 - alpha) * CE with alpha = {config.get('alpha')}, T = {config.get('temperature')}, "
+                     f"loss alpha * KL + (1 - alpha) * CE with alpha = {config.get('alpha')}, "
+                     f"T = {config.get('temperature')}, "
                      f"KL over the {config.get('kl_space')} distribution")
+    queries_labelled = run.get("method") == "distill" and config.get("alpha", 0) < 1
     lines += [
         f"- Task: `{task_name}`; classes {', '.join(run.get('classes') or [])}",
         f"- Pattern `{pattern.get('name')}`: `{pattern.get('template')!r}`; label words {words}",
         f"- Labelled examples used: {labelled} (the k demonstrations"
-        + (f"; plus {config.get('train_queries')} training queries whose labels enter the CE term" if run.get("method") == "distill" and config.get("alpha", 0) < 1 else "")
+        + (f"; plus {config.get('train_queries')} training queries whose labels enter the CE term"
+           if queries_labelled else "")
         + ")",
-        f"- What trained: {trained.get('method')} ({trained.get('trainable_parameters')} of {trained.get('total_parameters')} parameters); "
+        f"- What trained: {trained.get('method')} ({trained.get('trainable_parameters')} of "
+        f"{trained.get('total_parameters')} parameters); "
         + "; ".join(meta["notes"] or ["no merge needed"]),
         f"- Training: {config.get('epochs')} epochs, lr {config.get('lr')}, batch {config.get('train_batch_size')}, "
         f"warm-up {config.get('warmup_ratio')}, weight decay {config.get('weight_decay')}, dtype {config.get('dtype')}",

@@ -19,7 +19,7 @@ import torch
 from icldistill.config import DistillOptions, PbftOptions, TrainOptions
 from icldistill.errors import ConfigError, IcldError
 from icldistill.methods.common import Setup, evaluate_on_sets, model_record, prediction_rows
-from icldistill.models.adapters import TrainableSummary, prepare_trainable
+from icldistill.models.adapters import TrainableSummary, prepare_trainable, writing
 from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime import distributed
 from icldistill.runtime.records import measure
@@ -200,8 +200,9 @@ def train_and_evaluate(config: TrainedConfig, setup: Setup, job: SeedJob, *, on_
     trained = _Trained(student, trainable, mixed_precision_for(config.dtype, student.device))
     trained.train(config, setup, job, on_evaluate, progress)
     final, predictions, inference = trained.final_evaluation(config, setup, score_eval_sets)
-    artefacts = save_trained(student.model, student, config, job.seed_dir,
-                             gathered=trained.result.final_trainable_state)
+    with writing(job.seed_dir, "the trained model", resumable=True):  # disk full: one line; a resume loses nothing
+        artefacts = save_trained(student.model, student, config, job.seed_dir,
+                                 gathered=trained.result.final_trainable_state)
     run_dir.write_predictions(prediction_rows(job.seed, predictions), seed=job.seed)  # rows as icl's (issue 11)
     record = {**trained.record(config, job, final, artefacts, inference), "identity": identity}
     run_dir.write_seed(job.seed, record)  # rank 0 writes, artefact paths relative to the seed directory
@@ -254,7 +255,7 @@ class _Trained:
             self.result = fit(model, len(job.train_examples), batches, job.loss_fn, config, seed=job.seed,
                               mixed_precision=self.precision, cpu=self.student.device.type == "cpu",
                               checkpoint_dir=job.seed_dir, evaluate=evaluate_dev if job.dev_examples else None,
-                              on_evaluate=on_evaluate, progress=progress)
+                              on_evaluate=on_evaluate, progress=progress, identity=identity_of(job.method, config))
         self.training = training.as_dict()
 
     def final_evaluation(self, config: TrainedConfig, setup: Setup, score_eval_sets: bool

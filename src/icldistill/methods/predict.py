@@ -13,8 +13,9 @@ import csv
 import dataclasses
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from icldistill.errors import ConfigError, IcldError
 from icldistill.methods.trained import EXPORT_META, ModelSource, load_source, resolve_source
 from icldistill.runtime import distributed
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, measure
+from icldistill.runtime.rundir import probe_writable
 from icldistill.tasks import data as data_mod
 from icldistill.tasks.data import Example
 from icldistill.tasks.inputs import read_inputs
@@ -191,7 +193,7 @@ def write_rows(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str
     """
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        atomic_write_jsonl(path, rows)
+        atomic_write_jsonl(path, rows, option="--output")
         return
     flat = [{"id": r["id"], **{f: r.get(f) for f in fields}, "pred": r["pred"], "label": r["label"],
              "label_word": r["label_word"],
@@ -202,13 +204,13 @@ def write_rows(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str
         writer = csv.DictWriter(buffer, fieldnames=list(flat[0]))
         writer.writeheader()
         writer.writerows(flat)
-        atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+        atomic_write_bytes(path, buffer.getvalue().encode("utf-8"), option="--output")
     elif suffix == ".parquet":
         import pandas as pd
 
         buffer = io.BytesIO()
         pd.DataFrame(flat).to_parquet(buffer, index=False)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue(), option="--output")
     else:
         raise ConfigError(f"--output {path}: unknown format {suffix or '(none)'}; use .jsonl, .csv or .parquet.")
 
@@ -220,13 +222,15 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
     output = Path(config.output).expanduser()
     if output.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         raise ConfigError(f"--output {output}: unknown format; use .jsonl, .csv or .parquet.")
+    probe_writable(output.parent, "--output")  # before the model loads, not after every row is answered
     source = resolve_source(config.model)
     task, family, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
     rows = read_inputs(config.input, family.fields, strip=task.train.strip, id_column=task.train.id_column or "id")
     demonstrations: list[Example] = []
     if config.demonstrations or config.shots:
         require_data(task, config.model, "--shots/--demonstrations draw demonstrations from its training data")
-    label_score = config.label_score if config.label_score != "auto" else (source.meta or {}).get("label_score") or "sum"
+    label_score = (config.label_score if config.label_score != "auto"
+                   else (source.meta or {}).get("label_score") or "sum")
     if config.demonstrations:  # fixed rows, in file order (as icl and distill take them)
         from icldistill.methods.common import load_demonstrations
 
@@ -261,7 +265,7 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
         "summary": str(summary_path(output)),
     }
     if distributed.is_main():  # what the answers cost, recorded beside them
-        atomic_write_json(summary_path(output), summary)
+        atomic_write_json(summary_path(output), summary, option="--output")
     return summary
 
 
@@ -281,7 +285,8 @@ def describe(summary: dict[str, Any]) -> list[str]:
         lines.append(f"row {skipped['id']} not answered: {skipped['why']}")
     if len(summary["skipped"]) > 10:
         lines.append(f"... and {len(summary['skipped']) - 10} more rows too long (see the output's 'skipped')")
-    rate = f"{inf['queries_per_s']:.1f} rows/s, {inf['latency_ms_per_query']:.2f} ms/row" if inf["queries_per_s"] else "-"
+    rate = (f"{inf['queries_per_s']:.1f} rows/s, {inf['latency_ms_per_query']:.2f} ms/row"
+            if inf["queries_per_s"] else "-")
     lines.append(f"throughput {rate}; peak memory {inf['peak_memory_mb']:.0f} MB ({inf['memory_kind']}); "
                  f"model load {summary['load_time_s']:.1f} s")
     lines.append(f"output: {summary['output']} (summary: {summary['summary']})")

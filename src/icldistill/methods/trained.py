@@ -55,7 +55,7 @@ def resolve_source(name: str) -> ModelSource:
     """Classify ``name`` (a seed directory, a one-seed run, an export, or a model name) without loading weights."""
     path = Path(name).expanduser()
     if path.is_dir() and (path / EXPORT_META).is_file():
-        return ModelSource(name, "export", str(path), meta=read_json(path / EXPORT_META))
+        return ModelSource(name, "export", str(path), meta=_export_meta(path / EXPORT_META))
     run_dir = RunDir(path)
     if path.is_dir() and not (path / SEED_RESULT).is_file() and run_dir.results_path.is_file():
         record = run_dir.read()
@@ -71,6 +71,18 @@ def resolve_source(name: str) -> ModelSource:
     if path.is_dir() and (path / SEED_RESULT).is_file():
         return _run_source(name, path)
     return ModelSource(name, "model", name)
+
+
+def _export_meta(path: Path) -> dict[str, Any]:
+    """An export's ``icldistill.json``; a truncated or corrupt one is one line naming it."""
+    try:
+        meta = read_json(path)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} cannot be read ({exc}); it was truncated or corrupted. Export the run again "
+                         "(icld export RUN/seed-N --output DIR).") from None
+    return meta
 
 
 def _run_source(name: str, seed_dir: Path) -> ModelSource:
@@ -115,18 +127,18 @@ def apply_trained(model: Any, source: ModelSource) -> Any:
     """``model`` (the run's base) with the run's adapter (peft) or trained tensors (BitFit, full) loaded."""
     record = source.record or SeedRecord.from_dict(source.seed_record or {"seed": source.seed}, source.seed_dir)
     adapter, trainable = record.artefact("adapter"), record.artefact("trainable")
+    # A damaged artefact: the seed's record goes, and a resume saves it again from the last checkpoint.
+    remedy = (f"Delete {Path(source.seed_dir or '.') / SEED_RESULT} and rerun the training command with --resume "
+              "(it saves the seed again from its last checkpoint), or give another model.")
     if adapter is not None:
-        from peft import PeftModel
+        from icldistill.models.adapters import load_adapter
 
-        if not (adapter / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter}: the adapter the seed record names is missing or incomplete; train the "
-                             "seed again (--resume) or give another model.")
-        return PeftModel.from_pretrained(model, str(adapter))
+        return load_adapter(model, adapter, remedy)
     if trainable is not None:  # BitFit or full fine-tuning: the one loader training's own tests check
         from icldistill.models.adapters import load_trainable
 
         try:
-            return load_trainable(model, str(trainable))
+            return load_trainable(model, str(trainable), remedy)
         except ConfigError as exc:
             raise ModelError(f"{exc} (base model {source.base})") from None
     raise ModelError(f"{source.seed_dir}: the seed record names no adapter or trained parameters to load.")

@@ -8,20 +8,23 @@ record: the number of trainable parameters and the names of the trainable groups
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from icldistill.config import TrainOptions
-from icldistill.errors import ConfigError, IcldError
+from icldistill.errors import ConfigError, IcldError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +117,16 @@ def _add_zero_biases(model: nn.Module, targets: list[str]) -> int:
     return added
 
 
-def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
+def load_trainable(model: nn.Module, path: str | Path,
+                   remedy: str = "Train the seed again, or load another file.") -> nn.Module:
     """Load a BitFit or full fine-tuning artefact (``trainable.safetensors``) into a fresh base ``model``.
 
     BitFit with ``--bitfit-fallback add-bias`` saved biases for layers the base model has none on; they
     are added (as in training) before the tensors are copied, so the artefact loads back into the plain
-    base model. Unknown names are an error naming the file. Returns ``model``, modified in place.
+    base model. Unknown names, and a truncated file, are an error naming the file (``remedy`` says what
+    to do). Returns ``model``, modified in place.
     """
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
+    state = _read_tensors(path, remedy)
     modules = dict(model.named_modules())
     for name in state:
         owner, _, leaf = name.rpartition(".")
@@ -142,6 +145,51 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+# What reading a truncated or corrupt adapter or tensor file raises (json, safetensors, torch.load, peft).
+UNREADABLE_ARTEFACT = (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError)
+
+
+def _read_tensors(path: str | Path, remedy: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` of ``path``; a truncated or corrupt file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, *UNREADABLE_ARTEFACT) as exc:
+        raise ModelError(f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it was truncated or "
+                         f"corrupted. {remedy}") from None
+
+
+def load_adapter(model: nn.Module, adapter: str | Path, remedy: str) -> nn.Module:
+    """``PeftModel.from_pretrained(model, adapter)``, with a missing, truncated or corrupt file named.
+
+    peft's own errors (a JSONDecodeError, a SafetensorError, a TypeError on ``[]``) name no file.
+    ``remedy`` says what to do (the caller knows where the adapter came from).
+    """
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    adapter = Path(adapter)
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise ModelError(f"{config} is missing: the adapter is incomplete. {remedy}")
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config} cannot be read ({exc}); it was truncated or corrupted. {remedy}") from None
+    weights = sorted(adapter.glob("adapter_model.*"))
+    for path in weights:
+        if path.suffix == ".safetensors":
+            _read_tensors(path, remedy)  # names the file before peft reads it
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (SafetensorError, *UNREADABLE_ARTEFACT) as exc:
+        where = weights[0] if weights else adapter
+        raise ModelError(f"{where} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}). {remedy}") from None
+
+
 def copy_parameters(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     """Copy saved tensors into the named parameters, in each parameter's device and dtype."""
     with torch.no_grad():
@@ -154,7 +202,8 @@ def prepare_trainable(model: nn.Module, options: TrainOptions) -> tuple[nn.Modul
     notes: list[str] = []
     if options.peft == "lora":
         model = apply_lora(model, options)
-        method = f"lora(r={options.lora_r}, alpha={options.lora_alpha}, targets={','.join(options.lora_targets or DEFAULT_LORA_TARGETS)})"
+        targets = ",".join(options.lora_targets or DEFAULT_LORA_TARGETS)
+        method = f"lora(r={options.lora_r}, alpha={options.lora_alpha}, targets={targets})"
     elif options.peft == "bitfit":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -214,29 +263,51 @@ def share_files(path: str | Path) -> None:
             file.chmod(mode)
 
 
+# Set by an outer ``writing(..., resumable=True)`` (a checkpoint, a seed's artefacts): every failed write
+# inside it, also one of a nested helper, then tells the user that a resume loses nothing.
+_RESUMABLE: ContextVar[bool] = ContextVar("icldistill_resumable_writes", default=False)
+
+
+def _after_failed_write(full: bool) -> str:
+    """What to do after a failed write: free space (and resume, where the run can), or check the directory."""
+    space = "Free disk space" if full else "Free disk space or check that the directory is writable"
+    if _RESUMABLE.get():
+        return (f"Nothing written before is lost (earlier checkpoints and results are kept): {space.lower()}, "
+                "then run the same command again with --resume.")
+    return f"{space} and run the command again." if full else \
+        "Check that the directory is writable, or choose another output directory."
+
+
 @contextmanager
-def writing(path: str | Path, what: str = "model files") -> Iterator[None]:
+def writing(path: str | Path, what: str = "model files", *, resumable: bool | None = None) -> Iterator[None]:
     """Turn a failed write of ``path`` (disk full, read-only, missing directory) into one line naming it.
 
-    safetensors raises ``SafetensorError`` and torch a ``RuntimeError`` from its C++ writer; both
-    hide which file and which condition. Other errors pass through unchanged.
+    safetensors raises ``SafetensorError`` and torch a ``RuntimeError`` from its C++ writer
+    (``[enforce fail at inline_container.cc]``); both hide which file and which condition. Other errors
+    pass through unchanged. ``resumable=True`` (a training run's writes) makes the line say that nothing
+    is lost and to resume; it holds for every ``writing`` nested inside, which names its own file.
     """
+    token = _RESUMABLE.set(resumable) if resumable is not None else None
     try:
         yield
     except IcldError:
         raise
     except OSError as exc:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise IcldError(f"Writing {what} to {path} failed: {exc.strerror or exc}. "
-                        + ("Free disk space and run the command again." if full else
-                           "Check that the directory is writable, or choose another output directory.")) from None
+        file = f" ({exc.filename})" if isinstance(exc.filename, str) and exc.filename != str(path) else ""
+        raise IcldError(f"Writing {what} to {path}{file} failed: {exc.strerror or exc}. "
+                        + _after_failed_write(full)) from None
     except Exception as exc:  # SafetensorError, RuntimeError from torch's writer: only the I/O ones
         text = str(exc)
         if type(exc).__name__ == "SafetensorError" or "No space left" in text or "inline_container" in text \
                 or "StorageFull" in text:
-            raise IcldError(f"Writing {what} to {path} failed ({text.strip()[:200]}). Free disk space or check "
-                            "that the directory is writable, and run the command again.") from None
+            full = "No space left" in text or "StorageFull" in text
+            raise IcldError(f"Writing {what} to {path} failed ({text.strip()[:200]}). "
+                            + _after_failed_write(full)) from None
         raise
+    finally:
+        if token is not None:
+            _RESUMABLE.reset(token)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

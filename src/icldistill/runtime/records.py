@@ -50,14 +50,18 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); errors name the path and the fix."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, option: str = "--output-dir") -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); errors name the path and the fix.
+
+    ``option`` is the command-line option that chose the directory (``--cache-dir``, ``--output``), which
+    the error tells the user to change.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise IcldError(f"Cannot write to {path.parent}: {exc.strerror}. Choose a writable --output-dir.") from None
+        raise IcldError(f"Cannot write to {path.parent}: {exc.strerror}. Choose a writable {option}.") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -68,22 +72,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise IcldError(f"Writing {path} failed: {exc.strerror or exc}. "
-                        "Free disk space or choose another --output-dir.") from None
+                        f"Free disk space or choose another {option}.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, *, option: str = "--output-dir") -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), option=option)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=2, default=_json_default, sort_keys=False) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, *, option: str = "--output-dir") -> None:
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2, default=_json_default, sort_keys=False) + "\n",
+                      option=option)
 
 
-def atomic_write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
-    atomic_write_text(path, "".join(json.dumps(_clean(r), default=_json_default) + "\n" for r in rows))
+def atomic_write_jsonl(path: str | Path, rows: Iterable[Any], *, option: str = "--output-dir") -> None:
+    atomic_write_text(path, "".join(json.dumps(_clean(r), default=_json_default) + "\n" for r in rows),
+                      option=option)
 
 
 def read_json(path: str | Path) -> Any:

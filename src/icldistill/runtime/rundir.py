@@ -17,9 +17,10 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, TypedDict
+from typing import Any, TypedDict
 
 from icldistill.errors import ConfigError, IcldError
 from icldistill.runtime import distributed

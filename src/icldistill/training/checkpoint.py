@@ -18,9 +18,9 @@ from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from icldistill.errors import IcldError
-from icldistill.models.adapters import copy_parameters, save_tensors
-from icldistill.runtime.records import atomic_write_json
+from icldistill.errors import ConfigError, IcldError
+from icldistill.models.adapters import copy_parameters, save_tensors, writing
+from icldistill.runtime.records import atomic_write_json, read_json
 
 CHECKPOINT = "checkpoint"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -84,24 +84,47 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, 
     """Write the checkpoint next to the old one, then swap, so a kill leaves one complete checkpoint.
 
     Every rank takes part in ``save_state``; the clean-up, the state file and the swap are rank 0's,
-    between barriers, so no rank writes into a directory that is being renamed.
+    between barriers, so no rank writes into a directory that is being renamed. A failed write (disk
+    full) removes the partial checkpoint and is one line naming it: the previous checkpoint is kept.
     """
     final, tmp, old = directory / CHECKPOINT, directory / f"{CHECKPOINT}.tmp", directory / f"{CHECKPOINT}.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        with writing(tmp, "a checkpoint", resumable=True):
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                for name, tensors in (extra_files or {}).items():
+                    save_tensors(tensors, tmp / name)
+                atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
+    except IcldError:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial checkpoint took
+        raise
     if accelerator.is_main_process:
-        for name, tensors in (extra_files or {}).items():
-            save_tensors(tensors, tmp / name)
-        atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def check_identity(checkpoint: Path, identity: str | None) -> None:
+    """Refuse to resume ``checkpoint`` when another run made it (its recorded run identity differs).
+
+    The identity (``runtime.rundir.identity_of``: a hash of the options that shape the result) is
+    recorded in the state file. A checkpoint written before identities, or a loop run without one,
+    is accepted. An unreadable state file raises what reading it raises (the caller falls back).
+    """
+    state = read_json(checkpoint / STATE_FILE)
+    recorded = state.get("identity") if isinstance(state, dict) else None
+    if identity is None or recorded is None or recorded == identity:
+        return
+    raise ConfigError(f"Cannot resume from {checkpoint}: it was made by another run (identity {recorded}, this run "
+                      f"is {identity}: other options). Run again with that run's options, or delete {checkpoint} "
+                      "(or rerun with --overwrite) to train this seed from the start.")
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

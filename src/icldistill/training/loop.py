@@ -51,6 +51,7 @@ from icldistill.training.checkpoint import (
     STATE_FILE,
     TRAINABLE_FILE,
     UNREADABLE,
+    check_identity,
     complete_checkpoints,
     find_checkpoint,
     gathered_trainable_state,
@@ -210,6 +211,7 @@ class _Loop:
     result: TrainResult
     best: dict[str, Any] = field(default_factory=dict)  # {"value", "epoch", "step"} of the best dev evaluation
     best_state: dict[str, torch.Tensor] | None = None
+    identity: str | None = None  # the run's (runtime.rundir.identity_of), recorded in every checkpoint
 
     @property
     def select(self) -> str:
@@ -272,6 +274,7 @@ class _Loop:
 
     def _load(self, ckpt: Path) -> int:
         """Restore the model, optimiser, schedule, RNG, result so far and best state from ``ckpt``."""
+        check_identity(ckpt, self.identity)  # a checkpoint of another run is refused, never resumed
         self.accelerator.load_state(str(ckpt))
         state = read_json(ckpt / STATE_FILE)
         self.result = TrainResult(state["history"], state["steps"], state["epochs_done"], state["train_examples_seen"],
@@ -374,7 +377,7 @@ class _Loop:
         save_checkpoint(self.accelerator, self.checkpoint_dir, {
             "epochs_done": r.epochs_done, "steps": r.steps, "history": r.history,
             "train_examples_seen": r.train_examples_seen, "train_tokens": r.train_tokens,
-            "train_seconds": r.train_seconds, "best": self.best or None,
+            "train_seconds": r.train_seconds, "best": self.best or None, "identity": self.identity,
         }, extra_files={BEST_FILE: self.best_state} if self.best_state is not None else None)
 
     def epoch(self, epoch: int, n_examples: int, seed: int, make_batch: MakeBatch, loss_fn: LossFn, bar: Any) -> None:
@@ -459,6 +462,7 @@ def fit(
     evaluate: Evaluate | None = None,
     on_evaluate: OnEvaluate | None = None,
     progress: bool = True,
+    identity: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on examples ``0..n_examples-1`` for ``options.epochs`` epochs or ``options.max_steps`` steps.
 
@@ -468,7 +472,8 @@ def fit(
     steps, and after the last step); ``on_evaluate(epoch, metrics)`` is called after each and may raise
     :class:`StopTraining`. With ``options.select == "best"`` the model ends in the evaluated state with
     the best dev ``options.select_metric`` (its trainable tensors are kept, also across a resume);
-    otherwise in the last state.
+    otherwise in the last state. ``identity`` (the run's) is recorded in every checkpoint, and a resume
+    refuses a checkpoint that records another.
     The example order of epoch e depends only on (seed, e), so a resumed run sees the same batches,
     and so does every rank of a distributed run (each takes its share of each step).
     """
@@ -476,6 +481,7 @@ def fit(
         raise IcldError("No training examples: check --shots / --train-queries.")
     loop = _Loop.start(model, n_examples, options, mixed_precision=mixed_precision, cpu=cpu,
                        checkpoint_dir=checkpoint_dir, evaluate=evaluate, on_evaluate=on_evaluate)
+    loop.identity = identity
     start_epoch = loop.resume()
     bar = tqdm(total=loop.budget.total, initial=loop.result.steps, desc="train", unit="step",
                disable=not progress or not distributed.is_main(), leave=False)

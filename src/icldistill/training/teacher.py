@@ -172,36 +172,47 @@ class SignalCache:
         return self.directory / f"{key}.safetensors", self.directory / f"{key}.json"
 
     def load(self, key: str, queries: Sequence[Example]) -> TeacherSignal | None:
-        """The cached signal for ``key``, or None if absent, partial or corrupt (then it is recomputed)."""
+        """The cached signal for ``key``, or None if absent, partial or corrupt (then it is recomputed).
+
+        A meta file that is not a JSON object (``[]``, ``null``: a hand edit, another tool) counts as
+        corrupt too, like a failed checksum.
+        """
         tensors_path, meta_path = self.paths(key)
         if not meta_path.exists() or not tensors_path.exists():
             return None
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"{meta_path} holds {type(meta).__name__}, not a JSON object")
             if meta.get("sha256") != _sha256(tensors_path):
                 raise ValueError("checksum mismatch")
             tensors = load_file(str(tensors_path))
             if meta.get("query_ids") != [q.id for q in queries]:
                 raise ValueError("query ids differ")
-        except (OSError, ValueError, KeyError, SafetensorError, json.JSONDecodeError) as exc:
+            signal = TeacherSignal(meta["query_ids"], tensors["label_logprobs"], tensors.get("topk_logprobs"),
+                                   tensors.get("topk_ids"), meta.get("contexts"),
+                                   context_label_logprobs=tensors.get("context_label_logprobs"))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             logger.warning("teacher cache entry %s is unusable (%s); recomputing", key, exc)
             return None
-        return TeacherSignal(meta["query_ids"], tensors["label_logprobs"], tensors.get("topk_logprobs"),
-                             tensors.get("topk_ids"), meta.get("contexts"),
-                             context_label_logprobs=tensors.get("context_label_logprobs"))
+        return signal
 
     def save(self, key: str, signal: TeacherSignal, description: dict[str, Any]) -> None:
+        """Write the tensors, then the meta file with their checksum (last: it marks the entry complete).
+
+        A failed write names the file and ``--cache-dir`` (the option that chose the directory).
+        """
         tensors_path, meta_path = self.paths(key)
-        self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {"label_logprobs": signal.label_logprobs.contiguous()}
         if signal.context_label_logprobs is not None:
             tensors["context_label_logprobs"] = signal.context_label_logprobs.contiguous()
         if signal.topk_logprobs is not None:
             tensors["topk_logprobs"] = signal.topk_logprobs.contiguous()
             tensors["topk_ids"] = signal.topk_ids.contiguous()
-        atomic_write_bytes(tensors_path, tensors_to_bytes(tensors))
+        atomic_write_bytes(tensors_path, tensors_to_bytes(tensors), option="--cache-dir")
         atomic_write_json(meta_path, {"key": key, "description": description, "sha256": _sha256(tensors_path),
-                                      "query_ids": signal.query_ids, "contexts": signal.contexts})
+                                      "query_ids": signal.query_ids, "contexts": signal.contexts},
+                          option="--cache-dir")
 
 
 class OnlineTeacher:

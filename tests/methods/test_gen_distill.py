@@ -49,7 +49,7 @@ def test_each_signal_trains_and_records(signal, tmp_path, data_dir, tiny_dirs):
     assert len(seed["train_queries"]) == 4 and len(seed["dev_examples"]) == 2 and len(seed["demonstrations"]) == 2
     taken = [set(seed[k]) for k in ("train_queries", "dev_examples", "demonstrations")]
     assert not (taken[0] & taken[1]) and not (taken[0] & taken[2]) and not (taken[1] & taken[2])
-    assert seed["labelled_examples"] == 2 + (4 if signal == "reference" else 0)
+    assert seed["labelled_examples"] == (4 if signal == "reference" else 2)  # references used, or demonstrations
     # LoRA's B matrices start at zero: a trained student has moved them.
     assert _lora_b_norm(tmp_path / "out" / "seed-0") > 0
     losses = [h["train_loss"] for h in seed["history"]]
@@ -201,3 +201,17 @@ def test_sequence_works_across_tokenizers(tmp_path, data_dir, tiny_dirs):
     record = run_gen_distill(_config(tmp_path, data_dir, tiny_dirs, signal="sequence", epochs=1, dev_queries=0,
                                      teacher=str(tiny_dirs["other"])), progress=False)
     assert record["status"] == "complete" and record["seeds"]["0"]["teacher_pass"]["answers"]["n"] == 4
+
+
+def test_cli_runs_gen_distill(tmp_path, data_dir, tiny_dirs, capsys):
+    from icldistill.cli import main
+
+    code = main(["--quiet", "gen-distill", "--teacher", str(tiny_dirs["teacher"]), "--student", str(tiny_dirs["student"]),
+                 "--signal", "sequence", "--task", "gsm8k", "--shots", "1", "--limit", "2", "--max-new-tokens", "4",
+                 "--train-queries", "2", "--dev-queries", "0", "--epochs", "1", "--chat-template", "no",
+                 "--device", "cpu", "--dtype", "fp32", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "o"),
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    record = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert record["method"] == "gen-distill" and record["config"]["signal"] == "sequence"
+    assert "gsm8k" in capsys.readouterr().out

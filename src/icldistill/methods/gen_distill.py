@@ -132,7 +132,7 @@ def run_gen_distill(config: GenDistillOptions, *, progress: bool = True, on_eval
     spec = teacher_spec(config)
     same = check_one_tokenizer(config, spec) if config.signal != "reference" else False
     record, run_dir = claim_generation_run(METHOD, config, setup)
-    record.update(seeds={}, signal=config.signal, teacher=config.teacher, student_name=config.student)
+    record.update(seeds={}, signal=config.signal)
     identity = identity_of(METHOD, config)
     plans: dict[int, SeedPlan] = {}
     for seed in config.seeds:

@@ -44,9 +44,11 @@ class SeedPlan:
 
 
 def labelled_examples(config: GenDistillOptions, plan: SeedPlan) -> int:
-    """The label budget: the demonstrations, the references for ``reference``, the dev rows for --select best."""
-    return (len(plan.demonstrations) + (len(plan.queries) if config.signal == "reference" else 0)
-            + (len(plan.dev) if config.select == "best" else 0))
+    """The labels a seed uses: the teacher's demonstrations, or for ``reference`` the training queries' references
+    (its demonstrations are drawn, so every signal trains on the same queries, but never read); and the dev
+    rows' references when ``--select best`` chooses by them."""
+    used = len(plan.queries) if config.signal == "reference" else len(plan.demonstrations)
+    return used + (len(plan.dev) if config.select == "best" else 0)
 
 
 def _pad(tokenizer: Any) -> int:
@@ -126,7 +128,7 @@ class SeedRun:
         peaks = {"teacher_pass": teacher_info.get("peak_memory_mb")}
         record = {**self.record(student, trainable, result, final, artefacts), **extra,
                   "resources": resources(result, training.as_dict(), inference, peaks),
-                  "teacher_pass": {k: v for k, v in teacher_info.items()} or None,
+                  "teacher_pass": dict(teacher_info) or None,
                   "on_policy_draws": getattr(make_batch, "drawn", None)}
         self.run_dir.write_seed(self.seed, record)
         return record
@@ -141,7 +143,8 @@ class SeedRun:
         with measure(student.device) as cost, autocast:
             if score_eval_sets:
                 final, predictions = evaluate_generation(student, self.setup, [], seed=self.seed,
-                                                         batch_size=self.config.batch_size, with_context=False)
+                                                         batch_size=self.config.batch_size, with_context=False,
+                                                         use_prefix_cache=self.config.prefix_cache)
         queries = sum(v["n"] for v in final.values())
         inference = {**cost.as_dict(), "queries": queries,
                      "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}

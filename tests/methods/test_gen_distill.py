@@ -15,7 +15,7 @@ from icldistill.errors import ConfigError
 from icldistill.methods import gen_distill, gen_seed
 from icldistill.methods.gen_distill import plan_seed, run_gen_distill
 from icldistill.methods.gen_setup import encode_prompts, prepare_generation
-from icldistill.methods.gen_teacher import answer_tokens, context_prefix, end_token, teacher_answers
+from icldistill.methods.gen_teacher import answer_tokens, context_prefix, end_token, teacher_answers, teacher_topk
 from icldistill.methods.gen_train import FixedAnswers, GenBatch, OnPolicyAnswers, make_loss, reference_tokens
 from icldistill.models.loading import load_model
 from icldistill.scoring.generation import Generated
@@ -113,7 +113,8 @@ def test_teacher_signals_are_those_of_the_whole_prompt(tmp_path, data_dir, tiny_
     teacher = load_model(str(tiny_dirs["teacher"]), dtype="fp32", device="cpu")
     student = load_model(str(tiny_dirs["student"]), dtype="fp32", device="cpu")
     t_prompts = encode_prompts(teacher, setup.task, plan.queries, plan.demonstrations, with_instruction=True)
-    got = teacher_answers(teacher, t_prompts, setup.decode_settings(4), topk=5)
+    got = teacher_answers(teacher, t_prompts, setup.decode_settings(4))
+    got.topk_logprobs, got.topk_ids = teacher_topk(teacher, t_prompts, got.answers, 3, 5)
     for i in (0, 3):
         ids = torch.tensor([t_prompts[i] + got.answers[i]])
         with torch.no_grad():
@@ -163,7 +164,12 @@ def test_token_cache_is_reused_without_the_teacher(tmp_path, data_dir, tiny_dirs
     assert second["seeds"]["0"]["teacher_pass"]["key"] == first["seeds"]["0"]["teacher_pass"]["key"]
     assert second["seeds"]["0"]["history"][0]["train_loss"] == pytest.approx(first["seeds"]["0"]["history"][0]
                                                                               ["train_loss"])
-    # Another k is another pass: the key changes and the teacher is needed.
+    # The sequence signal reads the same answers (no teacher either).
+    seq = run_gen_distill(_config(tmp_path, data_dir, tiny_dirs, signal="sequence", epochs=1, dev_queries=0,
+                                  output_dir=str(tmp_path / "seq")), progress=False)
+    assert seq["resources"]["teacher_pass"]["cache_hits"] == 1
+    assert seq["seeds"]["0"]["teacher_pass"]["answers_key"] == first["seeds"]["0"]["teacher_pass"]["answers_key"]
+    # Another k is another top-k pass: its key changes and the teacher is needed.
     with pytest.raises(AssertionError, match="teacher was loaded"):
         run_gen_distill(_config(tmp_path, data_dir, tiny_dirs, signal="token", epochs=1, dev_queries=0,
                                 teacher_topk=4, output_dir=str(tmp_path / "k4")), progress=False)
@@ -206,8 +212,9 @@ def test_sequence_works_across_tokenizers(tmp_path, data_dir, tiny_dirs):
 def test_cli_runs_gen_distill(tmp_path, data_dir, tiny_dirs, capsys):
     from icldistill.cli import main
 
-    code = main(["--quiet", "gen-distill", "--teacher", str(tiny_dirs["teacher"]), "--student", str(tiny_dirs["student"]),
-                 "--signal", "sequence", "--task", "gsm8k", "--shots", "1", "--limit", "2", "--max-new-tokens", "4",
+    code = main(["--quiet", "gen-distill", "--teacher", str(tiny_dirs["teacher"]),
+                 "--student", str(tiny_dirs["student"]), "--signal", "sequence", "--task", "gsm8k", "--shots", "1",
+                 "--limit", "2", "--max-new-tokens", "4",
                  "--train-queries", "2", "--dev-queries", "0", "--epochs", "1", "--chat-template", "no",
                  "--device", "cpu", "--dtype", "fp32", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "o"),
                  "--cache-dir", str(tmp_path / "cache")])

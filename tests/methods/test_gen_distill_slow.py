@@ -26,7 +26,7 @@ def _qwen() -> str:
 @pytest.mark.slow
 def test_each_signal_trains_on_real_weights(tmp_path, data_dir):
     model = _qwen()
-    for signal in ("sequence", "token", "on-policy", "reference"):
+    for signal in ("token", "sequence", "on-policy", "reference"):
         out = tmp_path / signal
         config = build_config(GenDistillOptions, dict(
             teacher=model, student=model, signal=signal, task="gsm8k", shots=1, seeds=[0], limit=2, batch_size=2,
@@ -48,3 +48,5 @@ def test_each_signal_trains_on_real_weights(tmp_path, data_dir):
             assert seed["on_policy_draws"] == 1
         if signal in ("sequence", "token"):
             assert seed["teacher_pass"]["answers"]["n"] == 2 and seed["teacher_pass"]["answers"]["mean_tokens"] > 0
+            # sequence reads the answers token's pass cached: the teacher is not loaded again.
+            assert record["resources"]["teacher_pass"]["teacher_loaded"] == (signal == "token")

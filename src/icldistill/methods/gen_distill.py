@@ -10,12 +10,12 @@ One loop (``training.loop.fit``), four sources of targets (``--signal``):
   those tokens; generalised JSD (``--beta``; 1 is OPCD's reverse KL). One tokenizer.
 - ``reference``: SFT on the reference answers, no teacher (the labelled baseline).
 
-The teacher's off-policy pass is cached on disk (``methods.gen_teacher``) and runs before any training,
-the teacher released after it; the on-policy teacher stays loaded. The dev split (``--dev-queries`` rows
-of the train split, disjoint from the demonstrations, the training queries and the evaluation queries)
-is scored during training by the exact match of the student's greedy answers (``dev_accuracy``) and the
-CE of its reference answers (``dev_loss``). The evaluation sets are scored once, after training,
-without the context.
+The teacher's off-policy pass is cached on disk (``methods.gen_teacher``; ``sequence`` and ``token``
+share its answers) and runs before any training, the teacher released after it; the on-policy teacher
+stays loaded. The dev split (``--dev-queries`` rows of the train split, disjoint from the demonstrations,
+the training queries and the evaluation queries) is scored during training by the exact match of the
+student's greedy answers (``dev_accuracy``) and the CE of its reference answers (``dev_loss``). The
+evaluation sets are scored once, after training, without the context.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ from icldistill.errors import ConfigError
 from icldistill.methods.common import finish_record, model_record
 from icldistill.methods.gen_seed import SeedPlan, SeedRun
 from icldistill.methods.gen_setup import GenSetup, claim_generation_run, encode_prompts, prepare_generation
-from icldistill.methods.gen_teacher import AnswerCache, TeacherAnswers, cache_key, teacher_answers
+from icldistill.methods.gen_teacher import (
+    AnswerCache,
+    TeacherAnswers,
+    cache_key,
+    teacher_answers,
+    teacher_topk,
+    topk_key,
+)
 from icldistill.models.loading import LoadedModel, load_tokenizer, logit_width
 from icldistill.runtime.records import measure
 from icldistill.runtime.rundir import identity_of
@@ -101,25 +108,39 @@ def teacher_pass(config: GenDistillOptions, setup: GenSetup, spec: TeacherSpec, 
     topk = config.teacher_topk if config.signal == "token" else 0
     if topk:
         spec.check_topk(topk)
-    teacher: LoadedModel | None = None
+    loaded: list[LoadedModel] = []  # the teacher, once loaded
+
+    def teacher() -> LoadedModel:
+        if not loaded:
+            loaded.append(spec.load())
+        return loaded[0]
+
     answers, per_seed, hits = {}, {}, 0
     with measure(config.device) as whole:
         for seed, plan in plans.items():
             prompts = _encode(tokenizer, setup.task, plan.queries, plan.demonstrations, with_instruction=True)
-            key, description = cache_key(identity, prompts, settings, topk)
+            key, description = cache_key(identity, prompts, settings)
             with measure(config.device) as part:
                 found = cache.load(key)
                 hit = found is not None
                 if found is None:
-                    teacher = teacher or spec.load()
-                    found = teacher_answers(teacher, prompts, settings, topk)
+                    found = teacher_answers(teacher(), prompts, settings)
                     cache.save(key, found, description)
+                if topk:
+                    top_key = topk_key(key, topk)
+                    top = cache.load_topk(top_key)
+                    hit = hit and top is not None
+                    if top is None:
+                        top = teacher_topk(teacher(), prompts, found.answers, config.batch_size, topk)
+                        cache.save_topk(top_key, *top, {**description, "answers_key": key, "topk": topk})
+                    found.topk_logprobs, found.topk_ids = top
             hits += hit
             answers[seed] = found
-            per_seed[seed] = {**part.as_dict(), "cache_hit": hit, "key": key, "answers": found.summary()}
-    record = {**whole.as_dict(), "mode": "cached", "teacher": identity, "teacher_loaded": teacher is not None,
+            per_seed[seed] = {**part.as_dict(), "cache_hit": hit, "key": top_key if topk else key,
+                              "answers_key": key, "answers": found.summary()}
+    record = {**whole.as_dict(), "mode": "cached", "teacher": identity, "teacher_loaded": bool(loaded),
               "cache_dir": str(cache.directory), "cache_hits": hits, "topk": topk}
-    del teacher
+    loaded.clear()
     return answers, per_seed, record
 
 

@@ -5,9 +5,11 @@ goes through the context's KV cache, computed once (``scoring.prefix_cache.Prefi
 through ``scoring.generation.generate``, and the logits at answer tokens (its own or the student's samples)
 through ``training.sequence.answer_logits`` after that cache, so only query + answer tokens cost.
 
-The off-policy pass (``sequence`` and ``token`` signals) is a constant of (teacher, prompts, decoding, k):
-it is stored under the cache directory (``<cache>/generation-teacher/<key>.safetensors`` and a ``.json``
-with its checksum, both written atomically) and a rerun with the same key never loads the teacher.
+The off-policy pass is a constant: the answers of (teacher, prompts, decoding), and for the ``token``
+signal the top-k at them (a second entry, keyed by the answers' key and k). Both are stored under the
+cache directory (``<cache>/generation-teacher/<key>.safetensors`` and a ``.json`` with its checksum, both
+written atomically); a rerun with the same keys never loads the teacher, and the ``sequence`` and
+``token`` signals share the answers.
 """
 
 from __future__ import annotations
@@ -115,41 +117,49 @@ def context_logits(model: Any, prefix: PrefixCache | None, prompts: Sequence[Seq
     return answer_logits(model, batch, cache)
 
 
-def teacher_answers(teacher: Any, prompts: Sequence[Sequence[int]], settings: DecodeSettings, topk: int,
+def teacher_answers(teacher: Any, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
                     progress: Any = None) -> TeacherAnswers:
-    """The teacher's greedy answers with its context and, with ``topk``, its top-k log-probabilities at them."""
+    """The teacher's greedy answers with its context (prefilled once, shared by every batch)."""
     model, tokenizer = teacher.model, teacher.tokenizer
     generated = generate(model, tokenizer, prompts, settings, use_prefix_cache=True, progress=progress)
     eos = end_token(model, tokenizer)
-    answers = [answer_tokens(g, eos) for g in generated]
-    out = TeacherAnswers(answers, [g.text for g in generated], [g.finish for g in generated])
-    if topk:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        prefix = context_prefix(model, prompts)
-        values, ids = [], []
-        with torch.no_grad():
-            for start in range(0, len(prompts), settings.batch_size):
-                part = slice(start, start + settings.batch_size)
-                logits = context_logits(model, prefix, prompts[part], answers[part], pad).float()
-                top = torch.log_softmax(logits, dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
-                values.append(top.values.cpu())
-                ids.append(top.indices.cpu())
-        out.topk_logprobs, out.topk_ids = torch.cat(values), torch.cat(ids)
-    return out
+    return TeacherAnswers([answer_tokens(g, eos) for g in generated], [g.text for g in generated],
+                          [g.finish for g in generated])
 
 
-def cache_key(teacher_identity: dict[str, Any], prompts: Sequence[Sequence[int]], settings: DecodeSettings,
-              topk: int) -> tuple[str, dict[str, Any]]:
-    """A content hash of everything the teacher pass depends on (the answers follow from these)."""
+def teacher_topk(teacher: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], batch_size: int,
+                 topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, k) top-k log-probabilities and ids of the teacher at every answer token, after its context."""
+    model, tokenizer = teacher.model, teacher.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefix = context_prefix(model, prompts)
+    values, ids = [], []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            part = slice(start, start + batch_size)
+            logits = context_logits(model, prefix, prompts[part], answers[part], pad).float()
+            top = torch.log_softmax(logits, dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
+            values.append(top.values.cpu())
+            ids.append(top.indices.cpu())
+    return torch.cat(values), torch.cat(ids)
+
+
+def cache_key(teacher_identity: dict[str, Any], prompts: Sequence[Sequence[int]], settings: DecodeSettings
+              ) -> tuple[str, dict[str, Any]]:
+    """A content hash of everything the teacher's answers depend on (teacher, prompts, decoding, code)."""
     description = {
         "code": code_version(),
         "teacher": {k: teacher_identity.get(k) for k in ("name", "fingerprint", "dtype", "commit")},
         "prompts": hashlib.sha256(json.dumps([list(map(int, p)) for p in prompts]).encode()).hexdigest(),
         "n_prompts": len(prompts),
         "decoding": {"max_new_tokens": settings.max_new_tokens, "stop": list(settings.stop), "greedy": True},
-        "topk": topk,
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24], description
+
+
+def topk_key(answers_key: str, topk: int) -> str:
+    """The key of the top-k at the answers of ``answers_key`` (teacher + prompts + answers) for this k."""
+    return hashlib.sha256(f"{answers_key}:topk:{topk}".encode()).hexdigest()[:24]
 
 
 class AnswerCache:
@@ -162,8 +172,7 @@ class AnswerCache:
     def paths(self, key: str) -> tuple[Path, Path]:
         return self.directory / f"{key}.safetensors", self.directory / f"{key}.json"
 
-    def load(self, key: str) -> TeacherAnswers | None:
-        """The cached pass, or None when absent, partial or corrupt (then it is computed again)."""
+    def _read(self, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         tensors_path, meta_path = self.paths(key)
         if not (tensors_path.exists() and meta_path.exists()):
             return None
@@ -171,32 +180,42 @@ class AnswerCache:
             meta = json.loads(meta_path.read_text())
             if meta.get("sha256") != hashlib.sha256(tensors_path.read_bytes()).hexdigest():
                 raise ValueError("checksum mismatch")
-            tensors = load_file(str(tensors_path))
-            lengths = tensors["lengths"].tolist()
-            flat = tensors["answers"].tolist()
-            answers, start = [], 0
-            for n in lengths:
-                answers.append(flat[start:start + n])
-                start += n
+            return meta, load_file(str(tensors_path))
         except (OSError, ValueError, KeyError, SafetensorError, json.JSONDecodeError) as exc:
             logger.warning("generation teacher cache entry %s is unusable (%s); recomputing", key, exc)
             return None
-        return TeacherAnswers(answers, meta["texts"], meta["finish"], tensors.get("topk_logprobs"),
-                              tensors.get("topk_ids"))
 
-    def save(self, key: str, answers: TeacherAnswers, description: dict[str, Any]) -> None:
+    def _write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         tensors_path, meta_path = self.paths(key)
         self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(tensors_path, tensors_to_bytes({k: v.contiguous() for k, v in tensors.items()}))
+        atomic_write_json(meta_path, {"key": key, **meta,
+                                      "sha256": hashlib.sha256(tensors_path.read_bytes()).hexdigest()})
+
+    def load(self, key: str) -> TeacherAnswers | None:
+        """The cached answers, or None when absent, partial or corrupt (then they are computed again)."""
+        found = self._read(key)
+        if found is None:
+            return None
+        meta, tensors = found
+        flat, answers, start = tensors["answers"].tolist(), [], 0
+        for n in tensors["lengths"].tolist():
+            answers.append(flat[start:start + n])
+            start += n
+        return TeacherAnswers(answers, meta["texts"], meta["finish"])
+
+    def save(self, key: str, answers: TeacherAnswers, description: dict[str, Any]) -> None:
         tensors = {"answers": torch.tensor([t for a in answers.answers for t in a], dtype=torch.long),
                    "lengths": torch.tensor([len(a) for a in answers.answers], dtype=torch.long)}
-        if answers.topk_logprobs is not None and answers.topk_ids is not None:
-            tensors["topk_logprobs"] = answers.topk_logprobs.contiguous()
-            tensors["topk_ids"] = answers.topk_ids.contiguous()
-        atomic_write_bytes(tensors_path, tensors_to_bytes(tensors))
-        atomic_write_json(meta_path, {"key": key, "description": description, "texts": answers.texts,
-                                      "finish": answers.finish,
-                                      "sha256": hashlib.sha256(tensors_path.read_bytes()).hexdigest()})
+        self._write(key, tensors, {"description": description, "texts": answers.texts, "finish": answers.finish})
+
+    def load_topk(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        found = self._read(key)
+        return None if found is None else (found[1]["topk_logprobs"], found[1]["topk_ids"])
+
+    def save_topk(self, key: str, logprobs: torch.Tensor, ids: torch.Tensor, description: dict[str, Any]) -> None:
+        self._write(key, {"topk_logprobs": logprobs, "topk_ids": ids}, {"description": description})
 
 
 __all__ = ["AnswerCache", "TeacherAnswers", "answer_tokens", "cache_key", "context_logits", "context_prefix",
-           "end_token", "teacher_answers"]
+           "end_token", "teacher_answers", "teacher_topk", "topk_key"]

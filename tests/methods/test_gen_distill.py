@@ -222,3 +222,14 @@ def test_cli_runs_gen_distill(tmp_path, data_dir, tiny_dirs, capsys):
     record = json.loads((tmp_path / "o" / "results.json").read_text())
     assert record["method"] == "gen-distill" and record["config"]["signal"] == "sequence"
     assert "gsm8k" in capsys.readouterr().out
+
+
+def test_full_fine_tuning_and_selection_on_the_dev_split(tmp_path, data_dir, tiny_dirs):
+    record = run_gen_distill(_config(tmp_path, data_dir, tiny_dirs, signal="sequence", peft="none", epochs=2,
+                                     select="best", select_metric="loss"), progress=False)
+    seed = record["seeds"]["0"]
+    assert (tmp_path / "out" / "seed-0" / "trainable.safetensors").is_file() and "adapter" not in seed["artefacts"]
+    assert seed["selected"]["rule"] == "best" and seed["selected"]["metric"] == "dev_loss"
+    dev_losses = [h["dev_loss"] for h in seed["history"]]
+    assert seed["selected"]["value"] == min(dev_losses)
+    assert seed["labelled_examples"] == 2 + 2  # demonstrations, and the dev references that chose the state

@@ -53,6 +53,9 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                "Context distillation: teacher with demonstrations -> student without."),
     MethodSpec("generate", GenerateOptions, "icldistill.methods.generate:run_generate", False, ("predictions.jsonl",),
                "Generation: answers with (or without) the task's context, scored by exact match and token F1."),
+    MethodSpec("gen-distill", GenDistillOptions, "icldistill.methods.gen_distill:run_gen_distill", True,
+               _TRAINED_FILES, "Generation distillation: the student without the context learns the teacher's "
+               "answers with it (--signal sequence, token, on-policy, or reference SFT)."),
 )}
 
 TRAINED = tuple(name for name, spec in METHODS.items() if spec.trains)

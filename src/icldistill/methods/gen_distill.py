@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any, Sequence, cast
+from typing import Any, cast
 
 from icldistill.config import GenDistillOptions
 from icldistill.errors import ConfigError

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from icldistill.config import DistillOptions, GenerateOptions, IclOptions, PbftOptions
+from icldistill.config import DistillOptions, GenDistillOptions, GenerateOptions, IclOptions, PbftOptions
 from icldistill.errors import ConfigError, did_you_mean
 
 

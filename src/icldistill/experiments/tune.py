@@ -41,7 +41,8 @@ from icldistill.runtime.records import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-TUNABLE_METHODS = tuple(sorted(TRAINED))  # the trained methods of the registry
+# The trained methods of the registry that experiment grids can run (trials are expanded through the grid).
+TUNABLE_METHODS = tuple(sorted(name for name in TRAINED if name in METHODS))
 # objective name -> (optimisation direction, key of a dev history entry)
 OBJECTIVES = {"dev_accuracy": ("maximize", "dev_accuracy"), "dev_loss": ("minimize", "dev_loss")}
 STUDY_FILE = "study.db"

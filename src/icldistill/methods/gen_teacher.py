@@ -14,9 +14,7 @@ written atomically); a rerun with the same keys never loads the teacher, and the
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
 import json
 import logging
 from collections.abc import Sequence
@@ -35,6 +33,7 @@ from icldistill.scoring.encoding import common_prefix_length
 from icldistill.scoring.generation import DecodeSettings, Generated, generate, prefix_for_rows
 from icldistill.scoring.prefix_cache import PrefixCache
 from icldistill.training.sequence import answer_batch, answer_logits
+from icldistill.training.teacher import signal_code_version
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +42,9 @@ CODE = ("icldistill.methods.gen_teacher", "icldistill.scoring.generation", "icld
 """The modules whose code makes a cached teacher pass: a change to any of them changes every key."""
 
 
-@functools.cache
 def code_version() -> str:
-    digest = hashlib.sha256()
-    for name in CODE:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise IcldError(f"cannot find the source of {name} to key the generation teacher cache")
-        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
-    return digest.hexdigest()[:16]
+    """The hash of :data:`CODE`'s source, as the classification teacher cache keys its entries."""
+    return signal_code_version(CODE)
 
 
 def end_token(model: Any, tokenizer: Any) -> int:

@@ -123,3 +123,24 @@ def test_compare_errors_name_the_problem(tmp_path):
     with pytest.raises(IcldError, match=r"predictions.jsonl:1: not a prediction row"):
         compare_runs(tmp_path / "a", tmp_path / "c")
     assert math.isclose(mcnemar_exact(10, 0), 2 / 1024)
+
+
+def test_generation_runs_compare_by_exact_match(tmp_path):
+    """Generation rows carry exact_match, not classes: accuracy is exact match, paired query by query."""
+    right_a = [1, 1, 1, 1, 0, 0]
+    right_b = [1, 0, 0, 0, 0, 1]
+    for name, right in (("a", right_a), ("b", right_b)):
+        _write(tmp_path / name, [{"seed": 0, "eval": "gsm8k", "id": f"q{i}", "text": "...", "answer": "7",
+                                  "gold_answer": "7" if r else "8", "exact_match": float(r), "token_f1": float(r)}
+                                 for i, r in enumerate(right)])
+    (result,) = compare_runs(tmp_path / "a", tmp_path / "b", resamples=500)
+    assert result.queries == 6 and result.accuracy_a == 4 / 6 and result.accuracy_b == 2 / 6
+    assert (result.a_only, result.b_only) == (3, 1)
+    assert result.difference == pytest.approx(2 / 6)
+
+
+def test_a_row_with_neither_classes_nor_exact_match_is_named(tmp_path):
+    _write(tmp_path / "a", [{"seed": 0, "eval": "gsm8k", "id": "q0", "text": "no reference"}])
+    _write(tmp_path / "b", [{"seed": 0, "eval": "gsm8k", "id": "q0", "exact_match": 1.0}])
+    with pytest.raises(IcldError, match="exact_match"):
+        compare_runs(tmp_path / "a", tmp_path / "b")

@@ -67,3 +67,14 @@ def test_the_record_holds_the_runs_cost(tmp_path, data_dir, tiny_dirs, cache_dir
     total, inference = record["resources"]["total"], record["resources"]["inference"]
     assert total["peak_memory_mb"] > 0 and total["wall_time_s"] >= inference["wall_time_s"] > 0
     assert inference["queries"] == 4 and inference["latency_ms_per_query"] > 0
+
+
+def test_two_generate_runs_compare_on_the_same_queries(tmp_path, data_dir, tiny_dirs, cache_dir):
+    from icldistill.experiments.compare import compare_runs
+
+    run_generate(_config(tmp_path, data_dir, tiny_dirs["teacher"], seeds=[0]), progress=False)
+    run_generate(_config(tmp_path, data_dir, tiny_dirs["student"], seeds=[0], output_dir=str(tmp_path / "s")),
+                 progress=False)
+    (result,) = compare_runs(tmp_path / "out", tmp_path / "s", resamples=200)
+    assert result.eval == "gsm8k" and result.queries == 4 and result.seeds == [0]
+    assert 0.0 <= result.accuracy_a <= 1.0 and result.ci95_low <= result.difference <= result.ci95_high

@@ -118,6 +118,15 @@ def _held_seeds(path: Path) -> set[int] | None:
     return None if record is None else {int(s) for s in record.seeds}
 
 
+def _answer_of(row: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """(gold, pred, row) of a prediction row. A generation row (``exact_match``, no classes) counts as one
+    class whose answer is right or wrong: gold 1, pred 1 when the extracted answer matched, so that accuracy
+    is exact match and the paired bootstrap and McNemar test compare exact matches query by query."""
+    if "gold" not in row and "exact_match" in row:
+        return 1, int(float(row["exact_match"]) == 1.0), row
+    return int(row["gold"]), int(row["pred"]), row
+
+
 def read_predictions(paths: Iterable[str | Path], source: str | None = None) -> Predictions:
     """The rows of one or more ``predictions.jsonl`` files (a run directory or the file itself) as one run.
 
@@ -138,10 +147,10 @@ def read_predictions(paths: Iterable[str | Path], source: str | None = None) -> 
             try:
                 row = json.loads(line)
                 key, qid = (int(row.get("seed", 0)), str(row["eval"])), str(row["id"])
-                answer = (int(row["gold"]), int(row["pred"]), row)
+                answer = _answer_of(row)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise IcldError(f"{file}:{lineno}: not a prediction row ({exc}); each row needs seed, eval, id, "
-                                "gold and pred.") from None
+                                "and gold and pred (classification) or exact_match (generation).") from None
             if held is not None and key[0] not in held:
                 continue  # a seed the run's record does not hold (left by another run in the directory)
             per_set = out.rows.setdefault(key, {})

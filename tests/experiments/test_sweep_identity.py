@@ -104,9 +104,14 @@ def test_a_dead_workers_lock_on_another_host_is_taken_over_after_its_heartbeat_s
     taker.release()
     beating = sweep.CellLock(tmp_path)
     assert beating.acquire()
+    aged_at = time.time()
     os.utime(lock_file, (old, old))
-    time.sleep(0.3)
-    assert time.time() - lock_file.stat().st_mtime < 1.0
+    # The heartbeat (every 0.05 s here) sets the lock's time to now: wait for a refresh after the ageing
+    # rather than timing it, so a busy machine that delays the thread cannot fail the test.
+    deadline = time.time() + 30
+    while lock_file.stat().st_mtime < aged_at and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock_file.stat().st_mtime >= aged_at  # refreshed after it was aged: fresh again
     beating.release()
     assert not lock_file.exists()
 

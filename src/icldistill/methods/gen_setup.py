@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from icldistill.runtime.rundir import RECORD_VERSION, RunDir, probe_writable, ru
 from icldistill.scoring.encoding import encode_text
 from icldistill.scoring.generation import DecodeSettings, Generated, generate
 from icldistill.scoring.generation_metrics import Extractor, generation_metrics, score_answer
+from icldistill.tasks.data import subsample
 from icldistill.tasks.generation import (
     GenerationRow,
     GenerationTask,
@@ -67,10 +67,8 @@ def prepare_generation(config: GenerationOptions) -> GenSetup:
         raise ConfigError(f"--eval {unknown[0]}: task '{task.name}' has the evaluation sets {', '.join(task.eval)}.")
     eval_rows = {}
     for name in names:
-        rows = load_rows(task, task.eval[name], config.data_dir)
-        if config.limit is not None and config.limit < len(rows):
-            rows = random.Random(f"icldistill-limit-{name}").sample(rows, config.limit)
-        eval_rows[name] = rows
+        # The same seeded sample for every seed, as classification's --limit (tasks.data.subsample).
+        eval_rows[name] = subsample(load_rows(task, task.eval[name], config.data_dir), config.limit)
     needs_train = task.shots > 0 or getattr(config, "train_queries", 0)
     if needs_train and task.train is None:
         raise ConfigError(f"task '{task.name}' has no train split: demonstrations and training queries need one.")

@@ -155,19 +155,33 @@ def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gene
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
 
 
+def rows_after_prefix(rows: Sequence[Sequence[int]], starts: Sequence[int], width: int, pad_id: int, past: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows laid out after ``past`` shared prefix tokens, row i starting at column ``starts[i]``.
+
+    Returns (n, width) ids padded with ``pad_id``, the (n, past + width) attention mask (pads masked) and
+    (n, width) position ids that count only real tokens, so each row computes what it would alone. Used by
+    decoding (queries left-padded) and by training on answers (prompts left-padded, answers right-padded).
+    """
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    own = torch.zeros((n, width), dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        ids[i, start:start + len(row)] = torch.tensor(list(row), dtype=torch.long)
+        own[i, start:start + len(row)] = 1
+    mask = torch.cat([torch.ones((n, past), dtype=torch.long), own], dim=1)
+    positions = (past + own.cumsum(dim=1) - 1).clamp(min=past)  # pads do not advance a position
+    return ids, mask, positions
+
+
 def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: Sequence[Sequence[int]],
                   rows: _Rows, pad_id: int, generator: torch.Generator | None = None) -> None:
     """Decoding of one batch of queries (left-padded after the prefix) until every row has ended."""
     device = model.device
     n, width = len(queries), max(len(q) for q in queries)
     past = prefix.length if prefix is not None else 0
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    own = torch.zeros((n, width), dtype=torch.long)
-    for i, q in enumerate(queries):
-        ids[i, width - len(q):] = torch.tensor(q, dtype=torch.long)
-        own[i, width - len(q):] = 1
-    mask = torch.cat([torch.ones((n, past), dtype=torch.long), own], dim=1).to(device)
-    positions = (past + own.cumsum(dim=1) - 1).clamp(min=past).to(device)  # pads do not advance a position
+    ids, mask, positions = rows_after_prefix(queries, [width - len(q) for q in queries], width, pad_id, past)
+    mask, positions = mask.to(device), positions.to(device)
     cache = prefix_for_rows(prefix, n) if prefix is not None else None
     step_ids = ids.to(device)
     with torch.no_grad():

@@ -23,6 +23,7 @@ import yaml
 from icldistill.errors import ConfigError, DataError, did_you_mean
 from icldistill.tasks import data as data_mod
 from icldistill.tasks.spec import BUILTIN_DIR, Carve, task_dirs, task_files
+from icldistill.tasks.taskfile import read_task_yaml
 
 GENERATION_KEYS = ("type", "name", "description", "inputs", "template", "answer_column", "answer_template",
                    "instruction", "instruction_file", "shots", "stop", "max_new_tokens", "chat_template",
@@ -192,11 +193,8 @@ def get_generation_task(name: str) -> GenerationTask:
             raise ConfigError(f"Unknown generation task '{name}'.{did_you_mean(name, files)} Known generation tasks: "
                               f"{', '.join(files) or 'none'} (or pass a task file with type: generation).")
         path = files[name]
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"Task file {path} cannot be read: {exc}.") from None
-    if not isinstance(raw, Mapping) or raw.get("type") != "generation":
+    raw = read_task_yaml(path)  # one reader of task files, with its messages (unreadable, not YAML, not a mapping)
+    if raw.get("type") != "generation":
         raise ConfigError(f"{path}: not a generation task (it needs type: generation); classification tasks run "
                           "with icl / pbft / distill.")
     return parse_generation_task(raw, path)

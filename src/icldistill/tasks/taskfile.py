@@ -68,7 +68,7 @@ def resolve_mapping(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if str(path) in seen:
         chain = " -> ".join(Path(p).name for p in (*seen, str(path)))
         raise TaskFileError(f"{path}: base: the variants form a cycle ({chain}).")
-    raw = _read_yaml(path)
+    raw = read_task_yaml(path)
     if raw.get("type") == "generation":
         raise TaskFileError(f"{path} is a generation task (type: generation): run it with icld generate or "
                             "icld gen-distill, not with the classification commands.")
@@ -115,7 +115,7 @@ def _find_base(name: str, path: Path) -> Path:
     )
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_task_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

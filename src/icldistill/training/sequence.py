@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from icldistill.errors import ConfigError
+from icldistill.scoring.generation import rows_after_prefix
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,9 @@ def answer_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[in
     if any(not p for p in prompts) or any(not a for a in answers):
         raise ConfigError("every prompt needs a token of its own and every answer at least one token.")
     n, wp, wa = len(prompts), max(map(len, prompts)), max(map(len, answers))
-    ids = torch.full((n, wp + wa), pad_id, dtype=torch.long)
-    own = torch.zeros((n, wp + wa), dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, wp - len(p):wp + len(a)] = torch.tensor(list(p) + list(a), dtype=torch.long)
-        own[i, wp - len(p):wp + len(a)] = 1
-    mask = torch.cat([torch.ones((n, past), dtype=torch.long), own], dim=1)
-    positions = (past + own.cumsum(dim=1) - 1).clamp(min=past)
-    answer_mask = own[:, wp:].bool()
+    rows = [list(p) + list(a) for p, a in zip(prompts, answers)]
+    ids, mask, positions = rows_after_prefix(rows, [wp - len(p) for p in prompts], wp + wa, pad_id, past)
+    answer_mask = mask[:, past + wp:].bool()
     targets = ids[:, wp:][answer_mask]
     sequence = torch.arange(n)[:, None].expand(n, wa)[answer_mask]
     keep = torch.arange(wp - 1, wp + wa - 1)  # the column before each answer token predicts it

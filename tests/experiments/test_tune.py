@@ -171,10 +171,13 @@ def test_a_killed_study_resumes_with_no_trial_lost_or_run_twice(tmp_path, tiny_d
     while time.monotonic() < deadline:
         if (study_dir / PLAN_FILE).exists() and (study_dir / STUDY_FILE).exists():
             try:
-                states = [s for _, s, _ in _states(study_dir)]
+                trials = _states(study_dir)
             except KeyError:  # the database file exists a moment before the study is created in it
-                states = []
-            if states.count("COMPLETE") >= 1 and "RUNNING" in states:
+                trials = []
+            states = [s for _, s, _ in trials]
+            # ... and once it has drawn its parameters (a kill between the trial's creation and its draw is
+            # another case: see the session note of 2026-12-06)
+            if states.count("COMPLETE") >= 1 and any(s == "RUNNING" and p for _, s, p in trials):
                 break
         if proc.poll() is not None:
             pytest.fail("tune ended before it could be killed: " + proc.communicate()[1][-2000:])

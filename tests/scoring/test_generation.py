@@ -127,6 +127,34 @@ def test_eos_ends_an_answer(tokenizer):
     assert ended[0].finish == "eos" and ended[0].tokens == () and ended[0].text == ""
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # one batch (gemma3 batches only equal-length queries)
+def test_ended_rows_leave_the_batch_and_the_rest_decode_as_alone(tokenizer, arch):
+    """Rows that end early (EOS at different steps) leave the batch: each forward pass carries only the rows
+    still decoding, and every answer equals the one its whole prompt gets alone."""
+    model = sharpened(arch, len(tokenizer), seed=6)
+    prompts = prompts_of(tokenizer)
+    free = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=12))
+    # An end token that some answers write early and others late or never: rows end at different steps.
+    firsts = {}
+    for g in free:
+        for step, token in enumerate(g.tokens):
+            firsts.setdefault(token, []).append(step)
+    eos = max(firsts, key=lambda t: (len(set(firsts[t])) + (len(firsts[t]) < len(free)), -min(firsts[t])))
+    model.generation_config.eos_token_id = [eos]
+    rows_per_call = []
+    handle = model.register_forward_hook(lambda m, args, out: rows_per_call.append(out.logits.shape[0]))
+    batched = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=12, batch_size=len(prompts)))
+    handle.remove()
+    alone = [generate(model, tokenizer, [p], DecodeSettings(max_new_tokens=12, batch_size=1),
+                      use_prefix_cache=False)[0] for p in prompts]
+    assert [g.tokens for g in batched] == [g.tokens for g in alone]
+    assert [g.finish for g in batched] == [g.finish for g in alone]
+    lengths = sorted((len(g.tokens) + 1 if g.finish == "eos" else len(g.tokens) for g in batched), reverse=True)
+    assert lengths[0] > lengths[-1]  # the rows do end at different steps
+    decode_calls = rows_per_call[-lengths[0]:]  # after the prefix pass, one call per step
+    assert decode_calls == [sum(n > step for n in lengths) for step in range(lengths[0])]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="max_new_tokens"):
         DecodeSettings(max_new_tokens=0)

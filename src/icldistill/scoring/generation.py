@@ -15,7 +15,7 @@ support fall back to the naive path (``prefix_cache`` warns once).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,8 +113,9 @@ class _Rows:
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
 
-    def add(self, next_ids: list[int]) -> None:
-        for i, token in enumerate(next_ids):
+    def add(self, next_ids: Mapping[int, int]) -> None:
+        """The next token of each row still decoding (row index -> token id)."""
+        for i, token in next_ids.items():
             if self.finish[i] is not None:
                 continue
             if token in self.eos:
@@ -176,7 +177,12 @@ def rows_after_prefix(rows: Sequence[Sequence[int]], starts: Sequence[int], widt
 
 def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: Sequence[Sequence[int]],
                   rows: _Rows, pad_id: int, generator: torch.Generator | None = None) -> None:
-    """Decoding of one batch of queries (left-padded after the prefix) until every row has ended."""
+    """Decoding of one batch of queries (left-padded after the prefix) until every row has ended.
+
+    A row that has ended leaves the batch (its cache rows, mask and positions dropped): a batch costs the
+    sum of its answers' lengths, not its size times the longest answer. The rows still running compute
+    exactly what they would alone (each row's attention reads only its own cache row).
+    """
     device = model.device
     n, width = len(queries), max(len(q) for q in queries)
     past = prefix.length if prefix is not None else 0
@@ -184,17 +190,24 @@ def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: S
     mask, positions = mask.to(device), positions.to(device)
     cache = prefix_for_rows(prefix, n) if prefix is not None else None
     step_ids = ids.to(device)
+    active = list(range(n))  # batch row j decodes the batch's query active[j]
     with torch.no_grad():
         while True:
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1)
             cache = out.cache
             next_ids = _next_tokens(out.logits[:, -1, :], rows.settings.temperature, generator)
-            rows.add(next_ids.tolist())
+            rows.add(dict(zip(active, next_ids.tolist())))
             if rows.done:
                 return
+            keep = [j for j, i in enumerate(active) if rows.finish[i] is None]
+            if len(keep) < len(active):
+                index = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(index)
+                next_ids, mask, positions = next_ids[index], mask[index], positions[index]
+                active = [active[j] for j in keep]
             step_ids = next_ids[:, None]
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
 
 

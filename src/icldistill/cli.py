@@ -429,8 +429,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     o: ExportOptions = _options(args)
     result = export_run(o.run, o.output, push_to_hub=o.push_to_hub, private=o.private, cache_dir=o.cache_dir)
     meta = result["meta"]
-    print(f"exported {meta['method']} student of {meta['base_model']} ({meta['task']}, pattern "
-          f"{(meta['pattern'] or {}).get('name')}) to {result['output']}")
+    how = (f"signal {meta['signal']}" if meta.get("kind") == "generation"
+           else f"pattern {(meta['pattern'] or {}).get('name')}")
+    print(f"exported {meta['method']} student of {meta['base_model']} ({meta['task']}, {how}) to {result['output']}")
     for note in meta["notes"]:
         print(f"note: {note}")
     if "hub" in result:

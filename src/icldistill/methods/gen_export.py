@@ -56,6 +56,10 @@ def generation_meta(source: ModelSource, notes: list[str], export_format: int) -
             "notes": notes}
 
 
+def _plural(n: Any, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -68,7 +72,7 @@ def _metric_lines(run: dict[str, Any], seed: dict[str, Any]) -> list[str]:
         interval = f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if len(low_high) == 2 else ""
         agg = ((run.get("aggregate") or {}).get(name) or {}).get("exact_match") or {}
         lines.append(f"| {name} | {m.get('n')} | {_fmt(m.get('exact_match'))}{interval} | {_fmt(m.get('token_f1'))} "
-                     f"| {_fmt(agg.get('mean'))} ({agg.get('n_seeds', 1)} seeds) |")
+                     f"| {_fmt(agg.get('mean'))} ({_plural(agg.get('n_seeds', 1), 'seed')}) |")
     return lines
 
 
@@ -77,7 +81,7 @@ def _context_lines(context: dict[str, Any]) -> list[str]:
         return ["- Teacher: none (signal `reference`: supervised fine-tuning on the reference answers)"]
     lines = [f"- Teacher: `{context['teacher']}` with the task's context; signal `{context['signal']}`"]
     if context["shots"]:
-        lines.append(f"- Context: {context['shots']} demonstrations (train ids {', '.join(context['demonstrations'])})")
+        lines.append(f"- Context: {_plural(context['shots'], 'demonstration')} (train ids {', '.join(context['demonstrations'])})")
     summary = context["instruction"]
     if summary:
         lines.append(f"- Instruction: {summary['chars']} characters, {summary['lines']} lines, sha256 "
@@ -99,8 +103,8 @@ def generation_card(source: ModelSource, meta: dict[str, Any], upstream: str | N
         f"Made with icldistill (`gen-distill`) and exported from `{source.seed_dir}` (seed {source.seed}). The "
         "student answers the query alone; the context below was distilled into its weights.", "",
         "## What the teacher saw", "", *_context_lines(context),
-        f"- Training: {context['train_queries']} training queries, {context['steps']} steps "
-        f"({config.get('epochs')} epochs, lr {config.get('lr')}), labelled examples used: "
+        f"- Training: training queries {context['train_queries']}, {_plural(context['steps'], 'step')} "
+        f"({_plural(config.get('epochs'), 'epoch')}, lr {config.get('lr')}), labelled examples used: "
         f"{context['labelled_examples']}",
         f"- What trained: {trained.get('method')} ({trained.get('trainable_parameters')} of "
         f"{trained.get('total_parameters')} parameters); " + "; ".join(meta["notes"] or ["no merge needed"]),

@@ -1,6 +1,6 @@
 """``icld eval`` on a sweep directory: evaluate every trained cell on sets added after the sweep ran.
 
-Each finished PBFT, distillation or generation-distillation cell gets one record per new set, ``cells/<id>/eval-<set>/`` with
+Each finished PBFT, distillation or gen-distill cell gets one record per new set, ``cells/<id>/eval-<set>/`` with
 ``results.json`` and ``predictions.jsonl`` (the layout of a single ``icld eval``);
 :func:`icldistill.experiments.results.collect` reads them as further rows of that cell, so
 ``icld results`` and ``icld report`` include them. Sets already evaluated are skipped (resumable).
@@ -74,7 +74,8 @@ def evaluate_sweep(sweep_dir: str | Path, config: EvalOptions, *, progress: bool
         if not cell or cell.get("method") not in TRAINED_METHODS or record is None or record.status != "complete":
             continue
         have = set(cell["config"].get("eval") or []) | {name for name, _ in extra_evaluations(directory)}
-        todo = [name for name in config.eval if name not in have and _fits(name, cell["config"].get("task"), cell.get("method"))]
+        task = cell["config"].get("task")
+        todo = [name for name in config.eval if name not in have and _fits(name, task, cell.get("method"))]
         if not todo:
             done.append({"cell": directory.name, "evaluated": [], "skipped": list(config.eval)})
             continue

@@ -81,7 +81,8 @@ def _context_lines(context: dict[str, Any]) -> list[str]:
         return ["- Teacher: none (signal `reference`: supervised fine-tuning on the reference answers)"]
     lines = [f"- Teacher: `{context['teacher']}` with the task's context; signal `{context['signal']}`"]
     if context["shots"]:
-        lines.append(f"- Context: {_plural(context['shots'], 'demonstration')} (train ids {', '.join(context['demonstrations'])})")
+        ids = ", ".join(context["demonstrations"])
+        lines.append(f"- Context: {_plural(context['shots'], 'demonstration')} (train ids {ids})")
     summary = context["instruction"]
     if summary:
         lines.append(f"- Instruction: {summary['chars']} characters, {summary['lines']} lines, sha256 "

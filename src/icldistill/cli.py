@@ -385,6 +385,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     o: ReportOptions = _options(args)
     paths = write_report(o.directory, o.output_dir)
+    if "table" in paths:  # a generation sweep (report/generation.py)
+        print(paths["table"] + "\n")
     runs = collect(o.directory)
     if not runs.empty:
         print(comparison_markdown(comparison_table(runs)))

@@ -108,7 +108,8 @@ def generation_table(answers: pd.DataFrame, sweep_dir: str | Path, resamples: in
         f1 = _interval([float(v) for v in part["token_f1"] if v is not None and not pd.isna(v)], resamples)
         agreement, agreed_n = teacher_agreement(part, answers)
         row = {"group": group, "method": first["method"], "variant": first["variant"], "teacher": first["teacher"],
-               "student": first["student"], "eval": eval_set, "seeds": ",".join(map(str, sorted(part["seed"].unique()))),
+               "student": first["student"], "eval": eval_set,
+               "seeds": ",".join(map(str, sorted(part["seed"].unique()))),
                "answers": len(part), "exact_match": em[0], "exact_match_low": em[1], "exact_match_high": em[2],
                "token_f1": f1[0], "token_f1_low": f1[1], "token_f1_high": f1[2], "teacher_agreement": agreement,
                "agreement_queries": agreed_n, "answer_tokens": float(pd.to_numeric(part["tokens"]).mean())}
@@ -162,8 +163,8 @@ def render_generation(table: pd.DataFrame, runs: pd.DataFrame, notes: Sequence[s
     """(report.md, report.html) of a generation sweep: what ran, the table, how to read it."""
     rows = table_rows(table) if len(table) else []
     body = markdown_table(HEADERS, rows, ALIGN) if rows else "No finished generation runs to tabulate."
-    left_out = [f"- {n}" for n in notes]
-    markdown = "\n\n".join([f"# {title}", "## What ran", _status_line(runs), *(["\n".join(left_out)] if left_out else []),
+    left_out = ["\n".join(f"- {n}" for n in notes)] if notes else []
+    markdown = "\n\n".join([f"# {title}", "## What ran", _status_line(runs), *left_out,
                             "## Generation results", body, "## Reading this table", NOTES]) + "\n"
     head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)

@@ -44,7 +44,8 @@ def variant(method: str, config: Mapping[str, Any]) -> str:
 def describe(cell: Mapping[str, Any]) -> dict[str, Any]:
     """The columns every row of a cell shares."""
     method, config = cell["method"], cell["config"]
-    teacher = config.get("teacher") if method == "gen-distill" else (
+    reference = method == "gen-distill" and config.get("signal") == "reference"  # SFT: no teacher
+    teacher = None if reference else config.get("teacher") if method == "gen-distill" else (
         config.get("model") if method == "generate-teacher" else None)
     student = config.get("student") if method == "gen-distill" else (
         config.get("model") if method == "generate-student" else None)
@@ -93,6 +94,8 @@ def collect_generation(sweep_dir: str | Path):
         if finished:
             answers += _answers(directory, described)
     frame = pd.DataFrame(answers, columns=ANSWER_COLUMNS)
+    for column in ("teacher", "student", "model", "task", "answer"):  # None where absent, never pandas' NaN
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
     frame.attrs["notes"] = notes
     return frame, pd.DataFrame(runs, columns=RUN_COLUMNS)
 

@@ -131,13 +131,17 @@ def _num(value: Any, low: Any = None, high: Any = None, signed: bool = False) ->
     return text
 
 
+def _text(value: Any) -> str:
+    return MISSING if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
 def table_rows(table: pd.DataFrame) -> list[list[str]]:
     """The generation table's cells, as :data:`HEADERS` orders them."""
     rows = []
     for _, r in table.iterrows():
         agreement = MISSING if pd.isna(r["teacher_agreement"]) else (
             f"{r['teacher_agreement']:.3f} ({r['agreement_queries']})")
-        rows.append([r["variant"], r["teacher"] or MISSING, r["student"] or MISSING, r["eval"], r["seeds"],
+        rows.append([r["variant"], _text(r["teacher"]), _text(r["student"]), r["eval"], r["seeds"],
                      str(r["answers"]), _num(r["exact_match"], r["exact_match_low"], r["exact_match_high"]),
                      _num(r["token_f1"], r["token_f1_low"], r["token_f1_high"]), agreement,
                      MISSING if pd.isna(r["answer_tokens"]) else f"{r['answer_tokens']:.1f}",

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from icldistill.cli import main
 from icldistill.config import EvalOptions, GenDistillOptions, PredictOptions, build_config

@@ -19,7 +19,6 @@ from icldistill.experiments.grid import CELLS_DIR, ExperimentError, expand, vali
 from icldistill.experiments.results import collect
 from icldistill.experiments.sweep import CELL_FILE, run_sweep
 from icldistill.report.generation import generation_table, teacher_agreement
-from icldistill.report.render import write_report
 from icldistill.runtime.rundir import RunDir
 
 

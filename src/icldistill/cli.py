@@ -324,6 +324,13 @@ def cmd_results(args: argparse.Namespace) -> int:
     o: ResultsOptions = _options(args)
     if is_study_dir(o.directory):
         return _print_trials(o.directory)
+    from icldistill.experiments.gen_results import is_generation_sweep
+
+    if is_generation_sweep(o.directory):  # answers, not label words: the generation table (report/generation)
+        from icldistill.report.generation import generation_results
+
+        print("\n".join(generation_results(o.directory, o.csv)))
+        return 0
     runs = collect(o.directory)
     for note in runs.attrs.get("notes", []):
         print(f"note: {note}")

@@ -102,6 +102,10 @@ def test_a_generation_sweep_runs_resumes_refuses_changes_and_reports(tiny_dirs, 
     report = (tmp_path / "sweep" / "report" / "report.md").read_text()
     assert "Δ EM vs ICL student" in report and "8 generation runs: 8 complete" in report
     assert (tmp_path / "sweep" / "report" / "report.html").is_file()
+    assert cli.main(["results", str(tmp_path / "sweep"), "--csv", str(tmp_path / "answers.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "| gen-distill (sequence) " in out and "per-answer table (24 rows)" in out
+    assert len((tmp_path / "answers.csv").read_text().splitlines()) == 1 + 24
 
 
 # ------------------------------------------------------------------------------- the table, on answers built here

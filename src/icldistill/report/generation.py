@@ -180,6 +180,17 @@ def render_generation(table: pd.DataFrame, runs: pd.DataFrame, notes: Sequence[s
     return markdown, page
 
 
+def generation_results(sweep_dir: str | Path, csv: str | None = None) -> list[str]:
+    """What ``icld results`` prints for a generation sweep (and, with ``csv``, the per-answer table written there)."""
+    answers, runs = collect_generation(sweep_dir)
+    lines = [f"note: {n}" for n in answers.attrs.get("notes", [])] + [_status_line(runs)]
+    if csv:
+        answers.to_csv(csv, index=False)
+        lines.append(f"per-answer table ({len(answers)} rows): {csv}")
+    rows = table_rows(generation_table(answers, sweep_dir)) if len(answers) else []
+    return lines + [markdown_table(HEADERS, rows, ALIGN) if rows else f"{sweep_dir}: no finished generation runs yet"]
+
+
 def write_generation_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """``report.md``, ``report.html`` and ``generation.csv`` of a generation sweep; the keys ``write_report`` returns,
     and ``table`` (the markdown table, for the terminal)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from icldistill import cli
@@ -20,6 +21,7 @@ from icldistill.experiments.results import collect
 from icldistill.experiments.sweep import CELL_FILE, run_sweep
 from icldistill.report.generation import generation_table, teacher_agreement
 from icldistill.runtime.rundir import RunDir
+from icldistill.tasks.generation import GENERATION_DIR
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,7 +77,12 @@ def test_validate_reads_a_generation_experiment(tmp_path):
 
 
 def _spec(tiny_dirs, data_dir, tmp_path, **changes):
-    spec = {"name": "gen", "task": "gsm8k", "teacher": str(tiny_dirs["teacher"]), "student": str(tiny_dirs["student"]),
+    task = yaml.safe_load((GENERATION_DIR / "gsm8k.yaml").read_text())
+    test = str(data_dir / "gsm8k/test.jsonl.gz")
+    task.update(train=str(data_dir / "gsm8k/train.jsonl.gz"), eval={"gsm8k": test, "later": test})
+    (tmp_path / "maths.yaml").write_text(yaml.safe_dump(task))
+    spec = {"name": "gen", "task": str(tmp_path / "maths.yaml"), "eval": ["gsm8k"],
+            "teacher": str(tiny_dirs["teacher"]), "student": str(tiny_dirs["student"]),
             "shots": 2, "limit": 3, "batch_size": 4, "max_new_tokens": 5, "data_dir": str(data_dir), "dtype": "fp32",
             "device": "cpu", "chat_template": "no", "train_queries": 4, "dev_queries": 0, "epochs": 1,
             "train_batch_size": 4, "lr": 3e-2, "cache_dir": str(tmp_path / "cache"),
@@ -102,10 +109,16 @@ def test_a_generation_sweep_runs_resumes_refuses_changes_and_reports(tiny_dirs, 
     report = (tmp_path / "sweep" / "report" / "report.md").read_text()
     assert "Δ EM vs ICL student" in report and "8 generation runs: 8 complete" in report
     assert (tmp_path / "sweep" / "report" / "report.html").is_file()
+    # A set added later to the trained cells (icld eval SWEEP --eval SET) joins their rows.
+    assert cli.main(["--quiet", "eval", "--model", str(tmp_path / "sweep"), "--eval", "later", "--limit", "3",
+                     "--device", "cpu", "--dtype", "fp32", "--batch-size", "4"]) == 0
+    later = collect_generation(tmp_path / "sweep")[0]
+    later = later[later["eval"] == "later"]
+    assert set(later["method"]) == {"gen-distill"} and len(later) == 4 * 3
     assert cli.main(["results", str(tmp_path / "sweep"), "--csv", str(tmp_path / "answers.csv")]) == 0
     out = capsys.readouterr().out
-    assert "| gen-distill (sequence) " in out and "per-answer table (24 rows)" in out
-    assert len((tmp_path / "answers.csv").read_text().splitlines()) == 1 + 24
+    assert "| gen-distill (sequence) " in out and "per-answer table (36 rows)" in out and "| later " in out
+    assert len((tmp_path / "answers.csv").read_text().splitlines()) == 1 + 36
 
 
 # ------------------------------------------------------------------------------- the table, on answers built here

@@ -119,4 +119,4 @@ def generation_card(source: ModelSource, meta: dict[str, Any], upstream: str | N
         "## Use", "",
         "`icld predict --model DIR --input rows.jsonl --output answers.jsonl` writes each row's generated text and "
         f"extracted answer (task, template and extractor come from `{EXPORT_META}`); "
-        "`icld eval DIR --eval SET` scores it again.", ""])
+        "`icld eval --model DIR --eval SET` scores it again.", ""])

@@ -21,10 +21,20 @@ from icldistill.methods.evaluate import run_eval
 from icldistill.methods.export import export_run
 from icldistill.methods.gen_distill import run_gen_distill
 from icldistill.methods.gen_export import INSTRUCTION_LINES, instruction_summary
+from icldistill.methods.gen_setup import encode_prompts
 from icldistill.methods.gen_source import portable_generation_task, task_from_definition
 from icldistill.methods.predict import run_predict
+from icldistill.models.loading import load_model
+from icldistill.scoring.generation import DecodeSettings, generate
 from icldistill.scoring.generation_metrics import Extractor
-from icldistill.tasks.generation import GENERATION_DIR, GenerationTask
+from icldistill.tasks.generation import (
+    GENERATION_DIR,
+    GenerationRow,
+    GenerationTask,
+    draw_demonstrations,
+    get_generation_task,
+    load_rows,
+)
 
 INSTRUCTION = "Solve the problem step by step.\n\nEnd with the line #### N.\nNo units.\nBe brief."
 
@@ -106,6 +116,24 @@ def test_an_export_answers_where_its_task_file_is_gone(trained, tmp_path):
     assert [r["text"] for r in after] == [r["text"] for r in before]
     with pytest.raises(ConfigError, match="--task"):  # evaluation sets need the task's data
         run_eval(build_config(EvalOptions, dict(model=str(moved), device="cpu", dtype="fp32")), progress=False)
+
+
+def test_a_plain_model_with_a_generation_task_answers_as_the_icl_teacher(trained, tiny_dirs, data_dir, tmp_path):
+    out = _predict(tiny_dirs["teacher"], trained["rows"], tmp_path / "t.jsonl", task=str(trained["task"]), shots=2,
+                   seed=3, data_dir=str(data_dir), batch_size=3)
+    summary = json.loads((tmp_path / "t.jsonl.summary.json").read_text())
+    assert summary["context"] and summary["shots"] == 2 and summary["source"] == "model"
+    # The reference: the instruction and the seed's demonstrations rendered whole, decoded without the prefix cache.
+    task = get_generation_task(str(trained["task"]))
+    rows = [GenerationRow(r["id"], {"question": r["question"]}) for r in _lines(trained["rows"])]
+    demos = draw_demonstrations(dataclasses.replace(task, shots=2), load_rows(task, task.train), 3,
+                                exclude=frozenset(task.query_text(r) for r in rows))
+    model = load_model(str(tiny_dirs["teacher"]), dtype="fp32", device="cpu")
+    prompts = encode_prompts(model, task, rows, demos, with_instruction=True)
+    assert all(INSTRUCTION in model.tokenizer.decode(p) for p in prompts)
+    settings = DecodeSettings(max_new_tokens=task.max_new_tokens, stop=task.stop, batch_size=1)
+    expected = generate(model.model, model.tokenizer, prompts, settings, use_prefix_cache=False)
+    assert [r["text"] for r in out] == [g.text for g in expected]
 
 
 def test_bad_input_names_the_file_and_row_and_writes_nothing(trained, tmp_path):

@@ -324,6 +324,13 @@ def cmd_results(args: argparse.Namespace) -> int:
     o: ResultsOptions = _options(args)
     if is_study_dir(o.directory):
         return _print_trials(o.directory)
+    from icldistill.experiments.gen_results import is_generation_sweep
+
+    if is_generation_sweep(o.directory):  # answers, not label words: the generation table (report/generation)
+        from icldistill.report.generation import generation_results
+
+        print("\n".join(generation_results(o.directory, o.csv)))
+        return 0
     runs = collect(o.directory)
     for note in runs.attrs.get("notes", []):
         print(f"note: {note}")
@@ -385,6 +392,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     o: ReportOptions = _options(args)
     paths = write_report(o.directory, o.output_dir)
+    if "table" in paths:  # a generation sweep (report/generation.py)
+        print(paths["table"] + "\n")
     runs = collect(o.directory)
     if not runs.empty:
         print(comparison_markdown(comparison_table(runs)))
@@ -429,8 +438,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     o: ExportOptions = _options(args)
     result = export_run(o.run, o.output, push_to_hub=o.push_to_hub, private=o.private, cache_dir=o.cache_dir)
     meta = result["meta"]
-    print(f"exported {meta['method']} student of {meta['base_model']} ({meta['task']}, pattern "
-          f"{(meta['pattern'] or {}).get('name')}) to {result['output']}")
+    how = (f"signal {meta['signal']}" if meta.get("kind") == "generation"
+           else f"pattern {(meta['pattern'] or {}).get('name')}")
+    print(f"exported {meta['method']} student of {meta['base_model']} ({meta['task']}, {how}) to {result['output']}")
     for note in meta["notes"]:
         print(f"note: {note}")
     if "hub" in result:

@@ -112,7 +112,7 @@ def test_finish_evaluates_best_and_defaults_once_with_every_seed(tiny_study):
     ({"search": {"lr": {"low": 1, "high": 0}}}, "low 1 is greater than high 0"),
     ({"search": {"nope": [1, 2]}}, "has no option 'nope'"),
     ({"search": {"lora_r": ["a", 4]}}, "choice 'a' is not a valid value"),
-    ({"method": "icl-teacher"}, "'method' must be one of distill, pbft"),
+    ({"method": "icl-teacher"}, "'method' must be one of distill, gen-distill, pbft"),
     ({"tune": {"trials": 0}}, "trials must be >= 1"),
     ({"tune": {"objective": "eval_accuracy"}}, "choose dev_accuracy or dev_loss"),
     ({"tune": {"trails": 3}}, "unknown key(s) trails"),

@@ -1,6 +1,6 @@
 """``icld eval`` on a sweep directory: evaluate every trained cell on sets added after the sweep ran.
 
-Each finished PBFT or distillation cell gets one record per new set, ``cells/<id>/eval-<set>/`` with
+Each finished PBFT, distillation or gen-distill cell gets one record per new set, ``cells/<id>/eval-<set>/`` with
 ``results.json`` and ``predictions.jsonl`` (the layout of a single ``icld eval``);
 :func:`icldistill.experiments.results.collect` reads them as further rows of that cell, so
 ``icld results`` and ``icld report`` include them. Sets already evaluated are skipped (resumable).
@@ -16,7 +16,7 @@ from typing import Any
 
 from icldistill.config import EvalOptions
 from icldistill.errors import ConfigError
-from icldistill.experiments.grid import CELLS_DIR, METHODS
+from icldistill.experiments.grid import CELLS_DIR, GENERATION_METHODS, METHODS
 from icldistill.experiments.sweep import CELL_FILE, SWEEP_FILE, _read, read_cell_record
 from icldistill.runtime.rundir import RunDir
 
@@ -43,9 +43,15 @@ def extra_evaluations(cell_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield directory.name[len(EVAL_PREFIX):], record.to_dict()
 
 
-def _fits(eval_set: str, task: str | None) -> bool:
-    """Whether ``eval_set`` has the fields and classes of ``task`` (a sweep may mix tasks; others are left out)."""
+def _fits(eval_set: str, task: str | None, method: str | None = None) -> bool:
+    """Whether ``eval_set`` has the fields and classes of ``task`` (a sweep may mix tasks; others are left out);
+    for a generation cell, whether it is one of the generation task's evaluation sets."""
     from icldistill.tasks.registry import get_eval_set, get_task
+
+    if method in GENERATION_METHODS:
+        from icldistill.tasks.generation import get_generation_task
+
+        return eval_set in get_generation_task(task or "gsm8k").eval
 
     try:
         get_eval_set(eval_set, get_task(task or "mnli"))
@@ -68,7 +74,8 @@ def evaluate_sweep(sweep_dir: str | Path, config: EvalOptions, *, progress: bool
         if not cell or cell.get("method") not in TRAINED_METHODS or record is None or record.status != "complete":
             continue
         have = set(cell["config"].get("eval") or []) | {name for name, _ in extra_evaluations(directory)}
-        todo = [name for name in config.eval if name not in have and _fits(name, cell["config"].get("task"))]
+        task = cell["config"].get("task")
+        todo = [name for name in config.eval if name not in have and _fits(name, task, cell.get("method"))]
         if not todo:
             done.append({"cell": directory.name, "evaluated": [], "skipped": list(config.eval)})
             continue

@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from icldistill.config import DistillOptions, build_config, load_yaml, parse_value, to_dict, validate
+from icldistill.config import (
+    DistillOptions,
+    GenDistillOptions,
+    GenerationOptions,
+    build_config,
+    load_yaml,
+    parse_value,
+    to_dict,
+    validate,
+)
 from icldistill.errors import ConfigError, IcldError, did_you_mean
 from icldistill.methods.registry import METHODS as COMMANDS, MethodSpec
 
@@ -50,6 +59,11 @@ class Method:
     def trains(self) -> bool:
         return self.spec.trains
 
+    @property
+    def kind(self) -> str:
+        """``generation`` (free-form answers, a generation task) or ``classification`` (label words)."""
+        return "generation" if issubclass(self.options, GenerationOptions) else "classification"
+
     def keys(self) -> frozenset[str]:
         """Experiment keys that matter to this method (the rest are dropped from its cells)."""
         names = {f.name for f in dataclasses.fields(self.options)} - {"model", "teacher", "student"}
@@ -63,14 +77,21 @@ METHODS: dict[str, Method] = {
     # PBFT of the teacher's model: the baseline the paper's "less memory than PBFT" is about (issue 12).
     "pbft-teacher": Method("pbft-teacher", ("teacher",), "model", "pbft"),
     "distill": Method("distill", ("teacher", "student"), None, "distill"),
+    # Generation (issue 22): ICL for generation on either model (``context: [true, false]`` in the grid gives the
+    # zero-shot baseline), and generation distillation with its signals (``signal: [sequence, token, ...]``).
+    "generate-teacher": Method("generate-teacher", ("teacher",), "model", "generate"),
+    "generate-student": Method("generate-student", ("student",), "model", "generate"),
+    "gen-distill": Method("gen-distill", ("teacher", "student"), None, "gen-distill"),
 }
+GENERATION_METHODS = tuple(name for name, method in METHODS.items() if method.kind == "generation")
 
 _OPTION_CLASSES = tuple(spec.options for spec in COMMANDS.values())
 _OPTION_FIELDS: dict[str, type] = {}
 for _cls in _OPTION_CLASSES:
     for _f in dataclasses.fields(_cls):
         _OPTION_FIELDS.setdefault(_f.name, _cls)
-_DEFAULT_MODELS = {"teacher": DistillOptions.teacher, "student": DistillOptions.student}
+_DEFAULT_MODELS = {"classification": {"teacher": DistillOptions.teacher, "student": DistillOptions.student},
+                   "generation": {"teacher": GenDistillOptions.teacher, "student": GenDistillOptions.student}}
 
 # Experiment-level keys besides the options: `seeds` at top level is the seed grid (one seed per cell).
 _META_KEYS = ("name", "output_dir", "grid", "method", "seeds")
@@ -152,6 +173,7 @@ def expand(spec: Mapping[str, Any], *, source: str = "experiment", default_name:
     parsed_base = {key: _parse(key, value, "", problems) for key, value in base.items()}
     parsed_grid = {key: [_parse(key, v, f"grid '{key}': ", problems) for v in values] for key, values in grid.items()}
     _check_grid_values(parsed_grid, problems)
+    _check_one_kind(parsed_grid, problems)
     if problems:
         raise ExperimentError(source, problems)
     parsed_grid.setdefault("seed", [0])
@@ -217,6 +239,19 @@ def _check_grid_values(parsed_grid: Mapping[str, list[Any]], problems: list[str]
             seen.append(v)
 
 
+def _check_one_kind(parsed_grid: Mapping[str, list[Any]], problems: list[str]) -> None:
+    """One experiment runs classification methods or generation methods, never both: their tasks, options and
+    tables differ (a generation task is no classification task), so one sweep directory holds one kind."""
+    kinds: dict[str, list[str]] = {}
+    for m in parsed_grid.get("method", []):
+        if m in METHODS:
+            kinds.setdefault(METHODS[m].kind, []).append(str(m))
+    if len(kinds) > 1:
+        problems.append(f"grid 'method' mixes classification methods ({', '.join(kinds['classification'])}) with "
+                        f"generation methods ({', '.join(kinds['generation'])}); their tasks differ: put them in "
+                        "two experiment files (two sweep directories).")
+
+
 def _grid_keys(parsed_grid: Mapping[str, list[Any]]) -> list[str]:
     return [k for k in parsed_grid if k != "seed"] + ["seed"]  # seed varies fastest
 
@@ -261,12 +296,12 @@ def _cell(method: Method, parsed_base: Mapping[str, Any], grid_values: Mapping[s
     values = {k: v for k, v in parsed_base.items() if k in relevant}
     values.update({k: v for k, v in grid_values.items() if k not in ("method", "seed")})
     values["seeds"] = [seed]
-    models = {m: values.get(m, _DEFAULT_MODELS[m]) for m in method.models}
+    models = {m: values.get(m, _DEFAULT_MODELS[method.kind][m]) for m in method.models}
     if method.model_option:
         values.pop(method.models[0], None)
         values[method.model_option] = models[method.models[0]]
     shots = values.get("shots", method.options.shots)
-    params = {**models, "shots": shots,
+    params = {**models, **({"shots": shots} if shots is not None else {}),  # None: the generation task's own
               **{k: v for k, v in grid_values.items() if k not in ("method", "seed", *method.models, "shots")},
               "seed": seed}
     if method.trains:
@@ -334,6 +369,9 @@ def _check_tasks(cells: list[Cell]) -> list[str]:
     seen: set[str] = set()
     for cell in cells:
         c = cell.config
+        if METHODS[cell.method].kind == "generation":
+            problems += _check_generation_task(cell, seen)
+            continue
         key = json.dumps([c.task, c.eval, c.pattern, c.label_words])
         if key in seen:
             continue
@@ -346,6 +384,26 @@ def _check_tasks(cells: list[Cell]) -> list[str]:
         except IcldError as exc:
             problems.append(f"{exc} (cell {cell.id})")
     return list(dict.fromkeys(problems))
+
+
+def _check_generation_task(cell: Cell, seen: set[str]) -> list[str]:
+    """A generation cell's task file and evaluation set names, checked once per (task, eval) without data."""
+    from icldistill.tasks.generation import get_generation_task
+
+    c = cell.config
+    key = json.dumps(["generation", c.task, c.eval])
+    if key in seen:
+        return []
+    seen.add(key)
+    try:
+        task = get_generation_task(c.task)
+    except IcldError as exc:
+        return [f"{exc} (cell {cell.id})"]
+    unknown = [name for name in c.eval or () if name not in task.eval]
+    if unknown:
+        return [f"eval: '{unknown[0]}' is not an evaluation set of generation task '{task.name}' (its sets: "
+                f"{', '.join(task.eval)}) (cell {cell.id})"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------- cell ids

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from icldistill.errors import IcldError
-from icldistill.experiments.grid import CELLS_DIR
+from icldistill.experiments.grid import CELLS_DIR, GENERATION_METHODS
 from icldistill.experiments.sweep import CELL_FILE, SWEEP_FILE, _read, cell_status
 from icldistill.runtime.rundir import FINISHED, RunDir, run_identity
 
@@ -48,11 +48,12 @@ def _expected_identities(sweep_dir: Path) -> dict[str, str]:
             if isinstance(c, Mapping) and "command" in c and isinstance(c.get("config"), Mapping)}
 
 
-def _cells_on_disk(sweep_dir: Path, notes: list[str] | None = None
+def _cells_on_disk(sweep_dir: Path, notes: list[str] | None = None, *, kind: str = "classification"
                    ) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any] | None, str | None]]:
     """(directory, cell.json, results.json as a migrated dict or None, problem status or None) of every cell a
     worker has started, in the sweep's order. A record that cannot be read, or that another experiment wrote
-    (its identity is not the one sweep.json gives the cell), comes with its problem, and a line in ``notes``."""
+    (its identity is not the one sweep.json gives the cell), comes with its problem, and a line in ``notes``.
+    Only cells of methods of ``kind`` (generation cells have their own table: ``report.generation``)."""
     root = Path(sweep_dir) / CELLS_DIR
     if not root.is_dir():
         raise IcldError(f"{sweep_dir} is not a sweep directory (it has no {CELLS_DIR}/); run `icld sweep` first.")
@@ -66,6 +67,8 @@ def _cells_on_disk(sweep_dir: Path, notes: list[str] | None = None
         if not cell:
             if (directory / CELL_FILE).exists():
                 notes.append(f"{directory / CELL_FILE} cannot be read; that cell is left out.")
+            continue
+        if (cell.get("method") in GENERATION_METHODS) != (kind == "generation"):
             continue
         try:
             record = RunDir(directory).read()

@@ -26,6 +26,9 @@ from icldistill.methods.common import (
     prediction_rows,
     prepare,
 )
+from icldistill.methods.gen_evaluate import run_gen_eval
+from icldistill.methods.gen_predict import answers_generation
+from icldistill.methods.gen_source import task_of
 from icldistill.methods.predict import require_data, resolve_prompting
 from icldistill.methods.registry import METHODS
 from icldistill.methods.trained import ModelSource, load_source, resolve_source
@@ -81,6 +84,8 @@ def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) 
     With ``write=False`` nothing is written and the record carries its rows under ``"predictions"``.
     """
     sources = sources_of(config.model)
+    if answers_generation(sources[0], config.task):  # a generation student: methods.gen_evaluate
+        return _run_gen_eval(config, sources, write)
     config, setup = eval_setup(config, sources[0])
     out = output_dir_for(config, sources[0])
     if write:
@@ -117,6 +122,21 @@ def run_eval(config: EvalOptions, *, progress: bool = True, write: bool = True) 
         return {**record, "predictions": predictions}
     run_dir.write_predictions(predictions)
     run_dir.write(record)
+    return record
+
+
+def _run_gen_eval(config: EvalOptions, sources: list[ModelSource], write: bool) -> dict[str, Any]:
+    """The generation counterpart of :func:`run_eval`'s body: the same output directory and files."""
+    config = dataclasses.replace(config, eval=list(config.eval or task_of(sources[0], config.task).eval))
+    out = output_dir_for(config, sources[0])
+    if write:
+        probe_writable(out, "--output-dir")
+    record, predictions = run_gen_eval(config, sources)
+    record["output_dir"] = str(out)
+    if not write:
+        return {**record, "predictions": predictions}
+    RunDir(out).write_predictions(predictions)
+    RunDir(out).write(record)
     return record
 
 

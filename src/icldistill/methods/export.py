@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from icldistill.errors import ConfigError, IcldError, ModelError
+from icldistill.methods.gen_export import generation_card, generation_meta
+from icldistill.methods.gen_source import is_generation
 from icldistill.methods.predict import portable_task
 from icldistill.methods.trained import EXPORT_META, ModelSource, apply_trained, resolve_source
 from icldistill.models.adapters import share_files, writing
@@ -91,7 +93,7 @@ def export_run(run: str, output: str | Path, *, push_to_hub: str | None = None, 
     source = resolve_source(run)
     if source.kind != "run":
         raise ConfigError(f"{run} is not a training run's seed directory (RUN/seed-N with seed_result.json); "
-                          "icld export turns a PBFT or distillation run into a plain model.")
+                          "icld export turns a PBFT, distillation or gen-distill run into a plain model.")
     out = Path(output).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_META).is_file())):
         raise ConfigError(f"--output {out} exists and is not an earlier export; choose an empty or new directory.")
@@ -149,6 +151,8 @@ def export_meta(source: ModelSource, notes: list[str]) -> dict[str, Any]:
     ``task_definition`` (inputs, classes, id column, pattern and label words) lets the export answer on a
     machine that has not its task file; ``task_ref`` is where the task was found when it was exported.
     """
+    if is_generation(source):  # a generation task: methods.gen_export writes what it carries
+        return generation_meta(source, notes, EXPORT_FORMAT)
     run, seed = source.run_record or {}, source.seed_record or {}
     config = run.get("config", {})
     definition = _task_definition(run)
@@ -229,6 +233,8 @@ def _metric_lines(run: dict[str, Any], seed_record: dict[str, Any]) -> list[str]
 
 def model_card(source: ModelSource, meta: dict[str, Any]) -> str:
     """The exported model's ``README.md``: what it is, how it was made, how well it did, how to use it."""
+    if meta.get("kind") == "generation":
+        return generation_card(source, meta, upstream_id(meta["base_model"]), _licence(meta["base_model"]))
     run, seed = source.run_record or {}, source.seed_record or {}
     config = run.get("config", {})
     pattern = run.get("pattern") or {}

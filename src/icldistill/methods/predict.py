@@ -224,6 +224,10 @@ def run_predict(config: PredictOptions, *, progress: bool = True) -> dict[str, A
         raise ConfigError(f"--output {output}: unknown format; use .jsonl, .csv or .parquet.")
     probe_writable(output.parent, "--output")  # before the model loads, not after every row is answered
     source = resolve_source(config.model)
+    from icldistill.methods.gen_predict import answers_generation, run_gen_predict
+
+    if answers_generation(source, config.task):  # free-form answers: methods.gen_predict
+        return run_gen_predict(config, source, output, summary_path(output))
     task, family, pattern = resolve_prompting(source, config.task, config.pattern, config.label_words)
     rows = read_inputs(config.input, family.fields, strip=task.train.strip, id_column=task.train.id_column or "id")
     demonstrations: list[Example] = []
@@ -276,6 +280,10 @@ def summary_path(output: Path) -> Path:
 
 def describe(summary: dict[str, Any]) -> list[str]:
     """The lines ``icld predict`` prints."""
+    if summary.get("kind") == "generation":
+        from icldistill.methods.gen_predict import describe_generation
+
+        return describe_generation(summary)
     inf = summary["inference"]
     lines = [f"{summary['scored']} of {summary['rows']} rows answered with {summary['model']} "
              f"({summary['task']}, pattern {summary['pattern']}, label words {summary['label_words']}"

@@ -496,6 +496,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
+    from icldistill.experiments.gen_results import is_generation_sweep
+
+    if is_generation_sweep(sweep_dir):  # free-form answers: their own table (report/generation.py)
+        from icldistill.report.generation import write_generation_report
+
+        return write_generation_report(sweep_dir, out_dir)
     df = results.collect(sweep_dir)
     if df is None or len(df) == 0:
         raise IcldError(f"No results found under {sweep_dir}; run the sweep first, or point to its output directory.")

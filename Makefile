@@ -7,7 +7,7 @@ export ICLDISTILL_DATA ?= $(DATA)
 # The CPU wheel of torch sits on this machine's disk; elsewhere pip fetches the same version.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo bench study clean
+.PHONY: setup test test-fast demo bench study study-gsm8k clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ study: setup
 	$(VENV)/bin/icld -q sweep configs/study-qwen.yaml --output-dir $(STUDY_DIR)
 	$(VENV)/bin/icld -q sweep configs/study-qwen-labelfree.yaml --output-dir $(STUDY_DIR)
 	$(VENV)/bin/icld report $(STUDY_DIR)
+
+# The GSM8K generation study on the same pair (RESULTS.md): ICL teacher and student, the student without context,
+# SFT on references and the three distillation signals, 3 seeds, in one sweep directory. Resumable, like `study`.
+GSM8K_DIR ?= runs/study-gsm8k
+study-gsm8k: setup
+	$(VENV)/bin/icld models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+	$(VENV)/bin/icld -q sweep configs/study-gsm8k-zeroshot.yaml --output-dir $(GSM8K_DIR)
+	$(VENV)/bin/icld -q sweep configs/study-gsm8k.yaml --output-dir $(GSM8K_DIR)
+	$(VENV)/bin/icld report $(GSM8K_DIR)
 
 # Every benchmark, at the sizes BENCHMARKS.md reports (about an hour on 2 CPU cores). vs_lmeval creates
 # lm-eval's own virtual environment on first use; paper_scale saves two random OPT models (about 6 GB).

@@ -233,3 +233,34 @@ def test_full_fine_tuning_and_selection_on_the_dev_split(tmp_path, data_dir, tin
     dev_losses = [h["dev_loss"] for h in seed["history"]]
     assert seed["selected"]["value"] == min(dev_losses)
     assert seed["labelled_examples"] == 2 + 2  # demonstrations, and the dev references that chose the state
+
+
+def test_on_policy_resume_trains_on_the_samples_the_uninterrupted_run_drew(tmp_path, data_dir, tiny_dirs):
+    """A run killed after epoch 1's checkpoint and resumed ends with the weights of the run never killed: the
+    student's samples of epoch 1 (kept for epoch 2 with --resample-every 2) travel in the checkpoint, not drawn
+    again from the resumed student."""
+    kw = dict(signal="on-policy", epochs=3, resample_every=2, dev_queries=2, sample_temperature=1.0, resume=True)
+    whole = _config(tmp_path / "whole", data_dir, tiny_dirs, **kw)
+    run_gen_distill(whole, progress=False, score_eval_sets=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_two(epoch, metrics):
+        if epoch == 2:
+            raise Killed  # during epoch 2's dev evaluation: epoch 1's checkpoint is the last on disk
+
+    killed = _config(tmp_path / "killed", data_dir, tiny_dirs, **kw)
+    with pytest.raises(Killed):
+        run_gen_distill(killed, progress=False, score_eval_sets=False, on_evaluate=kill_in_epoch_two)
+    state = json.loads(next((tmp_path / "killed" / "out" / "seed-0").glob("checkpoint*/trainer_state.json"))
+                       .read_text())
+    assert state["epochs_done"] == 1 and state["batch_source"]["drawn"] == 1
+    resumed = run_gen_distill(killed, progress=False, score_eval_sets=False)
+    seed = resumed["seeds"]["0"]
+    assert seed["resources"]["resumed_from_epoch"] == 1 and seed["on_policy_draws"] == 2
+    a = load_file(str(tmp_path / "whole" / "out" / "seed-0" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "out" / "seed-0" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)

@@ -120,7 +120,7 @@ class SeedRun:
             result = fit(student.model, len(self.plan.queries), make_batch, make_loss(c, answers), c, seed=self.seed,
                          mixed_precision=precision, cpu=student.device.type == "cpu",
                          checkpoint_dir=self.run_dir.seed_dir(self.seed), evaluate=evaluate, on_evaluate=on_evaluate,
-                         progress=progress)
+                         progress=progress, identity=self.identity)  # another run's checkpoint is never resumed
         final, predictions, inference = self.final_evaluation(student, precision, score_eval_sets)
         artefacts = save_trained(student.model, student, c, self.run_dir.seed_dir(self.seed),
                                  gathered=result.final_trainable_state)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,17 @@ class OnPolicyAnswers:
             self.student.train(was_training)
         for i, g in zip(rows, out):
             self.samples[i] = answer_tokens(g, self.eos)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The samples and counters a resumed run needs to train on what the uninterrupted one would (the
+        loop checkpoints them): without them a resume would draw again from the resumed student."""
+        return {"samples": {str(i): t for i, t in self.samples.items()},
+                "seen": {str(i): n for i, n in self.seen.items()}, "drawn": self.drawn}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.samples = {int(i): list(t) for i, t in state["samples"].items()}
+        self.seen = {int(i): int(n) for i, n in state["seen"].items()}
+        self.drawn = int(state["drawn"])
 
     def __call__(self, indices: Sequence[int]) -> GenBatch:
         idx = list(indices)

@@ -212,6 +212,7 @@ class _Loop:
     best: dict[str, Any] = field(default_factory=dict)  # {"value", "epoch", "step"} of the best dev evaluation
     best_state: dict[str, torch.Tensor] | None = None
     identity: str | None = None  # the run's (runtime.rundir.identity_of), recorded in every checkpoint
+    batch_source: Any = None  # the make_batch of fit: checkpointed with the loop where it keeps state
 
     @property
     def select(self) -> str:
@@ -282,6 +283,8 @@ class _Loop:
                                   train_seconds=state["train_seconds"], planned_steps=self.budget.total)
         self.best = state.get("best") or {}
         self.best_state = load_file(str(ckpt / BEST_FILE)) if self.best and (ckpt / BEST_FILE).exists() else None
+        if state.get("batch_source") is not None and hasattr(self.batch_source, "load_state_dict"):
+            self.batch_source.load_state_dict(state["batch_source"])
         logger.info("resumed from %s after epoch %d", ckpt, state["epochs_done"])
         return state["epochs_done"]
 
@@ -378,6 +381,7 @@ class _Loop:
             "epochs_done": r.epochs_done, "steps": r.steps, "history": r.history,
             "train_examples_seen": r.train_examples_seen, "train_tokens": r.train_tokens,
             "train_seconds": r.train_seconds, "best": self.best or None, "identity": self.identity,
+            "batch_source": self.batch_source.state_dict() if hasattr(self.batch_source, "state_dict") else None,
         }, extra_files={BEST_FILE: self.best_state} if self.best_state is not None else None)
 
     def epoch(self, epoch: int, n_examples: int, seed: int, make_batch: MakeBatch, loss_fn: LossFn, bar: Any) -> None:
@@ -475,13 +479,16 @@ def fit(
     otherwise in the last state. ``identity`` (the run's) is recorded in every checkpoint, and a resume
     refuses a checkpoint that records another.
     The example order of epoch e depends only on (seed, e), so a resumed run sees the same batches,
-    and so does every rank of a distributed run (each takes its share of each step).
+    and so does every rank of a distributed run (each takes its share of each step). A ``make_batch``
+    that keeps state across steps (the on-policy signal's samples) offers ``state_dict()`` (JSON-able) and
+    ``load_state_dict(state)``: its state travels in every checkpoint (rank 0's), so a resumed run trains
+    on what the uninterrupted one would.
     """
     if n_examples < 1:
         raise IcldError("No training examples: check --shots / --train-queries.")
     loop = _Loop.start(model, n_examples, options, mixed_precision=mixed_precision, cpu=cpu,
                        checkpoint_dir=checkpoint_dir, evaluate=evaluate, on_evaluate=on_evaluate)
-    loop.identity = identity
+    loop.identity, loop.batch_source = identity, make_batch
     start_epoch = loop.resume()
     bar = tqdm(total=loop.budget.total, initial=loop.result.steps, desc="train", unit="step",
                disable=not progress or not distributed.is_main(), leave=False)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -102,15 +104,14 @@ def _train_step(peft_model, optimizer, ids: list[list[int]], labels: list[int], 
     return float(loss)
 
 
-def _round(s, peak: Peak, *, naive: bool) -> dict[str, float]:
+def _round(s, *, naive: bool) -> dict[str, float]:
     """One round: the sides batch by batch; seconds of each (teacher cached with its fresh prefix pass)."""
     t = dict.fromkeys(("student", "prefix", "cached", "naive", "train", "student_train_batch"), 0.0)
 
     def timed(side: str, key: str, fn) -> None:
-        with peak.window(side):
-            start = time.perf_counter()
-            fn()
-            t[key] += time.perf_counter() - start
+        start = time.perf_counter()
+        fn()
+        t[key] += time.perf_counter() - start
 
     def prefix() -> None:
         s.cache = PrefixCache(s.teacher.model, s.t_enc.prefix_ids)
@@ -129,10 +130,8 @@ def _round(s, peak: Peak, *, naive: bool) -> dict[str, float]:
             batch_size=s.naive_n, use_prefix_cache=False))
     train_ids = s.s_train_ids
     timed("student", "student_train_batch", lambda: score_queries(
-        s.student.model, s.s_enc.prefix_ids, train_ids, s.s_labels, batch_size=len(train_ids)))
-    timed("train step", "train", lambda: _train_step(s.peft, s.optimizer, [list(s.s_enc.prefix_ids) + list(q)
-                                                                            for q in train_ids],
-                                                      s.label_ids, s.target, s.gold))
+        s.student.model, [], train_ids, s.s_labels, batch_size=len(train_ids)))
+    timed("train step", "train", lambda: _train_step(s.peft, s.optimizer, train_ids, s.label_ids, s.target, s.gold))
     s.cache = None
     return t
 
@@ -154,32 +153,68 @@ class _Sides:
     """The models, prompts and training state the rounds share."""
 
 
-def _setup(args) -> _Sides:
+def _setup(args, *, teacher: bool = True, student: bool = True) -> _Sides:
+    """Data, prompts and models (both, or one for a memory side) and the student's LoRA and optimiser."""
     s = _Sides()
     setup = prepare(build_config(IclOptions, {"eval": ["mnli-m"], "limit": args.queries + args.train_batch,
                                              "data_dir": args.data_dir}))
     rows = setup.eval_examples["mnli-m"]
     queries, train_rows = rows[:args.queries], rows[args.queries:]
-    s.student = load_model(args.student, dtype="fp32", device="cpu")
-    s.teacher = load_model(args.teacher, dtype="fp32", device="cpu")
-    s.s_enc = encode_prompts(s.student, setup.pattern, [], queries)
-    s.t_enc = encode_prompts(s.teacher, setup.pattern, setup.demonstrations(0, args.shots), queries)
-    s.s_labels = s.t_labels = s.label_ids = label_token_ids(s.student.tokenizer, setup.pattern.label_words)
-    order = sorted(range(len(queries)), key=lambda i: -len(s.t_enc.query_ids[i]))
-    s.batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    demos = setup.demonstrations(0, args.shots)
     s.naive_n = min(args.naive_queries, len(queries))
-    s.s_train_ids = encode_prompts(s.student, setup.pattern, [], train_rows).query_ids
-    t_train = encode_prompts(s.teacher, setup.pattern, setup.demonstrations(0, args.shots), train_rows)
-    # The CD target: the teacher's own label distribution on the training prompts (a cached teacher signal).
-    signal = score_queries(s.teacher.model, t_train.prefix_ids, t_train.query_ids, s.t_labels,
-                           batch_size=args.train_batch).label_logprobs
-    s.target = signal.log_softmax(-1)
     s.gold = torch.tensor([ex.label for ex in train_rows])
-    s.peft = apply_lora(s.student.model, build_config(TrainOptions, {}))  # r=8, q/v: the project's default
-    s.peft.train()
-    s.optimizer = torch.optim.AdamW([p for p in s.peft.parameters() if p.requires_grad], lr=2e-4)
+    # The CD target: the teacher's label distribution on the training prompts (a cached teacher signal);
+    # uniform when only the student is loaded (the memory of a step does not depend on its values).
+    s.target = torch.full((len(train_rows), 2), -math.log(2.0))
+    if teacher:
+        s.teacher = load_model(args.teacher, dtype="fp32", device="cpu")
+        s.t_enc = encode_prompts(s.teacher, setup.pattern, demos, queries)
+        s.t_labels = label_token_ids(s.teacher.tokenizer, setup.pattern.label_words)
+        t_train = encode_prompts(s.teacher, setup.pattern, demos, train_rows)
+        if student:
+            s.target = score_queries(s.teacher.model, t_train.prefix_ids, t_train.query_ids, s.t_labels,
+                                     batch_size=args.train_batch).label_logprobs.log_softmax(-1)
+    if student:
+        s.student = load_model(args.student, dtype="fp32", device="cpu")
+        s.s_enc = encode_prompts(s.student, setup.pattern, [], queries)
+        s.s_labels = s.label_ids = label_token_ids(s.student.tokenizer, setup.pattern.label_words)
+        s.s_train_ids = [list(s.s_enc.prefix_ids) + list(q)
+                         for q in encode_prompts(s.student, setup.pattern, [], train_rows).query_ids]
+        s.peft = apply_lora(s.student.model, build_config(TrainOptions, {}))  # r=8, q/v: the project's default
+        s.peft.train()
+        s.optimizer = torch.optim.AdamW([p for p in s.peft.parameters() if p.requires_grad], lr=2e-4)
+    enc = s.t_enc if teacher else s.s_enc
+    order = sorted(range(len(enc.query_ids)), key=lambda i: -len(enc.query_ids[i]))
+    s.batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     s.cache = None
     return s
+
+
+def _memory_side(args) -> dict[str, float]:
+    """``--side``: only that side's model loaded, its work done once; resident memory after the load and the
+    largest rise above it while the side ran (first touch: nothing was allocated for it before)."""
+    teacher = args.side.startswith("teacher")
+    s = _setup(args, teacher=teacher, student=not teacher)
+    model = s.teacher.model if teacher else s.student.model
+    peak = Peak()
+    after_load = _rss_mb()
+    with peak.window(args.side):
+        if args.side == "student":
+            for b in s.batches:
+                score_queries(model, s.s_enc.prefix_ids, [s.s_enc.query_ids[i] for i in b], s.s_labels,
+                              batch_size=len(b))
+        elif args.side == "teacher cached":
+            cache = PrefixCache(model, s.t_enc.prefix_ids)
+            for b in s.batches:
+                score_queries(model, s.t_enc.prefix_ids, [s.t_enc.query_ids[i] for i in b], s.t_labels,
+                              batch_size=len(b), prefix_cache=cache)
+        elif args.side == "teacher naive":
+            score_queries(model, s.t_enc.prefix_ids, s.t_enc.query_ids[:s.naive_n], s.t_labels,
+                          batch_size=s.naive_n, use_prefix_cache=False)
+        else:
+            _train_step(s.peft, s.optimizer, s.s_train_ids, s.label_ids, s.target, s.gold)
+    return {"side": args.side, "weights_mb": _weights_mb(model), "after_load_mb": after_load,
+            "rise_mb": peak.rise[args.side], "peak_mb": after_load + peak.rise[args.side]}
 
 
 def _summary(rounds: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -190,6 +225,32 @@ def _summary(rounds: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         values = sorted(r[key] for r in rounds if key in r)
         out[key] = {"median": statistics.median(values), "min": values[0], "max": values[-1], "n": len(values)}
     return out
+
+
+SIDES = ("student", "teacher cached", "teacher naive", "train step")
+
+
+def _memory(args) -> dict[str, dict[str, float]]:
+    """Each side's peak memory, from a process of its own (``--side``), one after the other."""
+    out = {}
+    for side in SIDES:
+        options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if v is not None and k not in ("side", "json", "memory")]
+        argv = [sys.executable, __file__, "--side", side, *options]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        out[side] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _print(s, args, summary, memory, flops) -> None:
+    print(f"{args.teacher} (k={args.shots}, prefix {len(s.t_enc.prefix_ids)} tokens) vs {args.student} "
+          f"(no context); {len(s.s_enc.query_ids)} queries a round, {s.naive_n} naive, {args.repeats} rounds, "
+          f"{torch.get_num_threads()} threads, fp32. FLOPs a token, teacher / student: {flops:.2f}x")
+    for key, v in summary.items():
+        print(f"{key:>26}: median {v['median']:10.3f}  min {v['min']:10.3f}  max {v['max']:10.3f}  (n={v['n']})")
+    for side, m in memory.items():
+        print(f"{'peak MB ' + side:>26}: {m['peak_mb']:10.0f}  (after load {m['after_load_mb']:.0f}, weights "
+              f"{m['weights_mb']:.0f}, rise {m['rise_mb']:.0f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,31 +265,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure each side's peak memory, each in a process of its own")
+    parser.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.side:
+        print(json.dumps(_memory_side(args)))
+        return 0
     s = _setup(args)
-    peak = Peak()
-    _round(s, peak, naive=True)  # warm-up: every side once (allocation, kernel choice, AdamW state)
-    peak.rise.clear()
-    rounds = [_ratios(_round(s, peak, naive=True), len(s.s_enc.query_ids), s.naive_n) for _ in range(args.repeats)]
+    print("warm-up", file=sys.stderr, flush=True)
+    _round(s, naive=True)  # every side once: allocation, kernel choice, AdamW state
+    rounds = []
+    for r in range(args.repeats):
+        rounds.append(_ratios(_round(s, naive=True), len(s.s_enc.query_ids), s.naive_n))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in rounds[-1].items()), file=sys.stderr,
+              flush=True)
     summary = _summary(rounds)
-    weights = {"student": _weights_mb(s.student.model), "teacher": _weights_mb(s.teacher.model)}
-    memory = {side: weights["teacher" if side.startswith("teacher") else "student"] + rise
-              for side, rise in peak.rise.items()}
     flops = _flops_params(s.teacher.model) / _flops_params(s.student.model)
-    print(f"{s.teacher.name} (k={args.shots}, prefix {len(s.t_enc.prefix_ids)} tokens) vs {s.student.name} "
-          f"(no context); {len(s.s_enc.query_ids)} queries a round, {s.naive_n} naive, {args.repeats} rounds, "
-          f"{torch.get_num_threads()} threads, fp32. FLOPs a token, teacher / student: {flops:.2f}x")
-    for key, v in summary.items():
-        print(f"{key:>26}: median {v['median']:10.3f}  min {v['min']:10.3f}  max {v['max']:10.3f}  (n={v['n']})")
-    for side, mb in sorted(memory.items()):
-        print(f"{'peak MB ' + side:>26}: {mb:10.0f}  (weights + rise {peak.rise[side]:.0f})")
+    del s.teacher, s.student, s.peft, s.optimizer  # the memory sides run after, each alone
+    memory = _memory(args) if args.memory else {}
+    _print(s, args, summary, memory, flops)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "rounds": rounds, "summary": summary, "peak_memory_mb": memory,
-                       "weights_mb": weights, "flops_ratio": flops,
-                       "prefix_tokens": len(s.t_enc.prefix_ids)}, handle, indent=2)
+            json.dump({"args": vars(args), "rounds": rounds, "summary": summary, "peak_memory": memory,
+                       "flops_ratio": flops, "prefix_tokens": len(s.t_enc.prefix_ids)}, handle, indent=2)
     return 0
 
 

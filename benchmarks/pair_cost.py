@@ -18,7 +18,7 @@ median and min-max over rounds, never one window. Peak memory of a side is its m
 largest rise of the process's resident memory above the start of its timed windows (sampled every 5 ms);
 the train step's includes LoRA, gradients and AdamW state.
 
-    python benchmarks/pair_cost.py --shots 16 --queries 16 --naive-queries 4 --repeats 3
+    python benchmarks/pair_cost.py --shots 16 --queries 8 --naive-queries 1 --train-batch 4 --repeats 3
 """
 
 from __future__ import annotations
@@ -264,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="qwen2.5-coder-1.5b")
     parser.add_argument("--student", default="qwen2.5-coder-0.5b")
     parser.add_argument("--shots", type=int, default=16)
-    parser.add_argument("--queries", type=int, default=16, help="MNLI-m queries a round (student, teacher cached)")
-    parser.add_argument("--naive-queries", type=int, default=4, help="of them, scored whole (no cache) each round")
+    parser.add_argument("--queries", type=int, default=8, help="MNLI-m queries a round (student, teacher cached)")
+    parser.add_argument("--naive-queries", type=int, default=1, help="of them, scored whole (no cache) each round")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)

@@ -101,7 +101,7 @@ def _train_step(peft_model, optimizer, ids: list[list[int]], labels: list[int], 
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def _round(s, *, naive: bool) -> dict[str, float]:

@@ -26,12 +26,13 @@ def _runs(cells=CELLS, seeds=(0,)) -> pd.DataFrame:
     for cell, method, model, k, accuracy in cells:
         for seed in seeds if k else (0,):
             row = dict.fromkeys(RESULT_COLUMNS, math.nan)
+            row["labelled_examples"] = {"distill": 64, "icl-teacher": 16}.get(method, 16 if k else 0)
             row.update(cell=cell, method=method, model=model, teacher=TEACHER, student=STUDENT, task="mnli", shots=k,
                        seed=seed, alpha=0.5 if method == "distill" else math.nan,
                        peft="lora" if method == "distill" else None, pattern="gpt3", eval="mnli-m", n=10, dropped=0,
                        accuracy=accuracy, status="complete")
             rows.append(row)
-    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    return pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "labelled_examples"])
 
 
 def _paired(table: pd.DataFrame, zero: tuple[float, float], icl: tuple[float, float]) -> pd.DataFrame:
@@ -60,6 +61,7 @@ def test_the_first_screen_names_each_difference_its_interval_and_verdict():
     zero, icl = lines[0], lines[1]
     assert "zero-shot student" in zero and "0.720 vs 0.470" in zero and "+0.250 [95% CI +0.150, +0.350" in zero
     assert "excludes 0: **CD is better than the zero-shot student" in zero
+    assert "(labelled examples 64 vs 0)" in zero  # CD's gold CE labels are part of what it was given
     assert "ICL student (same 16 demonstrations)" in icl and "0.720 vs 0.600" in icl and "covers 0" in icl
     assert any("0.860" in line and "teacher" in line for line in lines)
     markdown = render_markdown(runs, [], paired=_paired(table, zero=(0.15, 0.35), icl=(-0.02, 0.26)))

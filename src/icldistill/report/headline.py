@@ -122,10 +122,17 @@ def _one_line(cd: pd.Series, base: pd.DataFrame, paired: pd.DataFrame | None, wh
     eval_set = None if _missing(cd["id_eval"]) else str(cd["id_eval"])
     text = (f"**CD student vs {what}**, in domain ({eval_set or 'in-domain set'}), k={k}: "
             f"{float(cd['id_accuracy_mean']):.3f} vs {float(row['id_accuracy_mean']):.3f}")
+    text += f" (labelled examples {_labels(cd)} vs {_labels(row)})"
     hit = paired_lookup(paired, cd.to_dict(), row.to_dict(), eval_set, "accuracy")
     if hit is None:
         return text + "; no paired interval (the runs share no per-query predictions)."
     return text + f", difference {_difference(hit)}: {verdict(hit, what)}."
+
+
+def _labels(row: pd.Series) -> str:
+    """A run's label budget (CD with gold CE also uses its training queries' labels), '?' where not recorded."""
+    value = row.get("labelled_examples_mean")
+    return "?" if _missing(value) else f"{float(value):.0f}"
 
 
 def _rows_at(table: pd.DataFrame, cd: pd.Series, method: str, k: int) -> pd.DataFrame:

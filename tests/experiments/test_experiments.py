@@ -92,8 +92,21 @@ def test_paper_preset_is_the_protocol():
         (k, s) for k in (2, 4, 8, 16, 32) for s in range(5)}
 
 
+def test_the_demo_distils_the_qwen_pair_against_its_zero_shot_and_icl_student():
+    demo, zero = load_experiment(CONFIGS / "demo.yaml"), load_experiment(CONFIGS / "demo-zeroshot.yaml")
+    assert _by_method(demo) == {"icl-teacher": 1, "icl-student": 1, "distill": 1}
+    assert [(c.method, c.config.shots) for c in zero.cells] == [("icl-student", 0)]
+    assert demo.output_dir == zero.output_dir  # one sweep directory, so the report pairs CD with k = 0
+    (cd,) = [c.config for c in demo.cells if c.method == "distill"]
+    assert (cd.teacher, cd.student, cd.shots) == ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", 16)
+    assert {cd.teacher, cd.student} <= set(PACKAGED_MODELS)
+    # every cell scores the same queries: the paired intervals of the report's first screen need them
+    assert {(c.config.task, tuple(c.config.eval), c.config.limit) for c in demo.cells + zero.cells} == {
+        ("mnli", ("mnli-m",), 100)}
+
+
 def test_demo_and_alpha_presets():
-    demo = load_experiment(CONFIGS / "demo.yaml")
+    demo = load_experiment(CONFIGS / "demo-small.yaml")  # the small offline pair (`make demo-small`)
     assert _by_method(demo) == {"icl-teacher": 2, "icl-student": 2, "pbft-teacher": 2, "pbft": 2, "distill": 2}
     distill = [c.config for c in demo.cells if c.method == "distill"]
     assert {c.teacher for c in distill} <= set(PACKAGED_MODELS) and {c.student for c in distill} <= set(PACKAGED_MODELS)

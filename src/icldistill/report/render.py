@@ -22,6 +22,7 @@ import pandas as pd
 
 from icldistill.errors import IcldError
 from icldistill.report.console import MISSING
+from icldistill.report.headline import headline_lines, zero_shot_paired
 from icldistill.report.plots import FigureResult, make_figures
 from icldistill.report.tables import (
     _FAILED,
@@ -381,7 +382,9 @@ def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str,
             paired: pd.DataFrame | None = None) -> list[tuple[str, Any]]:
     runs = in_domain_and_ood(df)
     table = _table_from_runs(runs)
-    blocks: list[tuple[str, Any]] = [("h1", title), ("h2", "What ran"), ("ul", _header_lines(df, runs, table))]
+    # The first screen: what was found and how sure it is (report/headline), then what ran.
+    blocks: list[tuple[str, Any]] = [("h1", title), ("h2", "What was found"), ("ul", headline_lines(table, paired)),
+                                     ("h2", "What ran"), ("ul", _header_lines(df, runs, table))]
     # What was found comes first (in domain and out, with paired intervals); the table and figures follow.
     blocks.append(("h2", "Headline claims of the paper, as measured here"))
     blocks.append(("p", "Each line quotes the paper (arXiv 2412.13243) and gives what this sweep measured; relative "
@@ -513,6 +516,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     from icldistill.experiments.compare import sweep_paired
 
     paired = sweep_paired(sweep_dir, df)
+    zero_shot = zero_shot_paired(sweep_dir, df)  # CD against the zero-shot student (k = 0), for the first screen
+    if len(zero_shot):
+        paired = zero_shot if paired.empty else pd.concat([paired, zero_shot], ignore_index=True)
     atomic_write_text(markdown_path, render_markdown(df, figures, title=title, paired=paired))
     atomic_write_text(html_path, render_html(df, figures, title=title, paired=paired))
     logger.info("wrote %s and %s", markdown_path, html_path)

@@ -169,9 +169,9 @@ def test_one_error_shared_by_many_cells_is_reported_once(tmp_path):
 def test_validate_command(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid:\n  method: [distill]\n  alpah: [0.5]\n")
-    assert cli.main(["validate", str(CONFIGS / "demo.yaml"), str(bad)]) == 1
+    assert cli.main(["validate", str(CONFIGS / "demo-small.yaml"), str(bad)]) == 1
     out = capsys.readouterr().out
-    assert "demo.yaml: OK: 10 cells (icl-teacher 2, icl-student 2, pbft-teacher 2, pbft 2, distill 2)" in out
+    assert "demo-small.yaml: OK: 10 cells (icl-teacher 2, icl-student 2, pbft-teacher 2, pbft 2, distill 2)" in out
     assert "bad.yaml: 1 problem" in out and "Did you mean: alpha" in out
     options = tmp_path / "options.yaml"
     options.write_text("shots: 4\nalpha: 0.5\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -138,6 +139,93 @@ def test_validate_accepts_a_tuning_file(tmp_path, tiny_dirs, data_dir, capsys):
     assert "OK: tuning pbft, 2 searched options, 3 trials" in capsys.readouterr().out
 
 
+# --------------------------------------------------------------------------- a worker killed inside a trial
+
+
+class _Killed(BaseException):
+    """A worker's death at one point of a trial. Optuna handles Exception and KeyboardInterrupt only, so this
+    leaves the storage as SIGKILL does: the trial RUNNING, no further heartbeat, nothing told."""
+
+
+def _kill_at(monkeypatch, owner, name: str, call: int) -> None:
+    """Make the ``call``-th call of ``owner.name`` kill the worker (before it does anything)."""
+    original, calls = getattr(owner, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise _Killed(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dying)
+
+
+def _fake_runs(monkeypatch) -> list[tuple[str, dict]]:
+    """Trials without training: each run is recorded (directory, lr) and scores a dev accuracy from its lr.
+
+    What is checked here is which trials exist, with which parameters, and which runs they make; the
+    training of a trial, its checkpoint and its resume are the real-process kill test's."""
+    from icldistill.experiments import tune
+
+    runs = []
+
+    def run(method, config, *, on_evaluate, score_eval_sets, progress):
+        runs.append((Path(config.output_dir).name, {"lr": config.lr, "lora_r": config.lora_r}))
+        history = [{"step": 1, "dev_accuracy": min(1.0, 10 * config.lr)}]
+        return {"seeds": {"0": {"history": history, "selected": {"step": 1}}}}
+
+    monkeypatch.setattr(tune, "run_trial_config", run)
+    return runs
+
+
+KILL_POINTS = {  # where in trial 1 its worker dies: (object, attribute, which call of it)
+    "after its creation, before its first heartbeat": (optuna.study._optimize, "get_heartbeat_thread", 2),
+    "after its heartbeat, before its parameter draw": ("SearchSpace", "suggest", 2),
+    "part-way through its parameter draw (lr drawn, lora_r not)": (optuna.trial.Trial, "suggest_categorical", 2),
+}
+
+
+@pytest.mark.parametrize("where", KILL_POINTS)
+def test_a_trial_killed_before_its_parameters_exist_is_retried_as_itself(tmp_path, tiny_dirs, data_dir,
+                                                                        monkeypatch, where):
+    """A kill between a trial's creation and its draw: its retry drew another trial's parameters (seeded by
+    the retry's own number, as the next new trial then was: one run done twice), or, killed before the
+    first heartbeat, the trial never went stale and the study waited for it for ever, one trial short."""
+    from icldistill.experiments import search
+
+    spec = _spec(tiny_dirs, data_dir, tmp_path / "cache",
+                 tune={"trials": 3, "seed": 7, "startup_trials": 3, "heartbeat_s": 1, "timeout_s": 60})
+    runs = _fake_runs(monkeypatch)
+    reference = run_study(plan_from_spec(spec, source="t.yaml", output_dir=tmp_path / "uninterrupted"))
+    expected = sorted((t.params for t in reference.get_trials()), key=lambda p: p["lr"])
+    runs.clear()
+
+    plan = plan_from_spec(spec, source="t.yaml", output_dir=tmp_path / "study")
+    owner, name, call = KILL_POINTS[where]
+    with monkeypatch.context() as patch:
+        _kill_at(patch, search.SearchSpace if owner == "SearchSpace" else owner, name, call)
+        with pytest.raises(_Killed):
+            run_study(plan)
+    killed = {n: (s, p) for n, s, p in _states(plan.output_dir)}[1]
+    assert killed[0] == "RUNNING" and len(killed[1]) == (1 if "part-way" in where else 0)
+    with sqlite3.connect(plan.output_dir / STUDY_FILE) as db:  # an hour passes before the study is resumed
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour')")
+
+    study = run_study(plan)
+    finished = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(finished) == 3 and study.trials[1].state.name == "FAIL"  # none lost
+    assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == 3  # none drawn twice
+    retry = next(t for t in finished if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 1)
+    assert killed[1].items() <= retry.params.items() and retry.user_attrs["directory"].endswith("trial-0001")
+    directories = [d for d, _ in runs]
+    assert len(directories) == len(set(directories)) == 3 and "trial-0001" in directories  # no run done twice
+    # The kill changed no draw: the uninterrupted study's parameters (all of a draw that had not begun).
+    got = sorted((t.params for t in finished), key=lambda p: p["lr"])
+    assert [p["lr"] for p in got] == [p["lr"] for p in expected]
+    if "part-way" not in where:
+        assert got == expected
+
+
 # --------------------------------------------------------------------------- real processes
 
 
@@ -175,9 +263,8 @@ def test_a_killed_study_resumes_with_no_trial_lost_or_run_twice(tmp_path, tiny_d
             except KeyError:  # the database file exists a moment before the study is created in it
                 trials = []
             states = [s for _, s, _ in trials]
-            # ... and once it has drawn its parameters (a kill between the trial's creation and its draw is
-            # another case: see the session note of 2026-12-06)
-            if states.count("COMPLETE") >= 1 and any(s == "RUNNING" and p for _, s, p in trials):
+            # ... at whatever point of it (before or after its draw: the kill tests above pin each window)
+            if states.count("COMPLETE") >= 1 and "RUNNING" in states:
                 break
         if proc.poll() is not None:
             pytest.fail("tune ended before it could be killed: " + proc.communicate()[1][-2000:])
@@ -189,14 +276,15 @@ def test_a_killed_study_resumes_with_no_trial_lost_or_run_twice(tmp_path, tiny_d
     assert len(killed) == 1
     out, err = _tune(path, env).communicate(timeout=600)
     assert "Traceback" not in err, err[-3000:]
-    after = _states(study_dir)
-    finished = [(n, p) for n, s, p in after if s in ("COMPLETE", "PRUNED")]
+    after = load_study(study_dir).get_trials()
+    finished = [t for t in after if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4  # the requested number: none lost
-    # The killed trial was failed and retried once with the same parameters; nothing ran twice to the end.
-    states = {n: s for n, s, _ in after}
-    assert states[killed[0][0]] == "FAIL"
-    assert [p for _, p in finished].count(killed[0][1]) == 1
-    assert len({json.dumps(p, sort_keys=True) for _, p in finished}) == 4
+    # The killed trial was failed and retried once with what it had drawn; nothing ran twice to the end.
+    assert after[killed[0][0]].state.name == "FAIL"
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    retries = [t for t in finished if retried(t) == killed[0][0]]
+    assert len(retries) == 1 and killed[0][1].items() <= retries[0].params.items()
+    assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == 4
 
 
 @pytest.mark.slow

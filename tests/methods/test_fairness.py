@@ -391,7 +391,10 @@ def test_hub_identity_uses_the_resolved_commit_before_and_after_download(tmp_pat
     monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
     after = loading.model_identity("tiny-org/tiny", dtype="fp32", device="cpu")
     assert before["fingerprint"] == after["fingerprint"] and after["commit"] == commit
+    # As a process started with HF_HUB_OFFLINE=1 sees it (the constant is read at import): with the variable
+    # alone, transformers still asked the (unreachable) hub for an adapter config, five tries and 23 s of backoff.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     loaded = loading.load_model("tiny-org/tiny", dtype="fp32", device="cpu", revision=commit)
     assert loaded.commit == commit and loaded.fingerprint == after["fingerprint"]
 

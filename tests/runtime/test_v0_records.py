@@ -2,6 +2,8 @@
 
 The fixture was written from a working directory with relative output paths (``runs/pbft``), so its seed
 records name artefacts relative to a directory that no longer exists; readers must find them in the run.
+Its LoRA adapters are not in git: they are trained again, bit for bit, into the copy the tests read
+(``tests/fixtures/make_v0_runs.rebuild_adapters``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,25 @@ V0 = Path(__file__).resolve().parents[1] / "fixtures" / "v0"
 OLD_MODEL = "/tmp/icld-v0-dl4zzyer/models/student"  # where the fixture's student lived when it was made
 
 
+LOADED_ADAPTERS = ["pbft/seed-0/adapter/adapter_model.safetensors"]  # the only weights these tests load
+
+
+@pytest.fixture(scope="module")
+def v0_with_adapters(tmp_path_factory, tiny_dirs, data_dir) -> Path:
+    """A copy of the fixture with the adapter its pbft run trained for seed 0, trained again (once)."""
+    from fixtures.make_v0_runs import rebuild_adapters
+
+    root = tmp_path_factory.mktemp("v0-fixture") / "v0"
+    shutil.copytree(V0, root)
+    rebuild_adapters(root, tiny_dirs["student"], data_dir, root.parent / "work", LOADED_ADAPTERS)
+    return root
+
+
 @pytest.fixture
-def v0(tmp_path, tiny_dirs, monkeypatch):
+def v0(v0_with_adapters, tmp_path, tiny_dirs, monkeypatch):
     """A copy of the fixture whose recorded student path names this session's (identical) tiny student."""
     root = tmp_path / "v0"
-    shutil.copytree(V0, root)
+    shutil.copytree(v0_with_adapters, root)
     for path in root.rglob("*.json"):
         path.write_text(path.read_text().replace(OLD_MODEL, str(tiny_dirs["student"])))
     monkeypatch.chdir(tmp_path)  # not the directory the fixture was written from

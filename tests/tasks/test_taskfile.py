@@ -332,6 +332,37 @@ def test_icld_tasks_lists_builtin_and_environment_tasks(user_task: Path, monkeyp
     assert "6: abbreviation/description" in out and str(user_task) in out
 
 
+def test_icld_tasks_reads_each_task_file_once(user_task: Path, monkeypatch, capsys) -> None:
+    """The listing asked each file whether it is a generation task, then loaded it (and each variant its base):
+    every file was read two or more times."""
+    import functools
+    from collections import Counter
+
+    from icldistill.cli import main
+    from icldistill.tasks import taskfile
+
+    (user_task.parent / "my_variant.yaml").write_text("base: my_task.yaml\ndescription: a variant\n")
+    (user_task.parent / "my_gen.yaml").write_text("type: generation\ninputs: [q]\ntemplate: '{q}'\n")
+    monkeypatch.setenv("ICLDISTILL_TASKS", str(user_task.parent))
+    reads: Counter[str] = Counter()
+    read_text = Path.read_text
+
+    def counted(self: Path, *args, **kwargs) -> str:
+        if self.suffix in (".yaml", ".yml"):
+            reads[self.name] += 1
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    for name in ("_parse_task_yaml", "_load_cached"):  # empty caches, as in a fresh process (the others' kept)
+        monkeypatch.setattr(taskfile, name, functools.lru_cache(maxsize=256)(getattr(taskfile, name).__wrapped__))
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "my_variant" in out and "my_gen" in out and "mnli3" in out
+    listed = set(task_files()) | {"my_gen"}
+    assert {Path(name).stem for name in reads} == listed  # every task file was read ...
+    assert set(reads.values()) == {1}, reads  # ... once (mnli.yaml too, the base of mnli3 and others)
+
+
 def test_icld_tasks_show_prints_the_resolved_definition_and_a_prompt(user_task: Path, capsys) -> None:
     import yaml
 

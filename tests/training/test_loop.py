@@ -187,12 +187,13 @@ def test_distill_kl_falls_and_teacher_cache_is_reused(tmp_path, data_dir, tiny_d
     assert second["teacher_pass"]["cache_hits"] == 1 and not second["teacher_pass"]["teacher_loaded"]
     assert second["seeds"]["0"]["history"][-1]["train_kl"] == pytest.approx(kls[-1], rel=1e-5)
 
-    # A corrupt cache entry is detected and recomputed, not used.
+    # A corrupt cache entry is detected and recomputed, not used (one epoch: the key holds no training option).
     entry = cache_dir / "teacher" / f"{first['teacher_pass']['keys']['0']}.safetensors"
     entry.write_bytes(entry.read_bytes()[:-8])
-    values["output_dir"] = str(tmp_path / "third")
+    values.update(output_dir=str(tmp_path / "third"), epochs=1)
     third = run_distill(build_config(DistillOptions, values), progress=False)
     assert third["teacher_pass"]["cache_hits"] == 0 and third["teacher_pass"]["teacher_loaded"]
+    assert third["teacher_pass"]["keys"] == first["teacher_pass"]["keys"]  # the corrupt entry's key, recomputed
 
 
 def test_cached_signal_equals_online_signal(data_dir, tiny_dirs):

@@ -22,6 +22,7 @@ from icldistill.config import DEFAULT_RESAMPLES  # the option's default, defined
 from icldistill.errors import IcldError
 from icldistill.runtime.paths import PREDICTIONS_FILE
 from icldistill.runtime.rundir import RunDir
+from icldistill.scoring.bootstrap import bootstrap_interval
 
 OOD_HEURISTIC = "lexical_overlap"
 
@@ -68,29 +69,17 @@ def paired_bootstrap(
     correct_a, correct_b: (seeds, queries) 0/1 arrays over the same queries, seeds paired by row.
     Each resample draws queries with replacement (the same draw for both runs and every seed; within
     each stratum when ``strata`` is given, so that a balanced accuracy keeps its class sizes) and,
-    with more than one seed, seeds with replacement (pairs kept). Seeded: the same inputs and seed
+    with more than one seed, seeds with replacement (pairs kept): the one bootstrap of
+    :mod:`icldistill.scoring.bootstrap` on the per-query differences. Seeded: the same inputs and seed
     give the same interval.
     """
     a, b = np.atleast_2d(np.asarray(correct_a)), np.atleast_2d(np.asarray(correct_b))
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"need two non-empty arrays of one shape, got {a.shape} and {b.shape}")
     observed = _statistic(a, b, strata)
-    rng = np.random.default_rng(seed)
-    n_seeds, n_queries = a.shape
     diff = a.astype(np.float64) - b.astype(np.float64)
-    groups = [np.arange(n_queries)] if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    stats = np.empty(resamples)
-    chunk = max(1, 2_000_000 // max(1, n_seeds * n_queries))  # resamples per vectorised step (bounded memory)
-    for start in range(0, resamples, chunk):
-        r = min(chunk, resamples - start)
-        rows = rng.integers(0, n_seeds, (r, n_seeds)) if n_seeds > 1 else np.zeros((r, 1), dtype=np.int64)
-        per_group = []
-        for members in groups:
-            cols = members[rng.integers(0, len(members), (r, len(members)))]
-            per_group.append(diff[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2)))
-        stats[start:start + r] = np.mean(per_group, axis=0)
-    low, high = np.percentile(stats, [2.5, 97.5])
-    return observed, float(low), float(high)
+    low, high = bootstrap_interval(diff, strata=strata, resamples=resamples, seed=seed)
+    return observed, low, high
 
 
 # ---------------------------------------------------------------------------------------------- predictions

@@ -12,6 +12,9 @@ default (``--storage`` takes any database URL, e.g. PostgreSQL, for workers on s
 a killed ``tune`` resumes, and several ``icld tune`` processes share one study. Workers heart-beat
 their running trial; a trial whose worker died is failed after a grace period and retried with the
 same parameters (``RetryHeartbeatStaleTrialCallback``), in its own directory, resuming from its checkpoint.
+A worker may die at any moment, also between a trial's creation and its first heartbeat (Optuna never
+fails such a trial: :func:`_beat_orphans` gives it one) or between its creation and its parameter draw
+(its retry draws them, seeded as the trial it retries: :func:`draw_index`).
 A file lock around "count the trials, start one" makes the workers stop at exactly the requested
 number of finished (complete or pruned) trials.
 
@@ -260,15 +263,53 @@ def load_study(directory: str | Path) -> Any:
     return optuna.load_study(study_name=meta["name"], storage=storage)
 
 
-def sampler_for(plan: TuningPlan, trial_number: int) -> Any:
-    """The TPE sampler that draws trial ``trial_number``, seeded by (sampler seed, trial number).
+def sampler_for(plan: TuningPlan, draw: int) -> Any:
+    """The TPE sampler of the study's ``draw``-th parameter draw (:func:`draw_index`), seeded by (seed, draw).
 
     A sampler seeded once per process would repeat its random start after a resume or in a second
-    worker (each would draw trial 0's parameters again); seeding per trial number keeps a study's
-    parameters a function of its seed and its history, whoever runs the trial."""
+    worker (each would draw trial 0's parameters again); seeding per draw keeps a study's parameters
+    a function of its seed and its history, whoever runs the trial."""
     optuna = _optuna()
-    return optuna.samplers.TPESampler(seed=plan.settings.seed * 1_000_003 + trial_number,
+    return optuna.samplers.TPESampler(seed=plan.settings.seed * 1_000_003 + draw,
                                       n_startup_trials=plan.settings.startup_trials)
+
+
+def draw_index(trials: list[Any], number: int) -> int:
+    """Which draw of the study trial ``number`` makes: the count of first attempts (trials that retry none)
+    numbered before its first attempt.
+
+    A retry draws as the trial it retries (the one that died before its draw, or part-way through it,
+    drew nothing that another trial drew), and retries are not counted, so a kill neither gives two
+    trials one seed nor shifts the seeds of the trials after it: in the random start, a killed and
+    resumed study draws the parameters of the uninterrupted one. Seeding by the trial's own number
+    did both: the retry of trial n, numbered m, drew with seed m, and so did the next new trial m."""
+    first = _first_attempt(trials, number)
+    return sum(1 for t in trials if t.number < first and _retried(t) is None)
+
+
+HEARTBEAT_MARK = "icldistill:heartbeat"  # system attr: the number of the trial whose heartbeat is recorded
+
+
+def _beat(storage: Any, trial: Any) -> None:
+    """Record ``trial``'s heartbeat now and mark it as recorded (the mark holds the trial's number, as a
+    retry inherits its failed trial's system attributes)."""
+    storage.record_heartbeat(trial._trial_id)
+    storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_MARK, trial.number)
+
+
+def _beat_orphans(study: Any) -> None:
+    """Give one heartbeat to each running trial that has none on record, so that it can go stale.
+
+    Optuna records a trial's first heartbeat from a thread started after the trial is created, and
+    never fails a running trial without one: a worker killed in between would leave a trial running
+    for ever (the study then waits for it, one trial short). Every worker marks its own trial as soon
+    as its objective starts; an unmarked one is either dead (it goes stale one grace period after this
+    heartbeat, and is retried) or alive (its own thread keeps beating; this one costs nothing)."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.system_attrs.get(HEARTBEAT_MARK) != trial.number:
+            _beat(study._storage, trial)
 
 
 @dataclass
@@ -326,6 +367,7 @@ def _one_trial(plan: TuningPlan, slot: _TrialSlot, ran: dict[str, Any], emit: Ca
     once the trial exists, and leaves the trial's number (and error, if it fails) in ``ran``."""
 
     def objective(trial: Any) -> float:
+        _beat(trial.storage, trial)  # before the slot opens, so that no unmarked trial of a live worker is seen
         slot.release()  # the trial exists (RUNNING) now, so the other workers count it
         ran["number"] = trial.number
         try:
@@ -365,6 +407,7 @@ def run_study(plan: TuningPlan, *, storage: str | None = None, on_event: Callabl
         ran: dict[str, Any] = {}
         with _TrialSlot(plan.output_dir / LOCK_FILE) as slot:
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed now, retried by the callback
+            _beat_orphans(study)  # a worker killed before its trial's first heartbeat: failed later
             done, running = counts()
             if done >= total:
                 break
@@ -374,7 +417,6 @@ def run_study(plan: TuningPlan, *, storage: str | None = None, on_event: Callabl
                 time.sleep(max(1.0, plan.settings.heartbeat_s))
                 continue
             t0 = time.monotonic()
-            study.sampler = sampler_for(plan, len(study.get_trials(deepcopy=False)))  # the next trial's number
             objective = _one_trial(plan, slot, ran, emit, done, total, progress)
             study.optimize(objective, n_trials=1, catch=(IcldError,))
         durations.append(time.monotonic() - t0)
@@ -431,14 +473,12 @@ class _TrialSlot:
 def _objective(plan: TuningPlan, trial: Any, emit: Callable[[TuneEvent], None], done: int, total: int,
                progress: bool) -> float:
     optuna = _optuna()
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
+    # A retry of a trial whose worker died continues in the first attempt's directory, from its checkpoint,
+    # and draws what that attempt had not drawn yet with that attempt's seed.
+    trials = trial.study.get_trials(deepcopy=False)
+    trial.study.sampler = sampler_for(plan, draw_index(trials, trial.number))
     params = plan.space.suggest(trial)
-    # A retry of a trial whose worker died continues in the first attempt's directory, from its checkpoint.
-    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-    number = trial.number if original is None else _first_attempt(trial.study, original)
-    directory = trial_dir(plan, number)
+    directory = trial_dir(plan, _first_attempt(trials, trial.number))
     trial.set_user_attr("directory", str(directory))
     emit(TuneEvent("trial_start", trial.number, done, total, params=params))
     config = plan.config(params, directory, [plan.seeds[0]])
@@ -463,13 +503,18 @@ def _objective(plan: TuningPlan, trial: Any, emit: Callable[[TuneEvent], None], 
     return value
 
 
-def _first_attempt(study: Any, number: int) -> int:
-    """Follow a chain of retries back to the first attempt's number (its directory holds the checkpoint)."""
+def _retried(trial: Any) -> int | None:
+    """The number of the trial that ``trial`` retries (None for a first attempt)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    while number in trials:
-        earlier = RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[number])
+    return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def _first_attempt(trials: list[Any], number: int) -> int:
+    """Follow a chain of retries back to the first attempt's number (its directory holds the checkpoint)."""
+    by_number = {t.number: t for t in trials}
+    while number in by_number:
+        earlier = _retried(by_number[number])
         if earlier is None:
             break
         number = earlier

@@ -1,12 +1,13 @@
 """The one scoring path: whole-prompt tokenization (``encoding``), label-word scores after a shared
 token prefix with its KV cache reused (``prefix_cache``), scoring whole evaluation sets under a context
 (``evalsets``), and the metrics computed
-from those scores (``metrics``, numpy only).
+from those scores (``metrics``, numpy only; ``bootstrap``: the one percentile bootstrap of every interval).
 """
 
 from icldistill._lazy import lazy_exports
 
 _EXPORTS = {
+    "bootstrap": ("bootstrap_interval",),
     "encoding": (
         "PromptTokens", "tokenize_prompts", "encode_text", "start_tokens", "label_word_tokens",
     ),

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from icldistill.errors import ConfigError
+from icldistill.scoring.bootstrap import bootstrap_interval
 
 NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
 FINAL_MARK = re.compile(r"####\s*(-?[$]?\d[\d,]*(?:\.\d+)?)")
@@ -92,14 +93,9 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def mean_interval(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``values`` (queries resampled; seeded)."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.size == 0:
-        raise ValueError("no values to bootstrap")
-    rng = np.random.default_rng(seed)
-    means = array[rng.integers(0, array.size, (resamples, array.size))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+    """95% percentile bootstrap interval of the mean of ``values`` (queries resampled; seeded): the one
+    bootstrap (:func:`icldistill.scoring.bootstrap.bootstrap_interval`) on one run's values."""
+    return bootstrap_interval(np.asarray(values, dtype=np.float64), resamples=resamples, seed=seed)
 
 
 def score_answer(text: str, reference: str | None, extractor: Extractor) -> dict[str, Any]:

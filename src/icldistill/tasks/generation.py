@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from icldistill.errors import ConfigError, DataError, did_you_mean
 from icldistill.tasks import data as data_mod
 from icldistill.tasks.spec import BUILTIN_DIR, Carve, task_dirs, task_files
@@ -172,10 +170,10 @@ def generation_task_files() -> dict[str, Path]:
 def is_generation_file(path: Path) -> bool:
     """Whether a YAML task file declares ``type: generation`` (unreadable files are not: their loader says why)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raw = read_task_yaml(path)  # parsed once: loading the task afterwards reads no file again
+    except ConfigError:
         return False
-    return isinstance(raw, Mapping) and raw.get("type") == "generation"
+    return raw.get("type") == "generation"
 
 
 def get_generation_task(name: str) -> GenerationTask:

@@ -9,6 +9,7 @@ train set's. A variant (``base: mnli``) starts from the base's resolved mapping;
 
 from __future__ import annotations
 
+import copy
 import string
 from collections.abc import Mapping
 from functools import lru_cache
@@ -116,6 +117,19 @@ def _find_base(name: str, path: Path) -> Path:
 
 
 def read_task_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a task file holds, read and parsed once per version of the file in a process.
+
+    ``icld tasks`` asks each file whether it is a generation task and then loads it, and every variant
+    loads its base again: all of them get this one parse (a copy: callers may change what they get)."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise TaskFileError(f"Task file {path} cannot be read: {exc}.") from None
+    return copy.deepcopy(_parse_task_yaml(path.resolve(), stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=256)
+def _parse_task_yaml(path: Path, _mtime_ns: int, _size: int) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -133,10 +133,42 @@ def test_generation_runs_compare_by_exact_match(tmp_path):
         _write(tmp_path / name, [{"seed": 0, "eval": "gsm8k", "id": f"q{i}", "text": "...", "answer": "7",
                                   "gold_answer": "7" if r else "8", "exact_match": float(r), "token_f1": float(r)}
                                  for i, r in enumerate(right)])
-    (result,) = compare_runs(tmp_path / "a", tmp_path / "b", resamples=500)
+    result, f1 = compare_runs(tmp_path / "a", tmp_path / "b", resamples=500)
+    assert result.metric == "accuracy" and f1.metric == "token_f1"
     assert result.queries == 6 and result.accuracy_a == 4 / 6 and result.accuracy_b == 2 / 6
     assert (result.a_only, result.b_only) == (3, 1)
     assert result.difference == pytest.approx(2 / 6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=30), st.integers(1, 3))
+def test_generation_runs_compare_by_token_f1(tmp_path_factory, pairs, n_seeds):
+    """Token F1 pairs query by query over every seed: the difference is the mean per-query difference, the
+    discordant counts are the queries where one F1 is higher, and the p-value is their exact sign test."""
+    tmp = tmp_path_factory.mktemp("f1")
+    for name, side in (("a", 0), ("b", 1)):
+        _write(tmp / name, [{"seed": s, "eval": "held-out", "id": f"q{i}", "text": "t", "exact_match": 0.0,
+                             "token_f1": pair[side] * (s + 1) / n_seeds} for s in range(n_seeds)
+                            for i, pair in enumerate(pairs)])
+    exact, f1 = compare_runs(tmp / "a", tmp / "b", resamples=300)
+    assert exact.difference == 0.0 and f1.metric == "token_f1" and f1.seeds == list(range(n_seeds))
+    diffs = np.array([[(a - b) * (s + 1) / n_seeds for a, b in pairs] for s in range(n_seeds)])
+    assert f1.difference == pytest.approx(diffs.mean())
+    assert (f1.a_only, f1.b_only) == (int((diffs > 0).sum()), int((diffs < 0).sum()))
+    assert f1.mcnemar_p == pytest.approx(mcnemar_exact(f1.a_only, f1.b_only))
+    # A bootstrap mean of the per-query differences lies within their range.
+    assert diffs.min() - 1e-9 <= f1.ci95_low <= f1.ci95_high <= diffs.max() + 1e-9
+
+
+def test_token_f1_of_classification_rows_is_refused(tmp_path):
+    from icldistill.experiments.compare import compare_predictions, read_predictions
+
+    for name in ("a", "b"):
+        _write(tmp_path / name, [{"seed": 0, "eval": "mnli-m", "id": "1", "gold": 0, "pred": 0}])
+    a, b = read_predictions([tmp_path / "a"]), read_predictions([tmp_path / "b"])
+    assert [r.metric for r in compare_runs(tmp_path / "a", tmp_path / "b", resamples=100)] == ["accuracy"]
+    with pytest.raises(IcldError, match="no token_f1"):
+        compare_predictions(a, b, "mnli-m", metric="token_f1")
 
 
 def test_a_row_with_neither_classes_nor_exact_match_is_named(tmp_path):

@@ -157,7 +157,8 @@ def test_eval_rescores_through_the_runs_own_decoding(trained, data_dir):
     again = {r["id"]: r["text"] for r in _lines(out / "predictions.jsonl")}
     assert again == texts  # batch size 2 here, 4 in the run: the same greedy answers
     paired = compare_runs(trained["run"], out)
-    assert paired[0].difference == 0.0 and paired[0].queries == 3
+    assert [p.metric for p in paired] == ["accuracy", "token_f1"]
+    assert all(p.difference == 0.0 and p.queries == 3 for p in paired)
 
 
 def test_eval_refuses_a_set_the_task_lacks(trained):

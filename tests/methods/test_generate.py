@@ -75,6 +75,7 @@ def test_two_generate_runs_compare_on_the_same_queries(tmp_path, data_dir, tiny_
     run_generate(_config(tmp_path, data_dir, tiny_dirs["teacher"], seeds=[0]), progress=False)
     run_generate(_config(tmp_path, data_dir, tiny_dirs["student"], seeds=[0], output_dir=str(tmp_path / "s")),
                  progress=False)
-    (result,) = compare_runs(tmp_path / "out", tmp_path / "s", resamples=200)
+    result, f1 = compare_runs(tmp_path / "out", tmp_path / "s", resamples=200)  # exact match, then token F1
     assert result.eval == "gsm8k" and result.queries == 4 and result.seeds == [0]
+    assert (result.metric, f1.metric, f1.queries) == ("accuracy", "token_f1", 4)
     assert 0.0 <= result.accuracy_a <= 1.0 and result.ci95_low <= result.difference <= result.ci95_high

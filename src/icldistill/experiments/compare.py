@@ -154,7 +154,7 @@ def read_predictions(paths: Iterable[str | Path], source: str | None = None) -> 
 
 @dataclass
 class PairedResult:
-    """The paired comparison of runs A and B on one evaluation set (``metric``: accuracy or ood_accuracy)."""
+    """The paired comparison of runs A and B on one evaluation set (``metric``: accuracy, ood_accuracy or token_f1)."""
 
     eval: str
     metric: str
@@ -201,6 +201,20 @@ def _common_queries(a: Predictions, b: Predictions, eval_set: str, seeds: Sequen
     return kept
 
 
+METRICS = ("accuracy", "ood_accuracy", "token_f1")
+
+
+def _per_query(p: Predictions, eval_set: str, seeds: Sequence[int], ids: Sequence[str], metric: str) -> np.ndarray:
+    """(seeds, queries): 0/1 correctness, or each generation row's token F1 for ``metric='token_f1'``."""
+    if metric != "token_f1":
+        return np.array([[p.rows[(s, eval_set)][q][1] == p.rows[(s, eval_set)][q][0] for q in ids] for s in seeds])
+    try:
+        return np.array([[float(p.rows[(s, eval_set)][q][2]["token_f1"]) for q in ids] for s in seeds])
+    except (KeyError, TypeError, ValueError):
+        raise IcldError(f"{p.source}: the predictions of {eval_set} have no token_f1 (only generation runs "
+                        "score it).") from None
+
+
 def compare_predictions(
     a: Predictions,
     b: Predictions,
@@ -213,10 +227,13 @@ def compare_predictions(
     """Compare A and B on ``eval_set`` over the seeds both have and the queries both scored.
 
     ``metric='ood_accuracy'`` is the mean of the per-label accuracies (on HANS: of the lexical-overlap
-    rows), bootstrapped within each gold label; ``'accuracy'`` is plain accuracy.
+    rows), bootstrapped within each gold label; ``'accuracy'`` is plain accuracy (exact match for
+    generation rows); ``'token_f1'`` (generation rows) the mean token F1, its discordant counts the queries
+    where one run's F1 is higher, and its "McNemar" p the exact sign test on them (McNemar's test is the
+    sign test of the discordant pairs).
     """
-    if metric not in ("accuracy", "ood_accuracy"):
-        raise IcldError(f"cannot compare on {metric!r}: choose accuracy or ood_accuracy.")
+    if metric not in METRICS:
+        raise IcldError(f"cannot compare on {metric!r}: choose one of {', '.join(METRICS)}.")
     seeds = sorted(set(a.seeds(eval_set)) & set(b.seeds(eval_set)))
     if not seeds:
         raise IcldError(f"{a.source} and {b.source} share no seed with predictions on {eval_set} "
@@ -226,8 +243,7 @@ def compare_predictions(
     ids = _common_queries(a, b, eval_set, seeds, ood and eval_set.startswith("hans"))
     if not ids:
         raise IcldError(f"{a.source} and {b.source} scored no common query on {eval_set}.")
-    ca = np.array([[a.rows[(s, eval_set)][q][1] == a.rows[(s, eval_set)][q][0] for q in ids] for s in seeds])
-    cb = np.array([[b.rows[(s, eval_set)][q][1] == b.rows[(s, eval_set)][q][0] for q in ids] for s in seeds])
+    ca, cb = (_per_query(p, eval_set, seeds, ids, metric) for p in (a, b))
     strata = np.array([a.rows[(seeds[0], eval_set)][q][0] for q in ids]) if ood else None
     diff, low, high = paired_bootstrap(ca, cb, strata=strata, resamples=resamples, seed=seed)
 
@@ -236,13 +252,19 @@ def compare_predictions(
 
     per_seed = []
     for i, s in enumerate(seeds):
-        a_only, b_only = int((ca[i] & ~cb[i]).sum()), int((cb[i] & ~ca[i]).sum())
+        a_only, b_only = int((ca[i] > cb[i]).sum()), int((cb[i] > ca[i]).sum())
         per_seed.append({"seed": s, "accuracy_a": score(ca[i:i + 1]), "accuracy_b": score(cb[i:i + 1]),
                          "a_only": a_only, "b_only": b_only, "mcnemar_p": mcnemar_exact(a_only, b_only)})
     # Pooled over seeds: the discordant pairs of every seed (the same queries recur, so read it as a summary).
     a_only, b_only = sum(p["a_only"] for p in per_seed), sum(p["b_only"] for p in per_seed)
     return PairedResult(eval_set, metric, seeds, len(ids), score(ca), score(cb), diff, low, high,
                         a_only, b_only, mcnemar_exact(a_only, b_only), per_seed)
+
+
+def _scores_f1(p: Predictions, eval_set: str) -> bool:
+    """Whether every row of ``eval_set`` carries a token F1 (a generation run's rows do)."""
+    return all("token_f1" in row for (_, name), per_set in p.rows.items() if name == eval_set
+               for _, _, row in per_set.values())
 
 
 def compare_runs(
@@ -253,7 +275,8 @@ def compare_runs(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> list[PairedResult]:
-    """``icld compare``: each evaluation set both runs have (or ``eval_sets``), accuracy and, on HANS, OOD accuracy."""
+    """``icld compare``: each evaluation set both runs have (or ``eval_sets``), accuracy and, on HANS, OOD accuracy;
+    for generation runs exact match and token F1."""
     def load(run: Any) -> Predictions:
         paths = [run] if isinstance(run, (str, Path)) else list(run)
         return read_predictions(paths, source=", ".join(str(p) for p in paths))
@@ -266,6 +289,8 @@ def compare_runs(
     results = []
     for name in names:
         results.append(compare_predictions(a, b, name, resamples=resamples, seed=seed))
+        if _scores_f1(a, name) and _scores_f1(b, name):  # generation: exact match, then token F1
+            results.append(compare_predictions(a, b, name, metric="token_f1", resamples=resamples, seed=seed))
         if name.startswith("hans"):
             results.append(compare_predictions(a, b, name, metric="ood_accuracy", resamples=resamples, seed=seed))
     return results

@@ -176,3 +176,14 @@ def test_a_row_with_neither_classes_nor_exact_match_is_named(tmp_path):
     _write(tmp_path / "b", [{"seed": 0, "eval": "gsm8k", "id": "q0", "exact_match": 1.0}])
     with pytest.raises(IcldError, match="exact_match"):
         compare_runs(tmp_path / "a", tmp_path / "b")
+
+
+def test_kl_spaces_are_different_configurations():
+    """sweep_paired merges the cells of one configuration across seeds: a label-KL and a vocab-KL cell of one
+    seed must not merge (their predictions would hold each query twice and the report would stop)."""
+    from icldistill.experiments.compare import config_key
+
+    row = {"task": "mnli", "method": "distill", "teacher": "t", "student": "s", "shots": 16, "alpha": 0.5,
+           "peft": "lora", "ce_target": "gold"}
+    assert config_key({**row, "kl_space": "label"}) != config_key({**row, "kl_space": "vocab"})
+    assert config_key({**row, "kl_space": "label", "seed": 0}) == config_key({**row, "kl_space": "label", "seed": 1})

@@ -522,3 +522,20 @@ def test_the_binary_hans_sweep_keeps_its_ood_notes(results, table):
     claims = {c.topic for c in headline_claims(table)}
     topic = "CD vs ICL at the student's size"
     assert {f"{topic}: in-domain accuracy", f"{topic}: OOD accuracy"} <= claims
+
+
+def test_two_kl_spaces_are_two_configurations(results):
+    """A grid over kl_space gives one table row per KL space (never one row averaging both as six seeds)."""
+    cd = results[results["method"] == "distill"]
+    vocab = cd.assign(cell=cd["cell"] + "-vocab", kl_space="vocab",
+                      accuracy=cd["accuracy"] - 0.1)
+    df = pd.concat([results.assign(kl_space=results["method"].map({"distill": "label"})), vocab], ignore_index=True)
+    table = comparison_table(df)
+    for k in KS:
+        for alpha in (0.5, 0.9):
+            rows = table[(table["method"] == "distill") & (table["shots"] == k) & (table["alpha"] == alpha)]
+            assert sorted(rows["kl_space"]) == ["label", "vocab"]
+            label, vocab_row = (rows[rows["kl_space"] == s].iloc[0] for s in ("label", "vocab"))
+            assert vocab_row["id_accuracy_mean"] == pytest.approx(label["id_accuracy_mean"] - 0.1)
+            assert vocab_row["models"].endswith("(vocab KL)") and "(vocab KL)" not in label["models"]
+            assert vocab_row["n_seeds"] == label["n_seeds"]

@@ -298,7 +298,9 @@ def compare_runs(
 
 # ---------------------------------------------------------------------------------------------- sweeps
 
-CONFIG_KEYS = ("task", "method", "model", "teacher", "student", "shots", "alpha", "peft", "pattern", "ce_target")
+# What makes two runs one configuration (seeds aside): the pairing here and the rows of the report's table.
+CONFIG_KEYS = ("task", "method", "model", "teacher", "student", "shots", "alpha", "peft", "pattern", "ce_target",
+               "kl_space")
 BASELINES = ("icl-student", "pbft", "pbft-teacher")
 REPORT_RESAMPLES = 2_000  # per claim; the report makes several, and 2,000 pins a 95% interval to ~0.005
 

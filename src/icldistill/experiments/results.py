@@ -23,10 +23,10 @@ COLUMNS = [
     "inference_latency_ms", "inference_peak_memory_mb", "status",
     # Issue 12: label and step budgets, and what the peak memory is made of.
     "ce_target", "labelled_examples", "steps", "examples_seen", "train_peak_memory_mb", "teacher_peak_memory_mb",
-    "teacher_cache_hit", "select", "ood_metric",
+    "teacher_cache_hit", "select", "ood_metric", "kl_space",
 ]
 CONFIG_COLUMNS = ["method", "model", "teacher", "student", "task", "shots", "seed", "alpha", "peft", "pattern", "eval",
-                  "ce_target"]
+                  "ce_target", "kl_space"]
 METRIC_COLUMNS = ["n", "dropped", "accuracy", "calibrated_accuracy", "auc", "accuracy_full_vocab", "non_label_rate",
                   "macro_f1", "ood_accuracy", "chance_rate", "majority_rate"]
 RESOURCE_COLUMNS = ["peak_memory_mb", "train_time_s", "teacher_time_s", "seconds_per_step", "trainable_parameters",
@@ -113,6 +113,7 @@ def _describe_cell(cell: Mapping[str, Any], record: Mapping[str, Any] | None) ->
             "seed": config["seeds"][0], "alpha": _number(config.get("alpha")) if method == "distill" else math.nan,
             "peft": config.get("peft") if trains else None, "pattern": pattern,
             "ce_target": config.get("ce_target", "gold") if method == "distill" else None,
+            "kl_space": config.get("kl_space", "label") if method == "distill" else None,
             "select": config.get("select", "last") if trains else None}
 
 
@@ -237,7 +238,8 @@ def _later_evaluations(directory: Path, described: dict[str, Any], resources: di
     return rows
 
 
-_TEXT_COLUMNS = ["model", "teacher", "student", "task", "peft", "pattern", "ce_target", "select", "ood_metric"]
+_TEXT_COLUMNS = ["model", "teacher", "student", "task", "peft", "pattern", "ce_target", "select", "ood_metric",
+                 "kl_space"]
 
 
 def _none_for_missing(frame):

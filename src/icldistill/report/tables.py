@@ -17,6 +17,7 @@ import pandas as pd
 
 from icldistill.config import DistillOptions
 from icldistill.errors import DataError
+from icldistill.experiments.compare import CONFIG_KEYS
 from icldistill.report.console import MISSING, fmt as _fmt  # the project's one number format
 
 __all__ = [
@@ -38,11 +39,11 @@ SUBCASE_COLUMNS = ("cell", "method", "model", "shots", "seed", "alpha", "eval", 
 # (older code) gets them empty rather than being refused.
 OPTIONAL_COLUMNS = ("ce_target", "labelled_examples", "steps", "examples_seen", "train_peak_memory_mb",
                     "teacher_peak_memory_mb", "teacher_cache_hit", "select", "ood_metric", "chance_rate",
-                    "majority_rate")
-_OPTIONAL_TEXT = ("ce_target", "select", "ood_metric")
+                    "majority_rate", "kl_space")
+_OPTIONAL_TEXT = ("ce_target", "select", "ood_metric", "kl_space")
 
 # A row of the comparison table is one configuration; seeds are what it aggregates over.
-KEY_COLUMNS = ("task", "method", "model", "teacher", "student", "shots", "alpha", "peft", "pattern", "ce_target")
+KEY_COLUMNS = CONFIG_KEYS  # one list with icld compare's pairing of configurations (kl_space included)
 # A line in a figure is one configuration traced over k.
 SERIES_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "shots")
 # Per-run values that the table aggregates over seeds (mean and sample std).
@@ -198,6 +199,7 @@ def _missing(value: Any) -> bool:
 def _models_label(row: Any) -> str:
     if row["method"] == "distill" and not _missing(row["teacher"]):
         label = f"{_short_model(row['teacher'])} → {_short_model(row['student'])}"
+        label += " (vocab KL)" if row.get("kl_space") == "vocab" else ""
         return label + (" (CE on teacher's labels)" if row.get("ce_target") == "teacher" else "")
     return _short_model(row["model"])
 
@@ -231,7 +233,8 @@ def _table_from_runs(runs: pd.DataFrame) -> pd.DataFrame:
     for key, group in runs.groupby(list(KEY_COLUMNS), sort=False, dropna=False):
         row: dict[str, Any] = dict(zip(KEY_COLUMNS, key))
         row.update({c: group.iloc[0][c] for c in KEY_COLUMNS if _missing(row[c])})  # None, not NaN, stays None
-        row["ce_target"] = None if _missing(row["ce_target"]) else row["ce_target"]
+        for text in ("ce_target", "kl_space"):
+            row[text] = None if _missing(row[text]) else row[text]
         row["models"] = _models_label(row)
         row["id_eval"] = _joined(group["id_eval"])
         row["ood_eval"] = _joined(group["ood_eval"])

@@ -49,16 +49,20 @@ demo-small: setup
 	$(VENV)/bin/icld report runs/demo-sst2
 	$(VENV)/bin/icld report runs/demo-agnews
 
-# The reference study on the Qwen2.5-Coder pair (RESULTS.md): 19 runs on MNLI -> HANS from three experiment
-# files into one sweep directory. Resumable: run it again after an interruption and it continues where it
-# stopped. STUDY_DIR moves its output.
+# The reference study on the Qwen2.5-Coder pair (RESULTS.md): 22 runs on MNLI -> HANS from four experiment
+# files into one sweep directory (the teacher's PBFT last), then 12 on SST-2 into another. Resumable: run it
+# again after an interruption and it continues where it stopped. STUDY_DIR and SST2_DIR move its output.
 STUDY_DIR ?= runs/study-qwen
+SST2_DIR ?= runs/study-qwen-sst2
 study: setup
 	$(VENV)/bin/icld models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
 	$(VENV)/bin/icld -q sweep configs/study-qwen-zeroshot.yaml --output-dir $(STUDY_DIR)
 	$(VENV)/bin/icld -q sweep configs/study-qwen.yaml --output-dir $(STUDY_DIR)
 	$(VENV)/bin/icld -q sweep configs/study-qwen-labelfree.yaml --output-dir $(STUDY_DIR)
+	$(VENV)/bin/icld -q sweep configs/study-qwen-teacher-pbft.yaml --output-dir $(STUDY_DIR)
 	$(VENV)/bin/icld report $(STUDY_DIR)
+	$(VENV)/bin/icld -q sweep configs/study-qwen-sst2.yaml --output-dir $(SST2_DIR)
+	$(VENV)/bin/icld report $(SST2_DIR)
 
 # The GSM8K generation study on the same pair (RESULTS.md): ICL teacher and student, the student without context,
 # SFT on references and the three distillation signals, 3 seeds, in one sweep directory. Resumable, like `study`.

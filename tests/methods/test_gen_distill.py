@@ -264,3 +264,60 @@ def test_on_policy_resume_trains_on_the_samples_the_uninterrupted_run_drew(tmp_p
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def _kill_first_call(module, monkeypatch, after: int) -> None:
+    """Replace ``module.generate`` by one whose first call is killed after ``after`` batches."""
+    real, state = module.generate, {"calls": 0, "batches": 0}
+
+    def generate(*args, **kwargs):
+        state["calls"] += 1
+        first = state["calls"] == 1
+
+        def progress(n):
+            state["batches"] += 1
+            if first and state["batches"] == after:
+                raise KeyboardInterrupt
+        return real(*args, **{**kwargs, "progress": progress})
+
+    monkeypatch.setattr(module, "generate", generate)
+
+
+def _count_decoded(monkeypatch) -> list[int]:
+    """The sizes of the batches decoded from now on (a batch read from a journal is not decoded)."""
+    from icldistill.scoring import generation
+
+    real, decoded = generation._decode_batch, []
+
+    def decode(model, prefix, queries, *args):
+        decoded.append(len(queries))
+        return real(model, prefix, queries, *args)
+
+    monkeypatch.setattr(generation, "_decode_batch", decode)
+    return decoded
+
+
+@pytest.mark.parametrize("killed_in", ["teacher pass", "final evaluation"])
+def test_a_run_killed_while_decoding_resumes_at_its_next_batch(killed_in, tmp_path, data_dir, tiny_dirs, monkeypatch):
+    """The teacher's answers and the student's final answers are journalled batch by batch: a rerun decodes
+    only the batches not yet journalled, and ends where a run never killed ends."""
+    from icldistill.methods import gen_setup, gen_teacher
+    from icldistill.runtime.rundir import JOURNAL_DIR
+
+    options = dict(signal="sequence", epochs=1, dev_queries=0, batch_size=1)
+    reference = run_gen_distill(_config(tmp_path, data_dir, tiny_dirs, output_dir=str(tmp_path / "ref"),
+                                        cache_dir=str(tmp_path / "ref-cache"), **options), progress=False)
+    module = gen_teacher if killed_in == "teacher pass" else gen_setup
+    _kill_first_call(module, monkeypatch, after=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_gen_distill(_config(tmp_path, data_dir, tiny_dirs, **options), progress=False)
+    journals = [*(tmp_path / "cache").rglob("*.journal.jsonl"), *(tmp_path / "out").rglob("*.journal.jsonl")]
+    assert len(journals) == 1
+    monkeypatch.undo()
+    decoded = _count_decoded(monkeypatch)
+    again = run_gen_distill(_config(tmp_path, data_dir, tiny_dirs, resume=True, **options), progress=False)
+    # One query a batch: the teacher answers 4 training queries, the student 2 evaluation queries; the batch
+    # journalled before the kill is not decoded again (a teacher pass finished before it is cached).
+    assert len(decoded) == (3 + 2 if killed_in == "teacher pass" else 1)
+    assert again["seeds"]["0"]["eval"] == reference["seeds"]["0"]["eval"]
+    assert not any(path.exists() for path in journals) and not (tmp_path / "out" / JOURNAL_DIR).exists()

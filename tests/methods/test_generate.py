@@ -79,3 +79,32 @@ def test_two_generate_runs_compare_on_the_same_queries(tmp_path, data_dir, tiny_
     assert result.eval == "gsm8k" and result.queries == 4 and result.seeds == [0]
     assert (result.metric, f1.metric, f1.queries) == ("accuracy", "token_f1", 4)
     assert 0.0 <= result.accuracy_a <= 1.0 and result.ci95_low <= result.difference <= result.ci95_high
+
+
+def test_a_run_killed_mid_decode_resumes_at_its_next_batch(tmp_path, data_dir, tiny_dirs, cache_dir, monkeypatch):
+    """Killed in seed 1's second batch: the rerun decodes only what was not journalled, equals a run never
+    killed, and leaves no journal behind."""
+    from icldistill.runtime.rundir import JOURNAL_DIR
+    from icldistill.scoring import generation
+
+    config = _config(tmp_path, data_dir, tiny_dirs["teacher"], batch_size=2)
+    reference = run_generate(build_config(GenerateOptions, {**vars(config), "output_dir": str(tmp_path / "ref")}),
+                             progress=False)
+    real, calls = generation._decode_batch, []
+
+    def decode(model, prefix, queries, *args):
+        calls.append(len(queries))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(model, prefix, queries, *args)
+
+    monkeypatch.setattr(generation, "_decode_batch", decode)
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(config, progress=False)
+    assert (tmp_path / "out" / JOURNAL_DIR).is_dir()
+    calls.clear()
+    record = run_generate(config, progress=False)
+    assert sum(calls) == 2  # seed 0 (2 batches) and seed 1's first batch came from the journal
+    assert record["seeds"] == reference["seeds"]
+    assert (tmp_path / "out" / "predictions.jsonl").read_text() == (tmp_path / "ref" / "predictions.jsonl").read_text()
+    assert not (tmp_path / "out" / JOURNAL_DIR).exists()

@@ -125,7 +125,7 @@ def teacher_pass(config: GenDistillOptions, setup: GenSetup, spec: TeacherSpec, 
                 found = cache.load(key)
                 hit = found is not None
                 if found is None:
-                    found = teacher_answers(teacher(), prompts, settings)
+                    found = teacher_answers(teacher(), prompts, settings, journal=cache.journal(key))
                     cache.save(key, found, description)
                 if topk:
                     top_key = topk_key(key, topk)

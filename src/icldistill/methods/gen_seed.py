@@ -131,6 +131,7 @@ class SeedRun:
                   "teacher_pass": dict(teacher_info) or None,
                   "on_policy_draws": getattr(make_batch, "drawn", None)}
         self.run_dir.write_seed(self.seed, record)
+        self.run_dir.clear_journals(self.seed)
         return record
 
     def final_evaluation(self, student: LoadedModel, precision: str, score_eval_sets: bool
@@ -144,7 +145,8 @@ class SeedRun:
             if score_eval_sets:
                 final, predictions = evaluate_generation(student, self.setup, [], seed=self.seed,
                                                          batch_size=self.config.batch_size, with_context=False,
-                                                         use_prefix_cache=self.config.prefix_cache)
+                                                         use_prefix_cache=self.config.prefix_cache,
+                                                         journal=(self.run_dir, self.identity))
         queries = sum(v["n"] for v in final.values())
         inference = {**cost.as_dict(), "queries": queries,
                      "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}

@@ -18,8 +18,10 @@ from icldistill.config import GenerationOptions, to_dict
 from icldistill.errors import ConfigError
 from icldistill.methods.common import output_dir
 from icldistill.models.loading import LoadedModel
+from icldistill.runtime import distributed
 from icldistill.runtime.records import environment
 from icldistill.runtime.rundir import RECORD_VERSION, RunDir, probe_writable, run_identity
+from icldistill.scoring.answer_journal import AnswerJournal, journal_key
 from icldistill.scoring.encoding import encode_text
 from icldistill.scoring.generation import DecodeSettings, Generated, generate
 from icldistill.scoring.generation_metrics import Extractor, generation_metrics, score_answer
@@ -101,19 +103,35 @@ def answer_rows(task: GenerationTask, rows: Sequence[GenerationRow], answers: Se
 
 
 def evaluate_generation(model: LoadedModel, setup: GenSetup, demonstrations: Sequence[GenerationRow], *, seed: int,
-                        batch_size: int, with_context: bool, use_prefix_cache: bool = True
+                        batch_size: int, with_context: bool, use_prefix_cache: bool = True,
+                        journal: tuple[RunDir, str] | None = None
                         ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Greedy answers on every evaluation set; (metrics per set, prediction rows)."""
+    """Greedy answers on every evaluation set; (metrics per set, prediction rows).
+
+    With ``journal`` (the run's directory and identity) each finished decode batch is journalled in the run
+    directory, so that a killed run resumes at its next batch (the caller clears the journals once the
+    answers are in its records: ``RunDir.clear_journals``).
+    """
     metrics, predictions = {}, []
     settings = setup.decode_settings(batch_size)
     demos = demonstrations if with_context else ()
     for name, rows in setup.eval_rows.items():
         prompts = encode_prompts(model, setup.task, rows, demos, with_instruction=with_context)
-        answers = generate(model.model, model.tokenizer, prompts, settings, use_prefix_cache=use_prefix_cache)
+        answers = generate(model.model, model.tokenizer, prompts, settings, use_prefix_cache=use_prefix_cache,
+                           journal=_journal(journal, seed, name, prompts, settings))
         scored = answer_rows(setup.task, rows, answers, seed, name)
         metrics[name] = generation_metrics(scored, seed=seed)
         predictions += scored
     return metrics, predictions
+
+
+def _journal(journal: tuple[RunDir, str] | None, seed: int, name: str, prompts: Sequence[Sequence[int]],
+             settings: DecodeSettings) -> AnswerJournal | None:
+    """The journal of one seed's answers to set ``name`` (rank 0 alone writes one), keyed by the run's identity."""
+    if journal is None or not distributed.is_main():
+        return None
+    run_dir, identity = journal
+    return AnswerJournal(run_dir.journal_path(seed, name), journal_key(prompts, settings, identity, seed, name))
 
 
 def claim_generation_run(method: str, config: GenerationOptions, setup: GenSetup) -> tuple[dict[str, Any], RunDir]:

@@ -27,8 +27,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save as tensors_to_bytes
 
 from icldistill.errors import IcldError
+from icldistill.runtime import distributed
 from icldistill.runtime.paths import default_cache_dir
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_json
+from icldistill.runtime.rundir import JOURNAL_SUFFIX
+from icldistill.scoring.answer_journal import AnswerJournal
 from icldistill.scoring.encoding import common_prefix_length
 from icldistill.scoring.generation import DecodeSettings, Generated, generate, prefix_for_rows
 from icldistill.scoring.prefix_cache import PrefixCache
@@ -112,10 +115,11 @@ def context_logits(model: Any, prefix: PrefixCache | None, prompts: Sequence[Seq
 
 
 def teacher_answers(teacher: Any, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
-                    progress: Any = None) -> TeacherAnswers:
+                    progress: Any = None, journal: AnswerJournal | None = None) -> TeacherAnswers:
     """The teacher's greedy answers with its context (prefilled once, shared by every batch)."""
     model, tokenizer = teacher.model, teacher.tokenizer
-    generated = generate(model, tokenizer, prompts, settings, use_prefix_cache=True, progress=progress)
+    generated = generate(model, tokenizer, prompts, settings, use_prefix_cache=True, progress=progress,
+                         journal=journal)
     eos = end_token(model, tokenizer)
     return TeacherAnswers([answer_tokens(g, eos) for g in generated], [g.text for g in generated],
                           [g.finish for g in generated])
@@ -166,6 +170,11 @@ class AnswerCache:
     def paths(self, key: str) -> tuple[Path, Path]:
         return self.directory / f"{key}.safetensors", self.directory / f"{key}.json"
 
+    def journal(self, key: str) -> AnswerJournal | None:
+        """The answers of the pass ``key`` batch by batch while it runs (a killed pass resumes; ``save``
+        removes it); rank 0 alone keeps one."""
+        return AnswerJournal(self.directory / f"{key}{JOURNAL_SUFFIX}", key) if distributed.is_main() else None
+
     def _read(self, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         tensors_path, meta_path = self.paths(key)
         if not (tensors_path.exists() and meta_path.exists()):
@@ -202,6 +211,7 @@ class AnswerCache:
         tensors = {"answers": torch.tensor([t for a in answers.answers for t in a], dtype=torch.long),
                    "lengths": torch.tensor([len(a) for a in answers.answers], dtype=torch.long)}
         self._write(key, tensors, {"description": description, "texts": answers.texts, "finish": answers.finish})
+        (self.directory / f"{key}{JOURNAL_SUFFIX}").unlink(missing_ok=True)
 
     def load_topk(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         found = self._read(key)

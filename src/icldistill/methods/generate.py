@@ -13,6 +13,7 @@ from icldistill.methods.common import aggregate, inference_record, model_record
 from icldistill.methods.gen_setup import GenSetup, claim_generation_run, evaluate_generation, prepare_generation
 from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime.records import measure
+from icldistill.runtime.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def run_generate(config: GenerateOptions, *, progress: bool = True) -> dict[str,
         model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir,
                            revision=config.revision, trust_remote_code=config.trust_remote_code)
         record["model"] = model_record(model)
-        seeds, predictions, parts = _answer_seeds(config, setup, model, progress)
+        seeds, predictions, parts = _answer_seeds(config, setup, model, (run_dir, record["identity"]), progress)
     record["seeds"] = seeds
     record["labelled_examples"] = setup.task.shots if config.context else 0
     record["aggregate"] = aggregate({s: e["eval"] for s, e in seeds.items()})
@@ -34,11 +35,12 @@ def run_generate(config: GenerateOptions, *, progress: bool = True) -> dict[str,
     record["status"] = "complete"
     run_dir.write_predictions(predictions)
     run_dir.write(record)
+    run_dir.clear_journals()
     return record
 
 
-def _answer_seeds(config: GenerateOptions, setup: GenSetup, model: LoadedModel, progress: bool
-                  ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+def _answer_seeds(config: GenerateOptions, setup: GenSetup, model: LoadedModel, journal: tuple[RunDir, str],
+                  progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Each seed's answers: (seed entries, prediction rows, measured parts for the inference cost)."""
     seeds: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
@@ -47,7 +49,8 @@ def _answer_seeds(config: GenerateOptions, setup: GenSetup, model: LoadedModel, 
         demos = setup.demonstrations(seed) if config.context else []
         with measure(model.device) as cost:
             metrics, rows = evaluate_generation(model, setup, demos, seed=seed, batch_size=config.batch_size,
-                                                with_context=config.context, use_prefix_cache=config.prefix_cache)
+                                                with_context=config.context, use_prefix_cache=config.prefix_cache,
+                                                journal=journal)
         queries = sum(m["n"] for m in metrics.values())
         parts.append({**cost.as_dict(), "queries": queries})
         seeds[str(seed)] = {"demonstrations": [d.id for d in demos], "labelled_examples": len(demos),

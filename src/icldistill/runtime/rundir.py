@@ -30,6 +30,8 @@ from icldistill.runtime.records import atomic_write_json, atomic_write_jsonl, re
 RESULTS_FILE = "results.json"
 SEED_RESULT_FILE = "seed_result.json"
 SEED_DIR_PREFIX = "seed-"
+JOURNAL_DIR = "journal"  # answers of finished decode batches while a generation run is unfinished
+JOURNAL_SUFFIX = ".journal.jsonl"  # scoring/answer_journal: one finished batch a line after a key line
 RECORD_VERSION = 1  # 0: records written before identities (ca96d28 and earlier); see migrate_run
 FINISHED = ("complete", "skipped")  # a "skipped" run (context too long) would end the same way again
 
@@ -329,7 +331,7 @@ class RunDir:
             raise ConfigError(f"{self.path} holds {what}. Choose another --output-dir, or rerun with --overwrite "
                               "to delete that run and start this one.")
         # The replaced run's seeds, and its later evaluations (``icld eval`` writes RUN/eval-SETS beside them).
-        for child in [*self.path.glob(f"{SEED_DIR_PREFIX}*"), *self.path.glob("eval-*")]:
+        for child in [*self.path.glob(f"{SEED_DIR_PREFIX}*"), *self.path.glob("eval-*"), self.path / JOURNAL_DIR]:
             if child.is_dir():
                 shutil.rmtree(child)
         self.results_path.unlink(missing_ok=True)
@@ -342,6 +344,22 @@ class RunDir:
             return read_json(seed_dir / SEED_RESULT_FILE).get("identity")
         except (OSError, ValueError, AttributeError):
             return None
+
+    # ------------------------------------------------------------------ decode journals
+
+    def journal_path(self, seed: int | str, eval_name: str) -> Path:
+        """Where one seed's answers to one evaluation set are journalled while the run is unfinished."""
+        return self.path / JOURNAL_DIR / f"{SEED_DIR_PREFIX}{seed}-{eval_name}{JOURNAL_SUFFIX}"
+
+    def clear_journals(self, seed: int | str | None = None) -> None:
+        """Drop the journals (one seed's, or all) once the answers they hold are in the run's own files."""
+        if not distributed.is_main():
+            return
+        pattern = f"{SEED_DIR_PREFIX}{seed}-*" if seed is not None else "*"
+        for path in (self.path / JOURNAL_DIR).glob(pattern):
+            path.unlink(missing_ok=True)
+        if (self.path / JOURNAL_DIR).is_dir() and not any((self.path / JOURNAL_DIR).iterdir()):
+            (self.path / JOURNAL_DIR).rmdir()
 
     # ------------------------------------------------------------------ writing (rank 0)
 

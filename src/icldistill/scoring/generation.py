@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,6 +25,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from icldistill.errors import ConfigError
 from icldistill.scoring.encoding import common_prefix_length
 from icldistill.scoring.prefix_cache import PrefixCache
+
+if TYPE_CHECKING:
+    from icldistill.scoring.answer_journal import AnswerJournal
 
 
 @dataclass(frozen=True)
@@ -211,21 +214,35 @@ def _decode_batch(model: PreTrainedModel, prefix: PrefixCache | None, queries: S
             positions = positions[:, -1:] + 1
 
 
+def _journalled(journal: AnswerJournal | None, settings: DecodeSettings) -> dict[int, Generated]:
+    """The answers ``journal`` already holds (none without one), the journal opened for the new batches."""
+    if journal is None:
+        return {}
+    if settings.temperature > 0:
+        raise ValueError("sampled decoding cannot be journalled: its batches share one generator.")
+    done = {i: Generated(tuple(a["tokens"]), a["text"], a["finish"]) for i, a in journal.load().items()}
+    journal.start()
+    return done
+
+
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
                     settings: DecodeSettings = DecodeSettings(), *, use_prefix_cache: bool = True,
-                    progress: Any = None, seed: int = 0) -> list[Generated]:
+                    progress: Any = None, seed: int = 0, journal: AnswerJournal | None = None) -> list[Generated]:
     """Answers to token-id ``prompts`` (each whole: context + query), in the order given: greedy, or
     sampled at ``settings.temperature`` from a generator seeded with ``seed`` (the same seed, prompts and
     batch size give the same samples).
 
     With ``use_prefix_cache`` the prompts' common token prefix is computed once and shared; without, each
     prompt is decoded whole (the naive reference). ``progress`` is an optional callable taking the number
-    of prompts finished since its last call (a tqdm's ``update``).
+    of prompts finished since its last call (a tqdm's ``update``). With a ``journal`` (greedy only) each
+    finished batch is recorded there and a batch already recorded is not decoded again (a killed run resumes
+    at its next batch; ``scoring.answer_journal``).
     """
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("a prompt is empty: every prompt needs at least one token to continue from.")
+    done = _journalled(journal, settings)
     prefix: PrefixCache | None = None
     split = 0
     if use_prefix_cache:
@@ -240,9 +257,15 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     results: list[Generated | None] = [None] * len(prompts)
     generator = torch.Generator().manual_seed(seed) if settings.temperature > 0 else None
     for batch in _batches(queries, settings.batch_size, has_sliding_window(model)):
-        rows = _Rows(tokenizer, len(batch), settings, eos)
-        _decode_batch(model, prefix, [queries[i] for i in batch], rows, pad_id, generator)
-        for i, generated in zip(batch, rows.results()):
+        if all(i in done for i in batch):
+            answers = [done[i] for i in batch]
+        else:
+            rows = _Rows(tokenizer, len(batch), settings, eos)
+            _decode_batch(model, prefix, [queries[i] for i in batch], rows, pad_id, generator)
+            answers = rows.results()
+            if journal is not None:
+                journal.append(batch, answers)
+        for i, generated in zip(batch, answers):
             results[i] = generated
         if progress is not None:
             progress(len(batch))

@@ -1,0 +1,99 @@
+"""A journal of finished decode batches, so that a killed generation resumes at its next batch.
+
+Greedy answers to a GSM8K question cost about a minute of a 1.5B on CPU, and an evaluation set is decoded in
+one call: without a journal, a run killed near its end starts that set again. Greedy decoding of one batch
+does not depend on any other batch (each starts from the shared prefix and its own queries, and batches are
+formed the same way from the same prompts), so the answers of the batches that ended before a kill are
+exactly what a rerun would compute. :func:`icldistill.scoring.generation.generate` appends each finished
+batch to the journal (flushed and synced before the next batch starts) and skips a batch found there.
+
+The file's first line is a key over the prompts, the decoding settings and what the caller adds (the run's
+identity, the seed and the set; or the teacher cache's key): a journal with another key is another run's and
+is started afresh, and a torn last line (a kill while writing) is dropped. Sampled decoding draws from one
+generator across batches, so it is never journalled (on-policy training checkpoints its draws itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def journal_key(prompts: Sequence[Sequence[int]], settings: Any, *extra: Any) -> str:
+    """What a journal answers: the prompts' token ids, the decoding settings (a dataclass) and ``extra``."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([asdict(settings), [str(e) for e in extra]], sort_keys=True).encode())
+    for prompt in prompts:
+        digest.update(json.dumps(list(prompt)).encode())
+    return digest.hexdigest()[:32]
+
+
+class AnswerJournal:
+    """Finished batches of one decode (``path``), valid for the decode that ``key`` names."""
+
+    def __init__(self, path: str | Path, key: str):
+        self.path, self.key = Path(path), key
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        """The journalled answers (as written: ``tokens``, ``text``, ``finish``) by prompt index; empty when
+        there is no journal or it is another decode's."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return {}
+        if not lines or _parse(lines[0]).get("key") != self.key:
+            if lines:
+                logger.info("%s journals another decode (other prompts, settings or run): starting afresh", self.path)
+            return {}
+        done: dict[int, dict[str, Any]] = {}
+        for line in lines[1:]:
+            entry = _parse(line)
+            done.update((int(i), answer) for i, answer in zip(entry.get("indices", ()), entry.get("answers", ())))
+        if done:
+            logger.info("%s: %d answers journalled by an earlier attempt, not decoded again", self.path, len(done))
+        return done
+
+    def start(self) -> None:
+        """Begin the journal (its key line) unless it already journals this decode; a torn last line is cut
+        off so that the next batch starts a line of its own."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = ""
+        if _parse(text.split("\n", 1)[0]).get("key") != self.key:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write(json.dumps({"key": self.key}) + "\n", mode="w")
+        elif not text.endswith("\n"):
+            self._write(text[:text.rfind("\n") + 1], mode="w")
+
+    def append(self, indices: Sequence[int], answers: Sequence[Any]) -> None:
+        """Record one finished batch (its answers: dataclasses); on disk before this returns."""
+        entry = {"indices": list(indices), "answers": [asdict(a) for a in answers]}
+        self._write(json.dumps(entry) + "\n", mode="a")
+
+    def discard(self) -> None:
+        """Remove the journal (its answers are in the run's own files now)."""
+        self.path.unlink(missing_ok=True)
+
+    def _write(self, text: str, mode: str) -> None:
+        with self.path.open(mode, encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _parse(line: str) -> dict[str, Any]:
+    """One journal line as a dict; a torn or foreign line as an empty one."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -22,15 +21,6 @@ from icldistill.experiments.sweep import CELL_FILE, run_sweep
 from icldistill.report.generation import generation_table, teacher_agreement
 from icldistill.runtime.rundir import RunDir
 from icldistill.tasks.generation import GENERATION_DIR
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 GRID = {"method": ["generate-teacher", "generate-student", "gen-distill"],
         "signal": ["sequence", "token", "on-policy", "reference"], "seed": [0, 1, 2]}

@@ -115,3 +115,15 @@ def test_answers_come_back_as_written(tmp_path_factory, batches):
         start += len(batch)
     assert {i: Generated(tuple(a["tokens"]), a["text"], a["finish"]) for i, a in journal.load().items()} == written
     assert AnswerJournal(journal.path, "other key").load() == {}
+
+
+@pytest.mark.parametrize("line", ['{"indices": [0], "answers": []}', '{"indices": ["0"], "answers": [{}]}',
+                                  '{"indices": [0], "answers": [{"tokens": [1], "text": 3, "finish": "eos"}]}',
+                                  '[1, 2]', 'null'])
+def test_a_line_that_is_not_a_finished_batch_is_ignored(tmp_path, line):
+    journal = AnswerJournal(tmp_path / "j.jsonl", "key")
+    journal.start()
+    journal.append([1], [Generated((5, 6), "x", "eos")])
+    with journal.path.open("a") as handle:
+        handle.write(line + "\n")
+    assert journal.load() == {1: {"tokens": [5, 6], "text": "x", "finish": "eos"}}

@@ -56,7 +56,10 @@ class AnswerJournal:
         done: dict[int, dict[str, Any]] = {}
         for line in lines[1:]:
             entry = _parse(line)
-            done.update((int(i), answer) for i, answer in zip(entry.get("indices", ()), entry.get("answers", ())))
+            indices, answers = entry.get("indices"), entry.get("answers")
+            if isinstance(indices, list) and isinstance(answers, list) and len(indices) == len(answers) \
+                    and all(isinstance(i, int) for i in indices) and all(map(_is_answer, answers)):
+                done.update(zip(indices, answers))
         if done:
             logger.info("%s: %d answers journalled by an earlier attempt, not decoded again", self.path, len(done))
         return done
@@ -88,6 +91,13 @@ class AnswerJournal:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _is_answer(value: Any) -> bool:
+    """Whether ``value`` is an answer as :meth:`AnswerJournal.append` writes one (else the line is ignored)."""
+    return (isinstance(value, dict) and isinstance(value.get("tokens"), list)
+            and all(isinstance(t, int) for t in value["tokens"])
+            and isinstance(value.get("text"), str) and isinstance(value.get("finish"), str))
 
 
 def _parse(line: str) -> dict[str, Any]:

@@ -50,7 +50,7 @@ demo-small: setup
 	$(VENV)/bin/icld report runs/demo-agnews
 
 # The reference study on the Qwen2.5-Coder pair (RESULTS.md): 22 runs on MNLI -> HANS from four experiment
-# files into one sweep directory (the teacher's PBFT last), then 12 on SST-2 into another. Resumable: run it
+# files into one sweep directory (the teacher's PBFT last), then 13 on SST-2 into another. Resumable: run it
 # again after an interruption and it continues where it stopped. STUDY_DIR and SST2_DIR move its output.
 STUDY_DIR ?= runs/study-qwen
 SST2_DIR ?= runs/study-qwen-sst2
@@ -61,6 +61,7 @@ study: setup
 	$(VENV)/bin/icld -q sweep configs/study-qwen-labelfree.yaml --output-dir $(STUDY_DIR)
 	$(VENV)/bin/icld -q sweep configs/study-qwen-teacher-pbft.yaml --output-dir $(STUDY_DIR)
 	$(VENV)/bin/icld report $(STUDY_DIR)
+	$(VENV)/bin/icld -q sweep configs/study-qwen-sst2-zeroshot.yaml --output-dir $(SST2_DIR)
 	$(VENV)/bin/icld -q sweep configs/study-qwen-sst2.yaml --output-dir $(SST2_DIR)
 	$(VENV)/bin/icld report $(SST2_DIR)
 

@@ -152,8 +152,10 @@ def test_sweep_killed_resumes_only_the_missing_cells(tmp_path, data_dir, tiny_di
 
 @pytest.mark.slow
 def test_ctrl_c_exits_cleanly_and_the_run_resumes(tmp_path, data_dir, tiny_dirs, cache_dir):
+    # 400 epochs: a run that may end before the signal lands (a loaded machine can delay this process for
+    # seconds after the first checkpoint) would test nothing; SIGINT stops it after the first few.
     args = ["pbft", "--model", str(tiny_dirs["student"]), "--eval", "mnli-m", "--shots", "8", "--seeds", "0",
-            "--limit", "8", "--epochs", "40", "--lr", "1e-3", "--train-batch-size", "2", "--data-dir", str(data_dir),
+            "--limit", "8", "--epochs", "400", "--lr", "1e-3", "--train-batch-size", "2", "--data-dir", str(data_dir),
             "--dtype", "fp32", "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--resume"]
     env = _env(cache_dir)
     proc = _cli(args, env)
@@ -167,7 +169,7 @@ def test_ctrl_c_exits_cleanly_and_the_run_resumes(tmp_path, data_dir, tiny_dirs,
     assert "--resume" in err and "Traceback" not in err
     _check_no_partial_files(tmp_path / "run")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    assert 1 <= state["epochs_done"] < 40
+    assert 1 <= state["epochs_done"] < 400
 
 
 def test_a_busy_cell_says_how_to_proceed_when_its_worker_is_gone(tmp_path):

@@ -58,6 +58,22 @@ def _by_method(experiment):
     return Counter(c.method for c in experiment.cells)
 
 
+def test_the_teachers_pbft_is_the_students_pbft_on_the_1_5b():
+    """The study's memory baseline (study-qwen-teacher-pbft.yaml) runs exactly the student PBFT cells' options
+    (study-qwen.yaml), seed for seed, on the teacher's model: the claim RESULTS.md makes of it."""
+    from icldistill.config import to_dict
+
+    def configs(name, method):
+        cells = [c for c in load_experiment(CONFIGS / name).cells if c.method == method]
+        return {c.seed: {k: v for k, v in to_dict(c.config).items() if k not in ("output_dir", "model")}
+                for c in cells}, {c.config.model for c in cells}
+
+    student, student_models = configs("study-qwen.yaml", "pbft")
+    teacher, teacher_models = configs("study-qwen-teacher-pbft.yaml", "pbft-teacher")
+    assert (student_models, teacher_models) == ({"qwen2.5-coder-0.5b"}, {"qwen2.5-coder-1.5b"})
+    assert teacher == student and sorted(teacher) == [0, 1, 2]
+
+
 def test_paper_preset_is_the_protocol():
     experiment = load_experiment(CONFIGS / "paper.yaml")
     assert _by_method(experiment) == {"icl-teacher": 25, "icl-student": 25, "pbft-teacher": 50, "pbft": 50,

@@ -173,7 +173,10 @@ class AnswerCache:
     def journal(self, key: str) -> AnswerJournal | None:
         """The answers of the pass ``key`` batch by batch while it runs (a killed pass resumes; ``save``
         removes it); rank 0 alone keeps one."""
-        return AnswerJournal(self.directory / f"{key}{JOURNAL_SUFFIX}", key) if distributed.is_main() else None
+        return AnswerJournal(self._journal_path(key), key) if distributed.is_main() else None
+
+    def _journal_path(self, key: str) -> Path:
+        return self.directory / f"{key}{JOURNAL_SUFFIX}"
 
     def _read(self, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         tensors_path, meta_path = self.paths(key)
@@ -211,7 +214,7 @@ class AnswerCache:
         tensors = {"answers": torch.tensor([t for a in answers.answers for t in a], dtype=torch.long),
                    "lengths": torch.tensor([len(a) for a in answers.answers], dtype=torch.long)}
         self._write(key, tensors, {"description": description, "texts": answers.texts, "finish": answers.finish})
-        (self.directory / f"{key}{JOURNAL_SUFFIX}").unlink(missing_ok=True)
+        self._journal_path(key).unlink(missing_ok=True)
 
     def load_topk(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         found = self._read(key)

@@ -82,10 +82,6 @@ class AnswerJournal:
         entry = {"indices": list(indices), "answers": [asdict(a) for a in answers]}
         self._write(json.dumps(entry) + "\n", mode="a")
 
-    def discard(self) -> None:
-        """Remove the journal (its answers are in the run's own files now)."""
-        self.path.unlink(missing_ok=True)
-
     def _write(self, text: str, mode: str) -> None:
         with self.path.open(mode, encoding="utf-8") as handle:
             handle.write(text)

@@ -4,6 +4,7 @@ scored, the teacher's pass is cached and reused, finished seeds resume, one-toke
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,34 @@ def test_a_run_killed_while_decoding_resumes_at_its_next_batch(killed_in, tmp_pa
     assert len(decoded) == (3 + 2 if killed_in == "teacher pass" else 1)
     assert again["seeds"]["0"]["eval"] == reference["seeds"]["0"]["eval"]
     assert not any(path.exists() for path in journals) and not (tmp_path / "out" / JOURNAL_DIR).exists()
+
+
+def test_two_workers_needing_one_teacher_pass_decode_it_once(tmp_path, data_dir, tiny_dirs, monkeypatch):
+    """The token and sequence signals of one seed need the same teacher answers: run at once (two sweep
+    workers), the second waits for the first's pass and reads it from the cache instead of decoding it too."""
+    import threading
+
+    real, calls, first_started = gen_distill.teacher_answers, [], threading.Event()
+
+    def slow_teacher_answers(*args, **kwargs):
+        calls.append(1)
+        first_started.set()
+        time.sleep(0.5)  # the other worker arrives while this pass runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen_distill, "teacher_answers", slow_teacher_answers)
+    results = {}
+
+    def worker(signal: str) -> None:
+        config = _config(tmp_path, data_dir, tiny_dirs, signal=signal, epochs=1, dev_queries=0,
+                         output_dir=str(tmp_path / signal))
+        results[signal] = run_gen_distill(config, progress=False)
+
+    token = threading.Thread(target=worker, args=("token",))
+    token.start()
+    first_started.wait(30)
+    worker("sequence")
+    token.join()
+    assert len(calls) == 1
+    passes = {s: r["seeds"]["0"]["teacher_pass"] for s, r in results.items()}
+    assert passes["sequence"]["cache_hit"] and passes["sequence"]["answers_key"] == passes["token"]["answers_key"]

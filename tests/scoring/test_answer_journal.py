@@ -72,6 +72,7 @@ def test_another_decodes_journal_is_not_trusted(tmp_path, tokenizer, monkeypatch
     assert other.load() == {}
     generate(model, tokenizer, prompts, DECODE, journal=other)
     assert sum(calls) == len(prompts)
+    assert AnswerJournal(path, journal_key(prompts, DECODE, "run A")).load() == {}  # begun afresh for run B
     longer = DecodeSettings(max_new_tokens=9, batch_size=2)
     assert journal_key(prompts, longer, "run B") != other.key != journal_key(prompts[1:], DECODE, "run B")
 
@@ -106,7 +107,7 @@ answers = st.builds(Generated, st.lists(st.integers(0, 200_000), max_size=6).map
 @given(batches=st.lists(st.lists(answers, min_size=1, max_size=3), max_size=4))
 def test_answers_come_back_as_written(tmp_path_factory, batches):
     journal = AnswerJournal(tmp_path_factory.mktemp("j") / "j.jsonl", "key")
-    journal.start()
+    journal.open()
     written, start = {}, 0
     for batch in batches:
         indices = list(range(start, start + len(batch)))
@@ -122,7 +123,7 @@ def test_answers_come_back_as_written(tmp_path_factory, batches):
                                   '[1, 2]', 'null'])
 def test_a_line_that_is_not_a_finished_batch_is_ignored(tmp_path, line):
     journal = AnswerJournal(tmp_path / "j.jsonl", "key")
-    journal.start()
+    journal.open()
     journal.append([1], [Generated((5, 6), "x", "eos")])
     with journal.path.open("a") as handle:
         handle.write(line + "\n")

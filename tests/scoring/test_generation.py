@@ -186,3 +186,20 @@ def test_sampling_is_seeded_and_differs_from_greedy(tokenizer):
     assert [g.tokens for g in a] != [g.tokens for g in greedy]
     with pytest.raises(ConfigError, match="temperature"):
         DecodeSettings(temperature=-1.0)
+
+
+def test_a_long_decode_logs_how_far_it_is(tokenizer, monkeypatch, caplog):
+    import icldistill.scoring.generation as generation
+
+    model = sharpened("llama", len(tokenizer))
+    prompts = prompts_of(tokenizer)
+    settings_ = DecodeSettings(max_new_tokens=3, batch_size=2)
+    with caplog.at_level("INFO", logger="icldistill.scoring.generation"):
+        generate(model, tokenizer, prompts, settings_)
+    assert not caplog.records  # a quick decode stays quiet
+    monkeypatch.setattr(generation, "LOG_EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger="icldistill.scoring.generation"):
+        generate(model, tokenizer, prompts, settings_)
+    counts = [r.getMessage().split(" answers")[0] for r in caplog.records]
+    n = len(prompts)
+    assert counts == [f"decoded {min(i, n)} of {n}" for i in range(2, n + 2, 2)]

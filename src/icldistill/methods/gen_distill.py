@@ -122,18 +122,20 @@ def teacher_pass(config: GenDistillOptions, setup: GenSetup, spec: TeacherSpec, 
             prompts = _encode(tokenizer, setup.task, plan.queries, plan.demonstrations, with_instruction=True)
             key, description = cache_key(identity, prompts, settings)
             with measure(config.device) as part:
-                found = cache.load(key)
-                hit = found is not None
-                if found is None:
-                    found = teacher_answers(teacher(), prompts, settings, journal=cache.journal(key))
-                    cache.save(key, found, description)
+                with cache.lock(key):  # another worker computing this pass: wait, then read it
+                    found = cache.load(key)
+                    hit = found is not None
+                    if found is None:
+                        found = teacher_answers(teacher(), prompts, settings, journal=cache.journal(key))
+                        cache.save(key, found, description)
                 if topk:
                     top_key = topk_key(key, topk)
-                    top = cache.load_topk(top_key)
-                    hit = hit and top is not None
-                    if top is None:
-                        top = teacher_topk(teacher(), prompts, found.answers, config.batch_size, topk)
-                        cache.save_topk(top_key, *top, {**description, "answers_key": key, "topk": topk})
+                    with cache.lock(top_key):
+                        top = cache.load_topk(top_key)
+                        hit = hit and top is not None
+                        if top is None:
+                            top = teacher_topk(teacher(), prompts, found.answers, config.batch_size, topk)
+                            cache.save_topk(top_key, *top, {**description, "answers_key": key, "topk": topk})
                     found.topk_logprobs, found.topk_ids = top
             hits += hit
             answers[seed] = found

@@ -13,7 +13,7 @@ import torch
 from icldistill.config import GenDistillOptions
 from icldistill.methods.common import model_record
 from icldistill.methods.finetune import mixed_precision_for, save_trained
-from icldistill.methods.gen_setup import GenSetup, encode_prompts, evaluate_generation
+from icldistill.methods.gen_setup import GenSetup, RunJournals, encode_prompts, evaluate_generation
 from icldistill.methods.gen_teacher import TeacherAnswers, context_prefix, end_token
 from icldistill.methods.gen_train import (
     FixedAnswers,
@@ -146,7 +146,7 @@ class SeedRun:
                 final, predictions = evaluate_generation(student, self.setup, [], seed=self.seed,
                                                          batch_size=self.config.batch_size, with_context=False,
                                                          use_prefix_cache=self.config.prefix_cache,
-                                                         journal=(self.run_dir, self.identity))
+                                                         journal=RunJournals(self.run_dir, self.identity))
         queries = sum(v["n"] for v in final.values())
         inference = {**cost.as_dict(), "queries": queries,
                      "latency_ms_per_query": 1000 * cost.wall_time_s / max(queries, 1)}

@@ -102,15 +102,32 @@ def answer_rows(task: GenerationTask, rows: Sequence[GenerationRow], answers: Se
     return out
 
 
+@dataclass(frozen=True)
+class RunJournals:
+    """Where a run journals its decode batches (``scoring.answer_journal``): its directory, one journal per
+    seed and evaluation set, each keyed by the run's identity so that another run's answers are never used."""
+
+    run_dir: RunDir
+    identity: str
+
+    def of(self, seed: int, name: str, prompts: Sequence[Sequence[int]], settings: DecodeSettings
+           ) -> AnswerJournal | None:
+        """The journal of one seed's answers to set ``name``; rank 0 alone keeps one."""
+        if not distributed.is_main():
+            return None
+        key = journal_key(prompts, settings, self.identity, seed, name)
+        return AnswerJournal(self.run_dir.journal_path(seed, name), key)
+
+
 def evaluate_generation(model: LoadedModel, setup: GenSetup, demonstrations: Sequence[GenerationRow], *, seed: int,
                         batch_size: int, with_context: bool, use_prefix_cache: bool = True,
-                        journal: tuple[RunDir, str] | None = None
+                        journal: RunJournals | None = None
                         ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Greedy answers on every evaluation set; (metrics per set, prediction rows).
 
-    With ``journal`` (the run's directory and identity) each finished decode batch is journalled in the run
-    directory, so that a killed run resumes at its next batch (the caller clears the journals once the
-    answers are in its records: ``RunDir.clear_journals``).
+    With ``journal`` each finished decode batch is journalled in the run directory, so that a killed run
+    resumes at its next batch (the caller clears the journals once the answers are in its records:
+    ``RunDir.clear_journals``).
     """
     metrics, predictions = {}, []
     settings = setup.decode_settings(batch_size)
@@ -118,20 +135,11 @@ def evaluate_generation(model: LoadedModel, setup: GenSetup, demonstrations: Seq
     for name, rows in setup.eval_rows.items():
         prompts = encode_prompts(model, setup.task, rows, demos, with_instruction=with_context)
         answers = generate(model.model, model.tokenizer, prompts, settings, use_prefix_cache=use_prefix_cache,
-                           journal=_journal(journal, seed, name, prompts, settings))
+                           journal=journal.of(seed, name, prompts, settings) if journal else None)
         scored = answer_rows(setup.task, rows, answers, seed, name)
         metrics[name] = generation_metrics(scored, seed=seed)
         predictions += scored
     return metrics, predictions
-
-
-def _journal(journal: tuple[RunDir, str] | None, seed: int, name: str, prompts: Sequence[Sequence[int]],
-             settings: DecodeSettings) -> AnswerJournal | None:
-    """The journal of one seed's answers to set ``name`` (rank 0 alone writes one), keyed by the run's identity."""
-    if journal is None or not distributed.is_main():
-        return None
-    run_dir, identity = journal
-    return AnswerJournal(run_dir.journal_path(seed, name), journal_key(prompts, settings, identity, seed, name))
 
 
 def claim_generation_run(method: str, config: GenerationOptions, setup: GenSetup) -> tuple[dict[str, Any], RunDir]:

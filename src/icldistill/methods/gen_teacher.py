@@ -14,6 +14,7 @@ written atomically); a rerun with the same keys never loads the teacher, and the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,9 +29,10 @@ from safetensors.torch import load_file, save as tensors_to_bytes
 
 from icldistill.errors import IcldError
 from icldistill.runtime import distributed
+from icldistill.runtime.locks import exclusive
 from icldistill.runtime.paths import default_cache_dir
 from icldistill.runtime.records import atomic_write_bytes, atomic_write_json
-from icldistill.runtime.rundir import JOURNAL_SUFFIX
+from icldistill.runtime.rundir import JOURNAL_SUFFIX, LOCK_SUFFIX
 from icldistill.scoring.answer_journal import AnswerJournal
 from icldistill.scoring.encoding import common_prefix_length
 from icldistill.scoring.generation import DecodeSettings, Generated, generate, prefix_for_rows
@@ -174,6 +176,11 @@ class AnswerCache:
         """The answers of the pass ``key`` batch by batch while it runs (a killed pass resumes; ``save``
         removes it); rank 0 alone keeps one."""
         return AnswerJournal(self._journal_path(key), key) if distributed.is_main() else None
+
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """Held while the pass ``key`` is read or computed, so that two workers needing it (the token and
+        sequence signals of one seed in a sweep) decode it once: the second waits, then reads the entry."""
+        return exclusive(self.directory / f"{key}{LOCK_SUFFIX}", f"computing the teacher pass {key}")
 
     def _journal_path(self, key: str) -> Path:
         return self.directory / f"{key}{JOURNAL_SUFFIX}"

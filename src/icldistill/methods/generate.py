@@ -10,10 +10,15 @@ from typing import Any
 
 from icldistill.config import GenerateOptions
 from icldistill.methods.common import aggregate, inference_record, model_record
-from icldistill.methods.gen_setup import GenSetup, claim_generation_run, evaluate_generation, prepare_generation
+from icldistill.methods.gen_setup import (
+    GenSetup,
+    RunJournals,
+    claim_generation_run,
+    evaluate_generation,
+    prepare_generation,
+)
 from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime.records import measure
-from icldistill.runtime.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +31,8 @@ def run_generate(config: GenerateOptions, *, progress: bool = True) -> dict[str,
         model = load_model(config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir,
                            revision=config.revision, trust_remote_code=config.trust_remote_code)
         record["model"] = model_record(model)
-        seeds, predictions, parts = _answer_seeds(config, setup, model, (run_dir, record["identity"]), progress)
+        journals = RunJournals(run_dir, record["identity"])
+        seeds, predictions, parts = _answer_seeds(config, setup, model, journals, progress)
     record["seeds"] = seeds
     record["labelled_examples"] = setup.task.shots if config.context else 0
     record["aggregate"] = aggregate({s: e["eval"] for s, e in seeds.items()})
@@ -39,7 +45,7 @@ def run_generate(config: GenerateOptions, *, progress: bool = True) -> dict[str,
     return record
 
 
-def _answer_seeds(config: GenerateOptions, setup: GenSetup, model: LoadedModel, journal: tuple[RunDir, str],
+def _answer_seeds(config: GenerateOptions, setup: GenSetup, model: LoadedModel, journal: RunJournals,
                   progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Each seed's answers: (seed entries, prediction rows, measured parts for the inference cost)."""
     seeds: dict[str, Any] = {}

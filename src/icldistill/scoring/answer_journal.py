@@ -44,14 +44,34 @@ class AnswerJournal:
 
     def load(self) -> dict[int, dict[str, Any]]:
         """The journalled answers (as written: ``tokens``, ``text``, ``finish``) by prompt index; empty when
-        there is no journal or it is another decode's."""
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return {}
-        if not lines or _parse(lines[0]).get("key") != self.key:
-            if lines:
+        there is no journal or it is another decode's. Reads only: :meth:`open` readies the file too."""
+        return self._answers(self._text())
+
+    def open(self) -> dict[int, dict[str, Any]]:
+        """What :meth:`load` returns, with the file read once and readied for the next batch: begun afresh
+        (its key line) when absent or another decode's, a torn last line cut off so that the next batch
+        starts a line of its own."""
+        text = self._text()
+        if _parse(text.split("\n", 1)[0]).get("key") != self.key:
+            if text:
                 logger.info("%s journals another decode (other prompts, settings or run): starting afresh", self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write(json.dumps({"key": self.key}) + "\n", mode="w")
+            return {}
+        if not text.endswith("\n"):
+            self._write(text[:text.rfind("\n") + 1], mode="w")
+        return self._answers(text)
+
+    def _text(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return ""
+
+    def _answers(self, text: str) -> dict[int, dict[str, Any]]:
+        """The answers of a journal's ``text`` when its key is this decode's; a malformed line is ignored."""
+        lines = text.splitlines()
+        if not lines or _parse(lines[0]).get("key") != self.key:
             return {}
         done: dict[int, dict[str, Any]] = {}
         for line in lines[1:]:
@@ -63,19 +83,6 @@ class AnswerJournal:
         if done:
             logger.info("%s: %d answers journalled by an earlier attempt, not decoded again", self.path, len(done))
         return done
-
-    def start(self) -> None:
-        """Begin the journal (its key line) unless it already journals this decode; a torn last line is cut
-        off so that the next batch starts a line of its own."""
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            text = ""
-        if _parse(text.split("\n", 1)[0]).get("key") != self.key:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write(json.dumps({"key": self.key}) + "\n", mode="w")
-        elif not text.endswith("\n"):
-            self._write(text[:text.rfind("\n") + 1], mode="w")
 
     def append(self, indices: Sequence[int], answers: Sequence[Any]) -> None:
         """Record one finished batch (its answers: dataclasses); on disk before this returns."""

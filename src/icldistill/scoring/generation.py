@@ -15,6 +15,8 @@ support fall back to the naive path (``prefix_cache`` warns once).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,9 @@ from icldistill.scoring.prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
     from icldistill.scoring.answer_journal import AnswerJournal
+
+logger = logging.getLogger(__name__)
+LOG_EVERY_S = 60.0  # a longer decode logs how far it is (a GSM8K set takes minutes on CPU; sweeps run quiet)
 
 
 @dataclass(frozen=True)
@@ -220,9 +225,25 @@ def _journalled(journal: AnswerJournal | None, settings: DecodeSettings) -> dict
         return {}
     if settings.temperature > 0:
         raise ValueError("sampled decoding cannot be journalled: its batches share one generator.")
-    done = {i: Generated(tuple(a["tokens"]), a["text"], a["finish"]) for i, a in journal.load().items()}
-    journal.start()
-    return done
+    return {i: Generated(tuple(a["tokens"]), a["text"], a["finish"]) for i, a in journal.open().items()}
+
+
+class _Progress:
+    """Finished prompts, told to the caller's ``progress`` callable at every batch and to the log at most
+    once every ``LOG_EVERY_S`` (so a long decode in a quiet sweep still shows that it moves)."""
+
+    def __init__(self, total: int, callback: Any):
+        self.total, self.callback, self.finished = total, callback, 0
+        self.start = self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.finished += n
+        if self.callback is not None:
+            self.callback(n)
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY_S:
+            self.last = now
+            logger.info("decoded %d of %d answers in %.0f s", self.finished, self.total, now - self.start)
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
@@ -256,6 +277,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     eos = frozenset() if settings.ignore_eos else eos_token_ids(model, tokenizer)
     results: list[Generated | None] = [None] * len(prompts)
     generator = torch.Generator().manual_seed(seed) if settings.temperature > 0 else None
+    told = _Progress(len(prompts), progress)
     for batch in _batches(queries, settings.batch_size, has_sliding_window(model)):
         if all(i in done for i in batch):
             answers = [done[i] for i in batch]
@@ -267,6 +289,5 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
                 journal.append(batch, answers)
         for i, generated in zip(batch, answers):
             results[i] = generated
-        if progress is not None:
-            progress(len(batch))
+        told.add(len(batch))
     return [r for r in results if r is not None]

@@ -145,6 +145,11 @@ def test_the_generation_table_counts_what_the_answers_say(tmp_path_factory, data
             rows = [{"id": f"q{i}", "answer": a, "exact_match": float(a == g), "token_f1": float(a == g),
                      "tokens": 3 + i} for i, (a, g) in enumerate(zip(answers, gold))]
             _cell(root, f"{method}__seed={seed}", method, config, seed, rows)
+    # The zero-shot student runs one seed: its answers stand for every seed (its prompts do not depend on it).
+    zero = [data.draw(_answer) for _ in range(queries)]
+    _cell(root, "generate-student__context=false__seed=0", "generate-student", {"model": "S", "context": False}, 0,
+          [{"id": f"q{i}", "answer": a, "exact_match": float(a == g), "token_f1": float(a == g), "tokens": 2}
+           for i, (a, g) in enumerate(zip(zero, gold))])
     answers, _ = collect_generation(root)
     table = generation_table(answers, root, resamples=200).set_index("variant")
     pairs = [(s, i) for s in range(seeds) for i in range(queries)]
@@ -158,6 +163,10 @@ def test_the_generation_table_counts_what_the_answers_say(tmp_path_factory, data
     assert row["vs_icl_student"] == pytest.approx(em("d") - em("s"))  # icld compare's pairing, same queries
     assert row["vs_icl_student_low"] <= row["vs_icl_student"] + 1e-9 <= row["vs_icl_student_high"] + 2e-9
     assert math.isnan(row["vs_sft"])  # no SFT run in this sweep
+    em_zero = sum(zero[i] == gold[i] for _, i in pairs) / len(pairs)
+    assert row["vs_zero_shot"] == pytest.approx(em("d") - em_zero)  # paired with every seed of the distilled run
+    assert row["vs_zero_shot_low"] <= row["vs_zero_shot"] + 1e-9 <= row["vs_zero_shot_high"] + 2e-9
+    assert math.isnan(table.loc["student zero-shot"]["vs_zero_shot"])  # not compared with itself
     assert row["answer_tokens"] == pytest.approx(3 + (queries - 1) / 2)
     assert math.isnan(table.loc["ICL teacher"]["teacher_agreement"])  # the teacher is not compared with itself
 

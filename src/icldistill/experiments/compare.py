@@ -98,6 +98,18 @@ class Predictions:
     def seeds(self, eval_set: str) -> list[int]:
         return sorted(seed for seed, name in self.rows if name == eval_set)
 
+    def standing_for(self, seeds: Iterable[int]) -> Predictions:
+        """These answers, each set's first seed standing for every seed of ``seeds`` it lacks. Right only for
+        a run whose answers do not depend on the seed: a zero-shot run (no demonstrations are drawn, every
+        seed scores the same queries, greedy), so that a trained run's seeds all pair with it."""
+        out = Predictions(self.source, dict(self.rows))
+        wanted = list(seeds)
+        for name in self.eval_sets():
+            first = self.rows[(self.seeds(name)[0], name)]
+            for seed in wanted:
+                out.rows.setdefault((seed, name), first)
+        return out
+
 
 def _held_seeds(path: Path) -> set[int] | None:
     """The seeds a run directory's record holds (None for a bare file or a directory without a record)."""

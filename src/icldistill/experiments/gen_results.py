@@ -23,8 +23,10 @@ from icldistill.runtime.rundir import FINISHED
 ANSWER_COLUMNS = ["cell", "group", "method", "variant", "teacher", "student", "model", "task", "seed", "eval", "id",
                   "answer", "exact_match", "token_f1", "tokens"]
 RUN_COLUMNS = ["cell", "group", "method", "variant", "seed", "status"]
-BASELINE_VARIANTS = ("ICL student", "SFT (reference)")
-"""The rows generation distillation is measured against: the student with the context, and SFT on references."""
+BASELINE_VARIANTS = ("ICL student", "SFT (reference)", "student zero-shot")
+"""The rows generation distillation is measured against: the student with the context, SFT on references, and
+the student without the context (whose answers do not depend on the seed: ``report.generation``)."""
+SEED_FREE_VARIANT = "student zero-shot"  # no demonstrations drawn, the same queries: one seed stands for all
 
 
 def group_of(cell_id: str) -> str:

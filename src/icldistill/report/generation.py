@@ -1,11 +1,12 @@
 """The generation table of a sweep: exact match and token F1 by method and signal, teacher agreement, answer
-length, and paired differences against the ICL student and SFT on references.
+length, and paired differences against the ICL student, SFT on references and the zero-shot student.
 
 Reads the per-query answers of ``experiments.gen_results.collect_generation``. Intervals are percentile
 bootstraps of the mean over the (seed, query) answers of a configuration
 (``scoring.generation_metrics.mean_interval``); paired differences are ``icld compare``'s
 (``experiments.compare``: the same queries and seeds in both runs, exact match query by query, a paired
-bootstrap interval). Teacher agreement is the share of queries where the student's extracted answer equals
+bootstrap interval; the zero-shot student's answers stand for every seed, its prompts not depending on it:
+``Predictions.standing_for``). Teacher agreement is the share of queries where the student's extracted answer equals
 the ICL teacher's on the same query and seed (``generate-teacher`` cells of the same teacher model).
 ``report.render.write_report`` hands a generation sweep to :func:`write_generation_report`.
 """
@@ -24,7 +25,7 @@ import pandas as pd
 from icldistill.errors import IcldError
 from icldistill.experiments.compare import REPORT_RESAMPLES, compare_predictions, read_predictions
 from icldistill.experiments.evaluate import eval_dir
-from icldistill.experiments.gen_results import BASELINE_VARIANTS, collect_generation
+from icldistill.experiments.gen_results import BASELINE_VARIANTS, SEED_FREE_VARIANT, collect_generation
 from icldistill.experiments.grid import CELLS_DIR
 from icldistill.report.console import MISSING
 from icldistill.report.tables import markdown_table
@@ -35,8 +36,10 @@ logger = logging.getLogger(__name__)
 
 TITLE = "Generation distillation"
 HEADERS = ["method", "teacher", "student", "eval", "seeds", "answers", "exact match [95%]", "token F1 [95%]",
-           "teacher agreement", "answer tokens", "Δ EM vs ICL student [95%]", "Δ EM vs SFT [95%]"]
-ALIGN = ["l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "r", "r"]
+           "teacher agreement", "answer tokens", "Δ EM vs ICL student [95%]", "Δ EM vs SFT [95%]",
+           "Δ EM vs zero-shot [95%]"]
+ALIGN = ["l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r"]
+BASELINE_KEYS = ("vs_icl_student", "vs_sft", "vs_zero_shot")  # the table's columns for BASELINE_VARIANTS
 
 
 def _interval(values: Sequence[float], resamples: int) -> tuple[float, float, float]:
@@ -76,10 +79,13 @@ def _paths(sweep_dir: Path, cells: Sequence[str], eval_set: str, own: dict[str, 
 
 def paired_difference(sweep_dir: Path, a: pd.DataFrame, b: pd.DataFrame, eval_set: str,
                       own: dict[str, set[str]], resamples: int) -> tuple[float, float, float] | None:
-    """A - B in exact match on the queries and seeds both scored, with ``icld compare``'s paired interval."""
+    """A - B in exact match on the queries and seeds both scored, with ``icld compare``'s paired interval (a
+    zero-shot B's answers standing for each of A's seeds)."""
     try:
         pa = read_predictions(_paths(sweep_dir, sorted(a["cell"].unique()), eval_set, own), source="A")
         pb = read_predictions(_paths(sweep_dir, sorted(b["cell"].unique()), eval_set, own), source="B")
+        if b["variant"].iloc[0] == SEED_FREE_VARIANT:
+            pb = pb.standing_for(pa.seeds(eval_set))
         result = compare_predictions(pa, pb, eval_set, resamples=resamples)
     except IcldError as exc:
         logger.info("no paired difference on %s: %s", eval_set, exc)
@@ -113,7 +119,7 @@ def generation_table(answers: pd.DataFrame, sweep_dir: str | Path, resamples: in
                "answers": len(part), "exact_match": em[0], "exact_match_low": em[1], "exact_match_high": em[2],
                "token_f1": f1[0], "token_f1_low": f1[1], "token_f1_high": f1[2], "teacher_agreement": agreement,
                "agreement_queries": agreed_n, "answer_tokens": float(pd.to_numeric(part["tokens"]).mean())}
-        for variant, key in zip(BASELINE_VARIANTS, ("vs_icl_student", "vs_sft")):
+        for variant, key in zip(BASELINE_VARIANTS, BASELINE_KEYS):
             base = _baseline(answers, part, variant, eval_set)
             diff = paired_difference(sweep_dir, part, base, eval_set, own, resamples) if base is not None else None
             row.update({f"{key}": diff[0] if diff else math.nan, f"{key}_low": diff[1] if diff else math.nan,
@@ -145,8 +151,7 @@ def table_rows(table: pd.DataFrame) -> list[list[str]]:
                      str(r["answers"]), _num(r["exact_match"], r["exact_match_low"], r["exact_match_high"]),
                      _num(r["token_f1"], r["token_f1_low"], r["token_f1_high"]), agreement,
                      MISSING if pd.isna(r["answer_tokens"]) else f"{r['answer_tokens']:.1f}",
-                     _num(r["vs_icl_student"], r["vs_icl_student_low"], r["vs_icl_student_high"], signed=True),
-                     _num(r["vs_sft"], r["vs_sft_low"], r["vs_sft_high"], signed=True)])
+                     *(_num(r[k], r[f"{k}_low"], r[f"{k}_high"], signed=True) for k in BASELINE_KEYS)])
     return rows
 
 
@@ -154,7 +159,8 @@ NOTES = ("Exact match compares the extracted final answers (the task's extractor
          "are 95% percentile bootstraps over the configuration's answers (every seed's queries). Teacher agreement is "
          "the share of queries (their number in brackets) where the extracted answer equals the ICL teacher's on the "
          "same query and seed. Δ EM is the paired difference in exact match (`icld compare`: the queries and seeds "
-         "both runs scored, a paired bootstrap interval); where it covers 0 the two are not distinguishable. "
+         "both runs scored, a paired bootstrap interval; the zero-shot student's answers, which do not depend on "
+         "the seed, are paired with every seed); where it covers 0 the two are not distinguishable. "
          "Answer tokens: the mean length of the generated answers.")
 
 

@@ -34,19 +34,6 @@ def _zero_shot_rows(done: pd.DataFrame, cd: Mapping[str, Any]) -> pd.DataFrame:
                 & (done["model"].astype(str) == str(cd["student"])) & (done["task"].astype(str) == str(cd["task"]))]
 
 
-def _every_seed(base: Any, seeds: list[int]) -> Any:
-    """The zero-shot run's answers for each of CD's seeds: its prompts do not depend on the seed (no
-    demonstrations are drawn), so the answers of its first seed stand for a seed it did not run."""
-    from icldistill.experiments.compare import Predictions
-
-    out = Predictions(base.source, dict(base.rows))
-    for name in base.eval_sets():
-        first = base.rows[(base.seeds(name)[0], name)]
-        for seed in seeds:
-            out.rows.setdefault((seed, name), first)
-    return out
-
-
 def zero_shot_paired(sweep_dir: str | Path, runs: pd.DataFrame, *, resamples: int | None = None,
                      seed: int = 0) -> pd.DataFrame:
     """Rows shaped like :func:`~icldistill.experiments.compare.sweep_paired`'s: each CD configuration against
@@ -75,7 +62,7 @@ def zero_shot_paired(sweep_dir: str | Path, runs: pd.DataFrame, *, resamples: in
         a = read_predictions(sorted(set(cd_files)), source=cd_key)
         b = read_predictions(base_files, source=base_key)
         for name in [n for n in a.eval_sets() if n in b.eval_sets()]:
-            b_all = _every_seed(b, a.seeds(name))
+            b_all = b.standing_for(a.seeds(name))  # its prompts do not depend on the seed
             for metric in ("accuracy", "ood_accuracy") if name.startswith("hans") else ("accuracy",):
                 try:
                     r = compare_predictions(a, b_all, name, metric=metric, seed=seed,

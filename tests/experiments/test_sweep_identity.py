@@ -84,6 +84,27 @@ def test_broken_records_are_named_and_do_not_count(tmp_path):
     assert table.loc[("icl-student", "mnli-m"), "n_failed"] == 1
 
 
+@pytest.mark.parametrize("measured", [None, "whole", "after epoch 2 (resumed)"])
+def test_a_resumed_seed_without_its_earlier_memory_is_left_out_of_the_peaks(tmp_path, measured):
+    """A seed resumed after epoch 2 measured only what ran after the resume: its peaks are not reported as the
+    training's (a record older than the "measured" field is judged by its resume alone)."""
+    root = tmp_path / "sweep"
+    shutil.copytree(V0 / "sweep", root)
+    pbft = sorted((root / "cells").iterdir())[1]
+    record = json.loads((pbft / "results.json").read_text())
+    resources = record["seeds"]["0"]["resources"]
+    resources["resumed_from_epoch"] = 2
+    if measured is not None:
+        resources["training"]["measured"] = measured
+    (pbft / "results.json").write_text(json.dumps(record))
+    runs = collect(root)
+    rows = runs[runs["cell"] == pbft.name]
+    left_out = measured != "whole"
+    assert rows["train_peak_memory_mb"].isna().all() == left_out and rows["peak_memory_mb"].isna().all() == left_out
+    assert rows["train_time_s"].notna().all()  # optimisation time is kept across resumes
+    assert any("resumed after epoch 2" in n for n in runs.attrs["notes"]) == left_out
+
+
 def test_a_dead_workers_lock_on_another_host_is_taken_over_after_its_heartbeat_stops(tmp_path, monkeypatch):
     """Issue 21 case 10: a lock of another host was honoured forever, with no hint."""
     import os

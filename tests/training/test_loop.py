@@ -521,3 +521,51 @@ def test_a_teacher_cache_that_cannot_be_written_names_cache_dir(tmp_path):
         SignalCache(blocker / "teacher").save("k", _signal(), {})
     message = str(caught.value)
     assert "--cache-dir" in message and "--output-dir" not in message and str(blocker) in message
+
+
+# ------------------------------------------------------------------------ a resumed run's training cost
+
+
+def test_a_resumed_runs_training_cost_covers_the_attempts_before_the_resume(tmp_path, data_dir, tiny_dirs,
+                                                                            monkeypatch):
+    """The peak and wall time of the training before a kill travel in the checkpoint: the resumed seed's record
+    reports the larger peak and the summed time, not only what the attempt after the resume measured."""
+    from icldistill.experiments.results import partial_training
+    from icldistill.methods.pbft import run_pbft
+    from icldistill.training import loop
+
+    values = _common(tmp_path, data_dir, model=str(tiny_dirs["student"]), epochs=3, eval=["mnli-m"], limit=4,
+                     select="best", dev_queries=4)
+    big = 10.0 ** 7  # MB: far above any real peak, so it can only come from the first attempt's checkpoint
+    monkeypatch.setattr(loop, "peak_so_far", lambda device=None: big)
+    calls = {"n": 0}
+    real_checkpoint = loop._Loop.checkpoint
+
+    def dying_after_the_first_checkpoint(self):
+        real_checkpoint(self)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop._Loop, "checkpoint", dying_after_the_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_pbft(build_config(PbftOptions, values), progress=False)
+    monkeypatch.undo()
+    seed = run_pbft(build_config(PbftOptions, {**values, "resume": True}), progress=False)["seeds"]["0"]
+    training = seed["resources"]["training"]
+    assert seed["resources"]["resumed_from_epoch"] == 1
+    assert training["peak_memory_mb"] == big and training["measured"] == "whole"
+    assert seed["resources"]["peak_memory_mb"]["overall"] == big
+    assert not partial_training(seed["resources"])
+
+    # A checkpoint without these figures (written before they were kept): the record says what it covers.
+    from icldistill.training.checkpoint import STATE_FILE
+
+    state_file = find_checkpoint(tmp_path / "out" / "seed-0") / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state.pop("training_cost")
+    state_file.write_text(json.dumps(state))
+    (tmp_path / "out" / "seed-0" / "seed_result.json").unlink()
+    again = run_pbft(build_config(PbftOptions, {**values, "resume": True}), progress=False)["seeds"]["0"]
+    assert again["resources"]["training"]["measured"].startswith("after epoch 3")
+    assert again["resources"]["training"]["peak_memory_mb"] < big and partial_training(again["resources"])

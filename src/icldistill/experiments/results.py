@@ -143,6 +143,15 @@ def _default_eval(task_name: Any, metrics_by_set: Mapping[str, Any]) -> list[str
     return list(task.default_eval) if task else []
 
 
+def partial_training(resources: Mapping[str, Any]) -> bool:
+    """Whether a trained seed's training figures cover only the epochs after a resume (``methods.common.
+    training_cost``); a record older than that field is partial exactly when it resumed."""
+    measured = _get(resources, "training", "measured")
+    if measured is not None:
+        return measured != "whole"
+    return resources.get("resumed_from_epoch") is not None
+
+
 def _resources(method: str, record: Mapping[str, Any], seed_entry: Mapping[str, Any]) -> dict[str, float]:
     none = dict.fromkeys(("steps", "examples_seen", "train_peak_memory_mb", "teacher_peak_memory_mb",
                           "teacher_cache_hit"), math.nan)
@@ -159,6 +168,8 @@ def _resources(method: str, record: Mapping[str, Any], seed_entry: Mapping[str, 
     # The run's overall peak (teacher pass, training, final evaluation); older records have the training peak only.
     overall = (_number(_get(res, "peak_memory_mb", "overall")) if isinstance(res.get("peak_memory_mb"), Mapping)
                else training_peak)
+    if partial_training(res):  # the peaks cover only the epochs after a resume: not the training's
+        training_peak = overall = math.nan
     teacher_pass = seed_entry.get("teacher_pass") or {}
     cache_hit = teacher_pass.get("cache_hit")
     return {"peak_memory_mb": overall,
@@ -206,6 +217,9 @@ def _cell_rows(directory: Path, cell: Mapping[str, Any], record: Mapping[str, An
         status = "skipped"
     metrics_by_set = (entry.get("eval") or {}) if finished else {}
     resources = _resources(cell["method"], record, entry) if finished else dict.fromkeys(RESOURCE_COLUMNS, math.nan)
+    if finished and partial_training(entry.get("resources") or {}):
+        notes.append(f"{directory}: seed {seed} resumed after epoch {_get(entry, 'resources', 'resumed_from_epoch')} "
+                     "and its record does not hold the earlier attempts' memory: its peak memory is left out.")
     rows = []
     for name in cell["config"]["eval"] or _default_eval(cell["config"].get("task"), metrics_by_set):
         metrics = metrics_by_set.get(name) or {}

@@ -239,6 +239,40 @@ def _total_resources(record: dict[str, Any], training: list[dict[str, Any]]) -> 
     }
 
 
+def training_cost(measured: dict[str, Any], result: Any) -> dict[str, Any]:
+    """The training section's cost over every attempt: this attempt's measurement (``measure``'s dict) merged
+    with what the checkpoint recorded before a resume (wall times add up, the peak is the larger). Where the
+    earlier attempts' figures are unknown (a checkpoint that predates them), ``measured`` says the figures
+    cover only the epochs after the resume, so that no one reads them as the whole training's."""
+    before = result.before_resume
+    if before is None:
+        return {**measured, "measured": "whole"}
+    if not before:
+        return {**measured, "measured": f"after epoch {result.resumed_from_epoch} (resumed)"}
+    return {**measured, "wall_time_s": round(measured["wall_time_s"] + before["wall_time_s"], 4),
+            "peak_memory_mb": round(max(measured["peak_memory_mb"], before["peak_memory_mb"]), 1),
+            "measured": "whole"}
+
+
+def seed_resources(result: Any, training: dict[str, Any], inference: dict[str, Any],
+                   other_peaks_mb: dict[str, float | None] | None) -> dict[str, Any]:
+    """A trained seed's cost (PBFT, CD, generation): steps, tokens and time of training (a ``TrainResult``),
+    the inference pass, and the peaks of each part; ``training`` is this attempt's measurement."""
+    training = training_cost(training, result)
+    peaks = {"training": training["peak_memory_mb"], "inference": inference["peak_memory_mb"],
+             **{k: v for k, v in (other_peaks_mb or {}).items() if v is not None}}
+    seconds = result.train_seconds
+    return {"training": training, "steps": result.steps, "planned_steps": result.planned_steps,
+            "epochs_done": result.epochs_done, "examples_seen": result.train_examples_seen,
+            "train_tokens": result.train_tokens, "train_seconds": round(seconds, 4),
+            "train_tokens_per_s": result.train_tokens / seconds if seconds > 0 else None,
+            "seconds_per_step": seconds / max(result.steps, 1), "resumed_from_epoch": result.resumed_from_epoch,
+            "inference": inference,
+            # What a user pays: the largest of the run's parts, each also given on its own.
+            "peak_memory_mb": {"overall": max(peaks.values()), **peaks},
+            "memory_kind": training["memory_kind"]}
+
+
 def finish_record(record: dict[str, Any], out: Path) -> dict[str, Any]:
     """Aggregate the seeds' final metrics and resources, write results.json (rank 0, atomically), return it."""
     seeds = record["seeds"]

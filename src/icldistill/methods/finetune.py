@@ -18,7 +18,7 @@ import torch
 
 from icldistill.config import DistillOptions, PbftOptions, TrainOptions
 from icldistill.errors import ConfigError, IcldError
-from icldistill.methods.common import Setup, evaluate_on_sets, model_record, prediction_rows
+from icldistill.methods.common import Setup, evaluate_on_sets, model_record, prediction_rows, seed_resources
 from icldistill.models.adapters import TrainableSummary, prepare_trainable, writing
 from icldistill.models.loading import LoadedModel, load_model
 from icldistill.runtime import distributed
@@ -285,30 +285,10 @@ class _Trained:
             "labelled_examples": None if job.labelled_examples is None else job.labelled_examples + selection_labels,
             "history": result.history, "selected": result.selected, "stopped_early": result.stopped_early,
             "eval": final, "artefacts": artefacts,
-            "resources": _resources(result, training, inference, job.other_peaks_mb),
+            "resources": seed_resources(result, training, inference, job.other_peaks_mb),
             **self.extra,
             **(job.extra_record or {}),
         }
-
-
-def _resources(result: TrainResult, training: dict[str, Any], inference: dict[str, Any],
-               other_peaks_mb: dict[str, float] | None) -> dict[str, Any]:
-    """The seed's cost: steps, tokens and time of training, the inference pass, and the peaks of each part."""
-    peaks = {"training": training["peak_memory_mb"], "inference": inference["peak_memory_mb"], **(other_peaks_mb or {})}
-    return {"training": training, "steps": result.steps, "planned_steps": result.planned_steps,
-            "epochs_done": result.epochs_done, "examples_seen": result.train_examples_seen,
-            "train_tokens": result.train_tokens,
-            "train_seconds": round(result.train_seconds, 4),
-            "train_tokens_per_s": _rate(result.train_tokens, result.train_seconds),
-            "seconds_per_step": result.train_seconds / max(result.steps, 1),
-            "resumed_from_epoch": result.resumed_from_epoch, "inference": inference,
-            # What a user pays: the largest of the run's parts, each also given on its own.
-            "peak_memory_mb": {"overall": max(v for v in peaks.values() if v is not None), **peaks},
-            "memory_kind": training["memory_kind"]}
-
-
-def _rate(amount: float, seconds: float) -> float | None:
-    return amount / seconds if seconds > 0 else None
 
 
 def save_trained(model: torch.nn.Module, student: LoadedModel, options: TrainOptions, seed_dir: Path, *,

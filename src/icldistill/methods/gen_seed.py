@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from icldistill.config import GenDistillOptions
-from icldistill.methods.common import model_record
+from icldistill.methods.common import model_record, seed_resources
 from icldistill.methods.finetune import mixed_precision_for, save_trained
 from icldistill.methods.gen_setup import GenSetup, RunJournals, encode_prompts, evaluate_generation
 from icldistill.methods.gen_teacher import TeacherAnswers, context_prefix, end_token
@@ -21,7 +21,6 @@ from icldistill.methods.gen_train import (
     dev_evaluator,
     make_loss,
     reference_tokens,
-    resources,
     sequence_tokens,
 )
 from icldistill.models.adapters import prepare_trainable
@@ -127,7 +126,7 @@ class SeedRun:
         self.run_dir.write_predictions(predictions, seed=self.seed)
         peaks = {"teacher_pass": teacher_info.get("peak_memory_mb")}
         record = {**self.record(student, trainable, result, final, artefacts), **extra,
-                  "resources": resources(result, training.as_dict(), inference, peaks),
+                  "resources": seed_resources(result, training.as_dict(), inference, peaks),
                   "teacher_pass": dict(teacher_info) or None,
                   "on_policy_draws": getattr(make_batch, "drawn", None)}
         self.run_dir.write_seed(self.seed, record)

@@ -173,21 +173,6 @@ def dev_evaluator(setup: GenSetup, rows: Sequence[GenerationRow], prompts: list[
     return evaluate
 
 
-def resources(result: Any, training: dict[str, Any], inference: dict[str, Any],
-              other_peaks_mb: dict[str, float | None]) -> dict[str, Any]:
-    """The seed's cost in the shape ``common.finish_record`` reads (as ``finetune``'s seeds record it)."""
-    peaks = {"training": training["peak_memory_mb"], "inference": inference["peak_memory_mb"],
-             **{k: v for k, v in other_peaks_mb.items() if v is not None}}
-    seconds = result.train_seconds
-    return {"training": training, "steps": result.steps, "planned_steps": result.planned_steps,
-            "epochs_done": result.epochs_done, "examples_seen": result.train_examples_seen,
-            "train_tokens": result.train_tokens, "train_seconds": round(seconds, 4),
-            "train_tokens_per_s": result.train_tokens / seconds if seconds > 0 else None,
-            "seconds_per_step": seconds / max(result.steps, 1), "resumed_from_epoch": result.resumed_from_epoch,
-            "inference": inference, "peak_memory_mb": {"overall": max(peaks.values()), **peaks},
-            "memory_kind": training["memory_kind"]}
-
-
 def with_model(loaded: Any, model: torch.nn.Module) -> Any:
     return dataclasses.replace(loaded, model=model)
 

@@ -206,6 +206,16 @@ def _current_peak(on_cuda: bool) -> float:
     return torch.cuda.max_memory_allocated() / 1024 / 1024 if on_cuda else _peak_rss_mb()
 
 
+def peak_so_far(device: Any = None) -> float:
+    """The peak memory (MB) the innermost open :func:`measure` section would report if it ended now (the
+    process's current peak outside any): a long section (training) records it in its checkpoints, so that
+    a resumed run's figure covers the attempts before the resume too."""
+    import torch
+
+    on_cuda = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
+    return max(_ACTIVE[-1]._running_peak if _ACTIVE else 0.0, _current_peak(on_cuda))
+
+
 @contextmanager
 def measure(device: Any = None) -> Iterator[Measurement]:
     """Measure a section: on CUDA ``max_memory_allocated``; on CPU the process's peak resident memory.

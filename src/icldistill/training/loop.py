@@ -43,7 +43,7 @@ from transformers import get_linear_schedule_with_warmup
 from icldistill.config import TrainOptions
 from icldistill.errors import IcldError
 from icldistill.runtime import distributed
-from icldistill.runtime.records import read_json
+from icldistill.runtime.records import peak_so_far, read_json
 from icldistill.training import tracking
 from icldistill.training.checkpoint import (
     BEST_FILE,
@@ -92,6 +92,10 @@ class TrainResult:
     train_tokens: int = 0
     resumed_from_epoch: int | None = None
     train_seconds: float = 0.0  # optimisation only (evaluation and checkpoints excluded), across resumes
+    # Resumed runs: the training section's wall time and peak memory before the resume, as the checkpoint
+    # recorded them ({} where it did not: a checkpoint older than these figures); None when not resumed.
+    # ``methods.common.training_cost`` merges them with this attempt's measurement.
+    before_resume: dict[str, Any] | None = None
     planned_steps: int = 0  # the step budget: max_steps, or steps per epoch x epochs
     stopped_early: bool = False  # an on_evaluate callback raised StopTraining
     # Which evaluated state the model holds on return: {"rule", "metric", "epoch", "step", "value"}.
@@ -213,6 +217,7 @@ class _Loop:
     best_state: dict[str, torch.Tensor] | None = None
     identity: str | None = None  # the run's (runtime.rundir.identity_of), recorded in every checkpoint
     batch_source: Any = None  # the make_batch of fit: checkpointed with the loop where it keeps state
+    started: float = field(default_factory=time.perf_counter)  # this attempt's start (for the training cost)
 
     @property
     def select(self) -> str:
@@ -280,7 +285,8 @@ class _Loop:
         state = read_json(ckpt / STATE_FILE)
         self.result = TrainResult(state["history"], state["steps"], state["epochs_done"], state["train_examples_seen"],
                                   state["train_tokens"], resumed_from_epoch=state["epochs_done"],
-                                  train_seconds=state["train_seconds"], planned_steps=self.budget.total)
+                                  train_seconds=state["train_seconds"], planned_steps=self.budget.total,
+                                  before_resume=state.get("training_cost") or {})
         self.best = state.get("best") or {}
         self.best_state = load_file(str(ckpt / BEST_FILE)) if self.best and (ckpt / BEST_FILE).exists() else None
         if state.get("batch_source") is not None and hasattr(self.batch_source, "load_state_dict"):
@@ -381,8 +387,19 @@ class _Loop:
             "epochs_done": r.epochs_done, "steps": r.steps, "history": r.history,
             "train_examples_seen": r.train_examples_seen, "train_tokens": r.train_tokens,
             "train_seconds": r.train_seconds, "best": self.best or None, "identity": self.identity,
+            "training_cost": self.cost_so_far(),
             "batch_source": self.batch_source.state_dict() if hasattr(self.batch_source, "state_dict") else None,
         }, extra_files={BEST_FILE: self.best_state} if self.best_state is not None else None)
+
+    def cost_so_far(self) -> dict[str, Any]:
+        """The training section's wall time and peak memory up to now, over every attempt (what a checkpoint
+        keeps for a resumed run's record); {} once an earlier attempt's figures are unknown."""
+        before = self.result.before_resume
+        if before == {}:
+            return {}
+        before = before or {"wall_time_s": 0.0, "peak_memory_mb": 0.0}
+        return {"wall_time_s": before["wall_time_s"] + time.perf_counter() - self.started,
+                "peak_memory_mb": max(before["peak_memory_mb"], peak_so_far(self.accelerator.device))}
 
     def epoch(self, epoch: int, n_examples: int, seed: int, make_batch: MakeBatch, loss_fn: LossFn, bar: Any) -> None:
         """One epoch's optimiser steps (in an order that depends only on seed and epoch), then its end."""

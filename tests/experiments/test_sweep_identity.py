@@ -103,6 +103,9 @@ def test_a_resumed_seed_without_its_earlier_memory_is_left_out_of_the_peaks(tmp_
     assert rows["train_peak_memory_mb"].isna().all() == left_out and rows["peak_memory_mb"].isna().all() == left_out
     assert rows["train_time_s"].notna().all()  # optimisation time is kept across resumes
     assert any("resumed after epoch 2" in n for n in runs.attrs["notes"]) == left_out
+    if measured is None:  # the report says so where a reader looks for what ran
+        assert cli.main(["report", str(root), "--output-dir", str(tmp_path / "rep")]) == 0
+        assert f"- Note: {pbft}: seed 0 resumed after epoch 2" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_a_dead_workers_lock_on_another_host_is_taken_over_after_its_heartbeat_stops(tmp_path, monkeypatch):

@@ -375,7 +375,8 @@ def _header_lines(df: pd.DataFrame, runs: pd.DataFrame, table: pd.DataFrame) -> 
                               else f"{name} {chance.mean():.3f}")
         if levels:
             lines.append("Chance / majority-class rate per set: " + ", ".join(levels))
-    return lines
+    # What ``collect`` left out or could not count, and why (as ``icld results`` prints it).
+    return lines + [f"Note: {note}" for note in df.attrs.get("notes", [])]
 
 
 def _blocks(df: pd.DataFrame, figures: Sequence[FigureResult], title: str,

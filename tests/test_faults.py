@@ -53,8 +53,11 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path, data_dir, tiny_d
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    # SIGINT back to its default: a test suite started in the background by a script (``cmd &``) inherits
+    # SIGINT ignored (POSIX), and Python then installs no KeyboardInterrupt handler, so Ctrl-C would do nothing.
     return subprocess.Popen([sys.executable, "-m", "icldistill.cli", "-q", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _env(cache_dir: Path) -> dict[str, str]:
@@ -153,7 +156,8 @@ def test_sweep_killed_resumes_only_the_missing_cells(tmp_path, data_dir, tiny_di
 @pytest.mark.slow
 def test_ctrl_c_exits_cleanly_and_the_run_resumes(tmp_path, data_dir, tiny_dirs, cache_dir):
     # 400 epochs: a run that may end before the signal lands (a loaded machine can delay this process for
-    # seconds after the first checkpoint) would test nothing; SIGINT stops it after the first few.
+    # seconds after the first checkpoint) would test nothing; SIGINT stops it after the first few (_cli
+    # makes sure the child handles SIGINT even when this suite runs as a background job).
     args = ["pbft", "--model", str(tiny_dirs["student"]), "--eval", "mnli-m", "--shots", "8", "--seeds", "0",
             "--limit", "8", "--epochs", "400", "--lr", "1e-3", "--train-batch-size", "2", "--data-dir", str(data_dir),
             "--dtype", "fp32", "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--resume"]

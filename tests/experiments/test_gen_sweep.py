@@ -167,6 +167,8 @@ def test_the_generation_table_counts_what_the_answers_say(tmp_path_factory, data
     assert row["vs_zero_shot"] == pytest.approx(em("d") - em_zero)  # paired with every seed of the distilled run
     assert row["vs_zero_shot_low"] <= row["vs_zero_shot"] + 1e-9 <= row["vs_zero_shot_high"] + 2e-9
     assert math.isnan(table.loc["student zero-shot"]["vs_zero_shot"])  # not compared with itself
+    em_student = em("s")
+    assert table.loc["student zero-shot"]["vs_icl_student"] == pytest.approx(em_zero - em_student)  # every seed
     assert row["answer_tokens"] == pytest.approx(3 + (queries - 1) / 2)
     assert math.isnan(table.loc["ICL teacher"]["teacher_agreement"])  # the teacher is not compared with itself
 

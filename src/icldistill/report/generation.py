@@ -80,12 +80,14 @@ def _paths(sweep_dir: Path, cells: Sequence[str], eval_set: str, own: dict[str, 
 def paired_difference(sweep_dir: Path, a: pd.DataFrame, b: pd.DataFrame, eval_set: str,
                       own: dict[str, set[str]], resamples: int) -> tuple[float, float, float] | None:
     """A - B in exact match on the queries and seeds both scored, with ``icld compare``'s paired interval (a
-    zero-shot B's answers standing for each of A's seeds)."""
+    zero-shot run's answers standing for each of the other's seeds)."""
     try:
         pa = read_predictions(_paths(sweep_dir, sorted(a["cell"].unique()), eval_set, own), source="A")
         pb = read_predictions(_paths(sweep_dir, sorted(b["cell"].unique()), eval_set, own), source="B")
         if b["variant"].iloc[0] == SEED_FREE_VARIANT:
             pb = pb.standing_for(pa.seeds(eval_set))
+        if a["variant"].iloc[0] == SEED_FREE_VARIANT:  # the zero-shot row against a baseline's every seed
+            pa = pa.standing_for(pb.seeds(eval_set))
         result = compare_predictions(pa, pb, eval_set, resamples=resamples)
     except IcldError as exc:
         logger.info("no paired difference on %s: %s", eval_set, exc)

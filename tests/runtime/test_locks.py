@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from icldistill.runtime.locks import exclusive
 
@@ -31,14 +30,13 @@ def test_a_second_holder_waits_until_the_first_releases(tmp_path, caplog):
                for r in caplog.records)
 
 
-def test_the_lock_is_free_again_after_an_error(tmp_path):
+def test_the_lock_is_free_again_after_an_error(tmp_path, caplog):
     path = tmp_path / "work.lock"
     try:
         with exclusive(path, "failing"):
             raise RuntimeError("the work failed")
     except RuntimeError:
         pass
-    started = time.monotonic()
-    with exclusive(path, "retrying"):
+    with caplog.at_level("INFO", logger="icldistill.runtime.locks"), exclusive(path, "retrying"):
         pass
-    assert time.monotonic() - started < 5
+    assert not caplog.records  # taken at once: nobody held it, so it never waited

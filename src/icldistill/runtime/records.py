@@ -206,14 +206,18 @@ def _current_peak(on_cuda: bool) -> float:
     return torch.cuda.max_memory_allocated() / 1024 / 1024 if on_cuda else _peak_rss_mb()
 
 
+def _on_cuda(device: Any) -> bool:
+    """Whether ``device`` is a CUDA device that is there (its peaks come from torch, not from the process)."""
+    import torch
+
+    return device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
+
+
 def peak_so_far(device: Any = None) -> float:
     """The peak memory (MB) the innermost open :func:`measure` section would report if it ended now (the
     process's current peak outside any): a long section (training) records it in its checkpoints, so that
     a resumed run's figure covers the attempts before the resume too."""
-    import torch
-
-    on_cuda = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
-    return max(_ACTIVE[-1]._running_peak if _ACTIVE else 0.0, _current_peak(on_cuda))
+    return max(_ACTIVE[-1]._running_peak if _ACTIVE else 0.0, _current_peak(_on_cuda(device)))
 
 
 @contextmanager
@@ -230,14 +234,14 @@ def measure(device: Any = None) -> Iterator[Measurement]:
     import torch
 
     m = Measurement()
-    on_cuda = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
+    on_cuda = _on_cuda(device)
     if not _ACTIVE:
         release_memory()
     if on_cuda:
         torch.cuda.synchronize()
-    peak_so_far = _current_peak(on_cuda)
+    peak_before = _current_peak(on_cuda)
     for outer in _ACTIVE:
-        outer._running_peak = max(outer._running_peak, peak_so_far)
+        outer._running_peak = max(outer._running_peak, peak_before)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
         m.memory_kind = "cuda_max_allocated"

@@ -144,6 +144,11 @@ class TrainOptions:
         1, "Micro-batches per optimiser step; the micro-batch is train_batch_size / grad_accum examples. Under N "
         "processes the micro-batch size stays the same and each process runs ceil(train_batch_size / N / micro-batch) "
         "of them: the optimiser step, its examples and its gradient are those of one process.", min=1)
+    gradient_checkpointing: bool = option(
+        False, "Recompute each layer's activations in the backward pass instead of keeping them (transformers' "
+        "gradient checkpointing): training memory falls by most of the activations' share, for a second forward "
+        "pass through the layers in each backward; the numbers are the same, so it is not part of the run's "
+        "identity.")
     warmup_ratio: float = option(0.5, "Fraction of steps with linear warm-up (llmft: 0.5).", min=0.0, max=1.0)
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0.0)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", min=0.0)

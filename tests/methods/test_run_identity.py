@@ -102,3 +102,14 @@ def test_the_recorded_wall_time_covers_the_whole_run(tmp_path, data_dir, tiny_di
     total = record["resources"]["total"]
     assert total["wall_time_s"] > total["training_wall_time_s"] > 0
     assert total["wall_time_s"] >= record["seeds"]["0"]["resources"]["training"]["wall_time_s"]
+
+
+def test_gradient_checkpointing_is_not_part_of_a_runs_identity(tmp_path, data_dir, tiny_dirs):
+    """It trades memory for compute with the same numbers, so a run resumed with it switched on is the same run
+    (a user who ran out of memory turns it on and resumes): it is recorded, and nothing is retrained."""
+    out = tmp_path / "r"
+    first = run_pbft(_pbft(data_dir, tiny_dirs["student"], out, resume=True), progress=False)
+    again = run_pbft(_pbft(data_dir, tiny_dirs["student"], out, resume=True, gradient_checkpointing=True),
+                     progress=False)
+    assert again["identity"] == first["identity"]
+    assert again["seeds"]["0"]["eval"] == first["seeds"]["0"]["eval"]

@@ -569,3 +569,46 @@ def test_a_resumed_runs_training_cost_covers_the_attempts_before_the_resume(tmp_
     again = run_pbft(build_config(PbftOptions, {**values, "resume": True}), progress=False)["seeds"]["0"]
     assert again["resources"]["training"]["measured"].startswith("after epoch 3")
     assert again["resources"]["training"]["peak_memory_mb"] < big and partial_training(again["resources"])
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize(("arch", "peft"), [("llama", "lora"), ("opt", "bitfit"), ("gemma3", "none")])
+def test_gradient_checkpointing_trains_the_same_weights_and_recomputes_every_layer(arch, peft):
+    """--gradient-checkpointing changes memory, not numbers: the same trained weights (LoRA dropout on, so the
+    recompute must replay its random state), each decoder layer's modules run twice per micro-batch, and it is
+    off afterwards."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    trained, calls = [], []
+    for on in (False, True):
+        model, make_batch, loss_fn = _toy_problem(arch)
+        opts = _opts(peft=peft, epochs=2, lora_dropout=0.2, gradient_checkpointing=on)
+        model, _ = prepare_trainable(model, opts)
+        layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+        inner = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))  # the recompute calls it again
+        count = [0]
+        inner.register_forward_pre_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
+        torch.manual_seed(0)
+        fit(model, 8, make_batch, loss_fn, opts, seed=0, progress=False)
+        assert not _checkpointing(model)  # exported, evaluated and sampled from as before
+        trained.append(_trainable(model))
+        calls.append(count[0])
+    assert calls[1] == 2 * calls[0] > 0
+    assert trained[0].keys() == trained[1].keys()
+    for name, value in trained[0].items():
+        assert torch.allclose(value, trained[1][name], atol=1e-6), name
+
+
+def test_gradient_checkpointing_is_refused_by_name_for_a_model_without_it():
+    class Plain(torch.nn.Module):
+        supports_gradient_checkpointing = False
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    with pytest.raises(ConfigError, match=r"--gradient-checkpointing: Plain does not support"):
+        fit(Plain(), 8, lambda i: i, lambda m, b: None, _opts(gradient_checkpointing=True), seed=0, progress=False)

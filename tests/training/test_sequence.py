@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -10,7 +13,8 @@ from tiny import make_model
 from icldistill.errors import ConfigError
 from icldistill.scoring.generation import prefix_for_rows
 from icldistill.scoring.prefix_cache import PrefixCache
-from icldistill.training.sequence import answer_batch, answer_logits
+from icldistill.training.sequence import AnswerHidden, answer_batch, answer_logits, answer_scores
+from icldistill.training.sequence_losses import answer_ce, answer_jsd, answer_topk_kl
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 ANSWERS = [[20, 21], [22, 23, 24, 25], [26]]
@@ -68,3 +72,71 @@ def test_bad_rows_are_refused():
         answer_batch([[1]], [], pad_id=0)
     with pytest.raises(ConfigError, match="at least one token"):
         answer_batch([[1]], [[]], pad_id=0)
+
+
+LOSSES = {  # each signal's loss of (student, batch, teacher logits at the answer tokens), summed over sequences
+    "ce": lambda s, b, t: answer_ce(s, b.targets, b.sequence, b.n, "sum"),
+    "topk-kl": lambda s, b, t: answer_topk_kl(*t.log_softmax(-1).topk(5), s, b.sequence, b.n, 2.0, "sum"),
+    "jsd": lambda s, b, t: answer_jsd(s, t, b.sequence, b.n, 0.5, 2.0, "sum"),
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gemma3"])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_losses_and_gradients_equal_those_of_the_whole_logits(arch, loss, chunk):
+    model = make_model(arch, 64)  # eval mode: no dropout; gradients still flow
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = answer_batch(PROMPTS, ANSWERS, pad_id=0)
+    teacher = torch.randn(batch.n_tokens, 64, generator=torch.Generator().manual_seed(1))
+    whole = LOSSES[loss](answer_logits(model, batch), batch, teacher)
+    scores = answer_scores(model, batch)
+    assert isinstance(scores, AnswerHidden)
+    chunked = LOSSES[loss](dataclasses.replace(scores, chunk=chunk), batch, teacher)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(torch.autograd.grad(chunked, params), torch.autograd.grad(whole, params)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the dev loss: no recompute, the same value
+        torch.testing.assert_close(LOSSES[loss](dataclasses.replace(answer_scores(model, batch), chunk=chunk),
+                                                batch, teacher), whole.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_no_more_than_a_chunk_of_logits_exists_at_once():
+    """The forward keeps one column of logits a row; the loss and its backward then run the head a chunk at a time."""
+    model = make_model("llama", 64)
+    batch = answer_batch(PROMPTS, ANSWERS, pad_id=0)
+    rows_per_call = []
+    model.lm_head.register_forward_hook(lambda m, a, out: rows_per_call.append(out.shape[:-1].numel()))
+    scores = dataclasses.replace(answer_scores(model, batch), chunk=2)
+    answer_ce(scores, batch.targets, batch.sequence, batch.n, "sum").backward()
+    chunks = math.ceil(batch.n_tokens / 2)
+    each = [2] * (chunks - 1) + [batch.n_tokens - 2 * (chunks - 1)]
+    assert rows_per_call[:1 + chunks] == [batch.n, *each]  # the forward, then the loss's chunks
+    assert sorted(rows_per_call[1 + chunks:]) == sorted(each)  # each recomputed once in the backward
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_a_model_that_transforms_its_logits_after_the_head_is_scored_through_the_whole_logits():
+    """Gemma 2's soft-cap (tanh after the head): the head alone is not the logits, and the check sees it."""
+    model = make_model("gemma3", 64)
+    model.config.final_logit_softcapping = 3.0
+    batch = answer_batch(PROMPTS, ANSWERS, pad_id=0)
+    for _ in range(2):  # found once, remembered
+        scores = answer_scores(model, batch)
+        assert isinstance(scores, torch.Tensor)
+        torch.testing.assert_close(scores, answer_logits(model, batch))
+        assert scores.abs().max() <= 3.0
+
+
+def test_under_mixed_precision_each_chunk_computes_what_the_forward_would():
+    """accelerate's bf16 mixed precision wraps the model's forward only in autocast (``Accelerator.prepare`` sets
+    ``model.forward`` so; an Accelerator here would fix the process's precision for the other tests): the chunks
+    replay the autocast the head ran under."""
+    model = make_model("llama", 64)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    batch = answer_batch(PROMPTS, ANSWERS, pad_id=0)
+    scores = answer_scores(model, batch)
+    assert isinstance(scores, AnswerHidden) and scores.autocast == ("cpu", torch.bfloat16, True)
+    whole = answer_logits(model, batch).float()  # bf16 logits
+    chunked = dataclasses.replace(scores, chunk=2).per_token(lambda logits: logits.max(-1).values)
+    assert torch.equal(chunked, whole.max(-1).values)

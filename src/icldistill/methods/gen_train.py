@@ -25,7 +25,7 @@ from icldistill.scoring.generation_metrics import generation_metrics
 from icldistill.scoring.prefix_cache import PrefixCache
 from icldistill.tasks.generation import GenerationRow, GenerationTask, uses_chat_template
 from icldistill.training.losses import LossOutput
-from icldistill.training.sequence import AnswerBatch, answer_batch, answer_logits
+from icldistill.training.sequence import AnswerBatch, answer_batch, answer_scores
 from icldistill.training.sequence_losses import answer_ce, answer_jsd, answer_topk_kl
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def make_loss(config: GenDistillOptions, answers: TeacherAnswers | None) -> Loss
 
     def loss_fn(model: torch.nn.Module, batch: GenBatch) -> LossOutput:
         rows = batch.rows
-        logits = answer_logits(model, rows)
+        logits = answer_scores(model, rows)  # chunked where the model allows: the logits never exist whole
         seq, device = rows.sequence.to(logits.device), logits.device
         if signal == "on-policy":
             assert batch.teacher_logits is not None
@@ -164,7 +164,7 @@ def dev_evaluator(setup: GenSetup, rows: Sequence[GenerationRow], prompts: list[
             for start in range(0, len(rows), batch_size):
                 part = slice(start, start + batch_size)
                 batch = answer_batch(prompts[part], references[part], pad_id)
-                logits = answer_logits(model, batch)
+                logits = answer_scores(model, batch)
                 losses.append(answer_ce(logits, batch.targets.to(logits.device),
                                         batch.sequence.to(logits.device), batch.n, "sum"))
         metrics = generation_metrics(scored, seed=seed)

@@ -36,9 +36,10 @@ LOCK_SUFFIX = ".lock"  # runtime/locks: held beside a generation teacher pass's 
 RECORD_VERSION = 1  # 0: records written before identities (ca96d28 and earlier); see migrate_run
 FINISHED = ("complete", "skipped")  # a "skipped" run (context too long) would end the same way again
 
-# Options that say where files are or how a run is kept, not what it computes: left out of the identity.
+# Options that say where files are, how a run is kept or how it spends memory, not what it computes: left out
+# of the identity (gradient checkpointing recomputes the same activations, so a resume may switch it).
 NOT_IDENTITY = frozenset({"output_dir", "resume", "overwrite", "data_dir", "cache_dir", "seeds", "eval_limit",
-                          "save_every_epoch", "report_to"})
+                          "save_every_epoch", "report_to", "gradient_checkpointing"})
 
 
 class PredictionRow(TypedDict, total=False):

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from icldistill.config import TrainOptions
-from icldistill.errors import IcldError
+from icldistill.errors import ConfigError, IcldError
 from icldistill.runtime import distributed
 from icldistill.runtime.records import peak_so_far, read_json
 from icldistill.training import tracking
@@ -499,24 +499,55 @@ def fit(
     and so does every rank of a distributed run (each takes its share of each step). A ``make_batch``
     that keeps state across steps (the on-policy signal's samples) offers ``state_dict()`` (JSON-able) and
     ``load_state_dict(state)``: its state travels in every checkpoint (rank 0's), so a resumed run trains
-    on what the uninterrupted one would.
+    on what the uninterrupted one would. ``options.gradient_checkpointing`` recomputes activations in the
+    backward pass (:func:`activation_checkpointing`) for the whole of training.
     """
     if n_examples < 1:
         raise IcldError("No training examples: check --shots / --train-queries.")
-    loop = _Loop.start(model, n_examples, options, mixed_precision=mixed_precision, cpu=cpu,
-                       checkpoint_dir=checkpoint_dir, evaluate=evaluate, on_evaluate=on_evaluate)
-    loop.identity, loop.batch_source = identity, make_batch
-    start_epoch = loop.resume()
-    bar = tqdm(total=loop.budget.total, initial=loop.result.steps, desc="train", unit="step",
-               disable=not progress or not distributed.is_main(), leave=False)
-    loop.model.train()
+    with activation_checkpointing(model, getattr(options, "gradient_checkpointing", False)):
+        loop = _Loop.start(model, n_examples, options, mixed_precision=mixed_precision, cpu=cpu,
+                           checkpoint_dir=checkpoint_dir, evaluate=evaluate, on_evaluate=on_evaluate)
+        loop.identity, loop.batch_source = identity, make_batch
+        start_epoch = loop.resume()
+        bar = tqdm(total=loop.budget.total, initial=loop.result.steps, desc="train", unit="step",
+                   disable=not progress or not distributed.is_main(), leave=False)
+        loop.model.train()
+        try:
+            for epoch in range(start_epoch, loop.budget.epochs):
+                if loop.result.steps >= loop.budget.total:
+                    break
+                loop.epoch(epoch, n_examples, seed, make_batch, loss_fn, bar)
+        except StopTraining:
+            loop.result.stopped_early = True
+            logger.info("training stopped by on_evaluate after step %d", loop.result.steps)
+        bar.close()
+        return loop.finish()
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Train with transformers' activation (gradient) checkpointing when ``enabled``; off again afterwards.
+
+    Each layer keeps only its input and recomputes the rest in the backward pass: the same numbers (dropout
+    replays its random state) for a second forward through the layers. Non-reentrant checkpointing, so a
+    LoRA model whose embeddings are frozen still gets gradients without ``enable_input_require_grads``. It
+    only acts in train mode: on-policy sampling and dev evaluation (eval mode, no gradients) run as before.
+    """
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support activation "
+                          "checkpointing in transformers; train without it (or with a smaller --train-batch-size "
+                          "or a larger --grad-accum).")
+    # transformers 5.25 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn).
+    on = getattr(model, "activation_checkpointing_enable", None)
+    if on is not None:
+        on(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        for epoch in range(start_epoch, loop.budget.epochs):
-            if loop.result.steps >= loop.budget.total:
-                break
-            loop.epoch(epoch, n_examples, seed, make_batch, loss_fn, bar)
-    except StopTraining:
-        loop.result.stopped_early = True
-        logger.info("training stopped by on_evaluate after step %d", loop.result.steps)
-    bar.close()
-    return loop.finish()
+        yield
+    finally:
+        off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        off()

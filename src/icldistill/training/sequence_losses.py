@@ -5,11 +5,17 @@ Pure functions of tensors (torch only), like ``training.losses``. An answer's to
 prompt's tokens never enter a loss (only answer positions are ever gathered) and padding needs no mask.
 A sequence's loss is the mean over its answer tokens, and a batch's the mean (or sum) over its
 sequences: a long answer weighs as much as a short one, as in TRL's GKD and SFT trainers.
+
+The student's side is the (tokens, vocab) logits, or anything with ``per_token(fn, *rows)`` that applies a
+per-token loss of logits chunk by chunk (``training.sequence.AnswerHidden``): every loss here is one value
+per token before the per-sequence mean, so both give the same numbers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -25,25 +31,46 @@ def per_sequence_mean(per_token: Tensor, sequence: Tensor, n_sequences: int) -> 
     return sums / counts
 
 
-def answer_ce(student_logits: Tensor, target_ids: Tensor, sequence: Tensor, n_sequences: int,
+class ChunkedLogits(Protocol):
+    """A student's logits computed chunk by chunk (``training.sequence.AnswerHidden``)."""
+
+    def per_token(self, fn: Callable[..., Tensor], *rows: Tensor) -> Tensor: ...
+
+
+Student = Tensor | ChunkedLogits  # (tokens, V) logits, or ChunkedLogits of them
+
+
+def per_token(student: Student, fn: Callable[..., Tensor], *rows: Tensor) -> Tensor:
+    """``(tokens,)``: ``fn(logits, *rows)`` on the student's logits, or chunk by chunk where it computes them so."""
+    return fn(student, *rows) if isinstance(student, Tensor) else student.per_token(fn, *rows)
+
+
+def _ce(logits: Tensor, target_ids: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), target_ids.long(), reduction="none")
+
+
+def answer_ce(student_logits: Student, target_ids: Tensor, sequence: Tensor, n_sequences: int,
               reduction: str = "mean") -> Tensor:
     """Cross-entropy of the answer tokens: SFT on references or on the teacher's answers (``sequence``).
 
     student_logits (tokens, V) at the positions that predict ``target_ids`` (tokens,).
     """
-    per_token = torch.nn.functional.cross_entropy(student_logits.float(), target_ids.long(), reduction="none")
-    return _reduce(per_sequence_mean(per_token, sequence, n_sequences), reduction)
+    per_tok = per_token(student_logits, _ce, target_ids)
+    return _reduce(per_sequence_mean(per_tok, sequence, n_sequences), reduction)
 
 
-def answer_topk_kl(teacher_topk_logprobs: Tensor, teacher_topk_ids: Tensor, student_logits: Tensor, sequence: Tensor,
+def answer_topk_kl(teacher_topk_logprobs: Tensor, teacher_topk_ids: Tensor, student_logits: Student, sequence: Tensor,
                    n_sequences: int, temperature: float = 1.0, reduction: str = "mean") -> Tensor:
     """Forward KL from the teacher's cached top-k log-probabilities at every answer token (``token`` signal).
 
     (tokens, k) teacher entries, (tokens, V) student logits; each token's KL is ``losses.topk_vocab_kl``'s
     (top-k support, both sides renormalised, scaled by T^2).
     """
-    per_token = topk_vocab_kl(teacher_topk_logprobs, teacher_topk_ids, student_logits, temperature, reduction="none")
-    return _reduce(per_sequence_mean(per_token, sequence, n_sequences), reduction)
+    def kl(logits: Tensor, lp: Tensor, ids: Tensor) -> Tensor:
+        return topk_vocab_kl(lp, ids, logits, temperature, reduction="none")
+
+    per_tok = per_token(student_logits, kl, teacher_topk_logprobs, teacher_topk_ids)
+    return _reduce(per_sequence_mean(per_tok, sequence, n_sequences), reduction)
 
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, temperature: float = 1.0
@@ -77,8 +104,11 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float 
     return out * temperature**2
 
 
-def answer_jsd(student_logits: Tensor, teacher_logits: Tensor, sequence: Tensor, n_sequences: int,
+def answer_jsd(student_logits: Student, teacher_logits: Tensor, sequence: Tensor, n_sequences: int,
                beta: float = 1.0, temperature: float = 1.0, reduction: str = "mean") -> Tensor:
     """The ``on-policy`` signal's loss: generalised JSD per answer token, averaged per sequence."""
-    per_token = generalized_jsd(student_logits, teacher_logits, beta, temperature)
-    return _reduce(per_sequence_mean(per_token, sequence, n_sequences), reduction)
+    def jsd(logits: Tensor, teacher: Tensor) -> Tensor:
+        return generalized_jsd(logits, teacher, beta, temperature)
+
+    per_tok = per_token(student_logits, jsd, teacher_logits)
+    return _reduce(per_sequence_mean(per_tok, sequence, n_sequences), reduction)

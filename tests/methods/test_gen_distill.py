@@ -10,13 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import make_model
 
 from icldistill.config import GenDistillOptions, build_config
 from icldistill.errors import ConfigError
 from icldistill.methods import gen_distill, gen_seed
 from icldistill.methods.gen_distill import plan_seed, run_gen_distill
 from icldistill.methods.gen_setup import encode_prompts, prepare_generation
-from icldistill.methods.gen_teacher import answer_tokens, context_prefix, end_token, teacher_answers, teacher_topk
+from icldistill.methods.gen_teacher import (
+    answer_tokens,
+    context_logits,
+    context_prefix,
+    end_token,
+    teacher_answers,
+    teacher_topk,
+)
 from icldistill.methods.gen_train import FixedAnswers, GenBatch, OnPolicyAnswers, make_loss, reference_tokens
 from icldistill.models.loading import load_model
 from icldistill.scoring.generation import Generated
@@ -105,6 +113,25 @@ def test_only_answer_tokens_enter_the_loss(tmp_path, data_dir, tiny_dirs):
     assert FixedAnswers(other, answers, 0)([2, 0, 3]).rows.targets.tolist() == batch.rows.targets.tolist()
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_teacher_logits_after_the_context_are_those_of_each_whole_prompt_in_row_order(arch, chunked):
+    """Gemma 3's sliding layers (window 8 here) would count the pads between the context and a shorter query
+    as positions and drop context tokens the whole prompt sees: its rows run in groups of one query length."""
+    model = make_model(arch, 64, seed=1)
+    context = [30, 31, 32, 33, 34]
+    prompts = [context + q for q in ([5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15])]
+    answers = [[20, 21], [22, 23, 24, 25], [26], [27, 28, 29]]
+    prefix = context_prefix(model, prompts)
+    assert prefix is not None and prefix.length == len(context)
+    with torch.no_grad():
+        got = context_logits(model, prefix, prompts, answers, 0, chunked=chunked)
+        got = got.logits(got.hidden) if chunked else got
+        expected = torch.cat([model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1:len(p) + len(a) - 1]
+                              for p, a in zip(prompts, answers)])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_teacher_signals_are_those_of_the_whole_prompt(tmp_path, data_dir, tiny_dirs):
     """Top-k (token) and full logits (on-policy) after the cached context equal the full prompt's, at the answer
     tokens only."""
@@ -136,7 +163,8 @@ def test_teacher_signals_are_those_of_the_whole_prompt(tmp_path, data_dir, tiny_
         with torch.no_grad():
             logits = teacher.model(input_ids=torch.tensor([t_prompts[i] + sample])).logits[0]
         manual.append(logits[len(t_prompts[i]) - 1: len(t_prompts[i]) + len(sample) - 1])
-    assert torch.allclose(batch.teacher_logits, torch.cat(manual), atol=1e-4)
+    teacher_rows = batch.teacher_logits  # its hidden states: the loss computes its logits a chunk at a time
+    assert torch.allclose(teacher_rows.logits(teacher_rows.hidden), torch.cat(manual), atol=1e-4)
     # A second request of the same rows draws again (resample_every 1); answer_tokens ends on EOS when ended.
     source([1, 2])
     assert source.drawn == 2 and all(len(s) >= 1 for s in source.samples.values())

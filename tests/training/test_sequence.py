@@ -102,7 +102,8 @@ def test_chunked_losses_and_gradients_equal_those_of_the_whole_logits(arch, loss
 
 
 def test_no_more_than_a_chunk_of_logits_exists_at_once():
-    """The forward keeps one column of logits a row; the loss and its backward then run the head a chunk at a time."""
+    """The forward keeps one column of logits a row; the loss and its backward then run the head a chunk at a time.
+    (A model's first batch also runs its first row whole, once, to check that the head's output is the logits.)"""
     model = make_model("llama", 64)
     batch = answer_batch(PROMPTS, ANSWERS, pad_id=0)
     rows_per_call = []
@@ -111,8 +112,9 @@ def test_no_more_than_a_chunk_of_logits_exists_at_once():
     answer_ce(scores, batch.targets, batch.sequence, batch.n, "sum").backward()
     chunks = math.ceil(batch.n_tokens / 2)
     each = [2] * (chunks - 1) + [batch.n_tokens - 2 * (chunks - 1)]
-    assert rows_per_call[:1 + chunks] == [batch.n, *each]  # the forward, then the loss's chunks
-    assert sorted(rows_per_call[1 + chunks:]) == sorted(each)  # each recomputed once in the backward
+    probe = len(PROMPTS[0]) + len(ANSWERS[0])  # once per head: is its output the model's logits?
+    assert rows_per_call[:2 + chunks] == [probe, batch.n, *each]  # then the forward, then the loss's chunks
+    assert sorted(rows_per_call[2 + chunks:]) == sorted(each)  # each recomputed once in the backward
     assert model.lm_head.weight.grad.abs().sum() > 0
 
 
@@ -126,6 +128,10 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_scored_through_the
         assert isinstance(scores, torch.Tensor)
         torch.testing.assert_close(scores, answer_logits(model, batch))
         assert scores.abs().max() <= 3.0
+    prefix = [30, 31, 32, 33]  # after a context's cache (the on-policy teacher): the rows' cache is used once
+    context, after = PrefixCache(model, prefix), answer_batch(PROMPTS, ANSWERS, pad_id=0, past=len(prefix))
+    torch.testing.assert_close(answer_scores(model, after, prefix_for_rows(context, after.n)),
+                               answer_logits(model, after, prefix_for_rows(context, after.n)))
 
 
 def test_under_mixed_precision_each_chunk_computes_what_the_forward_would():
@@ -140,3 +146,27 @@ def test_under_mixed_precision_each_chunk_computes_what_the_forward_would():
     whole = answer_logits(model, batch).float()  # bf16 logits
     chunked = dataclasses.replace(scores, chunk=2).per_token(lambda logits: logits.max(-1).values)
     assert torch.equal(chunked, whole.max(-1).values)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_on_policy_jsd_with_a_chunked_teacher_equals_the_whole_logits(beta):
+    """The on-policy teacher (frozen, after its context's cache) hands the loss its hidden states; each chunk of its
+    logits is computed beside the student's: the same loss and student gradients, none reaching the teacher."""
+    student, teacher = make_model("llama", 64), make_model("opt", 64, seed=3)
+    prefix = [30, 31, 32]
+    teacher_batch = answer_batch(PROMPTS, ANSWERS, pad_id=0, past=len(prefix))
+    context = PrefixCache(teacher, prefix)
+    with torch.no_grad():  # a forward extends the rows' cache: each gets its own
+        teacher_whole = answer_logits(teacher, teacher_batch, prefix_for_rows(context, teacher_batch.n))
+        teacher_chunked = dataclasses.replace(
+            answer_scores(teacher, teacher_batch, prefix_for_rows(context, teacher_batch.n)), chunk=2)
+    assert isinstance(teacher_chunked, AnswerHidden)
+    batch = answer_batch(PROMPTS, ANSWERS, pad_id=0)
+    params = [p for p in student.parameters() if p.requires_grad]
+    whole = answer_jsd(answer_logits(student, batch), teacher_whole, batch.sequence, batch.n, beta, 1.5, "sum")
+    chunked = answer_jsd(dataclasses.replace(answer_scores(student, batch), chunk=3), teacher_chunked,
+                         batch.sequence, batch.n, beta, 1.5, "sum")
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(torch.autograd.grad(chunked, params), torch.autograd.grad(whole, params)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in teacher.parameters())

@@ -15,6 +15,7 @@ written atomically); a rerun with the same keys never loads the teacher, and the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,9 +36,9 @@ from icldistill.runtime.records import atomic_write_bytes, atomic_write_json
 from icldistill.runtime.rundir import JOURNAL_SUFFIX, LOCK_SUFFIX
 from icldistill.scoring.answer_journal import AnswerJournal
 from icldistill.scoring.encoding import common_prefix_length
-from icldistill.scoring.generation import DecodeSettings, Generated, generate, prefix_for_rows
+from icldistill.scoring.generation import DecodeSettings, Generated, generate, has_sliding_window, prefix_for_rows
 from icldistill.scoring.prefix_cache import PrefixCache
-from icldistill.training.sequence import answer_batch, answer_logits
+from icldistill.training.sequence import AnswerHidden, answer_batch, answer_logits, answer_scores
 from icldistill.training.teacher import signal_code_version
 
 logger = logging.getLogger(__name__)
@@ -107,13 +108,42 @@ def context_prefix(model: Any, prompts: Sequence[Sequence[int]]) -> PrefixCache 
 
 
 def context_logits(model: Any, prefix: PrefixCache | None, prompts: Sequence[Sequence[int]],
-                   answers: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """(tokens, vocab) logits of ``model`` at the answer tokens after the whole prompts, the context's cache
-    shared: each row costs its query and answer only."""
+                   answers: Sequence[Sequence[int]], pad_id: int, chunked: bool = False
+                   ) -> torch.Tensor | AnswerHidden:
+    """(tokens, vocab) logits of ``model`` at the answer tokens after the whole prompts, in row order, the
+    context's cache shared: each row costs its query and answer only. ``chunked``: as
+    ``training.sequence.answer_scores`` returns them (hidden states and head; the loss computes the logits a
+    chunk at a time) where it can.
+
+    A sliding attention window counts the pads between the context and a shorter query as positions (the
+    window would drop context tokens that the whole prompt sees), so for such a model the rows run in groups
+    of one query length, as ``scoring.generation`` batches them.
+    """
     past = prefix.length if prefix is not None else 0
-    batch = answer_batch([p[past:] for p in prompts], answers, pad_id, past=past)
-    cache = prefix_for_rows(prefix, batch.n) if prefix is not None else None
-    return answer_logits(model, batch, cache)
+    score = answer_scores if chunked else answer_logits
+    groups = [list(range(len(prompts)))]
+    if past and has_sliding_window(model):
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        groups = list(by_length.values())
+    parts = []
+    for rows in groups:
+        batch = answer_batch([prompts[i][past:] for i in rows], [answers[i] for i in rows], pad_id, past=past)
+        parts.append((rows, score(model, batch, prefix_for_rows(prefix, batch.n) if prefix is not None else None)))
+    return parts[0][1] if len(parts) == 1 else _in_row_order(parts, [len(a) for a in answers])
+
+
+def _in_row_order(parts: list[tuple[list[int], Any]], lengths: list[int]) -> torch.Tensor | AnswerHidden:
+    """Groups' per-token outputs (rows, logits or AnswerHidden), each row ``lengths[row]`` tokens, put back in
+    row order."""
+    pieces: dict[int, torch.Tensor] = {}
+    for rows, out in parts:
+        tokens = out if isinstance(out, torch.Tensor) else out.hidden
+        pieces.update(zip(rows, torch.split(tokens, [lengths[i] for i in rows])))
+    whole = torch.cat([pieces[i] for i in range(len(lengths))])
+    first = parts[0][1]
+    return whole if isinstance(first, torch.Tensor) else dataclasses.replace(first, hidden=whole)
 
 
 def teacher_answers(teacher: Any, prompts: Sequence[Sequence[int]], settings: DecodeSettings,

@@ -25,7 +25,7 @@ from icldistill.scoring.generation_metrics import generation_metrics
 from icldistill.scoring.prefix_cache import PrefixCache
 from icldistill.tasks.generation import GenerationRow, GenerationTask, uses_chat_template
 from icldistill.training.losses import LossOutput
-from icldistill.training.sequence import AnswerBatch, answer_batch, answer_scores
+from icldistill.training.sequence import AnswerBatch, AnswerHidden, answer_batch, answer_scores
 from icldistill.training.sequence_losses import answer_ce, answer_jsd, answer_topk_kl
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class GenBatch:
 
     rows: AnswerBatch
     indices: list[int]
-    teacher_logits: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | AnswerHidden | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -115,10 +115,10 @@ class OnPolicyAnswers:
         if stale:
             self._resample(stale)
         answers = [self.samples[i] for i in idx]
-        with torch.no_grad():
-            logits = context_logits(self.teacher.model, self.teacher_prefix, [self.teacher_prompts[i] for i in idx],
-                                    answers, self.teacher_pad_id)
-        return GenBatch(answer_batch([self.prompts[i] for i in idx], answers, self.pad_id), idx, logits.detach())
+        with torch.no_grad():  # the teacher's hidden states: its logits are computed a chunk at a time in the loss
+            teacher = context_logits(self.teacher.model, self.teacher_prefix, [self.teacher_prompts[i] for i in idx],
+                                     answers, self.teacher_pad_id, chunked=True)
+        return GenBatch(answer_batch([self.prompts[i] for i in idx], answers, self.pad_id), idx, teacher)
 
 
 LossFn = Callable[[torch.nn.Module, GenBatch], LossOutput]
@@ -135,7 +135,7 @@ def make_loss(config: GenDistillOptions, answers: TeacherAnswers | None) -> Loss
         seq, device = rows.sequence.to(logits.device), logits.device
         if signal == "on-policy":
             assert batch.teacher_logits is not None
-            jsd = answer_jsd(logits, batch.teacher_logits.to(device), seq, rows.n, config.beta, T, "sum")
+            jsd = answer_jsd(logits, batch.teacher_logits, seq, rows.n, config.beta, T, "sum")
             return LossOutput(jsd, jsd.detach(), None)
         ce = answer_ce(logits, rows.targets.to(device), seq, rows.n, "sum") if signal != "token" or alpha < 1 else None
         if signal != "token":

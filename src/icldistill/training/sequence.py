@@ -14,8 +14,9 @@ backward pass, so the (tokens, vocab) logits, their log-softmax and their gradie
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,30 +120,60 @@ class AnswerHidden:
                 out.append(self._chunk(fn, *args))
         return torch.cat(out)
 
-    def _chunk(self, fn: Callable[..., torch.Tensor], hidden: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of some of :attr:`hidden`'s rows, as the model's forward computes them."""
         device_type, dtype, enabled = self.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            logits = self.head(hidden)
-        return fn(logits.float(), *rows)
+            return self.head(hidden).float()
+
+    def _chunk(self, fn: Callable[..., torch.Tensor], hidden: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+        return fn(self.logits(hidden), *rows)
 
 
-# Heads whose output is not the model's logits (a soft-cap or a scale after them, as in Gemma 2 or Cohere),
-# found on a first batch: their models are scored through the whole logits from then on.
-_NOT_THE_LOGITS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+# Whether a head's output is its model's logits (no soft-cap or scale after it, as Gemma 2 and Cohere have):
+# found once per head by a one-token probe (:func:`_head_is_logits`).
+_HEAD_IS_LOGITS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def answer_scores(model: Any, batch: AnswerBatch, cache: Any = None) -> torch.Tensor | AnswerHidden:
     """What a loss reads at the answer tokens: an :class:`AnswerHidden`, or the (tokens, vocab) logits of
     :func:`answer_logits` where the head's output is not the model's logits or its weights are sharded.
 
-    One forward keeps a single column of logits; a hook on the head checks, on every batch, that the last
-    hidden state is the head's input and the head's output the model's logits (both exactly), so a model
-    that transforms its logits after the head is never scored through the head alone.
+    One forward keeps a single column of logits and every layer's hidden states; the last, at the answer
+    columns, is what the head would have read.
     """
     head = _output_head(model)
-    if head is None or head in _NOT_THE_LOGITS:
+    if head is None or not _head_is_logits(model, head, _first_row(batch)):
         return answer_logits(model, batch, cache)
     device = model.device
+    with _watching(head) as seen:
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    position_ids=batch.position_ids.to(device), cache=cache, use_cache=cache is not None,
+                    logits_to_keep=1, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, batch.keep.to(device)][batch.answer_mask.to(device)]
+    return AnswerHidden(hidden, head, seen["autocast"])
+
+
+def _head_is_logits(model: Any, head: torch.nn.Module, row: torch.Tensor) -> bool:
+    """Whether the head reads the last hidden state and its output is the model's logits, both exactly at every
+    position of one row: one forward without gradients, once per head."""
+    if head not in _HEAD_IS_LOGITS:
+        with torch.no_grad(), _watching(head) as seen:
+            out = model(input_ids=row.to(model.device), logits_to_keep=0, output_hidden_states=True)
+        _HEAD_IS_LOGITS[head] = (bool(seen) and torch.equal(seen["input"], out.hidden_states[-1])
+                                 and torch.equal(seen["output"].float(), out.logits.float()))
+    return _HEAD_IS_LOGITS[head]
+
+
+def _first_row(batch: AnswerBatch) -> torch.Tensor:
+    """(1, n) the first row's prompt and answer tokens, without its pads (and without the shared prefix)."""
+    width = batch.input_ids.shape[1]
+    return batch.input_ids[0][batch.attention_mask[0, -width:].bool()][None]
+
+
+@contextlib.contextmanager
+def _watching(head: torch.nn.Module) -> Iterator[dict[str, Any]]:
+    """What ``head`` read and returned in a forward, and the autocast it ran under (device type, dtype, on)."""
     seen: dict[str, Any] = {}
 
     def record(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -152,18 +183,9 @@ def answer_scores(model: Any, batch: AnswerBatch, cache: Any = None) -> torch.Te
 
     handle = head.register_forward_hook(record)
     try:
-        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                    position_ids=batch.position_ids.to(device), cache=cache, use_cache=cache is not None,
-                    logits_to_keep=1, output_hidden_states=True)
+        yield seen
     finally:
         handle.remove()
-    last = out.hidden_states[-1]
-    same = seen and torch.equal(seen["input"], last[:, -1:]) and torch.equal(seen["output"].float(), out.logits.float())
-    if not same:
-        _NOT_THE_LOGITS.add(head)
-        return answer_logits(model, batch, cache)
-    hidden = last[:, batch.keep.to(device)][batch.answer_mask.to(device)]
-    return AnswerHidden(hidden, head, seen["autocast"])
 
 
 def _output_head(model: Any) -> torch.nn.Module | None:

@@ -32,9 +32,13 @@ def per_sequence_mean(per_token: Tensor, sequence: Tensor, n_sequences: int) -> 
 
 
 class ChunkedLogits(Protocol):
-    """A student's logits computed chunk by chunk (``training.sequence.AnswerHidden``)."""
+    """Logits computed chunk by chunk from hidden states (``training.sequence.AnswerHidden``)."""
+
+    hidden: Tensor
 
     def per_token(self, fn: Callable[..., Tensor], *rows: Tensor) -> Tensor: ...
+
+    def logits(self, hidden: Tensor) -> Tensor: ...
 
 
 Student = Tensor | ChunkedLogits  # (tokens, V) logits, or ChunkedLogits of them
@@ -104,11 +108,20 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float 
     return out * temperature**2
 
 
-def answer_jsd(student_logits: Student, teacher_logits: Tensor, sequence: Tensor, n_sequences: int,
+def answer_jsd(student_logits: Student, teacher_logits: Student, sequence: Tensor, n_sequences: int,
                beta: float = 1.0, temperature: float = 1.0, reduction: str = "mean") -> Tensor:
-    """The ``on-policy`` signal's loss: generalised JSD per answer token, averaged per sequence."""
+    """The ``on-policy`` signal's loss: generalised JSD per answer token, averaged per sequence.
+
+    ``teacher_logits``: the teacher's (tokens, V) logits, or its :class:`ChunkedLogits`, whose rows are then
+    computed a chunk at a time beside the student's (frozen: no gradient reaches the teacher).
+    """
+    whole = isinstance(teacher_logits, Tensor)
+
     def jsd(logits: Tensor, teacher: Tensor) -> Tensor:
+        if not whole:
+            with torch.no_grad():
+                teacher = teacher_logits.logits(teacher)
         return generalized_jsd(logits, teacher, beta, temperature)
 
-    per_tok = per_token(student_logits, jsd, teacher_logits)
+    per_tok = per_token(student_logits, jsd, teacher_logits if whole else teacher_logits.hidden)
     return _reduce(per_sequence_mean(per_tok, sequence, n_sequences), reduction)

@@ -159,7 +159,8 @@ def teacher_answers(teacher: Any, prompts: Sequence[Sequence[int]], settings: De
 
 def teacher_topk(teacher: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], batch_size: int,
                  topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, k) top-k log-probabilities and ids of the teacher at every answer token, after its context."""
+    """(tokens, k) top-k log-probabilities and ids of the teacher at every answer token, after its context
+    (a chunk of tokens' logits at a time where the model allows: a batch's whole logits would be GBs)."""
     model, tokenizer = teacher.model, teacher.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prefix = context_prefix(model, prompts)
@@ -167,10 +168,13 @@ def teacher_topk(teacher: Any, prompts: Sequence[Sequence[int]], answers: Sequen
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
-            logits = context_logits(model, prefix, prompts[part], answers[part], pad).float()
-            top = torch.log_softmax(logits, dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
-            values.append(top.values.cpu())
-            ids.append(top.indices.cpu())
+            scores = context_logits(model, prefix, prompts[part], answers[part], pad, chunked=True)
+            chunks = ([scores.float()] if isinstance(scores, torch.Tensor)
+                      else (scores.logits(h) for h in scores.hidden.split(scores.chunk)))
+            for logits in chunks:
+                top = torch.log_softmax(logits, dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
+                values.append(top.values.cpu())
+                ids.append(top.indices.cpu())
     return torch.cat(values), torch.cat(ids)
 
 

@@ -131,7 +131,7 @@ class AnswerHidden:
 
 
 # Whether a head's output is its model's logits (no soft-cap or scale after it, as Gemma 2 and Cohere have):
-# found once per head by a one-token probe (:func:`_head_is_logits`).
+# found once per head, on the first batch's first row (:func:`_head_is_logits`).
 _HEAD_IS_LOGITS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
@@ -140,7 +140,7 @@ def answer_scores(model: Any, batch: AnswerBatch, cache: Any = None) -> torch.Te
     :func:`answer_logits` where the head's output is not the model's logits or its weights are sharded.
 
     One forward keeps a single column of logits and every layer's hidden states; the last, at the answer
-    columns, is what the head would have read.
+    columns, is what the head would have read (checked, with the head's output, once per head).
     """
     head = _output_head(model)
     if head is None or not _head_is_logits(model, head, _first_row(batch)):
@@ -160,7 +160,8 @@ def _head_is_logits(model: Any, head: torch.nn.Module, row: torch.Tensor) -> boo
     if head not in _HEAD_IS_LOGITS:
         with torch.no_grad(), _watching(head) as seen:
             out = model(input_ids=row.to(model.device), logits_to_keep=0, output_hidden_states=True)
-        _HEAD_IS_LOGITS[head] = (bool(seen) and torch.equal(seen["input"], out.hidden_states[-1])
+        last = out.hidden_states[-1] if getattr(out, "hidden_states", None) else None
+        _HEAD_IS_LOGITS[head] = (bool(seen) and last is not None and torch.equal(seen["input"], last)
                                  and torch.equal(seen["output"].float(), out.logits.float()))
     return _HEAD_IS_LOGITS[head]
 

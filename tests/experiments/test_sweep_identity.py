@@ -155,3 +155,17 @@ def test_an_unwritable_sweep_or_cache_directory_fails_before_any_cell(tmp_path, 
     spec = _spec(tiny_dirs, data_dir, cache_dir=str(blocker / "cache"))
     with pytest.raises(IcldError, match="cache_dir"):
         run_sweep(expand(spec, source="a.yaml", output_dir=tmp_path / "sweep"), runner=runner)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_cell_trained_with_gradient_checkpointing_is_named_where_memory_is_compared(tmp_path, checkpointing):
+    """It is not part of the identity (the same numbers), so a sweep resumed with it mixes cells that paid
+    different memory and time for them: the report says which."""
+    root = tmp_path / "sweep"
+    shutil.copytree(V0 / "sweep", root)
+    pbft = sorted((root / "cells").iterdir())[1]
+    record = json.loads((pbft / "results.json").read_text())
+    record["config"]["gradient_checkpointing"] = checkpointing
+    (pbft / "results.json").write_text(json.dumps(record))
+    notes = collect(root).attrs["notes"]
+    assert any(f"{pbft} trained with --gradient-checkpointing" in n for n in notes) == checkpointing

@@ -82,6 +82,9 @@ def _cells_on_disk(sweep_dir: Path, notes: list[str] | None = None, *, kind: str
                          f"{record.identity}, expected {expected[cell['id']]}); it is left out of the statistics.")
             yield directory, cell, record.to_dict(), "other-experiment"
             continue
+        if record is not None and record.config.get("gradient_checkpointing"):
+            notes.append(f"{directory} trained with --gradient-checkpointing (the same numbers, less memory, slower "
+                         "steps): compare its training memory and time only with cells that did too.")
         yield directory, cell, None if record is None else record.to_dict(), None
 
 

@@ -80,6 +80,7 @@ study-gsm8k: setup
 bench: setup
 	$(PY) benchmarks/icl_prefix_cache.py --shots 2,8,16,32 --queries 64 --batch-size 16 --repeats 5
 	$(PY) benchmarks/train_cost.py --shots 2,8,32
+	$(PY) benchmarks/gen_train_memory.py --student qwen2.5-coder-0.5b --batch 8 --steps 2
 	$(PY) benchmarks/pair_cost.py --shots 16 --queries 8 --naive-queries 1 --train-batch 4 --repeats 3
 	$(PY) benchmarks/paper_scale.py --shots 2,8,32 --steps 3 --queries 4
 	$(PY) benchmarks/vs_lmeval.py --shots 16 --queries 200 --dtypes fp32,bf16

@@ -14,7 +14,7 @@ from icldistill.config import CommonOptions, to_dict
 from icldistill.errors import ConfigError
 from icldistill.models.loading import LoadedModel
 from icldistill.runtime.paths import PREDICTIONS_FILE  # noqa: F401  (re-exported for the methods)
-from icldistill.runtime.records import environment
+from icldistill.runtime.records import environment, over_attempts
 from icldistill.runtime.rundir import RECORD_VERSION, PredictionRow, RunDir, probe_writable, run_identity
 from icldistill.scoring.evalsets import evaluate_sets
 from icldistill.scoring.metrics import aggregate_seeds, hans_ood_accuracy
@@ -249,9 +249,9 @@ def training_cost(measured: dict[str, Any], result: Any) -> dict[str, Any]:
         return {**measured, "measured": "whole"}
     if not before:
         return {**measured, "measured": f"after epoch {result.resumed_from_epoch} (resumed)"}
-    return {**measured, "wall_time_s": round(measured["wall_time_s"] + before["wall_time_s"], 4),
-            "peak_memory_mb": round(max(measured["peak_memory_mb"], before["peak_memory_mb"]), 1),
-            "measured": "whole"}
+    whole = over_attempts(before, measured["wall_time_s"], measured["peak_memory_mb"])
+    return {**measured, "wall_time_s": round(whole["wall_time_s"], 4),
+            "peak_memory_mb": round(whole["peak_memory_mb"], 1), "measured": "whole"}
 
 
 def seed_resources(result: Any, training: dict[str, Any], inference: dict[str, Any],

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +218,15 @@ def peak_so_far(device: Any = None) -> float:
     process's current peak outside any): a long section (training) records it in its checkpoints, so that
     a resumed run's figure covers the attempts before the resume too."""
     return max(_ACTIVE[-1]._running_peak if _ACTIVE else 0.0, _current_peak(_on_cuda(device)))
+
+
+def over_attempts(before: Mapping[str, float] | None, wall_time_s: float, peak_memory_mb: float
+                  ) -> dict[str, float]:
+    """A section's cost over the attempts of a resumed run: wall times add up, the peak is the larger of the
+    peaks (``before``: the earlier attempts' ``wall_time_s`` and ``peak_memory_mb``, None for none)."""
+    before = before or {"wall_time_s": 0.0, "peak_memory_mb": 0.0}
+    return {"wall_time_s": before["wall_time_s"] + wall_time_s,
+            "peak_memory_mb": max(before["peak_memory_mb"], peak_memory_mb)}
 
 
 @contextmanager

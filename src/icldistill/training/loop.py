@@ -43,7 +43,7 @@ from transformers import get_linear_schedule_with_warmup
 from icldistill.config import TrainOptions
 from icldistill.errors import ConfigError, IcldError
 from icldistill.runtime import distributed
-from icldistill.runtime.records import peak_so_far, read_json
+from icldistill.runtime.records import over_attempts, peak_so_far, read_json
 from icldistill.training import tracking
 from icldistill.training.checkpoint import (
     BEST_FILE,
@@ -397,9 +397,7 @@ class _Loop:
         before = self.result.before_resume
         if before == {}:
             return {}
-        before = before or {"wall_time_s": 0.0, "peak_memory_mb": 0.0}
-        return {"wall_time_s": before["wall_time_s"] + time.perf_counter() - self.started,
-                "peak_memory_mb": max(before["peak_memory_mb"], peak_so_far(self.accelerator.device))}
+        return over_attempts(before, time.perf_counter() - self.started, peak_so_far(self.accelerator.device))
 
     def epoch(self, epoch: int, n_examples: int, seed: int, make_batch: MakeBatch, loss_fn: LossFn, bar: Any) -> None:
         """One epoch's optimiser steps (in an order that depends only on seed and epoch), then its end."""

@@ -261,3 +261,26 @@ def test_pbft_two_processes_equal_one_and_resume(tmp_path, data_dir, tiny_dirs, 
     _assert_close(a["history"], b["history"])
     _no_leftovers(two_dir)
     assert json.loads((two_dir / "seed-0" / "checkpoint" / "trainer_state.json").read_text())["epochs_done"] == 3
+
+
+@pytest.mark.slow  # launches a real 2-process run (about 20 s)
+def test_gen_distill_two_processes_equal_one_with_the_chunked_loss_and_checkpointing(tmp_path, data_dir, tiny_dirs,
+                                                                                     cache_dir):
+    """Generation training under DDP: the chunked loss runs the LM head outside the model's (DDP) forward, and
+    the 2-process run also recomputes its layers (--gradient-checkpointing): the same history and answers."""
+    from icldistill.config import GenDistillOptions
+    from icldistill.methods.gen_distill import run_gen_distill
+
+    values = dict(teacher=str(tiny_dirs["teacher"]), student=str(tiny_dirs["student"]), task="gsm8k", shots=2,
+                  seeds=[0], limit=4, batch_size=4, max_new_tokens=6, data_dir=str(data_dir),
+                  output_dir=str(tmp_path / "one"), dtype="fp32", device="cpu", chat_template="no", signal="token",
+                  train_queries=8, dev_queries=0, eval_every=-1, teacher_topk=8,
+                  **_training(train_batch_size=4, grad_accum=2))
+    run_gen_distill(build_config(GenDistillOptions, values), progress=False)
+    _launch(["gen-distill", *_flags({**values, "output_dir": str(tmp_path / "two"), "gradient_checkpointing": True})],
+            tmp_path / "cache2")
+    a, b = (json.loads((tmp_path / out / "results.json").read_text())["seeds"]["0"] for out in ("one", "two"))
+    _assert_close(a["history"], b["history"])
+    _assert_close(a["eval"], b["eval"])
+    assert a["resources"]["steps"] == b["resources"]["steps"] == 2 * 2
+    _no_leftovers(tmp_path / "two")

@@ -3,7 +3,8 @@ without --gradient-checkpointing and --grad-accum.
 
 Each configuration runs in its own process (one run's peak cannot leak into another's): the same student
 (default Qwen2.5-Coder-0.5B, LoRA r=8 on q_proj/v_proj, fp32), SFT on GSM8K's reference solutions
-(``--signal reference``: no teacher is loaded, so the figure is the student's training alone), the same
+(``--signal reference``: no teacher is loaded, so the figure is the student's training alone; ``--signal
+on-policy`` adds a teacher scoring the student's samples), the same
 training questions, the same steps of the same batch. "whole logits" is the loss as it was before the
 chunked one (``training.sequence.answer_logits``: the (tokens, vocab) logits at once), patched in for that
 process only. The script reads each run's training peak memory and seconds per step from its results.json
@@ -25,9 +26,9 @@ from pathlib import Path
 
 from train_cost import measured
 
-WHOLE_LOGITS = ("import sys; import icldistill.methods.gen_train as g; from icldistill.training.sequence import "
-                "answer_logits; g.answer_scores = answer_logits; from icldistill.cli import main; "
-                "sys.exit(main(sys.argv[1:]))")
+WHOLE_LOGITS = ("import sys; import icldistill.methods.gen_train as g, icldistill.methods.gen_teacher as t; "
+                "from icldistill.training.sequence import answer_logits; g.answer_scores = t.answer_scores = "
+                "answer_logits; from icldistill.cli import main; sys.exit(main(sys.argv[1:]))")
 CHUNKED = "import sys; from icldistill.cli import main; sys.exit(main(sys.argv[1:]))"
 VARIANTS = {  # name: (loss, extra options)
     "whole logits": (WHOLE_LOGITS, []),
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="qwen2.5-coder-0.5b")
     parser.add_argument("--task", default="gsm8k")
+    parser.add_argument("--signal", default="reference", help="reference (no teacher) or on-policy (--teacher "
+                        "scores the student's samples of up to --max-new-tokens)")
+    parser.add_argument("--teacher", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="on-policy samples' length (and the answer "
+                        "to the one evaluation question)")
     parser.add_argument("--steps", type=int, default=2, help="optimiser steps per run")
     parser.add_argument("--batch", type=int, default=8, help="examples per optimiser step")
     parser.add_argument("--threads", type=int, default=2)
@@ -59,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     work = Path(tempfile.mkdtemp(prefix="icld-gen-train-memory-"))
-    common = ["gen-distill", "--task", args.task, "--student", args.student, "--signal", "reference", "--shots", "4",
+    common = ["gen-distill", "--task", args.task, "--student", args.student, "--teacher", args.teacher,
+              "--signal", args.signal, "--shots", "4",
               "--seeds", "0", "--train-queries", str(args.batch * args.steps), "--train-batch-size", str(args.batch),
               "--max-steps", str(args.steps), "--dev-queries", "0", "--eval-every", "-1", "--limit", "1",
-              "--max-new-tokens", "8", "--dtype", args.dtype, "--warmup-ratio", "0", "--lr", "1e-4",
-              "--no-save-every-epoch"]
-    print(f"student {args.student}, SFT on {args.task} references, {args.steps} steps of {args.batch} examples, "
-          f"{args.threads} threads, {args.dtype}")
+              "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype, "--warmup-ratio", "0",
+              "--lr", "1e-4", "--no-save-every-epoch"]
+    what = (f"SFT on {args.task} references" if args.signal == "reference" else
+            f"{args.signal} on {args.task}, teacher {args.teacher}, samples of up to {args.max_new_tokens} tokens")
+    print(f"student {args.student}, {what}, {args.steps} steps of {args.batch} examples, {args.threads} threads, "
+          f"{args.dtype}")
     print(f"{'variant':<34} {'s/step':>8} {'x base':>7} {'peak MB':>8} {'x base':>7}")
     rows: list[dict] = []
     for i, name in enumerate(args.variants.split(",")):

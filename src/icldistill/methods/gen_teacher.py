@@ -169,8 +169,7 @@ def teacher_topk(teacher: Any, prompts: Sequence[Sequence[int]], answers: Sequen
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
             scores = context_logits(model, prefix, prompts[part], answers[part], pad, chunked=True)
-            chunks = ([scores.float()] if isinstance(scores, torch.Tensor)
-                      else (scores.logits(h) for h in scores.hidden.split(scores.chunk)))
+            chunks = [scores.float()] if isinstance(scores, torch.Tensor) else scores.logit_chunks()
             for logits in chunks:
                 top = torch.log_softmax(logits, dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
                 values.append(top.values.cpu())

@@ -120,6 +120,11 @@ class AnswerHidden:
                 out.append(self._chunk(fn, *args))
         return torch.cat(out)
 
+    def logit_chunks(self) -> Iterator[torch.Tensor]:
+        """The fp32 logits of ``chunk`` tokens at a time, in order, for reading them (a teacher's top-k)."""
+        for hidden in self.hidden.split(self.chunk):
+            yield self.logits(hidden)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of some of :attr:`hidden`'s rows, as the model's forward computes them."""
         device_type, dtype, enabled = self.autocast
@@ -143,7 +148,7 @@ def answer_scores(model: Any, batch: AnswerBatch, cache: Any = None) -> torch.Te
     columns, is what the head would have read (checked, with the head's output, once per head).
     """
     head = _output_head(model)
-    if head is None or not _head_is_logits(model, head, _first_row(batch)):
+    if head is None or not _head_is_logits(model, head, batch):
         return answer_logits(model, batch, cache)
     device = model.device
     with _watching(head) as seen:
@@ -154,12 +159,12 @@ def answer_scores(model: Any, batch: AnswerBatch, cache: Any = None) -> torch.Te
     return AnswerHidden(hidden, head, seen["autocast"])
 
 
-def _head_is_logits(model: Any, head: torch.nn.Module, row: torch.Tensor) -> bool:
+def _head_is_logits(model: Any, head: torch.nn.Module, batch: AnswerBatch) -> bool:
     """Whether the head reads the last hidden state and its output is the model's logits, both exactly at every
-    position of one row: one forward without gradients, once per head."""
+    position of the batch's first row: one forward without gradients, once per head."""
     if head not in _HEAD_IS_LOGITS:
         with torch.no_grad(), _watching(head) as seen:
-            out = model(input_ids=row.to(model.device), logits_to_keep=0, output_hidden_states=True)
+            out = model(input_ids=_first_row(batch).to(model.device), logits_to_keep=0, output_hidden_states=True)
         last = out.hidden_states[-1] if getattr(out, "hidden_states", None) else None
         _HEAD_IS_LOGITS[head] = (bool(seen) and last is not None and torch.equal(seen["input"], last)
                                  and torch.equal(seen["output"].float(), out.logits.float()))
